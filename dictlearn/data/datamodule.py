@@ -1,0 +1,386 @@
+"""`ActivationDataModule`: block-shuffled, exactly resumable, self-sharded activation batches.
+
+Rules (all functions of the file's row count, `block_size`, `batch_size`, `val_rows` and `seed`):
+
+- **Split.** Validation is the *tail* of the file: the last ``ceil(val_rows / block_size)``
+  whole blocks' worth of rows, counted from the end. ``val_rows=None`` holds out
+  ``max(1, round(1% of rows / block_size))`` blocks; ``val_rows=0`` holds out nothing and sets
+  the ``val_dataloader``/``test_dataloader`` attributes to None, so Lightning skips validation.
+  The tail does not depend on `seed`, so every run in a comparison validates on the same rows.
+- **Training blocks.** Rows ``[0, n_train)`` are cut into blocks of `block_size` from the start;
+  the last block may be partial and is shuffled like any other, so every training row is used.
+- **Epoch order.** Per epoch the blocks are permuted (generator seeded by ``(seed, epoch)``) and
+  concatenated into a virtual row order; batch ``b`` is virtual rows ``[b*B, (b+1)*B)``, read as a
+  few contiguous slices, then its rows are permuted in memory (seeded by ``(seed, epoch, b)``).
+  Block shuffling is not an i.i.d. shuffle: rows from one block stay together in a batch. The
+  trailing partial batch of an epoch is dropped; the block order changes every epoch, so
+  different rows are dropped each time.
+- **Sharding.** Rank ``r`` of ``w`` takes batches ``b = i*w + r`` for ``i < n_batches // w``, so
+  every rank runs the same number of steps. dictlearn shards itself: run DDP with
+  ``--trainer.use_distributed_sampler false``.
+- **Validation batches.** The tail is split into ``w`` contiguous, near-equal row ranges (one per
+  rank), each cut into the same number of near-equal batches of at most `batch_size` rows, so
+  every rank runs the same number of validation steps and every held-out row is used once.
+- **Resume.** The train loader counts the batches it yields; ``state_dict()`` is
+  ``{"consumed", "epoch"}`` and ``load_state_dict`` makes the sampler skip them (ECOSYSTEM.md §2,
+  "Kill-and-resume": exact with Lightning's checkpoints, mid-epoch and at epoch boundaries).
+
+Batches are ``(x, y)`` float32 CPU tensors of raw values (the model applies the normalisation
+from `estimate_scales`); for an SAE ``y is x``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dictlearn.data.h5 import H5Array
+from dictlearn.errors import ConfigError, DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+# Distinct seed streams, so the block order, row order and samples never share random draws.
+_BLOCK_STREAM, _ROW_STREAM, _SAMPLE_STREAM = 1, 2, 3
+
+
+def _read_pair(x: H5Array, y: H5Array | None, slices: Sequence[tuple[int, int]]) -> Batch:
+    """The same row ranges from input and target; `y is x` for an SAE."""
+    xs = x.read_slices(slices)
+    return xs, (xs if y is None else y.read_slices(slices))
+
+
+def _split_evenly(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
+    """`[start, stop)` cut into `parts` contiguous ranges whose lengths differ by at most one."""
+    bounds = [start + (stop - start) * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class BlockShuffleBatches(Dataset):
+    """Map-style dataset whose item ``(epoch, b)`` is the whole training batch `b` of `epoch`.
+
+    A pure function of ``(seed, epoch, b)``, so workers, ranks and resumed runs agree. Use with
+    ``DataLoader(batch_size=None)``: batching happens here, as a few contiguous reads.
+    """
+
+    def __init__(
+        self, x: H5Array, y: H5Array | None, n_train: int, block_size: int, batch_size: int, seed: int
+    ):
+        self.x, self.y, self.seed = x, y, seed
+        self.n_train, self.block_size, self.batch_size = n_train, block_size, batch_size
+        self.n_batches = n_train // batch_size  # trailing partial batch dropped
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """File start and virtual end of each block, in this epoch's order: `[n_blocks]` each."""
+        if self._cached is None or self._cached[0] != epoch:
+            starts = np.arange(0, self.n_train, self.block_size)
+            order = np.random.default_rng([self.seed, _BLOCK_STREAM, epoch]).permutation(len(starts))
+            file_starts = starts[order]
+            lengths = np.minimum(file_starts + self.block_size, self.n_train) - file_starts
+            self._cached = (epoch, file_starts, np.cumsum(lengths))
+        return self._cached[1], self._cached[2]
+
+    def batch_slices(self, epoch: int, b: int) -> list[tuple[int, int]]:
+        """The file row ranges holding virtual rows `[b*B, (b+1)*B)` of `epoch`, in order."""
+        file_starts, virtual_ends = self._epoch_order(epoch)
+        lo, hi = b * self.batch_size, (b + 1) * self.batch_size
+        slices: list[tuple[int, int]] = []
+        i = int(np.searchsorted(virtual_ends, lo, side="right"))  # first block ending after lo
+        while lo < hi:
+            block_lo = int(virtual_ends[i - 1]) if i > 0 else 0
+            start = int(file_starts[i]) + lo - block_lo
+            stop = start + min(hi, int(virtual_ends[i])) - lo
+            if slices and slices[-1][1] == start:  # consecutive blocks in the file: one read
+                slices[-1] = (slices[-1][0], stop)
+            else:
+                slices.append((start, stop))
+            lo, i = min(hi, int(virtual_ends[i])), i + 1
+        return slices
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, index: tuple[int, int]) -> Batch:
+        """``(epoch, b)`` -> ``(x [B, d_in], y [B, d_out])``, rows permuted within the batch."""
+        epoch, b = index
+        x, y = _read_pair(self.x, self.y, self.batch_slices(epoch, b))
+        perm = torch.from_numpy(np.random.default_rng([self.seed, _ROW_STREAM, epoch, b]).permutation(len(x)))
+        x_perm = x[perm]
+        return x_perm, (x_perm if self.y is None else y[perm])
+
+
+class EpochBatchSampler(Sampler):
+    """Yields ``(epoch, b)`` for this rank's batches ``b = i*world_size + rank``, from `start`.
+
+    `set_epoch` (called by Lightning at every epoch start, with the epoch restored on resume)
+    selects the epoch; moving to another epoch clears `start`. The epoch is read when iteration
+    begins, never advanced here: Lightning calls `iter()` several times and does not exhaust it.
+    """
+
+    def __init__(self, n_batches: int, rank: int = 0, world_size: int = 1):
+        self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.n_batches // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        for i in range(self.start, len(self)):
+            yield epoch, i * self.world_size + self.rank
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over `BlockShuffleBatches` that counts yielded batches for exact resume.
+
+    ``state_dict() -> {"consumed": batches yielded this epoch, "epoch": that epoch}``; Lightning
+    saves it in checkpoints and hands it back to `load_state_dict` on resume.
+    """
+
+    def __init__(self, dataset: BlockShuffleBatches, sampler: EpochBatchSampler, num_workers: int = 0):
+        super().__init__(dataset, batch_size=None, sampler=sampler, num_workers=num_workers)
+        self.consumed, self.consumed_epoch = 0, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        # A generator: nothing (not even worker prefetch) starts until the first batch is asked
+        # for, which Lightning does after `set_epoch`.
+        self.consumed_epoch, self.consumed = self.sampler.epoch, self.sampler.start
+        for batch in super().__iter__():
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed, "epoch": self.consumed_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        consumed, epoch = int(state["consumed"]), int(state["epoch"])
+        if consumed >= len(self.sampler):  # saved after the epoch's last batch: the next epoch
+            consumed, epoch = 0, epoch + 1
+        self.sampler.epoch, self.sampler.start = epoch, consumed
+        self.consumed, self.consumed_epoch = consumed, epoch
+
+
+class SliceBatches(Dataset):
+    """Map-style dataset whose item `i` is the batch of rows `slices[i]` (validation/test)."""
+
+    def __init__(self, x: H5Array, y: H5Array | None, slices: list[tuple[int, int]]):
+        self.x, self.y, self.slices = x, y, slices
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> Batch:
+        return _read_pair(self.x, self.y, [self.slices[i]])
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Activation batches from one HDF5 file: `(x, y)` with `y is x` (SAE) or a target (transcoder).
+
+    Args:
+        path: HDF5 file holding the activations.
+        input_key: dataset of inputs `[n_rows, d_in]`.
+        target_key: dataset of targets `[n_rows, d_out]` for a transcoder; None for an SAE.
+        batch_size: rows per training (and at most per validation) batch.
+        block_size: rows per contiguous block read; the unit of shuffling and of the val split.
+        val_rows: held-out tail rows, rounded up to whole blocks; None = about 1%, 0 = none.
+        normalize: "mean_norm_sqrt_d" scales rows so that E||s*x|| = sqrt(d); "none" = 1.
+        norm_sample_rows: rows (from random training blocks) used to estimate the scales.
+        num_workers: DataLoader worker processes; 0 is fastest on few cores (ECOSYSTEM.md §4).
+        seed: seeds the block order, row order and samples (never the val split).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        input_key: str = "acts",
+        target_key: str | None = None,
+        batch_size: int = 4096,
+        block_size: int = 512,
+        val_rows: int | None = None,
+        normalize: Literal["mean_norm_sqrt_d", "none"] = "mean_norm_sqrt_d",
+        norm_sample_rows: int = 65536,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        _check_config(batch_size, block_size, val_rows, normalize, norm_sample_rows, num_workers, seed)
+        self.path, self.input_key, self.target_key = path, input_key, target_key
+        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
+        self.normalize, self.norm_sample_rows, self.num_workers = normalize, norm_sample_rows, num_workers
+        self.inputs = H5Array(path, input_key)
+        self.targets = None if target_key is None else H5Array(path, target_key)
+        self.d_in = self.inputs.d
+        self.d_out = self.d_in if self.targets is None else self.targets.d
+        self._check_rows()
+        self.n_val = self._val_row_count(val_rows)
+        self.n_train = self.inputs.n_rows - self.n_val
+        self._check_enough_rows()
+        if self.n_val == 0:
+            # Lightning treats a None hook as "not defined" and skips validation silently; an
+            # empty list would warn "Total length of `list` across ranks is zero" every run.
+            self.val_dataloader = self.test_dataloader = None
+        self._scales: tuple[float, float] | None = None
+
+    # ----- validation of the file against the configuration -----
+
+    def _check_rows(self) -> None:
+        if self.targets is not None and self.targets.n_rows != self.inputs.n_rows:
+            raise DataError(
+                f"{self.path}: input '{self.input_key}' has {self.inputs.n_rows} rows but target"
+                f" '{self.target_key}' has {self.targets.n_rows}; they must be row-aligned — re-harvest"
+            )
+
+    def _val_row_count(self, val_rows: int | None) -> int:
+        """Held-out tail rows: whole blocks, at most the whole file."""
+        if val_rows is None:  # about 1% of the file, at least one block
+            blocks = max(1, round(0.01 * self.inputs.n_rows / self.block_size))
+        else:
+            blocks = math.ceil(val_rows / self.block_size)
+        return min(blocks * self.block_size, self.inputs.n_rows)
+
+    def _check_enough_rows(self) -> None:
+        # Lightning alone would warn and silently run 0 steps (ECOSYSTEM.md §2 "Empty data").
+        if self.n_train < self.batch_size:
+            raise DataError(
+                f"{self.path}: '{self.input_key}' has {self.inputs.n_rows} rows, {self.n_val} held out"
+                f" for validation, leaving {self.n_train} training rows < --data.batch_size"
+                f" {self.batch_size}; use a smaller --data.batch_size or --data.val_rows, or more rows"
+            )
+
+    # ----- loaders -----
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(global rank, world size) from the attached trainer, else (0, 1)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ConfigError(
+                "dictlearn shards batches across ranks itself; pass --trainer.use_distributed_sampler false"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> ResumableLoader:
+        return self._train_loader(*self._rank_world())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(*self._rank_world())
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(*self._rank_world())
+
+    def _train_loader(self, rank: int, world_size: int) -> ResumableLoader:
+        """This rank's resumable training loader (tests call it directly to simulate DDP)."""
+        dataset = BlockShuffleBatches(
+            self.inputs, self.targets, self.n_train, self.block_size, self.batch_size, self.seed
+        )
+        if dataset.n_batches < world_size:
+            raise DataError(
+                f"{self.path}: {dataset.n_batches} training batches of --data.batch_size"
+                f" {self.batch_size} cannot feed {world_size} ranks; use a smaller batch size or more rows"
+            )
+        sampler = EpochBatchSampler(dataset.n_batches, rank, world_size)
+        return ResumableLoader(dataset, sampler, num_workers=self.num_workers)
+
+    def val_slices(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+        """This rank's validation batches as file row ranges (see the module docstring)."""
+        if self.n_val == 0:
+            return []
+        if self.n_val < world_size:
+            raise DataError(f"{self.path}: {self.n_val} validation rows cannot feed {world_size} ranks")
+        shards = _split_evenly(self.n_train, self.inputs.n_rows, world_size)
+        n_batches = math.ceil(math.ceil(self.n_val / world_size) / self.batch_size)
+        return _split_evenly(*shards[rank], n_batches)
+
+    def _eval_loader(self, rank: int, world_size: int) -> DataLoader:
+        dataset = SliceBatches(self.inputs, self.targets, self.val_slices(rank, world_size))
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
+
+    # ----- samples: normalisation and initialisation -----
+
+    def _sample_slices(self, n_rows: int) -> list[tuple[int, int]]:
+        """Up to `n_rows` training rows as whole random blocks (file order), a function of `seed`."""
+        starts = np.arange(0, self.n_train, self.block_size)
+        order = np.random.default_rng([self.seed, _SAMPLE_STREAM]).permutation(len(starts))
+        chosen = np.sort(starts[order[: math.ceil(n_rows / self.block_size)]])
+        slices, remaining = [], min(n_rows, self.n_train)
+        for start in chosen.tolist():
+            stop = min(start + self.block_size, self.n_train, start + remaining)
+            slices.append((start, stop))
+            remaining -= stop - start
+        return [s for s in slices if s[1] > s[0]]
+
+    def sample_rows(self, n_rows: int) -> Batch:
+        """Up to `n_rows` raw training rows from seeded random blocks: `(x [n, d_in], y [n, d_out])`."""
+        return _read_pair(self.inputs, self.targets, self._sample_slices(n_rows))
+
+    def estimate_scales(self) -> tuple[float, float]:
+        """`(input_scale, target_scale)`: ``sqrt(d) / mean ||row||_2`` on sampled training rows.
+
+        Read block by block, so memory stays at one block. Cached on the instance.
+        """
+        if self._scales is None:
+            if self.normalize == "none":
+                self._scales = (1.0, 1.0)
+            else:
+                slices = self._sample_slices(self.norm_sample_rows)
+                input_scale = self._scale(self.inputs, slices)
+                target_scale = input_scale if self.targets is None else self._scale(self.targets, slices)
+                self._scales = (input_scale, target_scale)
+        return self._scales
+
+    def _scale(self, array: H5Array, slices: list[tuple[int, int]]) -> float:
+        norm_sum, count = 0.0, 0
+        for start, stop in slices:
+            rows = array.read(start, stop).double()
+            norm_sum += torch.linalg.vector_norm(rows, dim=1).sum().item()
+            count += stop - start
+        if not norm_sum > 0 or not math.isfinite(norm_sum):
+            raise DataError(
+                f"{self.path}: dataset '{array.key}' sampled rows have mean norm {norm_sum / count};"
+                " cannot normalise — check the data or use --data.normalize none"
+            )
+        return math.sqrt(array.d) / (norm_sum / count)
+
+    def provenance(self) -> dict[str, object]:
+        """Where the data came from: file, keys and the file's attributes (model, hook, ...).
+
+        Recorded in checkpoints and exports; for a transcoder the target's hook is `hook_name_out`.
+        """
+        info = {k: v for k, v in self.inputs.attrs().items() if k not in ("complete", "dtype")}
+        if self.targets is not None and "hook_name" in (target_attrs := self.targets.attrs()):
+            info["hook_name_out"] = target_attrs["hook_name"]
+        info.update(path=os.path.abspath(self.path), input_key=self.input_key, target_key=self.target_key)
+        return info
+
+    def teardown(self, stage: str) -> None:
+        self.inputs.close()
+        if self.targets is not None:
+            self.targets.close()
+
+
+def _check_config(
+    batch_size: int, block_size: int, val_rows: int | None, normalize: str, norm_sample_rows: int,
+    num_workers: int, seed: int,
+) -> None:
+    """Range checks of the constructor arguments, each naming its CLI flag."""
+    positive = {"batch_size": batch_size, "block_size": block_size, "norm_sample_rows": norm_sample_rows}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"--data.{flag} must be > 0 (got {value})")
+    for flag, value in (("num_workers", num_workers), ("seed", seed), ("val_rows", val_rows or 0)):
+        if value < 0:
+            raise ConfigError(f"--data.{flag} must be >= 0 (got {value})")
+    if normalize not in ("mean_norm_sqrt_d", "none"):
+        raise ConfigError(f"--data.normalize must be 'mean_norm_sqrt_d' or 'none' (got {normalize!r})")

@@ -1,0 +1,243 @@
+"""Reading and writing activation datasets in HDF5.
+
+An activation dataset is one 2-D dataset `[n_rows, d]` inside an HDF5 file, at any key (nested
+keys such as ``blocks.0.hook`` or ``layer3/resid`` are fine). `H5Array` validates it once at
+construction and then reads contiguous row ranges as float32 torch tensors.
+
+Stored dtypes:
+- float16, float32, float64 (float64 is read as float32).
+- **bfloat16 convention.** h5py has no bfloat16, so a bf16 dataset is stored as ``uint16`` holding
+  the raw bf16 bit patterns, with the *dataset* attribute ``dtype = "bfloat16"``. The reader views
+  the bits as ``torch.bfloat16`` and upcasts to float32. A uint16 dataset without that attribute
+  is integer data and is rejected, like every other integer, bool or non-numeric dtype.
+
+A file whose root attribute ``complete`` is False was left by an interrupted writer (harvest,
+synth) and is rejected. Files written by dictlearn go through `open_for_write`, which sets
+``complete=True`` last and moves the file into place atomically (see `dictlearn.io`).
+
+Process safety: the h5py handle is opened lazily in the reading process, dropped when pickled and
+reopened if the pid changes, so it never crosses a fork or spawn into a DataLoader worker
+(ECOSYSTEM.md §4 "Process safety").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+from collections.abc import Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from dictlearn.errors import DataError
+from dictlearn.io import atomic_path
+
+BF16_ATTR = "bfloat16"
+_FLOAT_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
+
+
+def dictlearn_version() -> str:
+    """The installed dictlearn version, or "0+unknown" when running from a source tree."""
+    try:
+        return importlib.metadata.version("dictlearn")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _attr_str(value: object) -> str:
+    """An HDF5 string attribute as str (h5py returns bytes for fixed-length strings)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _plain(value: object) -> object:
+    """An HDF5 attribute as a JSON-able Python value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _list_2d_datasets(f: h5py.File, limit: int = 20) -> str:
+    """Comma-separated names of the 2-D datasets in `f`, for error messages."""
+    names: list[str] = []
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.ndim == 2:
+            names.append(name)
+
+    f.visititems(visit)
+    if not names:
+        return "the file has no 2-D datasets"
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return "2-D datasets in the file: " + ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def _open_checked(path: str, key: str) -> h5py.File:
+    """Open `path` read-only, turning h5py's OSError into a one-line DataError."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found (wanted dataset '{key}'); check the path")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        reason = " ".join(str(err).split())
+        raise DataError(
+            f"{path}: cannot open as HDF5 to read '{key}' ({reason}); the file is truncated or not"
+            " HDF5 — re-create it"
+        ) from None
+
+
+def _check_dataset(f: h5py.File, path: str, key: str) -> tuple[int, int, str]:
+    """Validate `f[key]`; return (n_rows, d, stored dtype name)."""
+    if "complete" in f.attrs and not bool(f.attrs["complete"]):
+        raise DataError(
+            f"{path}: attribute complete=False — the file was left by an interrupted harvest/synth"
+            f" (wanted dataset '{key}'); re-create it"
+        )
+    obj = f.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        what = "is a group, not a dataset" if obj is not None else "not found"
+        raise DataError(f"{path}: dataset '{key}' {what}; {_list_2d_datasets(f)}")
+    if obj.ndim != 2:
+        raise DataError(
+            f"{path}: dataset '{key}' has shape {obj.shape}; activations must be 2-D [rows, d]."
+            f" {_list_2d_datasets(f)}"
+        )
+    dtype = _stored_dtype(obj, path, key)
+    n_rows, d = obj.shape
+    if n_rows == 0 or d == 0:
+        raise DataError(
+            f"{path}: dataset '{key}' has shape {obj.shape} (no data); harvest more rows or pick"
+            " another key"
+        )
+    return n_rows, d, dtype
+
+
+def _stored_dtype(ds: h5py.Dataset, path: str, key: str) -> str:
+    """'float16' | 'float32' | 'float64' | 'bfloat16', or a DataError for anything else."""
+    if ds.dtype in _FLOAT_DTYPES:
+        return ds.dtype.name
+    if ds.dtype == np.uint16 and _attr_str(ds.attrs.get("dtype", "")) == BF16_ATTR:
+        return BF16_ATTR
+    hint = " (for bfloat16 bits, set the dataset attribute dtype='bfloat16')" if ds.dtype == np.uint16 else ""
+    raise DataError(
+        f"{path}: dataset '{key}' has dtype {ds.dtype}; activations must be float16/float32/float64"
+        f" or bfloat16 stored as uint16{hint}"
+    )
+
+
+class H5Array:
+    """A lazily opened, validated view of one 2-D activation dataset `(path, key)`.
+
+    Construction opens the file briefly to validate it (exists, opens, key, 2-D, float dtype,
+    rows > 0, not marked incomplete) and closes it again; `read` opens it on first use in the
+    current process.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        self.path, self.key = os.fspath(path), key
+        with _open_checked(self.path, key) as f:
+            self.n_rows, self.d, self.stored_dtype = _check_dataset(f, self.path, key)
+        self._file: h5py.File | None = None
+        self._dataset: h5py.Dataset | None = None
+        self._pid: int | None = None
+
+    def attrs(self) -> dict[str, object]:
+        """The file's root attributes overlaid with the dataset's own (provenance: model, hook, ...)."""
+        with h5py.File(self.path, "r") as f:
+            merged = {**f.attrs, **f[self.key].attrs}
+        return {name: _plain(value) for name, value in merged.items()}
+
+    def __repr__(self) -> str:
+        shape = f"({self.n_rows}, {self.d})"
+        return f"H5Array({self.path!r}, {self.key!r}, shape={shape}, dtype={self.stored_dtype})"
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def _handle(self) -> h5py.Dataset:
+        # A handle inherited through fork is unsupported by HDF5: reopen in every new process.
+        if self._dataset is None or self._pid != os.getpid():
+            self._file, self._pid = _open_checked(self.path, self.key), os.getpid()
+            self._dataset = self._file[self.key]
+        return self._dataset
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)` -> float32 tensor `[stop - start, d]`."""
+        return self.read_slices([(start, stop)])
+
+    def read_slices(self, slices: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Concatenation of contiguous row ranges -> float32 tensor `[sum of lengths, d]`.
+
+        Each range is one contiguous HDF5 read straight into the output buffer (no per-row
+        indexing: ECOSYSTEM.md §4 measured sorted fancy indexing 5-50x slower than blocks).
+        """
+        total = sum(stop - start for start, stop in slices)
+        raw_dtype = np.uint16 if self.stored_dtype == BF16_ATTR else np.dtype(self.stored_dtype)
+        out = np.empty((total, self.d), dtype=raw_dtype)
+        ds, offset = self._handle(), 0
+        for start, stop in slices:
+            if not 0 <= start <= stop <= self.n_rows:
+                raise IndexError(
+                    f"{self.path}['{self.key}']: rows [{start}, {stop}) outside [0, {self.n_rows})"
+                )
+            if stop > start:
+                ds.read_direct(out, np.s_[start:stop], np.s_[offset : offset + stop - start])
+            offset += stop - start
+        tensor = torch.from_numpy(out)
+        if self.stored_dtype == BF16_ATTR:
+            tensor = tensor.view(torch.bfloat16)
+        # Upcast in torch: ~16 GB/s for f16 (ECOSYSTEM.md §4), much faster than numpy.
+        return tensor.float()
+
+    def close(self) -> None:
+        """Drop the open handle (if any); the next `read` reopens it."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._dataset = self._pid = None
+
+    def __getstate__(self) -> dict:
+        # h5py handles cannot be pickled (spawn) and must not be shared (fork).
+        state = self.__dict__.copy()
+        state.update(_file=None, _dataset=None, _pid=None)
+        return state
+
+
+@contextlib.contextmanager
+def open_for_write(path: str | os.PathLike, attrs: dict | None = None) -> Iterator[h5py.File]:
+    """Yield an h5py.File on a temp path beside `path`; on success mark it complete and move it in.
+
+    Root attributes: `attrs`, ``dictlearn_version`` and ``complete`` (False while writing, True
+    written last). On an exception the temp file is removed and nothing appears at `path`.
+    Create datasets without ``chunks``/``compression`` for the contiguous layout (ECOSYSTEM.md §4).
+    """
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["complete"] = False
+            f.attrs["dictlearn_version"] = dictlearn_version()
+            for name, value in (attrs or {}).items():
+                f.attrs[name] = value
+            yield f
+            f.attrs["complete"] = True
+
+
+def write_datasets(
+    path: str | os.PathLike,
+    datasets: dict[str, np.ndarray],
+    attrs: dict | None = None,
+    dataset_attrs: dict[str, dict] | None = None,
+) -> None:
+    """Write a whole HDF5 file atomically: uncompressed contiguous datasets, then `complete=True`.
+
+    `datasets` maps key -> array; `dataset_attrs` maps key -> that dataset's attributes (e.g.
+    ``{"acts": {"dtype": "bfloat16"}}`` for bf16 bits stored as uint16).
+    """
+    with open_for_write(path, attrs) as f:
+        for key, array in datasets.items():
+            ds = f.create_dataset(key, data=np.asarray(array))
+            for name, value in (dataset_attrs or {}).get(key, {}).items():
+                ds.attrs[name] = value

@@ -1,0 +1,208 @@
+"""Synthetic activations with known sparse features (ground truth for feature recovery).
+
+Generative model, one row at a time:
+
+- **Features** ``g_i``: `n_features` random unit vectors in R^d (Gaussian, normalised).
+- **Firing** of feature ``i`` with marginal probability ``p_i ∝ (i+1)^(-zipf_exponent)``, scaled
+  so that ``sum(p) = mean_active``. Probabilities above 1 are clipped to 1 and the excess is
+  spread over the rest (water-filling), so ``sum(p) = mean_active`` still holds exactly.
+- **Correlation** (``correlation = c``, 0 = independent): features after the hierarchy parents
+  are grouped in consecutive pairs ``(j, j+1)``. In each row, with probability ``c`` a pair is
+  driven by one shared uniform draw (its members fire together as far as their probabilities
+  allow), else by independent draws. Each member's uniform stays uniform, so every marginal
+  ``p_i`` is unchanged.
+- **Hierarchy** (``hierarchy = h`` parents): features ``0..h-1`` are parents; parent ``k`` owns
+  children ``h + k*C .. h + (k+1)*C - 1`` (``C = children_per_parent``). A child fires only when
+  its parent fires, with conditional probability ``min(1, p_child / p_parent)``, so its marginal
+  is ``min(p_child, p_parent)`` — exactly ``p_child``, since p is non-increasing in the index.
+- **Magnitudes** of firing features, non-negative with mean `magnitude_mean`:
+  ``"exponential"`` Exp(mean m); ``"uniform"`` U[0, 2m]; ``"lognormal"`` LogNormal with sigma 0.5
+  and mu chosen so the mean is m.
+- **Activations** ``x = sum_i c_i g_i + noise``, noise N(0, noise_std^2) per dimension.
+
+Everything is a function of `seed` and the parameters: features, codes and noise come from
+separate ``numpy.random.default_rng([seed, stream])`` streams, generated in chunks of
+`CHUNK_ROWS` rows, so 10M rows never need all codes in memory and `synthesize` equals the file
+`write_synth_file` writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from dictlearn.data.h5 import open_for_write
+from dictlearn.errors import ConfigError
+
+CHUNK_ROWS = 16384
+LOGNORMAL_SIGMA = 0.5
+Magnitude = Literal["exponential", "uniform", "lognormal"]
+_FEATURE_STREAM, _CODE_STREAM, _NOISE_STREAM = 1, 2, 3
+
+
+class SynthData(NamedTuple):
+    """`acts [n_rows, d]`, `features [n_features, d]` (unit rows), `feature_probability
+    [n_features]` (marginal firing probabilities), `codes [n_rows, n_features]` or None."""
+
+    acts: np.ndarray
+    features: np.ndarray
+    feature_probability: np.ndarray
+    codes: np.ndarray | None
+
+
+def feature_probabilities(n_features: int, mean_active: float, zipf_exponent: float = 0.0) -> np.ndarray:
+    """Marginal firing probabilities `[n_features]`, ``∝ (i+1)^-zipf_exponent``, summing to mean_active."""
+    if not 0 < mean_active <= n_features:
+        raise ConfigError(f"mean_active must be in (0, n_features={n_features}] (got {mean_active})")
+    weights = np.arange(1, n_features + 1, dtype=np.float64) ** -float(zipf_exponent)
+    p = np.zeros(n_features)
+    capped = np.zeros(n_features, dtype=bool)
+    while True:  # water-filling: cap at 1, rescale the rest to the remaining mass
+        free = ~capped
+        p[free] = weights[free] * (mean_active - capped.sum()) / weights[free].sum()
+        p[capped] = 1.0
+        if not (p[free] > 1.0).any():
+            return p
+        capped |= p > 1.0
+
+
+def random_features(n_features: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """Random unit vectors: `[n_features, d]` float32, rows normalised in float64."""
+    g = rng.standard_normal((n_features, d))
+    return (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _magnitudes(kind: str, mean: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "exponential":
+        return rng.exponential(mean, n)
+    if kind == "uniform":
+        return rng.uniform(0.0, 2.0 * mean, n)
+    # lognormal: E = exp(mu + sigma^2 / 2) = mean
+    return rng.lognormal(np.log(mean) - LOGNORMAL_SIGMA**2 / 2, LOGNORMAL_SIGMA, n)
+
+
+def _parents(n_features: int, hierarchy: int, children_per_parent: int) -> np.ndarray:
+    """Parent index of each feature, -1 for roots: `[n_features]`."""
+    parent = np.full(n_features, -1)
+    n_children = hierarchy * children_per_parent
+    parent[hierarchy : hierarchy + n_children] = np.repeat(np.arange(hierarchy), children_per_parent)
+    return parent
+
+
+def _uniforms(n_rows: int, n_features: int, first_paired: int, correlation: float, rng) -> np.ndarray:
+    """Per-entry uniforms `[n_rows, n_features]`; pairs from `first_paired` share one w.p. correlation."""
+    u = rng.random((n_rows, n_features))
+    if correlation > 0:
+        n_pairs = (n_features - first_paired) // 2
+        lead = first_paired + 2 * np.arange(n_pairs)
+        shared = rng.random((n_rows, n_pairs)) < correlation
+        u[:, lead + 1] = np.where(shared, u[:, lead], u[:, lead + 1])
+    return u
+
+
+def sample_codes(n_rows: int, p: np.ndarray, parent: np.ndarray, rng: np.random.Generator, *,
+                 correlation: float, magnitude: str, magnitude_mean: float) -> np.ndarray:
+    """Sparse non-negative codes `[n_rows, n_features]` float32 with marginal firing `p`."""
+    is_child = parent >= 0
+    threshold = p.copy()  # a child's conditional probability given its parent fired
+    threshold[is_child] = np.minimum(1.0, p[is_child] / np.maximum(p[parent[is_child]], 1e-300))
+    first_paired = int(parent.max()) + 1  # parents (0..h-1) are never paired; 0 without hierarchy
+    fire = _uniforms(n_rows, len(p), first_paired, correlation, rng) < threshold
+    fire[:, is_child] &= fire[:, parent[is_child]]
+    codes = np.zeros((n_rows, len(p)), dtype=np.float32)
+    rows, cols = np.nonzero(fire)
+    codes[rows, cols] = _magnitudes(magnitude, magnitude_mean, len(rows), rng)
+    return codes
+
+
+def _check(d: int, n_features: int, noise_std: float, correlation: float, hierarchy: int,
+           children_per_parent: int, magnitude: str, magnitude_mean: float) -> None:
+    if magnitude not in ("exponential", "uniform", "lognormal"):
+        raise ConfigError(f"magnitude must be 'exponential', 'uniform' or 'lognormal' (got {magnitude!r})")
+    if d <= 0 or n_features <= 0:
+        raise ConfigError(f"d and n_features must be > 0 (got d={d}, n_features={n_features})")
+    if noise_std < 0 or magnitude_mean <= 0:
+        raise ConfigError(f"need noise_std >= 0 and magnitude_mean > 0 (got {noise_std}, {magnitude_mean})")
+    if not 0 <= correlation <= 1:
+        raise ConfigError(f"correlation must be in [0, 1] (got {correlation})")
+    if hierarchy < 0 or children_per_parent < 0 or hierarchy * (1 + children_per_parent) > n_features:
+        raise ConfigError(
+            f"hierarchy={hierarchy} parents with {children_per_parent} children each need"
+            f" {hierarchy * (1 + children_per_parent)} features; n_features is {n_features}"
+        )
+
+
+def iter_synth(n_rows: int, d: int = 64, n_features: int = 256, mean_active: float = 4.0,
+               zipf_exponent: float = 0.0, magnitude: Magnitude = "exponential", magnitude_mean: float = 1.0,
+               noise_std: float = 0.0, correlation: float = 0.0, hierarchy: int = 0,
+               children_per_parent: int = 4, seed: int = 0,
+               ) -> tuple[np.ndarray, np.ndarray, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """`(features [F, d], p [F], chunks)`; chunks yields `(acts [<=CHUNK_ROWS, d], codes [.., F])`."""
+    _check(d, n_features, noise_std, correlation, hierarchy, children_per_parent, magnitude, magnitude_mean)
+    features = random_features(n_features, d, np.random.default_rng([seed, _FEATURE_STREAM]))
+    p = feature_probabilities(n_features, mean_active, zipf_exponent)
+    parent = _parents(n_features, hierarchy, children_per_parent)
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        code_rng = np.random.default_rng([seed, _CODE_STREAM])
+        noise_rng = np.random.default_rng([seed, _NOISE_STREAM])
+        for start in range(0, n_rows, CHUNK_ROWS):
+            rows = min(CHUNK_ROWS, n_rows - start)
+            codes = sample_codes(rows, p, parent, code_rng, correlation=correlation,
+                                 magnitude=magnitude, magnitude_mean=magnitude_mean)
+            acts = codes @ features
+            if noise_std > 0:
+                acts += (noise_std * noise_rng.standard_normal((rows, d))).astype(np.float32)
+            yield acts, codes
+
+    return features, p, chunks()
+
+
+def synthesize(n_rows: int, d: int = 64, n_features: int = 256, mean_active: float = 4.0,
+               zipf_exponent: float = 0.0, magnitude: Magnitude = "exponential", magnitude_mean: float = 1.0,
+               noise_std: float = 0.0, correlation: float = 0.0, hierarchy: int = 0,
+               children_per_parent: int = 4, seed: int = 0, return_codes: bool = False) -> SynthData:
+    """In-memory synthetic data (see the module docstring); codes only if `return_codes`."""
+    features, p, chunks = iter_synth(n_rows, d, n_features, mean_active, zipf_exponent, magnitude,
+                                     magnitude_mean, noise_std, correlation, hierarchy,
+                                     children_per_parent, seed)
+    acts = np.empty((n_rows, d), dtype=np.float32)
+    codes = np.empty((n_rows, n_features), dtype=np.float32) if return_codes else None
+    start = 0
+    for acts_chunk, codes_chunk in chunks:
+        acts[start : start + len(acts_chunk)] = acts_chunk
+        if codes is not None:
+            codes[start : start + len(codes_chunk)] = codes_chunk
+        start += len(acts_chunk)
+    return SynthData(acts, features, p.astype(np.float32), codes)
+
+
+def write_synth_file(path: str | os.PathLike, n_rows: int, d: int = 64, n_features: int = 256,
+                     mean_active: float = 4.0, zipf_exponent: float = 0.0,
+                     magnitude: Magnitude = "exponential", magnitude_mean: float = 1.0,
+                     noise_std: float = 0.0, correlation: float = 0.0, hierarchy: int = 0,
+                     children_per_parent: int = 4, seed: int = 0) -> None:
+    """Write `acts [n_rows, d]`, `features [n_features, d]`, `feature_probability [n_features]`.
+
+    Streams chunk by chunk into a temp file beside `path`; root attributes hold every generation
+    parameter, ``kind="synthetic"`` and ``complete=True`` (last). Nothing appears at `path` if
+    generation fails.
+    """
+    params = dict(n_rows=n_rows, d=d, n_features=n_features, mean_active=mean_active,
+                  zipf_exponent=zipf_exponent, magnitude=magnitude, magnitude_mean=magnitude_mean,
+                  noise_std=noise_std, correlation=correlation, hierarchy=hierarchy,
+                  children_per_parent=children_per_parent, seed=seed)
+    if n_rows <= 0:
+        raise ConfigError(f"n_rows must be > 0 (got {n_rows})")
+    features, p, chunks = iter_synth(**params)
+    with open_for_write(path, {"kind": "synthetic", **params}) as f:
+        f.create_dataset("features", data=features)
+        f.create_dataset("feature_probability", data=p.astype(np.float32))
+        acts = f.create_dataset("acts", shape=(n_rows, d), dtype=np.float32)  # contiguous
+        start = 0
+        for acts_chunk, _ in chunks:
+            acts[start : start + len(acts_chunk)] = acts_chunk
+            start += len(acts_chunk)

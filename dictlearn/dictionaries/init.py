@@ -1,0 +1,26 @@
+"""Data-dependent initialisation helpers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld's algorithm, started at the mean (SPEC §1.2; Bricken et al. 2023 b_dec init).
+
+    points: [n, d] -> [d], the point minimising the sum of Euclidean distances to `points`.
+    Runs in float64 so the fixed point does not stall on rounding.
+    """
+    x = points.double()
+    median = x.mean(0)
+    for _ in range(max_iter):
+        # eps guards the division when the estimate sits exactly on a data point
+        weights = 1.0 / (x - median).norm(dim=-1).clamp_min(1e-12)
+        new = (weights[:, None] * x).sum(0) / weights.sum()
+        shift = (new - median).norm()
+        median = new
+        if shift <= tol * median.norm().clamp_min(1.0):
+            break
+    return median.to(points.dtype)

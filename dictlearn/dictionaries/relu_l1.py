@@ -1,0 +1,110 @@
+"""ReLU SAE with an L1 penalty.
+
+Default: Anthropic's April-2024 recipe (Conerly et al.; SPEC §2.2): no pre-encoder bias, L1
+weighted by each decoder row's norm, no norm constraint, decoder rows initialised at norm 0.1,
+λ warm-up over the first 5 % and LR decay over the last 20 % of steps, gradient clipping at 1.
+
+Option `decoder_constraint="unit_norm"`: Bricken et al. 2023 (SPEC §2.1): unit-norm decoder with
+gradient projection, tied pre-encoder bias, plain L1, and (with `resample_every_steps`) dead
+latents resampled towards badly reconstructed inputs with p ∝ loss², Adam moments reset.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dictlearn.dictionaries.base import Dictionary
+from dictlearn.errors import ConfigError
+
+_CONSTRAINTS = ("norm_weighted_l1", "unit_norm")
+
+
+class ReLUL1SAE(Dictionary):
+    """z = ReLU(π); loss = ‖y − ŷ‖² + λ Σ_i z_i ‖d_i‖ (or λ‖z‖₁ with unit-norm rows)."""
+
+    sae_lens_architecture = "standard"
+
+    def __init__(
+        self,
+        l1_coefficient: float = 5.0,
+        decoder_constraint: str = "norm_weighted_l1",
+        resample_every_steps: int = 0,
+        resample_encoder_scale: float = 0.2,
+        lr: float = 5e-5,
+        sparsity_warmup_fraction: float = 0.05,
+        lr_decay_fraction: float = 0.2,
+        **kwargs,
+    ):
+        """
+        Args:
+            l1_coefficient: λ, on data scaled to E‖x‖ = sqrt(d_in) (≈5 in the April-2024 update).
+            decoder_constraint: "norm_weighted_l1" (April 2024) or "unit_norm" (Bricken 2023).
+            resample_every_steps: with "unit_norm", resample dead latents every N steps (0: off).
+            resample_encoder_scale: resampled encoder column norm, × mean alive encoder norm
+                (0.2, Bricken et al. appendix).
+            lr, sparsity_warmup_fraction, lr_decay_fraction: April-2024 defaults (SPEC §2.2).
+            **kwargs: the shared `Dictionary` arguments.
+        """
+        if decoder_constraint not in _CONSTRAINTS:
+            raise ConfigError(f"--model.decoder_constraint must be one of {_CONSTRAINTS}, got {decoder_constraint!r}")
+        unit_norm = decoder_constraint == "unit_norm"
+        # The April recipe has no pre-encoder bias and zero b_dec; Bricken's ties and centres it.
+        kwargs.setdefault("apply_b_dec_to_input", unit_norm)
+        kwargs.setdefault("b_dec_init", "geometric_median" if unit_norm else "zeros")
+        kwargs.setdefault("decoder_init_norm", 1.0 if unit_norm else 0.1)
+        super().__init__(
+            lr=lr, sparsity_warmup_fraction=sparsity_warmup_fraction,
+            lr_decay_fraction=lr_decay_fraction, **kwargs,
+        )
+        if l1_coefficient < 0:
+            raise ConfigError(f"--model.l1_coefficient must be >= 0, got {l1_coefficient}")
+        if resample_every_steps < 0 or (resample_every_steps and not unit_norm):
+            raise ConfigError("--model.resample_every_steps needs --model.decoder_constraint unit_norm and must be >= 0")
+        self.l1_coefficient = l1_coefficient
+        self.unit_norm_decoder = unit_norm
+        self.resample_every_steps = resample_every_steps
+        self.resample_encoder_scale = resample_encoder_scale
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
+        l1 = z.sum(-1) if self.unit_norm_decoder else z @ self.W_dec.norm(dim=-1)
+        return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1.mean()}
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # At the start of a step, not the end: a checkpoint saved at the end of the previous step
+        # then resumes into the same resampling, on the same batch (exact resume).
+        every = self.resample_every_steps
+        if every and self.global_step > 0 and self.global_step % every == 0 and self.dead_mask.any():
+            self.resample_dead_latents(*batch)
+
+    @torch.no_grad()
+    def resample_dead_latents(self, x_raw: Tensor, y_raw: Tensor) -> int:
+        """Point dead latents at inputs the dictionary reconstructs worst (SPEC §2.1). -> count."""
+        dead = self.dead_mask.nonzero().flatten()
+        x, y = x_raw * self.input_scale, y_raw * self.target_scale
+        loss = (y - self.decode_scaled(self.activate(self.pre_acts(x)), x)).pow(2).sum(-1)
+        generator = torch.Generator(device=x.device).manual_seed(self.global_step)
+        picks = torch.multinomial(loss.pow(2) + 1e-12, len(dead), replacement=True, generator=generator)
+        # DDP: every rank must write the same rows; rank 0's choice wins.
+        picks = self.trainer.strategy.broadcast(picks, src=0) if self.trainer.world_size > 1 else picks
+        x_pick, y_pick = x[picks], y[picks]
+        alive = ~self.dead_mask
+        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        self.W_dec.data[dead] = y_pick / y_pick.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        x_unit = x_pick / x_pick.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.W_enc.data[:, dead] = (x_unit * self.resample_encoder_scale * enc_norm).T
+        self.b_enc.data[dead] = 0.0
+        self._reset_adam_rows(dead)
+        self.tokens_since_fired[dead] = 0
+        return len(dead)
+
+    def _reset_adam_rows(self, latents: Tensor) -> None:
+        """Zero Adam's moments for the touched latents, or they re-kill them (SPEC §2.1)."""
+        state = self.trainer.optimizers[0].state
+        for param, index in ((self.W_dec, (latents,)), (self.W_enc, (slice(None), latents)), (self.b_enc, (latents,))):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if param in state and key in state[param]:
+                    state[param][key][index] = 0.0

@@ -1,0 +1,84 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), with AuxK.
+
+z = ReLU(TopK_k(π)), π = (x − b_dec) W_enc + b_enc; unit-norm decoder rows. Dead latents are
+revived by AuxK: the k_aux largest pre-activations among dead latents reconstruct the residual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dictlearn.dictionaries.base import Dictionary
+from dictlearn.errors import ConfigError
+
+
+class TopKSAE(Dictionary):
+    """Keeps the k largest pre-activations per token (SPEC §2.3)."""
+
+    sae_lens_architecture = "topk"
+
+    def __init__(
+        self,
+        k: int = 32,
+        auxk_alpha: float = 1 / 32,
+        k_aux: int | None = None,
+        lr: float | None = None,
+        adam_eps: float = 6.25e-10,
+        **kwargs,
+    ):
+        """
+        Args:
+            k: active latents per token.
+            auxk_alpha: weight of the AuxK loss; 1/32 (Gao et al. App. A.2; OpenAI, dictionary_learning).
+            k_aux: dead latents used by AuxK; None means d_in // 2 (Gao et al. App. B.1).
+            lr: None means 2e-4 / sqrt(d_sae / 2^14) (Gao et al. Fig. 3, as in sparsify).
+            adam_eps: 6.25e-10 as OpenAI's reference trainer.
+            **kwargs: the shared `Dictionary` arguments.
+        """
+        d_sae = kwargs.get("d_sae", 4096)
+        if lr is None:
+            lr = 2e-4 / math.sqrt(d_sae / 2**14)
+        super().__init__(lr=lr, adam_eps=adam_eps, **kwargs)
+        if not 0 < k <= d_sae:
+            raise ConfigError(f"--model.k must be in [1, d_sae={d_sae}], got {k}")
+        if auxk_alpha < 0:
+            raise ConfigError(f"--model.auxk_alpha must be >= 0, got {auxk_alpha}")
+        if k_aux is not None and not 0 < k_aux <= d_sae:
+            raise ConfigError(f"--model.k_aux must be in [1, d_sae={d_sae}], got {k_aux}")
+        self.k = k
+        self.auxk_alpha = auxk_alpha
+        self.k_aux = k_aux if k_aux is not None else max(1, self.d_in // 2)
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """pre [batch, d_sae] -> z [batch, d_sae] with at most k non-zeros per row."""
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def export_fields(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    def reconstruction_loss(self, y: Tensor, y_hat: Tensor) -> Tensor:
+        """Batch FVU: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (normalised MSE, Gao et al. §2.1; sparsify)."""
+        return _normalised_mse(y, y_hat)
+
+    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
+        dead = self.dead_mask
+        n_dead = int(dead.sum())
+        if self.auxk_alpha == 0 or n_dead == 0:
+            return {}
+        # AuxK: the residual (no gradient) is reconstructed from the top dead latents, decoded
+        # without the bias; normalised by the residual's variance (OpenAI kernels.normalized_mse).
+        residual = (y - y_hat).detach()
+        dead_pre = pre.masked_fill(~dead, float("-inf"))
+        values, indices = dead_pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False)
+        z_aux = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        return {"auxk": self.auxk_alpha * _normalised_mse(residual, z_aux @ self.W_dec)}
+
+
+def _normalised_mse(target: Tensor, prediction: Tensor) -> Tensor:
+    """Σ‖target − prediction‖² / Σ‖target − mean(target)‖² over the batch."""
+    variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (target - prediction).pow(2).sum() / variance

@@ -1,0 +1,169 @@
+"""Export in the SAELens layout, and `load` for exports and checkpoints.
+
+An export folder holds `cfg.json` and `sae_weights.safetensors` (`W_enc [d_in, d_sae]`,
+`b_enc [d_sae]`, `W_dec [d_sae, d_out]`, `b_dec [d_out]`, `W_skip [d_out, d_in]` for skip
+transcoders), so SAELens, SAEBench and Neuronpedia tools load it. Weights are *folded*: the data
+scales and the decoder row norms are absorbed (SPEC §1.1, §1.4), so the export takes raw
+activations and its decoder rows have unit norm. dictlearn's own fields live under
+`metadata.dictlearn` (class, constructor arguments, the folded scales).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dictlearn.dictionaries.base import Dictionary
+from dictlearn.errors import DataError
+from dictlearn.io import atomic_dir
+
+CFG_NAME, WEIGHTS_NAME = "cfg.json", "sae_weights.safetensors"
+SAE_LENS_VERSION = "6.54.12"  # the SAELens release whose loader this layout was checked against
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dictlearn")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@torch.no_grad()
+def folded_tensors(model: Dictionary) -> dict[str, torch.Tensor]:
+    """The model's weights in raw-activation units with unit decoder rows (float32, contiguous)."""
+    s_in, s_out = float(model.input_scale), float(model.target_scale)
+    # Reported latents are training latents × ls (ls = ‖d_i‖ / s_out); a positive per-latent
+    # factor commutes with the activation, so it moves into the encoder (SPEC §1.4).
+    ls = model.latent_scale()
+    tensors = {
+        "W_enc": model.W_enc * s_in * ls,
+        "b_enc": model.b_enc * ls,
+        "W_dec": model.W_dec / (ls * s_out)[:, None],
+        "b_dec": model.b_dec / s_out,
+    }
+    tensors.update(model.folded_extra_tensors(ls))
+    if model.W_skip is not None:
+        tensors["W_skip"] = model.W_skip * (s_in / s_out)
+    return {name: t.detach().float().cpu().contiguous().clone() for name, t in tensors.items()}
+
+
+def _hyper_parameters(model: Dictionary) -> dict:
+    """Constructor arguments, JSON-able, without LightningCLI's private keys."""
+    return {k: v for k, v in dict(model.hparams).items() if not str(k).startswith("_")}
+
+
+def export_config(model: Dictionary, data_attrs: dict | None = None) -> dict:
+    """cfg.json for `model` in the SAELens layout (+ dictlearn's metadata)."""
+    data_attrs = data_attrs or {}
+    cls = type(model)
+    cfg = {
+        "d_in": model.d_in,
+        "d_sae": model.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": bool(model.apply_b_dec_to_input),
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "architecture": model.sae_lens_architecture,
+        "metadata": {
+            "sae_lens_version": SAE_LENS_VERSION,
+            "sae_lens_training_version": SAE_LENS_VERSION,
+            **{k: data_attrs[k] for k in ("model_name", "hook_name", "hook_name_out", "context_size") if k in data_attrs},
+            "dictlearn": {
+                "version": _version(),
+                "class_path": f"{cls.__module__}.{cls.__qualname__}",
+                "hyper_parameters": _hyper_parameters(model),
+                "folded_input_scale": float(model.input_scale),
+                "folded_target_scale": float(model.target_scale),
+                "decoder_rows_unit_norm": True,
+                "data": {k: v for k, v in data_attrs.items()},
+            },
+        },
+    }
+    if model.d_out != model.d_in or model.W_skip is not None:
+        cfg["d_out"] = model.d_out
+    cfg.update(model.export_fields())
+    return cfg
+
+
+def export(model: Dictionary, out: str | Path, data_attrs: dict | None = None) -> Path:
+    """Write `model` as an export folder at `out`, atomically. -> the folder."""
+    cfg = export_config(model, data_attrs)
+    tensors = folded_tensors(model)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CFG_NAME).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
+    return Path(out)
+
+
+def _json_default(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+def _import_class(class_path: str) -> type[Dictionary]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise DataError(f"cannot import dictionary class {class_path!r}: {error}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Dictionary)):
+        raise DataError(f"{class_path!r} is not a dictlearn Dictionary")
+    return cls
+
+
+def load(path: str | Path) -> Dictionary:
+    """A Dictionary from an export folder or a Lightning checkpoint, in eval mode.
+
+    Both give the same `encode`/`decode` on raw activations.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_export(path)
+    if path.is_file():
+        return _load_checkpoint(path)
+    raise DataError(f"{path}: no such export folder or checkpoint file")
+
+
+def _load_checkpoint(path: Path) -> Dictionary:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or not a torch file
+        raise DataError(f"{path}: cannot read checkpoint ({error}); pick another checkpoint") from None
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    class_path = checkpoint.get("dictlearn_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if class_path is None:
+        raise DataError(f"{path}: not a dictlearn checkpoint (no dictionary class recorded)")
+    model = _import_class(class_path)(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def _load_export(path: Path) -> Dictionary:
+    cfg_path, weights_path = path / CFG_NAME, path / WEIGHTS_NAME
+    for required in (cfg_path, weights_path):
+        if not required.is_file():
+            raise DataError(f"{path}: missing {required.name}; not an export folder")
+    cfg = json.loads(cfg_path.read_text())
+    tensors = load_file(str(weights_path))
+    meta = cfg.get("metadata", {}).get("dictlearn")
+    if meta is None:
+        raise DataError(f"{cfg_path}: not written by dictlearn (no metadata.dictlearn); load it with SAELens")
+    model = _import_class(meta["class_path"])(**meta["hyper_parameters"])
+    model.load_folded(tensors)
+    return model.eval()
+
+
+def clone_folded(model: Dictionary) -> Dictionary:
+    """An in-memory copy of `model` with its scales and decoder norms folded in."""
+    folded = copy.deepcopy(model)
+    folded.load_folded(folded_tensors(model))
+    return folded

@@ -1,0 +1,28 @@
+"""Metrics shared by training logs, evaluation output and plots; `METRIC_NAMES` is the key contract."""
+
+from dictlearn.metrics.recovery import max_cosine, mmcs, recovered_fraction
+from dictlearn.metrics.reconstruction import ReconstructionMetrics
+from dictlearn.metrics.sparsity import SparsityMetrics
+
+RECONSTRUCTION_NAMES = ("mse", "fvu", "explained_variance", "cos_sim", "l2_ratio", "rel_reconstruction_bias")
+SPARSITY_NAMES = ("l0", "l1", "dead_fraction", "dense_fraction")
+RECOVERY_NAMES = ("mmcs",)
+# Spliced-model and interpretability metrics, defined by later stages (SPEC §3.8, §5).
+DOWNSTREAM_NAMES = (
+    "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_div", "delta_ce",
+    "probe_auc_k1", "probe_auc_k16", "probe_auc_linear", "concept_coverage",
+)  # fmt: skip
+METRIC_NAMES = RECONSTRUCTION_NAMES + SPARSITY_NAMES + RECOVERY_NAMES + DOWNSTREAM_NAMES
+
+__all__ = [
+    "DOWNSTREAM_NAMES",
+    "METRIC_NAMES",
+    "RECONSTRUCTION_NAMES",
+    "RECOVERY_NAMES",
+    "SPARSITY_NAMES",
+    "ReconstructionMetrics",
+    "SparsityMetrics",
+    "max_cosine",
+    "mmcs",
+    "recovered_fraction",
+]

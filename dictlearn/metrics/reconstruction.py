@@ -1,0 +1,99 @@
+"""Reconstruction fidelity as streamed, sum-reduced torchmetrics states (SPEC §3.3–3.7).
+
+Every state is a sum, so `compute()` on DDP-synced totals equals the single-process result, and a
+metric can be fed any number of uneven batches. Metric names are the contract in `METRIC_NAMES`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class SumStateMetric(Metric):
+    """Base for metrics whose states are sums: float64 sums stay float64 under `module.to(dtype)`.
+
+    torchmetrics only guards `.half()/.float()/...`; `module.to(torch.bfloat16)` (what Lightning's
+    `bf16-true`/`16-true` precision calls) would cast float states too, and a bf16 sum over 1e8
+    tokens is meaningless. Devices still move.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def _apply(self, fn, exclude_state=()):
+        keep = [k for k, v in self._defaults.items() if isinstance(v, Tensor) and v.dtype == torch.float64]
+        this = super()._apply(fn, exclude_state=(*exclude_state, *keep))
+        for key in keep:
+            this._defaults[key] = this._defaults[key].to(this.device)
+            setattr(this, key, getattr(this, key).to(this.device))
+        return this
+
+
+class ReconstructionMetrics(SumStateMetric):
+    """mse, fvu, explained_variance, cos_sim, l2_ratio, rel_reconstruction_bias over all tokens seen.
+
+    Conventions (y = target, ŷ = reconstruction, e = y − ŷ, N tokens, μ = per-dim mean of y):
+    - `mse` = (1/N) Σ_t ‖e_t‖²: summed over dims, mean over tokens (SAELens/dictionary_learning
+      training convention; `F.mse_loss` would be d times smaller) [SPEC §3.3].
+    - `fvu` = Σ_t ‖e_t‖² / Σ_t ‖y_t − μ‖², a ratio of totals, centred; the denominator is streamed as
+      Σ‖y‖² − ‖Σy‖²/N. Not the per-token-ratio mean nor variance about zero (SAEBench#76,
+      SAELens#659) [SPEC §3.3]. `explained_variance` = 1 − fvu.
+    - `cos_sim` = mean_t ⟨y_t, ŷ_t⟩ / max(‖y_t‖‖ŷ_t‖, eps): a zero reconstruction scores 0.
+    - `l2_ratio` = mean_t ‖ŷ_t‖ / max(‖y_t‖, eps).
+    - `rel_reconstruction_bias` γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (Gated SAE eq. 10, ratio of totals) [SPEC §3.7].
+
+    Args:
+        d: feature width; optional. Without it the per-dim sum takes its shape at the first update,
+            so under DDP every rank must see at least one batch before `compute()`.
+        eps: guard for zero norms in `cos_sim` and `l2_ratio`.
+    """
+
+    def __init__(self, d: int | None = None, eps: float = 1e-8, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.d, self.eps = d, eps
+        f64 = torch.float64
+        # persistent: a logging interval that spans a checkpoint resumes with its sums
+        state = dict(dist_reduce_fx="sum", persistent=True)
+        self.add_state("n_tokens", torch.zeros((), dtype=torch.int64), **state)
+        self.add_state("sum_target", torch.zeros(() if d is None else (d,), dtype=f64), **state)
+        for name in ("sum_sq_error", "sum_sq_target", "sum_sq_recon", "sum_dot", "sum_cos", "sum_l2_ratio"):
+            self.add_state(name, torch.zeros((), dtype=f64), **state)
+
+    def update(self, target: Tensor, reconstruction: Tensor) -> None:
+        """target, reconstruction: [..., d]; leading dims are tokens."""
+        if target.shape != reconstruction.shape:
+            raise ValueError(
+                f"target {tuple(target.shape)} and reconstruction {tuple(reconstruction.shape)} differ in shape"
+            )
+        if self.d is not None and target.shape[-1] != self.d:
+            raise ValueError(f"ReconstructionMetrics(d={self.d}) got inputs of width {target.shape[-1]}")
+        # detach: forward() enables grad, and a graph attached to a state would be kept alive.
+        # float64 per update so sums over 1e8 tokens keep ~1e-12 relative error.
+        y = target.detach().reshape(-1, target.shape[-1]).to(torch.float64)
+        y_hat = reconstruction.detach().reshape(-1, target.shape[-1]).to(torch.float64)
+        y_norm, y_hat_norm = y.norm(dim=-1), y_hat.norm(dim=-1)
+        dot = (y * y_hat).sum(-1)
+        self.n_tokens += y.shape[0]
+        self.sum_target = self.sum_target + y.sum(0)  # not +=: a lazily sized state broadcasts to [d]
+        self.sum_sq_error += (y - y_hat).square().sum()
+        self.sum_sq_target += y_norm.square().sum()
+        self.sum_sq_recon += y_hat_norm.square().sum()
+        self.sum_dot += dot.sum()
+        self.sum_cos += (dot / (y_norm * y_hat_norm).clamp_min(self.eps)).sum()
+        self.sum_l2_ratio += (y_hat_norm / y_norm.clamp_min(self.eps)).sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.n_tokens.to(torch.float64)
+        total_variance = self.sum_sq_target - self.sum_target.square().sum() / n
+        fvu = self.sum_sq_error / total_variance
+        return {
+            "mse": self.sum_sq_error / n,
+            "fvu": fvu,
+            "explained_variance": 1.0 - fvu,
+            "cos_sim": self.sum_cos / n,
+            "l2_ratio": self.sum_l2_ratio / n,
+            "rel_reconstruction_bias": self.sum_sq_recon / self.sum_dot,
+        }

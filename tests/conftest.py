@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic activation files and a quiet Lightning trainer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from dictlearn.data import write_synth_file
+
+torch.set_num_threads(2)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+@pytest.fixture(scope="session")
+def synth_file(tmp_path_factory):
+    """The core issue's ground-truth setting: 256 true features in d = 64, mean 4 active."""
+    path = tmp_path_factory.mktemp("synth") / "synth.h5"
+    write_synth_file(path, n_rows=200_000, d=64, n_features=256, mean_active=4.0, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_file(tmp_path_factory):
+    """A small synthetic file for quick mechanics tests (d = 16, 32 features)."""
+    path = tmp_path_factory.mktemp("small") / "small.h5"
+    write_synth_file(path, n_rows=8192, d=16, n_features=32, mean_active=3.0, seed=1)
+    return str(path)
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU trainer without logger, progress bar or checkpoints unless asked for."""
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False, gradient_clip_val=1.0,
+    )
+    return L.Trainer(**(defaults | kwargs))

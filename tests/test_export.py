@@ -1,0 +1,104 @@
+"""Export (SAELens layout) and load: the same encode/decode on raw activations."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
+from dictlearn.export import export
+from dictlearn.errors import DataError
+
+MODELS = {
+    "topk": lambda: TopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3),
+    "relu_l1": lambda: ReLUL1SAE(d_in=16, d_sae=48, l1_coefficient=1.0, lr=3e-3),  # free decoder norms
+    "relu_l1_unit_skip": lambda: ReLUL1SAE(
+        d_in=16, d_sae=48, lr=3e-3, decoder_constraint="unit_norm", skip_connection=True
+    ),
+}
+
+
+def _train(kind: str, small_file: str, tmp_path):
+    L.seed_everything(0)
+    model = MODELS[kind]()
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, dm)
+    x = torch.cat([x for x, _ in dm.val_dataloader()])
+    return model.eval(), dm, x
+
+
+def _sae_lens_forward(folder, x: torch.Tensor):
+    """The export read as SAELens would, written from its cfg and tensors only (no dictlearn code)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = x_in @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "topk":
+        values, indices = pre.topk(cfg["k"], dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    else:
+        z = pre.relu()
+    y = z @ w["W_dec"] + w["b_dec"]
+    if "W_skip" in w:
+        y = y + x @ w["W_skip"].T
+    return z, y
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_export_and_checkpoint_load_to_the_same_raw_unit_dictionary(kind, small_file, tmp_path):
+    model, dm, x = _train(kind, small_file, tmp_path)
+    assert float(model.input_scale) != pytest.approx(1.0)  # the scale really is folded
+    folder = export(model, tmp_path / "export", dm.provenance())
+    from_export, from_ckpt = load(folder), load(tmp_path / "ckpt" / "last.ckpt")
+    with torch.no_grad():
+        z, y = model.encode(x), model(x)
+        for other in (from_export, from_ckpt):
+            torch.testing.assert_close(other.encode(x), z, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(other(x), y, rtol=1e-4, atol=1e-4)
+        z_ref, y_ref = _sae_lens_forward(folder, x)
+    torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
+    # Reported latents are in folded units: each row of the exported decoder has unit norm.
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    torch.testing.assert_close(w["W_dec"].norm(dim=-1), torch.ones(48))
+    assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["sae_lens_version"] and cfg["normalize_activations"] == "none"
+    assert cfg["metadata"]["dictlearn"]["data"]["input_key"] == "acts"
+
+
+def test_export_shapes_and_cfg_fields_for_topk(small_file, tmp_path):
+    model = TopKSAE(d_in=16, d_sae=48, k=3)
+    cfg = json.loads((export(model, tmp_path / "e") / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"]) == ("topk", 3, 16, 48)
+    assert cfg["apply_b_dec_to_input"] is True
+    assert cfg["metadata"]["dictlearn"]["class_path"] == "dictlearn.dictionaries.topk.TopKSAE"
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dictlearn.export.save_file", failing_save)
+    with pytest.raises(OSError):
+        export(TopKSAE(d_in=4, d_sae=8, k=2), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_rejects_what_is_not_a_dictionary(tmp_path):
+    with pytest.raises(DataError, match="no such export"):
+        load(tmp_path / "missing")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="cfg.json"):
+        load(tmp_path / "folder")
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="bad.ckpt"):
+        load(tmp_path / "bad.ckpt")
