@@ -1,0 +1,144 @@
+"""Lightning callbacks that make a run safe to stop and its outputs whole.
+
+- `RunGuard`: checkpoints written atomically; SIGINT handled like SIGTERM (stop at the end of the
+  step, save `interrupted-step=N.ckpt`, exit non-zero); a run that fails on bad input before any
+  checkpoint leaves no log folder behind.
+- `ExportOnFitEnd`: the finished run writes its SAELens-layout export into its log folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dictlearn.errors import DictLearnError
+from dictlearn.io import atomic_path
+
+# Files Lightning and LightningCLI write into a fresh version folder before the first checkpoint.
+_RUN_BOOKKEEPING = {"config.yaml", "hparams.yaml", "metrics.csv", "checkpoints"}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temp name in the checkpoint's folder, fsync, os.replace (ECOSYSTEM §2)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class RunGuard(L.Callback):
+    """Atomic checkpoints, graceful SIGINT/SIGTERM, and no half-made run folder on bad input."""
+
+    def __init__(self) -> None:
+        self.signal_received: int | None = None
+        self._previous_sigint = None
+        self._created_folders: list[Path] = []
+
+    def note_root(self, root: Path) -> None:
+        """Record which of `root` and its parents do not exist yet (called before the run starts)."""
+        root = Path(root).absolute()
+        self._created_folders = [p for p in (root, *root.parents) if not p.exists()]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signal_received = None
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._connector = trainer._signal_connector  # its received_sigterm flag stops the loop
+
+    def _on_sigint(self, signum, frame) -> None:
+        # Stop at the end of the current step, exactly as Lightning does for SIGTERM, so the
+        # checkpoint holds a consistent optimiser state.
+        self.signal_received = signal.SIGINT
+        self._connector.received_sigterm = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            if self.signal_received is None:
+                self.signal_received = signal.SIGTERM if isinstance(exception, SIGTERMException) else signal.SIGINT
+            if trainer.state.fn == "fit":
+                trainer.save_checkpoint(self.interrupt_checkpoint_path(trainer))
+        elif isinstance(exception, DictLearnError):
+            _remove_fresh_run_folder(trainer, self._created_folders)
+
+    @staticmethod
+    def interrupt_checkpoint_path(trainer: L.Trainer) -> Path:
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or Path(_log_dir(trainer) or trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / f"interrupted-step={trainer.global_step}.ckpt"
+
+    @property
+    def exit_code(self) -> int:
+        """128 + signal number, the shell's convention for a process stopped by a signal."""
+        return 128 + int(self.signal_received or signal.SIGTERM)
+
+
+def _log_dir(trainer: L.Trainer) -> str | None:
+    """`trainer.log_dir` without its broadcast from rank 0.
+
+    That broadcast is a collective: under DDP, rank 0 asking alone (rank-0-only code, or a rank
+    failing on its own) waits for the other ranks, which have moved on, and dies with gloo's
+    "Connection closed by peer". Same choice of folder as Lightning; the value is rank 0's.
+    """
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    return logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir
+
+
+def _remove_fresh_run_folder(trainer: L.Trainer, created_folders: Iterable[Path] = ()) -> None:
+    """Delete this run's log folder if it holds nothing but Lightning's bookkeeping and no checkpoint.
+
+    Then remove `created_folders` (deepest first: the run's root and parents it made) left empty.
+    """
+    if not trainer.is_global_zero or _log_dir(trainer) is None:
+        return
+    folder = Path(_log_dir(trainer))
+    if not folder.is_dir() or not folder.name.startswith("version_"):
+        return
+    entries = {p.name for p in folder.iterdir()}
+    checkpoints = folder / "checkpoints"
+    if entries <= _RUN_BOOKKEEPING and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        shutil.rmtree(folder, ignore_errors=True)
+        parent = folder.parent  # lightning_logs/, if this run created it and it is now empty
+        if parent.is_dir() and not any(parent.iterdir()):
+            os.rmdir(parent)
+        for created in created_folders:
+            if created.is_dir() and not any(created.iterdir()):
+                os.rmdir(created)
+
+
+class ExportOnFitEnd(L.Callback):
+    """At the end of a completed fit, write the export into `<log_dir>/export` (rank 0)."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted or not trainer.is_global_zero:
+            return
+        from dictlearn.export import export  # export builds on the dictionaries; imported late
+
+        folder = Path(_log_dir(trainer) or trainer.default_root_dir) / "export"
+        datamodule = trainer.datamodule
+        attrs = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
+        export(pl_module, folder, attrs)
+        print(f"dictlearn: export written to {folder}")
