@@ -2,7 +2,7 @@
 
 - `RunGuard`: checkpoints written atomically; SIGINT handled like SIGTERM (stop at the end of the
   step, save `interrupted-step=N.ckpt`, exit non-zero); a run that fails on bad input before any
-  checkpoint leaves no log folder behind.
+  checkpoint leaves no log folder behind (nor the `default_root_dir` folders it created).
 - `ExportOnFitEnd`: the finished run writes its SAELens-layout export into its log folder.
 """
 
@@ -85,7 +85,8 @@ class RunGuard(L.Callback):
     @staticmethod
     def interrupt_checkpoint_path(trainer: L.Trainer) -> Path:
         callback = trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None) or Path(_log_dir(trainer) or trainer.default_root_dir) / "checkpoints"
+        run_folder = _log_dir(trainer) or trainer.default_root_dir
+        folder = getattr(callback, "dirpath", None) or Path(run_folder) / "checkpoints"
         return Path(folder) / f"interrupted-step={trainer.global_step}.ckpt"
 
     @property
@@ -112,9 +113,10 @@ def _remove_fresh_run_folder(trainer: L.Trainer, created_folders: Iterable[Path]
 
     Then remove `created_folders` (deepest first: the run's root and parents it made) left empty.
     """
-    if not trainer.is_global_zero or _log_dir(trainer) is None:
+    log_dir = _log_dir(trainer)
+    if not trainer.is_global_zero or log_dir is None:
         return
-    folder = Path(_log_dir(trainer))
+    folder = Path(log_dir)
     if not folder.is_dir() or not folder.name.startswith("version_"):
         return
     entries = {p.name for p in folder.iterdir()}

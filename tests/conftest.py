@@ -19,11 +19,16 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
 @pytest.fixture(scope="session")
-def synth_file(tmp_path_factory):
-    """The core issue's ground-truth setting: 256 true features in d = 64, mean 4 active."""
-    path = tmp_path_factory.mktemp("synth") / "synth.h5"
-    write_synth_file(path, n_rows=200_000, d=64, n_features=256, mean_active=4.0, seed=0)
-    return str(path)
+def synth_files(tmp_path_factory):
+    """The core issue's ground-truth setting: 256 true features in d = 64, mean 4 active, with
+    exponential or uniform [0, 2] magnitudes (mean 1). -> {magnitude: path}."""
+    folder = tmp_path_factory.mktemp("synth")
+    paths = {}
+    for magnitude in ("exponential", "uniform"):
+        paths[magnitude] = str(folder / f"{magnitude}.h5")
+        write_synth_file(paths[magnitude], n_rows=200_000, d=64, n_features=256, mean_active=4.0,
+                         magnitude=magnitude, seed=0)
+    return paths
 
 
 @pytest.fixture(scope="session")

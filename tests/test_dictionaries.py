@@ -191,3 +191,26 @@ def test_lr_schedule_warms_up_and_decays():
     scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
     factors = [scheduler.lr_lambdas[0](s) for s in (0, 4, 9, 50, 79, 80, 90, 99)]
     assert factors == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05])
+
+
+# ------------------------------------------------------------------ non-finite guards
+def test_nan_batch_loss_and_gradient_stop_training_before_the_step():
+    from dictlearn.errors import NonFiniteError
+
+    model = TopKSAE(d_in=4, d_sae=8, k=2)
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    x = torch.randn(10, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"NaN/Inf in 1 of 10 rows .* step 0 .*first: row 3"):
+        model.training_step((x, x), 0)
+    with torch.no_grad():
+        model.W_dec[0, 0] = float("inf")
+    clean = torch.randn(10, 4)
+    with pytest.raises(NonFiniteError, match="loss is"):
+        model.training_step((clean, clean), 0)
+    model = TopKSAE(d_in=4, d_sae=8, k=2)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.b_enc.grad[2] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite gradient in b_enc"):
+        model.on_before_optimizer_step(None)

@@ -256,3 +256,20 @@ def test_ddp_matches_single_process(tmp_path):
     np.testing.assert_allclose(got["feature_density"], density, rtol=1e-15)
     ref_counts, _ = np.histogram(np.clip(np.log10(density + 1e-10), -10, 0), bins=np.linspace(-10, 0, 21))
     assert got["histogram_counts"] == ref_counts.tolist()
+
+
+def test_zero_targets_are_left_out_of_per_token_ratios():
+    """A zero target row (nothing active) has no cosine or norm ratio; it must not count as 0 or 1e8."""
+    torch.manual_seed(5)
+    y = torch.randn(40, 6, dtype=torch.float64)
+    y[::4] = 0.0
+    y_hat = y * 0.5 + 0.1 * torch.randn_like(y)
+    metric = ReconstructionMetrics(6)
+    metric.update(y.float(), y_hat.float())
+    out = metric.compute()
+    keep = y.norm(dim=1) > 0
+    cos = torch.nn.functional.cosine_similarity(y[keep], y_hat[keep], dim=1).mean()
+    ratio = (y_hat[keep].norm(dim=1) / y[keep].norm(dim=1)).mean()
+    assert out["cos_sim"].item() == pytest.approx(cos.item(), rel=1e-6)
+    assert out["l2_ratio"].item() == pytest.approx(ratio.item(), rel=1e-6)
+    assert out["mse"].item() == pytest.approx((y - y_hat).pow(2).sum(1).mean().item(), rel=1e-6)

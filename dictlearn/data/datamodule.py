@@ -323,7 +323,14 @@ class ActivationDataModule(L.LightningDataModule):
 
     def sample_rows(self, n_rows: int) -> Batch:
         """Up to `n_rows` raw training rows from seeded random blocks: `(x [n, d_in], y [n, d_out])`."""
-        return _read_pair(self.inputs, self.targets, self._sample_slices(n_rows))
+        x, y = _read_pair(self.inputs, self.targets, self._sample_slices(n_rows))
+        for array, rows in ((self.inputs, x), (self.targets, y)):
+            if array is not None and not torch.isfinite(rows).all():
+                raise DataError(
+                    f"{self.path}: dataset '{array.key}' has NaN/Inf values in the sampled training rows;"
+                    " clean or re-harvest the file"
+                )
+        return x, y
 
     def estimate_scales(self) -> tuple[float, float]:
         """`(input_scale, target_scale)`: ``sqrt(d) / mean ||row||_2`` on sampled training rows.

@@ -199,9 +199,9 @@ class Dictionary(L.LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x_raw, y_raw = batch
-        _check_batch_finite(x_raw, "input", self.global_step, batch_idx)
+        _check_batch_finite(x_raw, self._data_name("input"), self.global_step, batch_idx)
         if y_raw is not x_raw:
-            _check_batch_finite(y_raw, "target", self.global_step, batch_idx)
+            _check_batch_finite(y_raw, self._data_name("target"), self.global_step, batch_idx)
         x = x_raw * self.input_scale
         y = x if y_raw is x_raw else y_raw * self.target_scale
         pre = self.pre_acts(x)
@@ -223,6 +223,12 @@ class Dictionary(L.LightningModule):
             sum_abs = z.abs().sum(0) @ self.latent_scale().to(z.dtype)
             self._log_train(y_raw, y_hat / self.target_scale, fire_counts, len(z), sum_abs, losses, loss)
         return loss
+
+    def _data_name(self, role: str) -> str:
+        """`file['key'] (input)` for error messages, from the attached data module if any."""
+        hparams = getattr(getattr(self._trainer, "datamodule", None), "hparams", {})
+        key = hparams.get("target_key" if role == "target" else "input_key")
+        return f"{hparams['path']}['{key}'] ({role})" if "path" in hparams and key else role
 
     def _update_fired(self, fire_counts: Tensor, n_tokens: int) -> None:
         """Dead-latent counters in tokens; a latent that fired on any rank fired (SPEC §1.5)."""
@@ -284,7 +290,7 @@ class Dictionary(L.LightningModule):
     # ----------------------------------------------------------------- validation / test
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        _check_batch_finite(x, "validation input", self.global_step, batch_idx)
+        _check_batch_finite(x, self._data_name("validation input"), self.global_step, batch_idx)
         z = self.encode(x)
         self.val_reconstruction.update(y, self.decode(z, x))
         self.val_sparsity.update(z)
@@ -424,6 +430,6 @@ def _check_batch_finite(x: Tensor, what: str, step: int, batch_idx: int) -> None
     if len(bad_rows) == 0:  # the sum overflowed although every value is finite
         return
     raise NonFiniteError(
-        f"step {step} (batch {batch_idx}): {what} has NaN/Inf in {len(bad_rows)} of {len(x)} rows "
+        f"{what}: NaN/Inf in {len(bad_rows)} of {len(x)} rows of the batch at step {step} (batch {batch_idx}) "
         f"(first: row {bad_rows[0].item()} of the batch); clean or re-harvest the activation file"
     )

@@ -42,13 +42,14 @@ class ReconstructionMetrics(SumStateMetric):
       Σ‖y‖² − ‖Σy‖²/N. Not the per-token-ratio mean nor variance about zero (SAEBench#76,
       SAELens#659) [SPEC §3.3]. `explained_variance` = 1 − fvu.
     - `cos_sim` = mean_t ⟨y_t, ŷ_t⟩ / max(‖y_t‖‖ŷ_t‖, eps): a zero reconstruction scores 0.
-    - `l2_ratio` = mean_t ‖ŷ_t‖ / max(‖y_t‖, eps).
+    - `l2_ratio` = mean_t ‖ŷ_t‖ / ‖y_t‖.
+      Both means run over the tokens with ‖y_t‖ > eps; they are undefined for a zero target.
     - `rel_reconstruction_bias` γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (Gated SAE eq. 10, ratio of totals) [SPEC §3.7].
 
     Args:
         d: feature width; optional. Without it the per-dim sum takes its shape at the first update,
             so under DDP every rank must see at least one batch before `compute()`.
-        eps: guard for zero norms in `cos_sim` and `l2_ratio`.
+        eps: targets with ‖y_t‖ <= eps are left out of `cos_sim` and `l2_ratio`.
     """
 
     def __init__(self, d: int | None = None, eps: float = 1e-8, **kwargs) -> None:
@@ -58,6 +59,7 @@ class ReconstructionMetrics(SumStateMetric):
         # persistent: a logging interval that spans a checkpoint resumes with its sums
         state = dict(dist_reduce_fx="sum", persistent=True)
         self.add_state("n_tokens", torch.zeros((), dtype=torch.int64), **state)
+        self.add_state("n_ratio_tokens", torch.zeros((), dtype=torch.int64), **state)
         self.add_state("sum_target", torch.zeros(() if d is None else (d,), dtype=f64), **state)
         for name in ("sum_sq_error", "sum_sq_target", "sum_sq_recon", "sum_dot", "sum_cos", "sum_l2_ratio"):
             self.add_state(name, torch.zeros((), dtype=f64), **state)
@@ -82,8 +84,12 @@ class ReconstructionMetrics(SumStateMetric):
         self.sum_sq_target += y_norm.square().sum()
         self.sum_sq_recon += y_hat_norm.square().sum()
         self.sum_dot += dot.sum()
-        self.sum_cos += (dot / (y_norm * y_hat_norm).clamp_min(self.eps)).sum()
-        self.sum_l2_ratio += (y_hat_norm / y_norm.clamp_min(self.eps)).sum()
+        # cos and ‖ŷ‖/‖y‖ are undefined for a zero target (a synthetic row with nothing active, a
+        # padding token): such tokens are left out of those two means, not divided by eps.
+        defined = y_norm > self.eps
+        self.n_ratio_tokens += defined.sum()
+        self.sum_cos += (dot / (y_norm * y_hat_norm).clamp_min(self.eps))[defined].sum()
+        self.sum_l2_ratio += (y_hat_norm[defined] / y_norm[defined]).sum()
 
     def compute(self) -> dict[str, Tensor]:
         n = self.n_tokens.to(torch.float64)
@@ -93,7 +99,7 @@ class ReconstructionMetrics(SumStateMetric):
             "mse": self.sum_sq_error / n,
             "fvu": fvu,
             "explained_variance": 1.0 - fvu,
-            "cos_sim": self.sum_cos / n,
-            "l2_ratio": self.sum_l2_ratio / n,
+            "cos_sim": self.sum_cos / self.n_ratio_tokens,
+            "l2_ratio": self.sum_l2_ratio / self.n_ratio_tokens,
             "rel_reconstruction_bias": self.sum_sq_recon / self.sum_dot,
         }
