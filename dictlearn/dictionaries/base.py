@@ -15,13 +15,15 @@ return *raw* activations, so a checkpoint and its export behave the same.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dictlearn.dictionaries.init import geometric_median
+from dictlearn.dictionaries.init import geometric_median, warmup_decay_factor
+from dictlearn.dictionaries.guards import check_batch_finite, check_gradients_finite
 from dictlearn.errors import ConfigError, DataError, NonFiniteError
 from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
 
@@ -188,8 +190,8 @@ class Dictionary(L.LightningModule):
     @property
     def sparsity_coefficient_scale(self) -> float:
         """Linear warm-up factor in [0, 1] for the sparsity coefficient (SPEC §1.6)."""
-        warm = self.sparsity_warmup_fraction * self._total_steps()
-        return 1.0 if warm <= 0 else min(1.0, (self.global_step + 1) / warm)
+        total = self._total_steps()
+        return warmup_decay_factor(self.global_step, total, self.sparsity_warmup_fraction * total)
 
     @property
     def dead_mask(self) -> Tensor:
@@ -199,9 +201,9 @@ class Dictionary(L.LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x_raw, y_raw = batch
-        _check_batch_finite(x_raw, self._data_name("input"), self.global_step, batch_idx)
+        check_batch_finite(x_raw, self._data_name("input"), self.global_step, batch_idx)
         if y_raw is not x_raw:
-            _check_batch_finite(y_raw, self._data_name("target"), self.global_step, batch_idx)
+            check_batch_finite(y_raw, self._data_name("target"), self.global_step, batch_idx)
         x = x_raw * self.input_scale
         y = x if y_raw is x_raw else y_raw * self.target_scale
         pre = self.pre_acts(x)
@@ -265,13 +267,7 @@ class Dictionary(L.LightningModule):
         return values
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.sum() for g in grads]).sum()):
-            bad = [n for n, p in self.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-            raise NonFiniteError(
-                f"step {self.global_step}: non-finite gradient in {', '.join(bad)}; "
-                "lower --model.lr or check the data; no checkpoint was written for this step"
-            )
+        check_gradients_finite(self.named_parameters(), self.global_step)
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             _project_out_parallel(self.W_dec.grad, self.W_dec.data)
 
@@ -290,7 +286,7 @@ class Dictionary(L.LightningModule):
     # ----------------------------------------------------------------- validation / test
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        _check_batch_finite(x, self._data_name("validation input"), self.global_step, batch_idx)
+        check_batch_finite(x, self._data_name("validation input"), self.global_step, batch_idx)
         z = self.encode(x)
         self.val_reconstruction.update(y, self.decode(z, x))
         self.val_sparsity.update(z)
@@ -346,15 +342,10 @@ class Dictionary(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.adam_betas, eps=self.adam_eps)
         total = self._total_steps()
-        warmup, decay = self.lr_warmup_fraction * total, self.lr_decay_fraction * total
-
-        def lr_factor(step: int) -> float:
-            """Linear warm-up, constant, linear decay to 0 over the last part (SPEC §1.6)."""
-            factor = 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
-            if decay > 0:
-                factor = min(factor, max(0.0, (total - step) / decay))
-            return factor
-
+        lr_factor = partial(
+            warmup_decay_factor, total=total,
+            warmup=self.lr_warmup_fraction * total, decay=self.lr_decay_fraction * total,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -420,16 +411,3 @@ def _project_out_parallel(grad: Tensor, W_dec: Tensor) -> None:
     """In place: remove from each row's gradient its component along that (unit) row (SPEC §1.3)."""
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     grad -= (grad * unit).sum(-1, keepdim=True) * unit
-
-
-def _check_batch_finite(x: Tensor, what: str, step: int, batch_idx: int) -> None:
-    """Cheap sum proxy every step; locate the bad rows only when it fails (ECOSYSTEM §2)."""
-    if torch.isfinite(x.sum()):
-        return
-    bad_rows = (~torch.isfinite(x)).any(-1).nonzero().flatten()
-    if len(bad_rows) == 0:  # the sum overflowed although every value is finite
-        return
-    raise NonFiniteError(
-        f"{what}: NaN/Inf in {len(bad_rows)} of {len(x)} rows of the batch at step {step} (batch {batch_idx}) "
-        f"(first: row {bad_rows[0].item()} of the batch); clean or re-harvest the activation file"
-    )

@@ -1,4 +1,4 @@
-"""Data-dependent initialisation helpers."""
+"""Initialisation and schedule helpers: geometric median (b_dec), warm-up/decay factors."""
 
 from __future__ import annotations
 
@@ -24,3 +24,12 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> 
         if shift <= tol * median.norm().clamp_min(1.0):
             break
     return median.to(points.dtype)
+
+
+def warmup_decay_factor(step: int, total: int, warmup: float, decay: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, constant, linear decay to 0 over the last `decay`
+    steps of `total` (SPEC §1.6). -> factor in [0, 1] for the LR or a sparsity coefficient."""
+    factor = 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+    if decay > 0:
+        factor = min(factor, max(0.0, (total - step) / decay))
+    return factor

@@ -1,0 +1,40 @@
+"""Non-finite guards: training stops before a NaN/Inf reaches the weights (ECOSYSTEM §2).
+
+Lightning alone trains on into NaN weights; these checks name the step, batch and rows instead,
+and run before the optimiser step, so no checkpoint ever holds the bad values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from dictlearn.errors import NonFiniteError
+
+
+def check_batch_finite(x: Tensor, what: str, step: int, batch_idx: int) -> None:
+    """Cheap sum proxy every step; locate the bad rows only when it fails (ECOSYSTEM §2)."""
+    if torch.isfinite(x.sum()):
+        return
+    bad_rows = (~torch.isfinite(x)).any(-1).nonzero().flatten()
+    if len(bad_rows) == 0:  # the sum overflowed although every value is finite
+        return
+    raise NonFiniteError(
+        f"{what}: NaN/Inf in {len(bad_rows)} of {len(x)} rows of the batch at step {step} (batch {batch_idx}) "
+        f"(first: row {bad_rows[0].item()} of the batch); clean or re-harvest the activation file"
+    )
+
+
+def check_gradients_finite(named_parameters: Iterable[tuple[str, Tensor]], step: int) -> None:
+    """One cheap sum over all gradients; name the parameters only when it is not finite."""
+    named = [(name, p.grad) for name, p in named_parameters if p.grad is not None]
+    if not named or torch.isfinite(torch.stack([g.sum() for _, g in named]).sum()):
+        return
+    bad = [name for name, g in named if not g.isfinite().all()]
+    if bad:
+        raise NonFiniteError(
+            f"step {step}: non-finite gradient in {', '.join(bad)}; "
+            "lower --model.lr or check the data; no checkpoint was written for this step"
+        )
