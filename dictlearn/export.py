@@ -46,9 +46,9 @@ def folded_tensors(model: Dictionary) -> dict[str, torch.Tensor]:
         "W_dec": model.W_dec / (ls * s_out)[:, None],
         "b_dec": model.b_dec / s_out,
     }
-    tensors.update(model.folded_extra_tensors(ls))
     if model.W_skip is not None:
         tensors["W_skip"] = model.W_skip * (s_in / s_out)
+    tensors = model.adapt_export_tensors(tensors, ls)
     return {name: t.detach().float().cpu().contiguous().clone() for name, t in tensors.items()}
 
 
