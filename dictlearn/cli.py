@@ -173,13 +173,19 @@ def cmd_synth(argv: list[str]) -> int:
     p.add_argument("--correlation", type=float, default=0.0, help="co-firing probability of paired features")
     p.add_argument("--hierarchy", type=int, default=0, help="number of parent features with children")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--d-out", type=int, default=0,
+                   help="transcoder mode: also write 'target' [rows, d_out] from the same codes through a second dictionary")
+    p.add_argument("--dense-linear", type=float, default=0.0,
+                   help="transcoder mode: add this times a random linear map of the input to the target")
     args = p.parse_args(argv)
     write_synth_file(
         args.out, n_rows=args.rows, d=args.d, n_features=args.features, mean_active=args.mean_active,
         zipf_exponent=args.zipf, magnitude=args.magnitude, magnitude_mean=args.magnitude_mean,
         noise_std=args.noise, correlation=args.correlation, hierarchy=args.hierarchy, seed=args.seed,
+        d_out=args.d_out, dense_linear=args.dense_linear,
     )
-    print(f"dictlearn: wrote {args.rows} rows x {args.d} (key 'acts', true features at 'features') to {args.out}")
+    target = f", target 'target' [{args.d_out}] (true output features at 'features_out')" if args.d_out else ""
+    print(f"dictlearn: wrote {args.rows} rows x {args.d} (key 'acts', true features at 'features'{target}) to {args.out}")
     return 0
 
 

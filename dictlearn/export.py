@@ -69,7 +69,7 @@ def export_config(model: Dictionary, data_attrs: dict | None = None) -> dict:
         "apply_b_dec_to_input": bool(model.apply_b_dec_to_input),
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "architecture": model.sae_lens_architecture,
+        "architecture": _architecture(model),
         "metadata": {
             "sae_lens_version": SAE_LENS_VERSION,
             "sae_lens_training_version": SAE_LENS_VERSION,
@@ -85,10 +85,26 @@ def export_config(model: Dictionary, data_attrs: dict | None = None) -> dict:
             },
         },
     }
-    if model.d_out != model.d_in or model.W_skip is not None:
+    if model.transcoder or model.W_skip is not None:
         cfg["d_out"] = model.d_out
     cfg.update(model.export_fields())
     return cfg
+
+
+# SAELens has transcoder classes for ReLU and JumpReLU only (saes/transcoder.py); other
+# mechanisms' transcoders are written in the same layout under a name SAELens does not load.
+_SAE_LENS_TRANSCODERS = {
+    ("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+
+
+def _architecture(model: Dictionary) -> str:
+    """SAELens architecture name: the mechanism's, or its transcoder variant."""
+    name, skip = model.sae_lens_architecture, model.W_skip is not None
+    if not (model.transcoder or skip):
+        return name
+    return _SAE_LENS_TRANSCODERS.get((name, skip), f"{name}_{'skip_' if skip else ''}transcoder")
 
 
 def export(model: Dictionary, out: str | Path, data_attrs: dict | None = None) -> Path:

@@ -47,3 +47,18 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         use_distributed_sampler=False, gradient_clip_val=1.0,
     )
     return L.Trainer(**(defaults | kwargs))
+
+
+@pytest.fixture(scope="session")
+def transcoder_files(tmp_path_factory):
+    """Transcoder ground truth: input as in `synth_files`, target from the same codes through a
+    second dictionary (d_out = 64); with a dense linear part (dense_linear 1.0) or without.
+    -> {(magnitude, dense_linear): path}."""
+    folder = tmp_path_factory.mktemp("transcoder")
+    paths = {}
+    for magnitude, dense_linear in (("exponential", 0.0), ("uniform", 0.0), ("exponential", 1.0)):
+        path = str(folder / f"{magnitude}_{dense_linear}.h5")
+        write_synth_file(path, n_rows=200_000, d=64, n_features=256, mean_active=4.0, magnitude=magnitude,
+                         seed=0, d_out=64, dense_linear=dense_linear)
+        paths[magnitude, dense_linear] = path
+    return paths

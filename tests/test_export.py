@@ -19,9 +19,7 @@ from dictlearn.errors import DataError
 MODELS = {
     "topk": lambda: TopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3),
     "relu_l1": lambda: ReLUL1SAE(d_in=16, d_sae=48, l1_coefficient=1.0, lr=3e-3),  # free decoder norms
-    "relu_l1_unit_skip": lambda: ReLUL1SAE(
-        d_in=16, d_sae=48, lr=3e-3, decoder_constraint="unit_norm", skip_connection=True
-    ),
+    "relu_l1_unit_norm": lambda: ReLUL1SAE(d_in=16, d_sae=48, lr=3e-3, decoder_constraint="unit_norm"),
 }
 
 

@@ -19,6 +19,11 @@ Generative model, one row at a time:
   ``"exponential"`` Exp(mean m); ``"uniform"`` U[0, 2m]; ``"lognormal"`` LogNormal with sigma 0.5
   and mu chosen so the mean is m.
 - **Activations** ``x = sum_i c_i g_i + noise``, noise N(0, noise_std^2) per dimension.
+- **Transcoder mode** (``d_out > 0``, `write_synth_file` only): a target built from the *same*
+  codes through a second known dictionary, ``y = sum_i c_i h_i + dense_linear * x A^T``, with
+  ``h_i`` random unit vectors in R^d_out and ``A [d_out, d]`` Gaussian / sqrt(d) (the dense linear
+  part a skip transcoder's ``W_skip`` can capture; 0 = none). Stored as `target`, `features_out`
+  and, when used, `skip_matrix`.
 
 Everything is a function of `seed` and the parameters: features, codes and noise come from
 separate ``numpy.random.default_rng([seed, stream])`` streams, generated in chunks of
@@ -40,7 +45,7 @@ from dictlearn.errors import ConfigError
 CHUNK_ROWS = 16384
 LOGNORMAL_SIGMA = 0.5
 Magnitude = Literal["exponential", "uniform", "lognormal"]
-_FEATURE_STREAM, _CODE_STREAM, _NOISE_STREAM = 1, 2, 3
+_FEATURE_STREAM, _CODE_STREAM, _NOISE_STREAM, _OUT_FEATURE_STREAM, _SKIP_STREAM = 1, 2, 3, 4, 5
 
 
 class SynthData(NamedTuple):
@@ -184,8 +189,10 @@ def write_synth_file(path: str | os.PathLike, n_rows: int, d: int = 64, n_featur
                      mean_active: float = 4.0, zipf_exponent: float = 0.0,
                      magnitude: Magnitude = "exponential", magnitude_mean: float = 1.0,
                      noise_std: float = 0.0, correlation: float = 0.0, hierarchy: int = 0,
-                     children_per_parent: int = 4, seed: int = 0) -> None:
-    """Write `acts [n_rows, d]`, `features [n_features, d]`, `feature_probability [n_features]`.
+                     children_per_parent: int = 4, seed: int = 0, d_out: int = 0,
+                     dense_linear: float = 0.0) -> None:
+    """Write `acts [n_rows, d]`, `features [n_features, d]`, `feature_probability [n_features]`,
+    and in transcoder mode (`d_out > 0`) `target [n_rows, d_out]`, `features_out`, `skip_matrix`.
 
     Streams chunk by chunk into a temp file beside `path`; root attributes hold every generation
     parameter, ``kind="synthetic"`` and ``complete=True`` (last). Nothing appears at `path` if
@@ -197,12 +204,40 @@ def write_synth_file(path: str | os.PathLike, n_rows: int, d: int = 64, n_featur
                   children_per_parent=children_per_parent, seed=seed)
     if n_rows <= 0:
         raise ConfigError(f"n_rows must be > 0 (got {n_rows})")
+    if d_out < 0 or dense_linear < 0 or (dense_linear > 0 and d_out == 0):
+        raise ConfigError(f"need d_out >= 0 and dense_linear >= 0, dense_linear only with d_out (got {d_out}, {dense_linear})")
     features, p, chunks = iter_synth(**params)
-    with open_for_write(path, {"kind": "synthetic", **params}) as f:
+    out_features, skip = _transcoder_parts(n_features, d, d_out, dense_linear, seed)
+    attrs = {"kind": "synthetic_transcoder" if d_out else "synthetic", **params}
+    if d_out:
+        attrs.update(d_out=d_out, dense_linear=dense_linear)
+    with open_for_write(path, attrs) as f:
         f.create_dataset("features", data=features)
         f.create_dataset("feature_probability", data=p.astype(np.float32))
         acts = f.create_dataset("acts", shape=(n_rows, d), dtype=np.float32)  # contiguous
+        if d_out:
+            f.create_dataset("features_out", data=out_features)
+            target = f.create_dataset("target", shape=(n_rows, d_out), dtype=np.float32)
+            if skip is not None:
+                f.create_dataset("skip_matrix", data=skip)
         start = 0
-        for acts_chunk, _ in chunks:
-            acts[start : start + len(acts_chunk)] = acts_chunk
+        for acts_chunk, codes_chunk in chunks:
+            rows = slice(start, start + len(acts_chunk))
+            acts[rows] = acts_chunk
+            if d_out:
+                target_chunk = codes_chunk @ out_features
+                if skip is not None:
+                    target_chunk += dense_linear * (acts_chunk @ skip.T)
+                target[rows] = target_chunk
             start += len(acts_chunk)
+
+
+def _transcoder_parts(n_features: int, d: int, d_out: int, dense_linear: float, seed: int):
+    """-> (output features [F, d_out] or None, skip matrix A [d_out, d] or None)."""
+    if d_out == 0:
+        return None, None
+    out_features = random_features(n_features, d_out, np.random.default_rng([seed, _OUT_FEATURE_STREAM]))
+    if dense_linear == 0:
+        return out_features, None
+    rng = np.random.default_rng([seed, _SKIP_STREAM])
+    return out_features, (rng.standard_normal((d_out, d)) / np.sqrt(d)).astype(np.float32)

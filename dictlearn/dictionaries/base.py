@@ -47,6 +47,7 @@ class Dictionary(L.LightningModule):
         d_in: int = 0,
         d_sae: int = 4096,
         d_out: int | None = None,
+        transcoder: bool = False,
         skip_connection: bool = False,
         apply_b_dec_to_input: bool = True,
         b_dec_init: str = "geometric_median",
@@ -65,10 +66,12 @@ class Dictionary(L.LightningModule):
             d_in: input width; linked from the data file by the CLI.
             d_sae: number of latents.
             d_out: output width; None means d_in (an autoencoder). Linked from the data file.
+            transcoder: the target is another activation (`--data.target_key`), not the input:
+                b_dec lives in the output space and is never subtracted from the input.
             skip_connection: add a zero-initialised linear skip `W_skip [d_out, d_in]`
                 (skip transcoder, Paulo et al. 2025).
-            apply_b_dec_to_input: subtract b_dec from x before encoding (tied pre-encoder bias;
-                only meaningful when d_out == d_in and the target is the input).
+            apply_b_dec_to_input: subtract b_dec from x before encoding (tied pre-encoder bias);
+                ignored (off) for transcoders, whose b_dec is in the output space.
             b_dec_init: "geometric_median", "mean" or "zeros", computed on the scaled target.
             decoder_init_norm: norm of the random initial decoder rows (W_enc = W_decᵀ).
             lr, adam_betas, adam_eps: Adam settings.
@@ -96,13 +99,16 @@ class Dictionary(L.LightningModule):
             raise ConfigError(
                 f"--model.b_dec_init must be geometric_median, mean or zeros, got {b_dec_init!r}"
             )
+        if skip_connection and not transcoder:
+            raise ConfigError("--model.skip_connection needs --model.transcoder true (an autoencoder's skip would learn the identity)")
         if d_in < 0 or d_out < 0:
             raise ConfigError(f"--model.d_in/d_out must be positive, got {d_in}/{d_out}")
         # hparams hold the raw constructor arguments (of the subclass too) so `load` can rebuild
         # the class; behaviour reads the resolved attributes below, never hparams.
         self.save_hyperparameters()
         self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
-        self.skip_connection, self.apply_b_dec_to_input, self.b_dec_init = skip_connection, apply_b_dec_to_input, b_dec_init
+        self.transcoder, self.skip_connection, self.b_dec_init = transcoder, skip_connection, b_dec_init
+        self.apply_b_dec_to_input = apply_b_dec_to_input and not transcoder
         self.lr, self.adam_betas, self.adam_eps = lr, tuple(adam_betas), adam_eps
         self.lr_warmup_fraction, self.lr_decay_fraction = lr_warmup_fraction, lr_decay_fraction
         self.sparsity_warmup_fraction = sparsity_warmup_fraction
@@ -323,6 +329,13 @@ class Dictionary(L.LightningModule):
                 f"{datamodule.hparams.path}: data has d_in={datamodule.d_in}, d_out={datamodule.d_out} "
                 f"but the model expects d_in={self.d_in}, d_out={self.d_out}; drop --model.d_in/d_out "
                 "(they are read from the file) or pick a matching file"
+            )
+        has_target = getattr(datamodule, "target_key", None) is not None
+        if has_target != self.transcoder:
+            raise ConfigError(
+                "--data.target_key is set but the model is not a transcoder: use recipes/transcoder.yaml "
+                "or --model.transcoder true" if has_target else
+                "--model.transcoder true needs a target: pass --data.target_key (e.g. the MLP output)"
             )
         input_scale, target_scale = datamodule.estimate_scales()
         self.input_scale.fill_(input_scale)

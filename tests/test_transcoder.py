@@ -1,0 +1,113 @@
+"""Transcoders and skip transcoders: synthetic targets, mapping, export (any mechanism)."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
+from dictlearn.cli import main
+from dictlearn.data import synthesize, write_synth_file
+from dictlearn.errors import ConfigError
+from dictlearn.export import export
+
+
+def test_synth_target_is_the_same_codes_through_a_second_dictionary(tmp_path):
+    path = tmp_path / "tc.h5"
+    write_synth_file(path, n_rows=3000, d=8, n_features=20, mean_active=3.0, seed=4, d_out=5, dense_linear=0.5)
+    reference = synthesize(3000, d=8, n_features=20, mean_active=3.0, seed=4, return_codes=True)
+    with h5py.File(path) as f:
+        acts, target = f["acts"][:], f["target"][:]
+        out_features, skip = f["features_out"][:], f["skip_matrix"][:]
+        assert f.attrs["kind"] == "synthetic_transcoder" and f.attrs["d_out"] == 5
+    np.testing.assert_array_equal(acts, reference.acts)
+    np.testing.assert_allclose(np.linalg.norm(out_features, axis=1), 1.0, rtol=1e-5)
+    expected = reference.codes.astype(np.float64) @ out_features + 0.5 * acts.astype(np.float64) @ skip.T
+    np.testing.assert_allclose(target, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_transcoder_never_subtracts_b_dec_and_measures_the_target(small_tc_file):
+    model = TopKSAE(d_in=16, d_out=12, d_sae=32, k=3, transcoder=True, apply_b_dec_to_input=True)
+    assert model.apply_b_dec_to_input is False  # b_dec lives in the output space
+    assert model.b_dec.shape == (12,) and model.W_dec.shape == (32, 12)
+    L.seed_everything(0)
+    dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
+    quiet_trainer(max_steps=5).fit(model, dm)
+    metrics = quiet_trainer().validate(model, dm, verbose=False)[0]
+    x, y = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        y_hat = model(x)
+    assert y_hat.shape == y.shape
+    val_rows = torch.cat([y for _, y in dm.val_dataloader()]).double()
+    y_hats = torch.cat([model(x) for x, _ in dm.val_dataloader()]).double().detach()
+    fvu = ((val_rows - y_hats) ** 2).sum() / ((val_rows - val_rows.mean(0)) ** 2).sum()
+    assert metrics["val/fvu"] == pytest.approx(fvu.item(), rel=1e-5)  # against the target's variance
+
+
+@pytest.fixture(scope="session")
+def small_tc_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small_tc") / "tc.h5"
+    write_synth_file(path, n_rows=8192, d=16, n_features=32, mean_active=3.0, seed=1, d_out=12, dense_linear=1.0)
+    return str(path)
+
+
+def test_target_key_and_transcoder_flag_must_agree(small_tc_file, small_file):
+    dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
+    with pytest.raises(ConfigError, match="--model.transcoder true"):
+        TopKSAE(d_in=16, d_out=12, d_sae=32, k=3).initialise_from_data(dm)
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    with pytest.raises(ConfigError, match="--data.target_key"):
+        TopKSAE(d_in=16, d_sae=32, k=3, transcoder=True).initialise_from_data(dm)
+    with pytest.raises(ConfigError, match="--model.skip_connection"):
+        TopKSAE(d_in=16, d_sae=32, k=3, skip_connection=True)
+
+
+@pytest.mark.parametrize("make, architecture", [
+    (lambda: ReLUL1SAE(d_in=16, d_out=12, d_sae=32, transcoder=True, skip_connection=True, lr=3e-3), "skip_transcoder"),
+    (lambda: ReLUL1SAE(d_in=16, d_out=12, d_sae=32, transcoder=True, lr=3e-3), "transcoder"),
+    (lambda: TopKSAE(d_in=16, d_out=12, d_sae=32, k=3, transcoder=True, skip_connection=True), "topk_skip_transcoder"),
+])
+def test_transcoder_export_round_trip(make, architecture, small_tc_file, tmp_path):
+    L.seed_everything(0)
+    model = make()
+    dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
+    quiet_trainer(max_steps=30).fit(model, dm)
+    assert float(model.input_scale) != pytest.approx(float(model.target_scale))  # separate scales
+    folder = export(model.eval(), tmp_path / "e", dm.provenance())
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_out"], cfg["apply_b_dec_to_input"]) == (architecture, 12, False)
+    x = torch.cat([x for x, _ in dm.val_dataloader()])
+    with torch.no_grad():
+        torch.testing.assert_close(load(folder)(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load(folder).encode(x), model.encode(x), rtol=1e-4, atol=1e-5)
+    if architecture in ("transcoder", "skip_transcoder"):  # SAELens semantics, from the files only
+        w = load_file(str(folder / "sae_weights.safetensors"))
+        y = (x @ w["W_enc"] + w["b_enc"]).relu() @ w["W_dec"] + w["b_dec"]
+        if "W_skip" in w:
+            assert w["W_skip"].shape == (12, 16)
+            y = y + x @ w["W_skip"].T
+        torch.testing.assert_close(y, model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["transcoder", "skip_transcoder"])
+def test_transcoder_recipes_run_through_the_cli(recipe, small_tc_file, tmp_path):
+    code = main([
+        "fit", "--config", f"recipes/{recipe}.yaml", "--data.path", small_tc_file,
+        "--data.input_key", "acts", "--data.target_key", "target", "--model.d_sae", "32",
+        "--model.k", "3", "--data.batch_size", "256", "--data.block_size", "64",
+        "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    ])
+    assert code == 0
+    exports = list(tmp_path.rglob("export/cfg.json"))
+    assert len(exports) == 1
+    cfg = json.loads(exports[0].read_text())
+    assert cfg["d_in"] == 16 and cfg["d_out"] == 12
+    assert ("W_skip" in load_file(str(exports[0].parent / "sae_weights.safetensors"))) == (recipe == "skip_transcoder")
