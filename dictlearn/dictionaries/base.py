@@ -340,8 +340,10 @@ class Dictionary(L.LightningModule):
         input_scale, target_scale = datamodule.estimate_scales()
         self.input_scale.fill_(input_scale)
         self.target_scale.fill_(target_scale)
-        _, y = datamodule.sample_rows(self.init_sample_rows)
+        x, y = datamodule.sample_rows(self.init_sample_rows)
         y = y.to(self.device) * self.target_scale
+        if self.transcoder:  # centre the pre-activations: no b_dec is subtracted (sparsify, SPEC §1.2)
+            self.b_enc.data.copy_(-(x.to(self.device) * self.input_scale).mean(0) @ self.W_enc)
         if self.b_dec_init == "geometric_median":
             self.b_dec.data.copy_(geometric_median(y))
         elif self.b_dec_init == "mean":
