@@ -100,3 +100,22 @@ def test_load_rejects_what_is_not_a_dictionary(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="bad.ckpt"):
         load(tmp_path / "bad.ckpt")
+
+
+def test_cli_fit_writes_an_export_and_export_command_rewrites_it(small_file, tmp_path):
+    from dictlearn.cli import main
+
+    args = [
+        "fit", "--config", "recipes/topk.yaml", "--data.path", small_file, "--data.input_key", "acts",
+        "--model.d_sae", "32", "--model.k", "3", "--data.batch_size", "256", "--data.block_size", "64",
+        "--trainer.max_steps", "12", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]
+    assert main(args) == 0
+    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    assert main(["export", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "again")]) == 0
+    first, again = json.loads((run / "export" / "cfg.json").read_text()), json.loads((tmp_path / "again" / "cfg.json").read_text())
+    assert first["metadata"]["dictlearn"]["data"] == again["metadata"]["dictlearn"]["data"]
+    assert again["metadata"]["dictlearn"]["data"]["path"].endswith("small.h5")
+    a, b = load_file(str(run / "export" / "sae_weights.safetensors")), load_file(str(tmp_path / "again" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
