@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Offline quickstart: synthetic activations with known features -> TopK and ReLU-L1 SAEs ->
-# exports -> how well each recovered the true features. About two minutes on 2 CPU cores.
+# exports -> how well each recovered the true features. A few minutes on 2 CPU cores.
 set -euo pipefail
 out=${1:-quickstart}
 mkdir -p "$out"
-dictlearn synth --out "$out/synth.h5" --rows 400000 --d 64 --features 256 --mean-active 4
+dictlearn synth --out "$out/synth.h5" --rows 200000 --d 64 --features 256 --mean-active 4
 for recipe in topk relu_l1; do
   dictlearn fit --config recipes/$recipe.yaml --data.path "$out/synth.h5" --data.input_key acts \
-    --model.d_sae 512 --data.batch_size 1024 --trainer.max_steps 2000 \
+    --model.d_sae 512 --data.batch_size 1024 --trainer.max_steps 1500 \
     --trainer.default_root_dir "$out/$recipe" $( [ $recipe = topk ] && echo --model.k 4 ) \
     $( [ $recipe = relu_l1 ] && echo --model.l1_coefficient 1.0 --model.lr 0.003 )
 done
