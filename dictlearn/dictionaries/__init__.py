@@ -1,7 +1,8 @@
 """Sparse dictionaries: one LightningModule base, one small class per sparsity mechanism."""
 
 from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
 from dictlearn.dictionaries.topk import TopKSAE
 
-__all__ = ["Dictionary", "ReLUL1SAE", "TopKSAE"]
+__all__ = ["BatchTopKSAE", "Dictionary", "ReLUL1SAE", "TopKSAE"]

@@ -1,0 +1,227 @@
+"""BatchTopK SAE: batch selection in training, the global threshold θ at inference, its estimate,
+export as a SAELens jumprelu, the recipe, exact resume (dictionaries/batchtopk.py)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, load
+from dictlearn.callbacks import RunGuard
+from dictlearn.dictionaries.batchtopk import BatchTopKSAE
+from dictlearn.errors import ConfigError
+from dictlearn.export import export
+
+K, BATCH, STEPS, START, BETA = 3, 256, 80, 30, 0.9
+
+
+# ------------------------------------------------------------------ constructor
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(k=65), "--model.k"),
+        (dict(threshold_beta=1.0), "--model.threshold_beta"),
+        (dict(threshold_beta=-0.1), "--model.threshold_beta"),
+        (dict(threshold_start_step=-1), "--model.threshold_start_step"),
+    ],
+)
+def test_bad_arguments_name_their_flag(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag.replace(".", r"\.")):
+        BatchTopKSAE(d_in=8, d_sae=64, **kwargs)
+
+
+def test_hparams_rebuild_the_same_model():
+    model = BatchTopKSAE(d_in=8, d_sae=32, k=3, threshold_beta=0.5, threshold_start_step=7)
+    clone = BatchTopKSAE(**model.hparams)
+    assert (clone.k, clone.threshold_beta, clone.threshold_start_step, clone.lr) == (3, 0.5, 7, model.lr)
+
+
+# ------------------------------------------------------------------ formulas
+def test_batch_selection_equals_a_float64_sort_reference():
+    torch.manual_seed(0)
+    model = BatchTopKSAE(d_in=8, d_sae=50, k=4)
+    pre = torch.randn(20, 50) * torch.linspace(0.2, 3.0, 20)[:, None]  # rows of unequal scale
+    pre[3] = -1.0 - torch.rand(50)  # a row with nothing positive
+    z = model.train_activate(pre)
+    flat = pre.double().clamp_min(0).flatten()
+    cutoff = flat.sort(descending=True).values[20 * 4 - 1]  # the (B·k)-th largest value
+    reference = torch.where((flat >= cutoff) & (flat > 0), flat, 0.0).view(20, 50)
+    assert torch.equal(z.double(), reference)
+    per_token = (z != 0).sum(-1)
+    assert per_token.sum() == 20 * 4  # mean L0 = k exactly
+    assert per_token.unique().numel() > 3 and per_token[3] == 0  # yet it varies per token
+    assert model.threshold.dtype == torch.float64
+    assert torch.equal(model.threshold, torch.full((50,), cutoff.item(), dtype=torch.float64))
+    model.train_activate(-torch.rand(20, 50))  # nothing positive kept: θ stays
+    assert torch.equal(model.threshold, torch.full((50,), cutoff.item(), dtype=torch.float64))
+
+
+def test_inference_is_a_global_threshold_independent_of_the_batch():
+    torch.manual_seed(1)
+    model = BatchTopKSAE(d_in=8, d_sae=40, k=2)
+    model.threshold.fill_(0.75)
+    pre = torch.randn(30, 40)
+    pd = pre.double()
+    reference = torch.where(pd > 0.75, pd, 0.0)
+    assert torch.equal(model.activate(pre).double(), reference)
+    x = torch.randn(30, 8)
+    with torch.no_grad():
+        whole = model.encode(x)
+        one_by_one = torch.cat([model.encode(row[None]) for row in x])
+    torch.testing.assert_close(whole, one_by_one, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ a short training run
+class _Record(L.Callback):
+    """Wraps `train_activate` to record, per training batch, the step, the per-token counts of
+    active latents and the smallest kept positive value (recomputed here from the latents)."""
+
+    def __init__(self):
+        self.steps, self.counts, self.minima = [], [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        original = pl_module.train_activate
+
+        def recording(pre):
+            z = original(pre)
+            self.steps.append(trainer.global_step)
+            self.counts.append((z != 0).sum(-1))
+            self.minima.append(z[z > 0].min().item())
+            return z
+
+        pl_module.train_activate = recording
+
+
+@pytest.fixture(scope="module")
+def trained(small_file, tmp_path_factory):
+    L.seed_everything(0)
+    model = BatchTopKSAE(d_in=16, d_sae=64, k=K, lr=3e-3, threshold_start_step=START, threshold_beta=BETA)
+    dm = ActivationDataModule(small_file, batch_size=BATCH, block_size=64)
+    record = _Record()
+    folder = tmp_path_factory.mktemp("batchtopk")
+    checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
+    trainer = quiet_trainer(max_steps=STEPS, enable_checkpointing=True, callbacks=[record, checkpoint])
+    trainer.fit(model, dm)
+    del model.train_activate  # back to the class method
+    metrics = trainer.validate(model, dm, verbose=False)[0]
+    x = torch.cat([x for x, _ in dm.val_dataloader()])
+    return model.eval(), dm, record, metrics, x, folder
+
+
+def test_training_keeps_exactly_batch_times_k(trained):
+    _, _, record, _, _, _ = trained
+    assert record.steps == list(range(STEPS))
+    for counts in record.counts:
+        assert counts.sum().item() == BATCH * K  # mean L0 = k on every training batch
+        assert counts.min() < K < counts.max()  # per-token counts vary
+
+
+def test_threshold_is_the_ema_of_kept_minima(trained):
+    """θ: the latest minimum before START, then θ ← β θ + (1 − β) m (float64 reference)."""
+    model, _, record, _, _, _ = trained
+    theta = 0.0
+    for step, minimum in zip(record.steps, record.minima):
+        theta = minimum if step < START else BETA * theta + (1 - BETA) * minimum
+    assert model.threshold.unique().numel() == 1
+    assert model.threshold[0].item() == pytest.approx(theta, rel=1e-12)
+
+
+def test_inference_l0_on_held_out_data_is_near_k(trained):
+    model, _, _, metrics, x, _ = trained
+    with torch.no_grad():
+        l0 = (model.encode(x) != 0).sum(-1).double().mean().item()
+    assert l0 == pytest.approx(metrics["val/l0"], rel=1e-6)  # validation uses the threshold
+    print(f"inference L0 {l0:.3f} for k = {K}")
+    assert abs(l0 - K) <= 0.2 * K
+
+
+def _sae_lens_jumprelu(folder, x: torch.Tensor):
+    """The export read as SAELens' JumpReLUSAE would, from its cfg and tensors only."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert cfg["architecture"] == "jumprelu"
+    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = x_in @ w["W_enc"] + w["b_enc"]
+    z = pre.relu() * (pre > w["threshold"])
+    return z, z @ w["W_dec"] + w["b_dec"]
+
+
+def test_export_is_a_jumprelu_with_a_constant_threshold(trained):
+    model, dm, _, _, x, folder = trained
+    out = export(model, folder / "export", dm.provenance())
+    cfg = json.loads((out / "cfg.json").read_text())
+    w = load_file(str(out / "sae_weights.safetensors"))
+    assert cfg["architecture"] == "jumprelu" and "k" not in cfg and cfg["apply_b_dec_to_input"] is True
+    # θ in folded units: θ × ‖d_i‖ / target_scale, the same for every latent (unit decoder rows)
+    expected = (model.threshold * model.W_dec.detach().double().norm(dim=-1) / model.target_scale.double()).float()
+    assert w["threshold"].shape == (64,) and w["threshold"].dtype == torch.float32
+    torch.testing.assert_close(w["threshold"], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(w["threshold"], w["threshold"].mean().expand(64), rtol=1e-5, atol=0)
+    assert float(model.target_scale) != pytest.approx(1.0)  # the scale really is folded
+    with torch.no_grad():
+        z, y = model.encode(x), model(x)
+        for other in (load(out), load(folder / "ckpt" / "last.ckpt")):
+            torch.testing.assert_close(other.encode(x), z, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(other(x), y, rtol=1e-4, atol=1e-4)
+        z_ref, y_ref = _sae_lens_jumprelu(out, x)
+    torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ recipe through the CLI
+def test_recipe_runs_through_the_cli(small_file, tmp_path):
+    from dictlearn.cli import RECIPES_DIR, main
+
+    root = tmp_path / "runs"
+    code = main([
+        "fit", "--config", str(RECIPES_DIR / "batchtopk.yaml"), "--data.path", small_file,
+        "--data.input_key", "acts", "--trainer.max_steps", "20", "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10",
+        "--data.batch_size", "256", "--model.d_sae", "64", "--model.k", "4",
+    ])  # fmt: skip
+    assert code == 0
+    exports = list(root.rglob("export/cfg.json"))
+    assert len(exports) == 1
+    cfg = json.loads(exports[0].read_text())
+    assert cfg["architecture"] == "jumprelu"
+    assert cfg["metadata"]["dictlearn"]["class_path"] == "dictlearn.dictionaries.batchtopk.BatchTopKSAE"
+    assert cfg["metadata"]["dictlearn"]["hyper_parameters"]["k"] == 4
+    threshold = load_file(str(exports[0].parent / "sae_weights.safetensors"))["threshold"]
+    assert (threshold > 0).all()
+
+
+# ------------------------------------------------------------------ exact resume
+class _Crash(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 17:
+            raise RuntimeError("injected crash")
+
+
+def _fit_for_resume(small_file, ckpt_dir, callbacks=(), ckpt_path=None):
+    L.seed_everything(0)
+    # θ's EMA starts at step 10 and AuxK is active (small dead window) across the resume at 14
+    model = BatchTopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3, threshold_start_step=10, dead_window_tokens=256 * 3)
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1)
+    trainer = quiet_trainer(max_steps=24, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *callbacks])
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_mid_run_is_bit_identical(small_file, tmp_path):
+    reference = _fit_for_resume(small_file, tmp_path / "reference")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _fit_for_resume(small_file, tmp_path / "crashed", callbacks=[_Crash()])
+    checkpoint = tmp_path / "crashed" / "epoch=0-step=14.ckpt"
+    assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=False)["state_dict"]["threshold"].abs().sum() > 0
+    resumed = _fit_for_resume(small_file, tmp_path / "crashed", ckpt_path=str(checkpoint))
+    assert reference.threshold.abs().sum() > 0
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
