@@ -1,0 +1,311 @@
+"""Gated SAE (dictionaries/gated.py): forward and loss against float64 formulas, the frozen-decoder
+aux term, the SAELens `gated` export, the recipe through the CLI, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, load
+from dictlearn.callbacks import RunGuard
+from dictlearn.dictionaries.gated import GatedSAE
+from dictlearn.errors import ConfigError
+from dictlearn.export import export
+
+
+def _randomised(**kwargs) -> GatedSAE:
+    """A small model with every parameter away from its (zero / unit) init."""
+    torch.manual_seed(0)
+    model = GatedSAE(d_in=6, d_sae=10, **kwargs)
+    with torch.no_grad():
+        model.W_enc.normal_(0, 0.5)
+        model.W_dec.mul_(torch.rand(10, 1) + 0.5)  # unequal row norms
+        for p in (model.b_enc, model.b_dec, model.b_mag):
+            p.normal_(0, 0.3)
+        model.r_mag.normal_(0, 0.5)
+    return model
+
+
+def _reference(model: GatedSAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Paper §3.1-3.2 in float64, from the parameters alone (scaled units)."""
+    W_gate, b_gate, r_mag, b_mag, W_dec, b_dec = (
+        p.detach().double() for p in (model.W_enc, model.b_enc, model.r_mag, model.b_mag, model.W_dec, model.b_dec)
+    )
+    x = x.double()
+    x_bar = x - b_dec if model.apply_b_dec_to_input else x
+    pi_gate = x_bar @ W_gate + b_gate
+    W_mag = W_gate * r_mag.exp()[None, :]  # column i scaled by exp(r_mag[i])
+    pi_mag = x_bar @ W_mag + b_mag
+    z = (pi_gate > 0).double() * pi_mag.clamp_min(0)
+    y_hat = z @ W_dec + b_dec
+    gate = pi_gate.clamp_min(0)
+    l1_weights = torch.ones(len(W_dec), dtype=torch.float64) if model.unit_norm_decoder else W_dec.norm(dim=1)
+    return dict(
+        pi_gate=pi_gate, pi_mag=pi_mag, z=z, y_hat=y_hat,
+        reconstruction=((x - y_hat) ** 2).sum(1).mean(),
+        l1=model.l1_coefficient * (gate * l1_weights).sum(1).mean(),
+        aux_reconstruction=((x - (gate @ W_dec + b_dec)) ** 2).sum(1).mean(),
+    )  # fmt: skip
+
+
+def _terms(model: GatedSAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    pre = model.pre_acts(x)
+    z = model.train_activate(pre)
+    y_hat = model.decode_scaled(z, x)
+    terms = dict(z=z, y_hat=y_hat, reconstruction=model.reconstruction_loss(x, y_hat))
+    return terms | model.sparsity_losses(x, x, pre, z, y_hat)
+
+
+# ------------------------------------------------------------------ constructor
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(l1_coefficient=-1.0), "--model.l1_coefficient"),
+        (dict(decoder_constraint="free"), "--model.decoder_constraint"),
+        (dict(lr=0.0), "--model.lr"),
+    ],
+)
+def test_bad_arguments_name_their_flag(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag.replace(".", r"\.")):
+        GatedSAE(d_in=8, d_sae=16, **kwargs)
+
+
+def test_defaults_and_hparams_rebuild():
+    model = GatedSAE(d_in=8, d_sae=32, l1_coefficient=2.5)
+    assert (model.lr, model.adam_betas) == (5e-5, (0.0, 0.999))  # dictionary_learning gdm.py
+    assert model.unit_norm_decoder and model.sae_lens_architecture == "gated"
+    assert (model.r_mag == 0).all() and (model.b_mag == 0).all() and (model.b_gate == 0).all()
+    clone = GatedSAE(**model.hparams)
+    assert (clone.l1_coefficient, clone.d_sae, clone.lr) == (2.5, 32, 5e-5)
+    assert not GatedSAE(d_in=8, d_sae=32, decoder_constraint="norm_weighted_l1").unit_norm_decoder
+
+
+# ------------------------------------------------------------------ formulas
+@pytest.mark.parametrize("decoder_constraint", ["unit_norm", "norm_weighted_l1"])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_forward_and_losses_match_float64_formula(decoder_constraint, apply_b_dec_to_input):
+    model = _randomised(
+        l1_coefficient=0.7, decoder_constraint=decoder_constraint,
+        apply_b_dec_to_input=apply_b_dec_to_input, sparsity_warmup_fraction=0.0,
+    )  # fmt: skip
+    x = torch.randn(64, 6)
+    ours, ref = _terms(model, x), _reference(model, x)
+    gate_open, magnitude_positive = ref["pi_gate"] > 0, ref["pi_mag"] > 0
+    # every combination occurs, so neither path alone would reproduce z
+    assert (gate_open & ~magnitude_positive).any() and (~gate_open & magnitude_positive).any()
+    assert (gate_open & magnitude_positive).any()
+    torch.testing.assert_close(ours["z"].double(), ref["z"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["y_hat"].double(), ref["y_hat"], rtol=1e-5, atol=1e-5)
+    for name in ("reconstruction", "l1", "aux_reconstruction"):
+        assert ours[name].item() == pytest.approx(ref[name].item(), rel=1e-5), name
+    # raw-activation encode: scales and decoder norms folded into reported latents
+    model.input_scale.fill_(2.0)
+    model.target_scale.fill_(2.0)
+    scaled_ref = _reference(model, 2.0 * x)
+    expected = scaled_ref["z"] * model.W_dec.detach().double().norm(dim=1) / 2.0
+    torch.testing.assert_close(model.encode(x).detach().double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x).detach().double(), scaled_ref["y_hat"] / 2.0, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_decides_and_magnitude_sets_the_value():
+    """Closed form on hand-set parameters: the gate opens at π_gate > 0, the value is ReLU(π_mag)."""
+    model = GatedSAE(d_in=2, d_sae=3, apply_b_dec_to_input=False)
+    with torch.no_grad():
+        model.W_enc.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+        model.b_enc.copy_(torch.tensor([-1.0, 0.5, 0.5]))  # b_gate
+        model.r_mag.copy_(torch.tensor([0.0, 2.0, 0.0]))
+        model.b_mag.copy_(torch.tensor([0.0, 1.0, -3.0]))
+    z = model.activate(model.pre_acts(torch.tensor([[0.5, 9.0], [2.0, 9.0]])))
+    e2 = torch.tensor(2.0).exp()
+    expected = torch.tensor([
+        [0.0, 0.5 * e2 + 1.0, 0.0],  # latent 0: gate 0.5 − 1 < 0; latent 2: gate open, π_mag −2.5 < 0
+        [2.0, 2.0 * e2 + 1.0, 0.0],
+    ])  # fmt: skip
+    torch.testing.assert_close(z.detach(), expected)
+
+
+def _grads(model: GatedSAE, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+
+
+def test_aux_loss_does_not_move_the_decoder():
+    """The aux term reaches the gate path (W_gate, b_gate) and nothing through the decoder.
+
+    Without a pre-encoder bias its gradient w.r.t. W_dec and b_dec is exactly zero. With one
+    (x̄ = x − b_dec, the default) b_dec is also the encoder's input offset; its aux gradient is then
+    exactly the encoder-input path, −W_gate Σ_t ∂L_aux/∂π_gate (paper §3.2 / gdm.py detach only the
+    decoder), checked against float64.
+    """
+    for apply_b_dec_to_input in (False, True):
+        model = _randomised(apply_b_dec_to_input=apply_b_dec_to_input)
+        x = torch.randn(64, 6)
+        grads = _grads(model, _terms(model, x)["aux_reconstruction"])
+        assert torch.equal(grads["W_dec"], torch.zeros_like(model.W_dec))
+        assert torch.equal(grads["r_mag"], torch.zeros(10)) and torch.equal(grads["b_mag"], torch.zeros(10))
+        assert grads["W_enc"].abs().max() > 1e-3 and grads["b_enc"].abs().max() > 1e-3
+        if not apply_b_dec_to_input:
+            assert torch.equal(grads["b_dec"], torch.zeros(6))
+            continue
+        ref = _reference(model, x)
+        W_gate, W_dec, b_dec = (p.detach().double() for p in (model.W_enc, model.W_dec, model.b_dec))
+        gate = ref["pi_gate"].clamp_min(0)
+        d_gate = -2.0 / len(x) * (x.double() - gate @ W_dec - b_dec) @ W_dec.T  # ∂L_aux/∂ReLU(π_gate)
+        d_pi_gate = d_gate * (ref["pi_gate"] > 0)
+        torch.testing.assert_close(grads["b_dec"].double(), -W_gate @ d_pi_gate.sum(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads["b_enc"].double(), d_pi_gate.sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_aux_loss_of_a_skip_transcoder_includes_the_frozen_skip():
+    model = _randomised(transcoder=True, skip_connection=True)  # no pre-encoder bias
+    with torch.no_grad():
+        model.W_skip.normal_(0, 0.3)
+    x = torch.randn(32, 6)
+    aux = _terms(model, x)["aux_reconstruction"]
+    W_gate, b_gate, W_dec, b_dec, W_skip = (
+        p.detach().double() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec, model.W_skip)
+    )
+    xd = x.double()
+    y_gate = (xd @ W_gate + b_gate).clamp_min(0) @ W_dec + b_dec + xd @ W_skip.T
+    assert aux.item() == pytest.approx(((xd - y_gate) ** 2).sum(1).mean().item(), rel=1e-5)
+    assert torch.equal(_grads(model, aux)["W_skip"], torch.zeros(6, 6))
+
+
+def test_transcoder_init_centres_both_paths(tmp_path):
+    """As the base does for b_enc (sparsify): at init π_gate and π_mag have mean 0 over the sample."""
+    from dictlearn.data import write_synth_file
+
+    path = tmp_path / "tc.h5"
+    write_synth_file(path, n_rows=2048, d=8, n_features=20, mean_active=3.0, seed=4, d_out=5)
+    dm = ActivationDataModule(str(path), target_key="target", batch_size=256, block_size=64)
+    dm.setup("fit")
+    model = GatedSAE(d_in=8, d_out=5, d_sae=16, transcoder=True, init_sample_rows=2048)
+    with torch.no_grad():
+        model.r_mag.fill_(0.0)
+        model.initialise_from_data(dm)
+        x, _ = dm.sample_rows(2048)
+        pre = model.pre_acts(x * model.input_scale)
+        gate_mean, magnitude_mean = model.gate_pre_acts(pre).mean(0), model.magnitude_pre_acts(pre).mean(0)
+    assert model.b_gate.abs().max() > 0.1  # the data is not centred: there was something to do
+    torch.testing.assert_close(gate_mean, torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(magnitude_mean, torch.zeros(16), atol=1e-5, rtol=0)
+
+
+def test_reconstruction_trains_the_magnitude_path_only():
+    """The Heaviside gate passes no gradient: the main loss never reaches b_gate."""
+    model = _randomised()
+    grads = _grads(model, _terms(model, torch.randn(64, 6))["reconstruction"])
+    assert torch.equal(grads["b_enc"], torch.zeros(10))
+    assert grads["r_mag"].abs().max() > 1e-3 and grads["b_mag"].abs().max() > 1e-3
+
+
+def test_l1_warms_up_with_the_sparsity_schedule(monkeypatch):
+    model = _randomised(l1_coefficient=1.0, sparsity_warmup_fraction=0.5)
+    model._total_steps = lambda: 100
+    x = torch.randn(16, 6)
+    full = _reference(model, x)["l1"].item()
+    step = {"now": 0}
+    monkeypatch.setattr(GatedSAE, "global_step", property(lambda self: step["now"]))
+    for step["now"], factor in ((0, 1 / 50), (24, 0.5), (60, 1.0)):
+        assert _terms(model, x)["l1"].item() == pytest.approx(factor * full, rel=1e-5)
+
+
+# ------------------------------------------------------------------ export
+def _sae_lens_gated(folder, x: torch.Tensor):
+    """The export read as SAELens' GatedSAE does, from cfg.json and the tensors only."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert cfg["architecture"] == "gated"
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    active = (sae_in @ w["W_enc"] + w["b_gate"] > 0).float()
+    magnitudes = (sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]).relu()
+    z = active * magnitudes
+    return z, z @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("decoder_constraint", ["unit_norm", "norm_weighted_l1"])
+def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, tmp_path):
+    L.seed_everything(0)
+    model = GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3, decoder_constraint=decoder_constraint)
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, dm)
+    model.eval()
+    norms = model.W_dec.detach().norm(dim=-1)
+    if decoder_constraint == "unit_norm":
+        torch.testing.assert_close(norms, torch.ones(48))
+    else:  # free norms: the fold must scale b_gate and b_mag, not r_mag
+        assert (norms - 1).abs().max() > 1e-3
+    assert float(model.input_scale) != pytest.approx(1.0)
+    x = torch.cat([x for x, _ in dm.val_dataloader()])
+    folder = export(model, tmp_path / "export", dm.provenance())
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    assert set(weights) == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
+    torch.testing.assert_close(weights["r_mag"], model.r_mag.detach())
+    torch.testing.assert_close(weights["W_dec"].norm(dim=-1), torch.ones(48))
+    with torch.no_grad():
+        z, y = model.encode(x), model(x)
+        assert 0 < (z > 0).float().mean() < 1
+        for other in (load(folder), load(tmp_path / "ckpt" / "last.ckpt")):
+            assert isinstance(other, GatedSAE)
+            torch.testing.assert_close(other.encode(x), z, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(other(x), y, rtol=1e-4, atol=1e-4)
+        z_ref, y_ref = _sae_lens_gated(folder, x)
+    torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ recipe through the CLI
+def test_recipe_runs_through_the_cli(small_file, tmp_path):
+    from dictlearn.cli import RECIPES_DIR, main
+
+    root = tmp_path / "runs"
+    code = main([
+        "fit", "--config", str(RECIPES_DIR / "gated.yaml"), "--data.path", small_file,
+        "--data.input_key", "acts", "--trainer.max_steps", "20", "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10",
+        "--data.batch_size", "256", "--model.d_sae", "64", "--model.l1_coefficient", "0.3",
+    ])  # fmt: skip
+    assert code == 0
+    exports = list(root.rglob("export/cfg.json"))
+    assert len(exports) == 1
+    cfg = json.loads(exports[0].read_text())
+    assert cfg["architecture"] == "gated"
+    assert cfg["metadata"]["dictlearn"]["class_path"] == "dictlearn.dictionaries.gated.GatedSAE"
+    assert cfg["metadata"]["dictlearn"]["hyper_parameters"]["l1_coefficient"] == 0.3
+    weights = load_file(str(exports[0].parent / "sae_weights.safetensors"))
+    assert set(weights) == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
+
+
+# ------------------------------------------------------------------ exact resume
+class _Crash(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 17:
+            raise RuntimeError("injected crash")
+
+
+def _fit_for_resume(small_file, ckpt_dir, callbacks=(), ckpt_path=None):
+    L.seed_everything(0)
+    model = GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3)  # λ and LR warm-ups span the resume
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1)
+    trainer = quiet_trainer(max_steps=24, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *callbacks])
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_is_bit_identical(small_file, tmp_path):
+    reference = _fit_for_resume(small_file, tmp_path / "reference")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _fit_for_resume(small_file, tmp_path / "crashed", callbacks=[_Crash()])
+    checkpoint = tmp_path / "crashed" / "epoch=0-step=14.ckpt"
+    resumed = _fit_for_resume(small_file, tmp_path / "crashed", ckpt_path=str(checkpoint))
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
