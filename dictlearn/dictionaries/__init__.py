@@ -3,7 +3,8 @@
 from dictlearn.dictionaries.base import Dictionary
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.gated import GatedSAE
+from dictlearn.dictionaries.jumprelu import JumpReLUSAE
 from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
 from dictlearn.dictionaries.topk import TopKSAE
 
-__all__ = ["BatchTopKSAE", "Dictionary", "GatedSAE", "ReLUL1SAE", "TopKSAE"]
+__all__ = ["BatchTopKSAE", "Dictionary", "GatedSAE", "JumpReLUSAE", "ReLUL1SAE", "TopKSAE"]

@@ -1,0 +1,162 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024b, "Jumping Ahead"; Gemma Scope, Lieberum et al. 2024).
+
+z_i = π_i · H(π_i − θ_i), π = x W_enc + b_enc (no pre-encoder bias, as Gemma Scope), a learned
+threshold θ_i > 0 per latent stored as `log_threshold` (θ = exp(log_threshold), SAELens), unit-norm
+decoder rows. Loss: ‖y − ŷ‖² + λ Σ_i H(π_i − θ_i), averaged over tokens, λ warmed up linearly.
+
+H has no useful derivative, so the backward pass uses the paper's straight-through estimator with
+a rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε (SPEC §2.6; paper Eq. 11–12):
+    ∂z/∂π = H(π − θ)                    (the jump is ignored with respect to π)
+    ðz/ðθ = −(θ/ε) K((π − θ)/ε)
+    ðH/ðθ = −(1/ε) K((π − θ)/ε)         (and no gradient from the L0 term to π)
+Autograd then multiplies the θ gradient by θ for `log_threshold` (chain rule through exp).
+
+Units. ε and θ_init are in the units of the pre-activations, so they only transfer within one
+input normalisation. dictlearn trains on data scaled to E‖x‖ = sqrt(d_in); at initialisation
+(unit decoder rows, W_enc = W_decᵀ, b_enc = 0) a pre-activation is then ≈ N(0, 1) whatever d_in
+is. The paper and Gemma Scope use E‖x‖² = 1 (SPEC §2.6, recall), where ε = θ_init = 0.001; in
+dictlearn's units that is 0.001·sqrt(d_in), i.e. 0.048 at Gemma 2 2B's d_in = 2304 — and SAELens'
+defaults on sqrt(d)-normalised data are ε = 0.05, θ_init = 0.01 (`JumpReLUTrainingSAEConfig`).
+Defaults here: ε = θ_init = 0.05, about 5 % of the initial pre-activation spread.
+
+Which variant each default follows (checked against SAELens `saes/jumprelu_sae.py` and
+dictionary_learning `trainers/jumprelu.py`):
+- λ·L0 penalty with the rectangle-kernel STE (paper; SAELens "step" mode) — not dictionary_learning's
+  target-L0 loss λ(L0/target − 1)², nor Anthropic's tanh penalty / pre-act loss.
+- θ stored in log space (SAELens); dictionary_learning stores θ directly.
+- strict H(0) = 0: a latent fires when π > θ (both references).
+- Adam β = (0, 0.999), ε_Adam = 1e-8, lr 7e-5, b_dec = 0 (paper App. I via dictionary_learning;
+  Gemma Scope). The paper warms the LR up over 1,000 and λ over 10,000 steps (recall); dictlearn's
+  schedules are run fractions, so the defaults keep that 1 : 10 ratio (1 % and 10 % of the run).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dictlearn.dictionaries.base import Dictionary
+from dictlearn.errors import ConfigError, DataError
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    """K(u) = 1 where |u| < 1/2, else 0 (the paper's rectangle kernel)."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """pre [batch, d_sae], threshold [d_sae], bandwidth -> pre · H(pre − threshold).
+
+    Backward: ∂/∂pre = H(pre − θ); ð/ðθ = −(θ/ε) K((pre − θ)/ε), summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad_z * (pre > threshold).to(grad_z.dtype)
+        kernel = _rectangle((pre - threshold) / eps)
+        grad_threshold = -(threshold / eps) * (kernel * grad_z).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class StepFunction(torch.autograd.Function):
+    """pre [batch, d_sae], threshold [d_sae], bandwidth -> H(pre − threshold) (float).
+
+    Backward: no gradient to pre; ðH/ðθ = −(1/ε) K((pre − θ)/ε), summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * (_rectangle((pre - threshold) / eps) * grad_h).sum(0)
+        return None, grad_threshold, None
+
+
+class JumpReLUSAE(Dictionary):
+    """z = π · H(π − θ) with a learned θ per latent; loss ‖y − ŷ‖² + λ‖z‖₀ (SPEC §2.6)."""
+
+    sae_lens_architecture = "jumprelu"
+
+    def __init__(
+        self,
+        l0_coefficient: float = 1.0,
+        bandwidth: float = 0.05,
+        threshold_init: float = 0.05,
+        lr: float = 7e-5,
+        adam_betas: tuple[float, float] = (0.0, 0.999),
+        lr_warmup_fraction: float = 0.01,
+        sparsity_warmup_fraction: float = 0.1,
+        **kwargs,
+    ):
+        """
+        Args:
+            l0_coefficient: λ of the L0 penalty, on data scaled to E‖x‖ = sqrt(d_in) (the squared
+                error is summed over dimensions, so λ is in the same units as one token's error;
+                SAELens' default `l0_coefficient` is 1.0 in these units).
+            bandwidth: ε of the rectangle kernel, in pre-activation units (see the module docstring).
+            threshold_init: initial θ of every latent, same units.
+            lr, adam_betas: 7e-5 and (0, 0.999) (paper App. I; dictionary_learning).
+            lr_warmup_fraction, sparsity_warmup_fraction: 1 % and 10 % of the run (the paper's
+                1,000 / 10,000 steps, as fractions).
+            **kwargs: the shared `Dictionary` arguments. Defaults changed here: no pre-encoder
+                bias (`apply_b_dec_to_input=False`) and `b_dec_init="zeros"` (Gemma Scope).
+        """
+        kwargs.setdefault("apply_b_dec_to_input", False)
+        kwargs.setdefault("b_dec_init", "zeros")
+        super().__init__(
+            lr=lr, adam_betas=adam_betas, lr_warmup_fraction=lr_warmup_fraction,
+            sparsity_warmup_fraction=sparsity_warmup_fraction, **kwargs,
+        )
+        if not l0_coefficient >= 0:
+            raise ConfigError(f"--model.l0_coefficient must be >= 0, got {l0_coefficient}")
+        if not (bandwidth > 0 and math.isfinite(bandwidth)):
+            raise ConfigError(f"--model.bandwidth must be a finite number > 0, got {bandwidth}")
+        if not (threshold_init > 0 and math.isfinite(threshold_init)):
+            raise ConfigError(f"--model.threshold_init must be a finite number > 0, got {threshold_init}")
+        self.l0_coefficient = l0_coefficient
+        self.bandwidth = bandwidth
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(threshold_init)))
+
+    @property
+    def threshold(self) -> Tensor:
+        """θ [d_sae] > 0, in training (scaled) units."""
+        return self.log_threshold.exp()
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """pre [batch, d_sae] -> z [batch, d_sae]; exact JumpReLU forward, STE backward."""
+        return JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
+
+    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
+        l0 = StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+        return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * l0}
+
+    # ----------------------------------------------------------------- export
+    def adapt_export_tensors(self, tensors: dict[str, Tensor], latent_scale: Tensor) -> dict[str, Tensor]:
+        # π is multiplied by latent_scale in the folded encoder; θ must follow (SAELens fold_W_dec_norm).
+        return {**tensors, "threshold": self.threshold * latent_scale}
+
+    @torch.no_grad()
+    def load_folded(self, tensors: dict[str, Tensor]) -> None:
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold", None)
+        if threshold is None or threshold.shape != (self.d_sae,):
+            got = "none" if threshold is None else tuple(threshold.shape)
+            raise DataError(f"a jumprelu export needs a 'threshold' tensor of shape ({self.d_sae},); got {got}")
+        super().load_folded(tensors)
+        self.log_threshold.copy_(threshold.to(self.log_threshold.dtype).log())

@@ -1,0 +1,255 @@
+"""JumpReLU SAE (SPEC §2.6): forward, STE pseudo-gradients, export, resume and the CLI recipe."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, load
+from dictlearn.callbacks import RunGuard
+from dictlearn.cli import RECIPES_DIR, main
+from dictlearn.dictionaries.jumprelu import JumpReLUSAE
+from dictlearn.errors import ConfigError, DataError
+from dictlearn.export import export
+
+
+# ------------------------------------------------------------------ constructor
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(l0_coefficient=-1.0), "--model.l0_coefficient"),
+        (dict(bandwidth=0.0), "--model.bandwidth"),
+        (dict(bandwidth=float("inf")), "--model.bandwidth"),
+        (dict(threshold_init=-0.1), "--model.threshold_init"),
+        (dict(lr=0.0), "--model.lr"),
+    ],
+)
+def test_bad_arguments_name_their_flag(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag.replace(".", r"\.")):
+        JumpReLUSAE(d_in=4, d_sae=8, **kwargs)
+
+
+def test_defaults_and_hparams_rebuild_the_same_model():
+    model = JumpReLUSAE(d_in=8, d_sae=16, l0_coefficient=0.3, bandwidth=0.1, threshold_init=0.2)
+    assert model.apply_b_dec_to_input is False and model.b_dec_init == "zeros"  # Gemma Scope
+    assert model.adam_betas == (0.0, 0.999) and model.lr == 7e-5  # paper App. I
+    assert model.unit_norm_decoder and model.sae_lens_architecture == "jumprelu"
+    torch.testing.assert_close(model.threshold, torch.full((16,), 0.2))
+    clone = JumpReLUSAE(**model.hparams)
+    assert (clone.l0_coefficient, clone.bandwidth, clone.apply_b_dec_to_input) == (0.3, 0.1, False)
+    torch.testing.assert_close(clone.threshold, model.threshold)
+
+
+# ------------------------------------------------------------------ forward
+def _random_model(apply_b_dec_to_input: bool = False) -> JumpReLUSAE:
+    torch.manual_seed(0)
+    model = JumpReLUSAE(d_in=6, d_sae=10, l0_coefficient=0.7, sparsity_warmup_fraction=0.0,
+                        apply_b_dec_to_input=apply_b_dec_to_input)
+    with torch.no_grad():
+        model.b_enc.normal_(0.0, 0.5)
+        model.b_dec.normal_()
+        model.log_threshold.copy_(torch.empty(10).uniform_(-2.0, 0.5))
+        model.W_dec.mul_(torch.rand(10, 1) + 0.5)  # unequal row norms: latent_scale varies
+        model.input_scale.fill_(2.5)
+        model.target_scale.fill_(2.5)
+    return model
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [False, True])
+def test_forward_and_loss_match_float64_reference(apply_b_dec_to_input):
+    model = _random_model(apply_b_dec_to_input)
+    x_raw = torch.randn(64, 6)
+    W_enc, b_enc, W_dec, b_dec, log_t = (
+        p.detach().double() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec, model.log_threshold)
+    )
+    theta = torch.exp(log_t)
+    x = x_raw.double() * 2.5
+    pre_ref = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc
+    fires = pre_ref > theta
+    z_ref = torch.where(fires, pre_ref, torch.zeros(()))
+    y_ref = z_ref @ W_dec + b_dec
+    assert 0 < fires.float().mean() < 1 and ((pre_ref > 0) & ~fires).any()  # θ really gates
+    # Training units.
+    pre = model.pre_acts(x_raw * 2.5)
+    z = model.activate(pre)
+    y_hat = model.decode_scaled(z, x_raw * 2.5)
+    torch.testing.assert_close(z.double(), z_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_hat.double(), y_ref, rtol=1e-5, atol=1e-5)
+    # Loss: mean_t ‖x − x̂‖² + λ mean_t #{i : π_ti > θ_i}.
+    loss = model.reconstruction_loss(x_raw * 2.5, y_hat) + model.sparsity_losses(x, x, pre, z, y_hat)["l0"]
+    loss_ref = ((x - y_ref) ** 2).sum(1).mean() + 0.7 * fires.sum(1).double().mean()
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    # Public API, raw units: reported latents z·‖d_i‖/s_out, reconstruction back in raw units.
+    norms = W_dec.norm(dim=1)
+    torch.testing.assert_close(model.encode(x_raw).double(), z_ref * norms / 2.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x_raw).double(), y_ref / 2.5, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ pseudo-gradients
+# π = x (W_enc = I, b_enc = 0); θ = (1.0, 0.5, 2.0); ε = 0.2, so the kernel windows are
+# |π − θ| < 0.1: (0.9, 1.1), (0.4, 0.6), (1.9, 2.1).
+_PRE = [
+    [0.95, 0.45, 2.50],  # latent 0 in window (off), latent 1 in window (off), latent 2 on
+    [1.05, 0.30, 1.95],  # latent 0 in window (on),  latent 1 off,             latent 2 in window (off)
+    [1.50, 0.58, 2.08],  # latent 0 on,              latent 1 in window (on),  latent 2 in window (on)
+    [0.20, 0.70, 0.00],  # latent 0 off,             latent 1 on,              latent 2 off
+]
+_IN_WINDOW = [[1, 1, 0], [1, 0, 1], [0, 1, 1], [0, 0, 0]]
+_FIRES = [[0, 0, 1], [1, 0, 0], [1, 1, 1], [0, 1, 0]]
+_THETA, _EPS, _LAMBDA = [1.0, 0.5, 2.0], 0.2, 0.3
+
+
+def test_threshold_and_preactivation_gradients_match_the_ste_formulas():
+    """Autograd through the model's loss vs. the SPEC §2.6 pseudo-derivatives in closed form:
+    ∂L/∂θ_i = Σ_t [∂L/∂z_ti · (−θ_i/ε) + (λ/N)(−1/ε)] K_ti,   ∂L/∂log θ_i = θ_i ∂L/∂θ_i,
+    ∂L/∂π_ti = ∂L/∂z_ti · H_ti (the L0 term sends nothing to π)."""
+    torch.manual_seed(0)
+    model = JumpReLUSAE(d_in=3, d_sae=3, l0_coefficient=_LAMBDA, bandwidth=_EPS, sparsity_warmup_fraction=0.0)
+    W_dec = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
+    b_dec = torch.tensor([0.1, -0.2, 0.3])
+    with torch.no_grad():
+        model.W_enc.copy_(torch.eye(3))
+        model.b_enc.zero_()
+        model.W_dec.copy_(W_dec)
+        model.b_dec.copy_(b_dec)
+        model.log_threshold.copy_(torch.tensor(_THETA).log())
+    x = torch.tensor(_PRE)
+    y = x + torch.tensor([0.3, -0.5, 0.2])  # a target the reconstruction misses
+    pre = model.pre_acts(x)
+    pre.retain_grad()
+    z = model.activate(pre)
+    y_hat = model.decode_scaled(z, x)
+    loss = model.reconstruction_loss(y, y_hat) + model.sparsity_losses(x, y, pre, z, y_hat)["l0"]
+    loss.backward()
+
+    # Independent float64 closed form, windows and firing pattern written by hand above.
+    P, K, H = (torch.tensor(a, dtype=torch.float64) for a in (_PRE, _IN_WINDOW, _FIRES))
+    theta = torch.tensor(_THETA, dtype=torch.float64)
+    Wd, bd, yd = W_dec.double(), b_dec.double(), y.double()
+    n = len(P)
+    residual = yd - ((P * H) @ Wd + bd)
+    dL_dz = -2.0 / n * residual @ Wd.T  # [N, d_sae]
+    dL_dtheta = (dL_dz * (-theta / _EPS) * K).sum(0) + (_LAMBDA / n) * (-1.0 / _EPS) * K.sum(0)
+    torch.testing.assert_close(model.log_threshold.grad.double(), theta * dL_dtheta, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pre.grad.double(), dL_dz * H, rtol=1e-5, atol=1e-7)
+    assert (dL_dtheta != 0).all()  # every latent has a pre-activation in its window
+
+    # The L0 term alone: −λ/(Nε) × (number in the window), and nothing to π.
+    model.zero_grad()
+    pre = model.pre_acts(x)
+    pre.retain_grad()
+    model.sparsity_losses(x, y, pre, model.activate(pre), y_hat)["l0"].backward()
+    expected = theta * (-_LAMBDA / (n * _EPS)) * K.sum(0)
+    torch.testing.assert_close(model.log_threshold.grad.double(), expected, rtol=1e-6, atol=1e-9)
+    assert pre.grad is None or (pre.grad == 0).all()
+
+
+def test_l0_pseudo_gradient_estimates_the_true_derivative():
+    """Kernel density estimate: for π ~ U[0, 2], E[H(π − θ)] = (2 − θ)/2, so d/dθ = −1/2; the batch
+    pseudo-gradient of mean_t H(π_t − θ) converges to it (paper §4)."""
+    generator = torch.Generator().manual_seed(0)
+    pre = torch.rand(400_000, 1, generator=generator, dtype=torch.float64) * 2
+    theta = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    from dictlearn.dictionaries.jumprelu import StepFunction
+
+    StepFunction.apply(pre, theta, 0.05).mean().backward()
+    assert theta.grad.item() == pytest.approx(-0.5, rel=0.02)
+
+
+# ------------------------------------------------------------------ export
+def test_export_round_trip_uses_the_folded_threshold(small_file, tmp_path):
+    L.seed_everything(0)
+    model = JumpReLUSAE(d_in=16, d_sae=48, lr=3e-3, l0_coefficient=0.5)
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, dm)
+    model.eval()
+    with torch.no_grad():  # uneven row norms, so the per-latent fold of θ is exercised
+        model.W_dec.mul_(torch.linspace(0.5, 2.0, 48)[:, None])
+    assert float(model.input_scale) != pytest.approx(1.0)
+    x = torch.cat([x for x, _ in dm.val_dataloader()])
+    folder = export(model, tmp_path / "export", dm.provenance())
+
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False
+    assert set(w) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    ls = model.W_dec.detach().norm(dim=-1) / model.target_scale
+    torch.testing.assert_close(w["threshold"], model.threshold.detach() * ls)
+    torch.testing.assert_close(w["W_dec"].norm(dim=-1), torch.ones(48))
+
+    # As SAELens reads it: cfg.json + safetensors only (JumpReLUSAE.encode: ReLU, then π > θ).
+    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = x_in @ w["W_enc"] + w["b_enc"]
+    z_ref = pre.relu() * (pre > w["threshold"])
+    y_ref = z_ref @ w["W_dec"] + w["b_dec"]
+    gated = ((pre > 0) & (pre <= w["threshold"])).sum().item()
+    assert gated > 0, "no latent was held back by its threshold: the test would not see a wrong θ"
+
+    from_export, from_ckpt = load(folder), load(tmp_path / "ckpt" / "last.ckpt")
+    with torch.no_grad():
+        z, y = model.encode(x), model(x)
+        torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(from_export.encode(x), z, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_export(x), y, rtol=1e-4, atol=1e-4)
+    # The checkpoint holds the model as trained (before the row rescale above): same as a fresh fold.
+    with torch.no_grad():
+        model.W_dec.div_(torch.linspace(0.5, 2.0, 48)[:, None])
+        torch.testing.assert_close(from_ckpt.encode(x), model.encode(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match="threshold"):
+        JumpReLUSAE(d_in=16, d_sae=48).load_folded({k: v for k, v in w.items() if k != "threshold"})
+
+
+# ------------------------------------------------------------------ resume
+def _fit_resumable(small_file, ckpt_dir, crash_at=None, ckpt_path=None):
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == crash_at:
+                raise RuntimeError("injected crash")
+
+    L.seed_everything(0)
+    model = JumpReLUSAE(d_in=16, d_sae=32, lr=3e-3, l0_coefficient=0.5, lr_warmup_fraction=0.1)
+    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1)
+    callbacks = [checkpoint, RunGuard()] + ([Crash()] if crash_at is not None else [])
+    trainer = quiet_trainer(max_steps=25, enable_checkpointing=True, callbacks=callbacks)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_is_bit_identical(small_file, tmp_path):
+    reference = _fit_resumable(small_file, tmp_path / "reference")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _fit_resumable(small_file, tmp_path / "crashed", crash_at=17)
+    resumed = _fit_resumable(small_file, tmp_path / "crashed", ckpt_path=str(tmp_path / "crashed" / "epoch=0-step=14.ckpt"))
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+
+
+# ------------------------------------------------------------------ CLI recipe
+def test_recipe_runs_through_the_cli_and_exports(small_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    code = main([
+        "fit", "--config", str(RECIPES_DIR / "jumprelu.yaml"), "--data.path", small_file,
+        "--data.input_key", "acts", "--trainer.max_steps", "20", "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--model.d_sae", "64", "--data.batch_size", "256",
+        "--model.bandwidth", "0.1", "--model.l0_coefficient", "0.5",
+    ])  # fmt: skip
+    assert code == 0
+    exports = list(root.rglob("export/cfg.json"))
+    assert len(exports) == 1
+    cfg = json.loads(exports[0].read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64
+    hparams = cfg["metadata"]["dictlearn"]["hyper_parameters"]
+    assert (hparams["bandwidth"], hparams["l0_coefficient"]) == (0.1, 0.5)
+    assert load_file(str(exports[0].parent / "sae_weights.safetensors"))["threshold"].shape == (64,)
+    model = load(exports[0].parent)
+    assert isinstance(model, JumpReLUSAE) and model.bandwidth == 0.1
