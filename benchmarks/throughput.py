@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, ReLUL1SAE, TopKSAE
+from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.data import write_datasets
 
 D_IN, D_SAE, K, BATCH = 512, 4096, 32, 4096
@@ -32,6 +32,7 @@ ARCHITECTURES = {
     "topk": lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K),
     "batchtopk": lambda: BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=K),
     "gated": lambda: GatedSAE(d_in=D_IN, d_sae=D_SAE),
+    "jumprelu": lambda: JumpReLUSAE(d_in=D_IN, d_sae=D_SAE),
 }
 
 
