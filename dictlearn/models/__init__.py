@@ -1,0 +1,1 @@
+"""Language models: named activation sites (hooks) and the embedded default model."""
