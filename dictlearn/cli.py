@@ -2,7 +2,7 @@
 
 `dictlearn fit|validate|test` is a LightningCLI over `Dictionary` subclasses and the
 `ActivationDataModule`; every run starts from `recipes/base.yaml` and a recipe adds its model.
-The other subcommands (`synth`, `export`) are plain argparse. A `DictLearnError` prints as one line
+The other subcommands (`synth`, `export`, `harvest`, `evaluate`) are plain argparse. A `DictLearnError` prints as one line
 (`--debug` shows the traceback) and exits 2; a run stopped by SIGTERM/SIGINT exits 128 + signal.
 """
 
@@ -205,7 +205,19 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"synth": cmd_synth, "export": cmd_export}
+def cmd_harvest(argv: list[str]) -> int:
+    from dictlearn.data.harvest import main as harvest_main
+
+    return harvest_main(argv)
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from dictlearn.evaluate import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
+SUBCOMMANDS = {"synth": cmd_synth, "export": cmd_export, "harvest": cmd_harvest, "evaluate": cmd_evaluate}
 
 USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for tracebacks)
 
@@ -214,6 +226,8 @@ USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for 
   test      same as validate, logged under test/
   synth     write synthetic activations with known features: dictlearn synth --out synth.h5
   export    checkpoint -> SAELens-layout export folder: dictlearn export CKPT OUT
+  harvest   language-model activations -> HDF5: dictlearn harvest --out acts.h5 (embedded model, stdlib corpus)
+  evaluate  export(s) + HDF5 (+ model) -> one JSON line per export: dictlearn evaluate EXPORT --data acts.h5
 
 `dictlearn fit --help` lists every option; recipes live in recipes/."""
 
