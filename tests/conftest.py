@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -37,6 +39,23 @@ def small_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("small") / "small.h5"
     write_synth_file(path, n_rows=8192, d=16, n_features=32, mean_active=3.0, seed=1)
     return str(path)
+
+
+def fit_recipe(recipe: str, data_path: str, root: Path, *flags: str, steps: int = 20) -> tuple[dict, Path]:
+    """`dictlearn fit --config recipes/<recipe>.yaml` on `data_path` (key 'acts', 256 tokens per
+    step) for `steps` steps, logging under `root`; later `flags` override these.
+    -> (the run's export cfg.json, its export folder)."""
+    from dictlearn.cli import RECIPES_DIR, main
+
+    code = main([
+        "fit", "--config", str(RECIPES_DIR / f"{recipe}.yaml"), "--data.path", data_path,
+        "--data.input_key", "acts", "--data.batch_size", "256", "--trainer.max_steps", str(steps),
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *flags,
+    ])  # fmt: skip
+    assert code == 0
+    exports = list(Path(root).rglob("export/cfg.json"))
+    assert len(exports) == 1
+    return json.loads(exports[0].read_text()), exports[0].parent
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:

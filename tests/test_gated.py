@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import quiet_trainer
+from conftest import fit_recipe, quiet_trainer
 from dictlearn import ActivationDataModule, load
 from dictlearn.callbacks import RunGuard
 from dictlearn.dictionaries.gated import GatedSAE
@@ -264,23 +264,12 @@ def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, 
 
 # ------------------------------------------------------------------ recipe through the CLI
 def test_recipe_runs_through_the_cli(small_file, tmp_path):
-    from dictlearn.cli import RECIPES_DIR, main
-
-    root = tmp_path / "runs"
-    code = main([
-        "fit", "--config", str(RECIPES_DIR / "gated.yaml"), "--data.path", small_file,
-        "--data.input_key", "acts", "--trainer.max_steps", "20", "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10",
-        "--data.batch_size", "256", "--model.d_sae", "64", "--model.l1_coefficient", "0.3",
-    ])  # fmt: skip
-    assert code == 0
-    exports = list(root.rglob("export/cfg.json"))
-    assert len(exports) == 1
-    cfg = json.loads(exports[0].read_text())
+    cfg, folder = fit_recipe("gated", small_file, tmp_path / "runs", "--trainer.val_check_interval", "10",
+                             "--model.d_sae", "64", "--model.l1_coefficient", "0.3")
     assert cfg["architecture"] == "gated"
     assert cfg["metadata"]["dictlearn"]["class_path"] == "dictlearn.dictionaries.gated.GatedSAE"
     assert cfg["metadata"]["dictlearn"]["hyper_parameters"]["l1_coefficient"] == 0.3
-    weights = load_file(str(exports[0].parent / "sae_weights.safetensors"))
+    weights = load_file(str(folder / "sae_weights.safetensors"))
     assert set(weights) == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 
 

@@ -10,10 +10,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import quiet_trainer
+from conftest import fit_recipe, quiet_trainer
 from dictlearn import ActivationDataModule, load
 from dictlearn.callbacks import RunGuard
-from dictlearn.cli import RECIPES_DIR, main
 from dictlearn.dictionaries.jumprelu import JumpReLUSAE
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.export import export
@@ -236,20 +235,11 @@ def test_resume_is_bit_identical(small_file, tmp_path):
 # ------------------------------------------------------------------ CLI recipe
 def test_recipe_runs_through_the_cli_and_exports(small_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "run"
-    code = main([
-        "fit", "--config", str(RECIPES_DIR / "jumprelu.yaml"), "--data.path", small_file,
-        "--data.input_key", "acts", "--trainer.max_steps", "20", "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false", "--model.d_sae", "64", "--data.batch_size", "256",
-        "--model.bandwidth", "0.1", "--model.l0_coefficient", "0.5",
-    ])  # fmt: skip
-    assert code == 0
-    exports = list(root.rglob("export/cfg.json"))
-    assert len(exports) == 1
-    cfg = json.loads(exports[0].read_text())
+    cfg, folder = fit_recipe("jumprelu", small_file, tmp_path / "run", "--model.d_sae", "64",
+                             "--model.bandwidth", "0.1", "--model.l0_coefficient", "0.5")
     assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64
     hparams = cfg["metadata"]["dictlearn"]["hyper_parameters"]
     assert (hparams["bandwidth"], hparams["l0_coefficient"]) == (0.1, 0.5)
-    assert load_file(str(exports[0].parent / "sae_weights.safetensors"))["threshold"].shape == (64,)
-    model = load(exports[0].parent)
+    assert load_file(str(folder / "sae_weights.safetensors"))["threshold"].shape == (64,)
+    model = load(folder)
     assert isinstance(model, JumpReLUSAE) and model.bandwidth == 0.1

@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import quiet_trainer
+from conftest import fit_recipe, quiet_trainer
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
-from dictlearn.cli import main
 from dictlearn.data import synthesize, write_synth_file
 from dictlearn.errors import ConfigError
 from dictlearn.export import export
@@ -98,19 +97,10 @@ def test_transcoder_export_round_trip(make, architecture, small_tc_file, tmp_pat
 
 @pytest.mark.parametrize("recipe", ["transcoder", "skip_transcoder"])
 def test_transcoder_recipes_run_through_the_cli(recipe, small_tc_file, tmp_path):
-    code = main([
-        "fit", "--config", f"recipes/{recipe}.yaml", "--data.path", small_tc_file,
-        "--data.input_key", "acts", "--data.target_key", "target", "--model.d_sae", "32",
-        "--model.k", "3", "--data.batch_size", "256", "--data.block_size", "64",
-        "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path),
-    ])
-    assert code == 0
-    exports = list(tmp_path.rglob("export/cfg.json"))
-    assert len(exports) == 1
-    cfg = json.loads(exports[0].read_text())
+    cfg, folder = fit_recipe(recipe, small_tc_file, tmp_path, "--data.target_key", "target", "--model.d_sae", "32",
+                             "--model.k", "3", "--data.block_size", "64", steps=10)
     assert cfg["d_in"] == 16 and cfg["d_out"] == 12
-    assert ("W_skip" in load_file(str(exports[0].parent / "sae_weights.safetensors"))) == (recipe == "skip_transcoder")
+    assert ("W_skip" in load_file(str(folder / "sae_weights.safetensors"))) == (recipe == "skip_transcoder")
 
 
 def _fit_transcoder(path: str, **kwargs):
