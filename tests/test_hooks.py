@@ -75,3 +75,15 @@ def test_bad_paths_are_one_line_errors(gpt2):
     with pytest.raises(ConfigError, match="replacement has shape"):
         with torch.no_grad(), splice(gpt2, "transformer.h.0", lambda a: a[..., :3]):
             gpt2(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_stop_after_is_right_on_every_forward_with_a_block_and_its_mlp(gpt2, tokens):
+    """A block's MLP is listed after the block but finishes before it: stopping must wait for both."""
+    hooks = list(standard_hooks(gpt2, 1).values())
+    batches = (tokens, tokens.flip(0))
+    with torch.no_grad():
+        references = [gpt2(batch, output_hidden_states=True).hidden_states[2] for batch in batches]
+    with torch.no_grad(), capture(gpt2, hooks, stop_after=True) as acts:
+        for batch, reference in zip(batches, references):
+            run_until_captured(gpt2, batch)
+            torch.testing.assert_close(acts["transformer.h.1"], reference, rtol=0, atol=0)

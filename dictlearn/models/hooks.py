@@ -91,9 +91,8 @@ def capture(model: nn.Module, hooks: Sequence[str], stop_after: bool = False) ->
     call the model through `run_until_captured` then.
     """
     points = [HookPoint.parse(name) for name in hooks]
+    n_sites = len(set(points))
     acts: dict[str, torch.Tensor] = {}
-    order = {name: i for i, name in enumerate(dict(model.named_modules()))}
-    last = max(points, key=lambda p: (order.get(p.module, -1), p.site == "output")) if stop_after else None
     handles = []
 
     def recorder(point: HookPoint):
@@ -101,7 +100,9 @@ def capture(model: nn.Module, hooks: Sequence[str], stop_after: bool = False) ->
 
         def read(value: object) -> None:
             acts[name] = _first_tensor(value, name).detach()
-            if point == last and len(acts) == len(points):
+            # Stop once every site was read in *this* forward: module order is not completion
+            # order (a block's output comes after its MLP's), so count rather than name a last site.
+            if stop_after and len(acts) == n_sites:
                 raise _StopForward
 
         if point.site == "input":
@@ -109,6 +110,8 @@ def capture(model: nn.Module, hooks: Sequence[str], stop_after: bool = False) ->
         return lambda module, args, output: read(output)
 
     try:
+        # Each forward of `model` starts empty, so a value from an earlier forward never counts.
+        handles.append(model.register_forward_pre_hook(lambda module, args: acts.clear()))
         for point in points:
             module = resolve_module(model, point.module)
             register = module.register_forward_pre_hook if point.site == "input" else module.register_forward_hook
