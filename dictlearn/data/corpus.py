@@ -111,13 +111,13 @@ def _list_files(corpus: str | os.PathLike | None) -> tuple[Path, list[tuple[str,
     """-> (root, [(relative posix name, path)]) sorted by name; raises DataError if none."""
     if corpus is None:
         root = stdlib_root()
-        found = [p for p in root.rglob("*.py") if _kept(p.relative_to(root)) and p.is_file()]
+        found = [p for p in _walk(root) if p.suffix == ".py"]
     else:
         root = Path(corpus).expanduser()
         if root.is_file():
             found, root = [root], root.parent
         elif root.is_dir():
-            found = [p for p in root.rglob("*") if p.is_file() and _kept(p.relative_to(root)) and _is_text(p)]
+            found = [p for p in _walk(root) if _is_text(p)]
         else:
             raise DataError(f"corpus {corpus}: no such file or folder; pass a text file or a folder of text files")
     files = sorted((p.relative_to(root).as_posix(), p) for p in found if p.stat().st_size > 0)
@@ -127,8 +127,15 @@ def _list_files(corpus: str | os.PathLike | None) -> tuple[Path, list[tuple[str,
     return root, files
 
 
-def _kept(relative: Path) -> bool:
-    return not any(part in SKIPPED_DIRS or part.startswith(".") for part in relative.parts)
+def _walk(root: Path) -> Iterator[Path]:
+    """Regular files under `root`, never descending into skipped or hidden folders (the stdlib's
+    site-packages can hold far more files than the standard library itself)."""
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in SKIPPED_DIRS and not d.startswith(".")]
+        for name in names:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.is_file():
+                yield path
 
 
 def _is_text(path: Path) -> bool:
