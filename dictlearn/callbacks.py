@@ -144,3 +144,69 @@ class ExportOnFitEnd(L.Callback):
         attrs = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
         export(pl_module, folder, attrs)
         print(f"dictlearn: export written to {folder}")
+
+
+class DownstreamMetricsCallback(L.Callback):
+    """Log the spliced-model metrics (`val/ce_loss_recovered`, `val/kl_div`, ...) during validation.
+
+    At most once every `every_n_steps` training steps, at the end of a validation run, the
+    dictionary is spliced into the language model its training file was harvested from (the file's
+    `model_name`, `hook_name`/`hook_name_out`, `corpus`, `context_size`; `model`/`corpus` override)
+    on the first `contexts` held-out corpus windows — what `dictlearn evaluate` measures
+    (docs/evaluate.md), on fewer windows. Every rank computes the same values. A file that records
+    no model disables the callback with a warning.
+
+        trainer:
+          callbacks:
+            - class_path: dictlearn.callbacks.DownstreamMetricsCallback
+              init_args: {every_n_steps: 1000, contexts: 16}
+    """
+
+    def __init__(self, every_n_steps: int = 1000, contexts: int = 16, batch_size: int = 8,
+                 model: str | None = None, corpus: str | None = None, mean_sample_rows: int = 65_536) -> None:
+        self.every_n_steps, self.contexts, self.batch_size = every_n_steps, contexts, batch_size
+        self.model, self.corpus, self.mean_sample_rows = model, corpus, mean_sample_rows
+        self._last_step: int | None = None
+        self._prepared: tuple | None = None
+        self._disabled = False
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        due = self._last_step is None or step - self._last_step >= self.every_n_steps
+        if trainer.sanity_checking or self._disabled or not due:
+            return
+        if self._prepared is None and not self._prepare(trainer, pl_module):
+            return
+        from dictlearn.metrics.downstream import downstream_metrics
+
+        self._last_step = step
+        lm, site, batches, mean = self._prepared
+        metrics, _ = downstream_metrics(lm.model, pl_module, site, batches, mean)
+        stage = "test" if trainer.testing else "val"
+        pl_module.log_dict({f"{stage}/{name}": value for name, value in metrics.items()})
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Load the model, the windows and the mean activation once; False (disabled) without a model."""
+        from dictlearn.metrics.downstream import SpliceSite, heldout_batches, recorded_corpus
+        from dictlearn.models.loading import load_model
+
+        datamodule = trainer.datamodule
+        attrs = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
+        name = self.model or attrs.get("model_name")
+        if not name:
+            import warnings
+
+            warnings.warn("DownstreamMetricsCallback: the data file records no model_name and no model was given; "
+                          "downstream metrics are not logged")
+            self._disabled = True
+            return False
+        site = SpliceSite.from_metadata(attrs.get("hook_name"), attrs.get("hook_name_out"), pl_module.transcoder)
+        device = pl_module.device
+        lm = load_model(name, device=str(device))
+        corpus = self.corpus or recorded_corpus(attrs.get("corpus"))
+        batches = heldout_batches(lm.tokenizer, corpus, int(attrs.get("context_size") or 256), self.contexts,
+                                  bool(attrs.get("exclude_special", True)), self.batch_size)
+        batches = [(tokens.to(device), special.to(device)) for tokens, special in batches]
+        mean = datamodule.sample_rows(self.mean_sample_rows)[1].double().mean(0).float().to(device)
+        self._prepared = (lm, site, batches, mean)
+        return True
