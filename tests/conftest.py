@@ -69,6 +69,24 @@ def quiet_trainer(**kwargs) -> L.Trainer:
 
 
 @pytest.fixture(scope="session")
+def transcoder_recovery_files(tmp_path_factory):
+    """Transcoder ground truth for recovery: 128 true features in d = 64 (2x overcomplete), mean 4
+    active, target from the same codes through a second dictionary (d_out = 64). -> {magnitude: path}.
+
+    Why not the SAE setting's 256 features: x = F c loses what c holds in the null space of F
+    (256 codes in 64 dimensions), which costs an SAE nothing but a transcoder everything, since
+    y = G c needs those parts too; at 4x overcompleteness every mechanism's transcoder stops near
+    FVU 0.11-0.16 with MMCS 0.99 (tests/test_transcoder_recovery.py has the numbers)."""
+    folder = tmp_path_factory.mktemp("transcoder_recovery")
+    paths = {}
+    for magnitude in ("exponential", "uniform"):
+        paths[magnitude] = str(folder / f"{magnitude}.h5")
+        write_synth_file(paths[magnitude], n_rows=200_000, d=64, n_features=128, mean_active=4.0,
+                         magnitude=magnitude, seed=0, d_out=64)
+    return paths
+
+
+@pytest.fixture(scope="session")
 def transcoder_files(tmp_path_factory):
     """Transcoder ground truth: input as in `synth_files`, target from the same codes through a
     second dictionary (d_out = 64); with a dense linear part (dense_linear 1.0) or without.
