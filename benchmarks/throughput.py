@@ -1,65 +1,189 @@
-"""Training throughput of every dictlearn architecture on the standard workload.
+"""Training throughput of every dictlearn architecture, dense and sparse paths, in one run.
 
-Standard workload (issue 5): d_in 512, d_sae 4096, k 32, batch 4096 tokens, fp32. Each
-architecture trains through the real path a user gets (`Trainer.fit` with the HDF5 data module,
-metrics and logging on): 3 warm-up steps, then the median of 20 timed steps.
+Standard workload (issue 5): d_in 512, d_sae 4096, k 32, batch 4096 tokens, fp32. Each run trains
+through the path a user gets (`Trainer.fit` on an HDF5 file through `ActivationDataModule`, metrics
+and logging on, gradient clipping 1.0): `--warmup` steps, then the median of `--steps` timed steps.
+Every (architecture, path) runs in its own subprocess so its peak memory can be measured; the
+dense (`sparse_path=never`) and automatic runs of an architecture alternate their order.
 
-    python benchmarks/throughput.py [--threads 2] [--steps 20] [--device cpu|cuda]
+    python benchmarks/throughput.py                       # the standard workload on CPU
+    python benchmarks/throughput.py --smoke               # 2 steps per run: does it all work?
+    python benchmarks/throughput.py --device cuda --d-in 768 --d-sae 24576 --k 32 --dtype bf16
+    python benchmarks/throughput.py --check-cli           # `dictlearn fit` against the benchmark
 
-Prints tokens/s, the median step time, the achieved GFLOP/s of the dense-equivalent step
-(12·d_in·d_sae FLOPs per token) and the measured dense fp32 matmul peak. Peers (SAELens, sparsify,
-dictionary_learning) are not run yet: that is the performance issue's job.
+Columns: tokens/s, median step, achieved GFLOP/s of the dense-equivalent step (12·d_in·d_sae
+FLOPs per token, whatever the path actually computes) against the measured matmul peak, the
+training's peak memory (CPU: max-RSS growth of the subprocess during `fit`; CUDA:
+`max_memory_allocated`), the mean L0 and the fraction of steps that took the sparse path.
+
+Threshold mechanisms (ReLU-L1, gated, JumpReLU) are dense at initialisation and sparse once
+trained; their sparse path is chosen per batch. With `--trained-sparsity` (default on) their
+biases / thresholds are set at the start so every latent fires on a fraction k/d_sae of tokens,
+the state of a trained dictionary at L0 ≈ k; `--no-trained-sparsity` measures the
+initialisation (dense) state.
+
+Not yet here: the peers (SAELens, sparsify, dictionary_learning) in the same run, through their
+own models, losses and optimiser steps; the issue's peer table in RESULTS.md is the reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
-import numpy as np
-import torch
-
-from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
-from dictlearn.data import write_datasets
-
-D_IN, D_SAE, K, BATCH = 512, 4096, 32, 4096
-ARCHITECTURES = {
-    "relu_l1": lambda: ReLUL1SAE(d_in=D_IN, d_sae=D_SAE),
-    "topk": lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K),
-    "batchtopk": lambda: BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=K),
-    "gated": lambda: GatedSAE(d_in=D_IN, d_sae=D_SAE),
-    "jumprelu": lambda: JumpReLUSAE(d_in=D_IN, d_sae=D_SAE),
-}
+ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu")
+PATHS = ("never", "auto")  # dense reference, then what a user gets
 
 
-class StepTimer(L.Callback):
-    """Wall time of each training step (batch fetch included), after `warmup` steps."""
+# --------------------------------------------------------------------- one run (in a subprocess)
+def build(name: str, d_in: int, d_sae: int, k: int, sparse_path: str):
+    from dictlearn import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self._start = warmup, [], None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._sync(pl_module)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._sync(pl_module)
-        if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
-
-    @staticmethod
-    def _sync(pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
+    common = dict(d_in=d_in, d_sae=d_sae, sparse_path=sparse_path)
+    return {
+        "relu_l1": lambda: ReLUL1SAE(**common),
+        "topk": lambda: TopKSAE(k=k, **common),
+        "batchtopk": lambda: BatchTopKSAE(k=k, **common),
+        "gated": lambda: GatedSAE(**common),
+        "jumprelu": lambda: JumpReLUSAE(**common),
+    }[name]()
 
 
-def matmul_peak_gflops(device: str, n: int = 4096, repeats: int = 5, trials: int = 5) -> float:
-    """Best of `trials` timings of `repeats` fp32 n×n matmuls (the machine's dense peak)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def _callbacks(warmup: int, k: int, trained_sparsity: bool):
+    import lightning as L
+    import torch
+
+    class StepTimer(L.Callback):
+        """Wall time of each training step (batch fetch included), after `warmup` steps."""
+
+        def __init__(self):
+            self.times, self._start = [], None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._sync(pl_module)
+            if trainer.global_step > warmup:
+                self.times.append(time.perf_counter() - self._start)
+
+        @staticmethod
+        def _sync(pl_module):
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+
+    class SparsityProbe(L.Callback):
+        """Counts the steps that took the sparse path; sets a trained-like sparsity at the start."""
+
+        def __init__(self):
+            self.sparse_steps = self.steps = 0
+
+        def on_train_start(self, trainer, pl_module):
+            if trained_sparsity and pl_module.sparse_selection == "per_batch":
+                _set_trained_sparsity(pl_module, trainer.datamodule, k)
+            if pl_module.sparse_selection is not None:
+                original = pl_module.train_support
+
+                def counting(pre):
+                    support = original(pre)
+                    self.sparse_steps += support is not None
+                    return support
+
+                pl_module.train_support = counting
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps += 1
+
+    return StepTimer(), SparsityProbe()
+
+
+def _set_trained_sparsity(model, datamodule, k: int) -> None:
+    """Shift each latent's bias / threshold to its (1 − k/d_sae) quantile on a data sample."""
+    import torch
+
+    with torch.no_grad():
+        x, _ = datamodule.sample_rows(4096)
+        pre = model.pre_acts(x.to(model.device) * model.input_scale).float()
+        if model.sae_lens_architecture == "gated":
+            pre = model.gate_pre_acts(pre)
+        # each latent's m-th largest value (torch.quantile refuses inputs over 2^24 entries)
+        m = max(1, round(len(pre) * k / model.d_sae))
+        quantile = pre.topk(m, dim=0).values[-1]
+        if hasattr(model, "log_threshold"):  # JumpReLU: θ at the quantile
+            model.log_threshold.copy_(quantile.clamp_min(1e-3).log())
+        else:  # ReLU-L1 (b_enc) and gated (b_gate = b_enc): π − quantile
+            model.b_enc.sub_(quantile)
+
+
+def worker(args) -> dict:
+    """Trains one (architecture, path) and returns its timings and memory as a dict."""
+    import lightning as L
+    import torch
+
+    from dictlearn import ActivationDataModule
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(0)
+    timer, probe = _callbacks(args.warmup, args.k, args.trained_sparsity)
+    precision = "bf16-mixed" if args.dtype == "bf16" else "32-true"
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, max_steps=args.steps + args.warmup + 1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, precision=precision,
+        callbacks=[timer, probe],
+    )
+    data = ActivationDataModule(args.path, batch_size=args.batch, val_rows=0)
+    model = build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer.fit(model, data)
+    if args.device == "cuda":
+        memory = torch.cuda.max_memory_allocated() - before
+    else:  # ru_maxrss is in KiB on Linux
+        memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    density = model.train_density
+    return {
+        "step": statistics.median(timer.times),
+        "memory": memory,
+        "l0": float(density.fire_counts.sum() / density.n_tokens.clamp_min(1)),
+        "sparse_fraction": probe.sparse_steps / max(1, probe.steps),
+    }
+
+
+def run_worker(args, name: str, sparse_path: str) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", name, "--sparse-path", sparse_path, "--path", args.path,
+        "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+        "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k),
+        "--trained-sparsity" if args.trained_sparsity else "--no-trained-sparsity",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} ({sparse_path}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------- machine and data
+def matmul_peak_gflops(device: str, dtype: str, n: int = 4096, repeats: int = 5, trials: int = 5) -> float:
+    """Best of `trials` timings of `repeats` n×n matmuls in `dtype` (the dense peak)."""
+    import torch
+
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
     best = float("inf")
     for _ in range(trials + 1):  # the first trial warms up
         if device == "cuda":
@@ -73,39 +197,121 @@ def matmul_peak_gflops(device: str, n: int = 4096, repeats: int = 5, trials: int
     return 2 * n**3 * repeats / best / 1e9
 
 
-def measure(name: str, path: str, steps: int, device: str) -> float:
-    L.seed_everything(0)
-    timer = StepTimer(warmup=3)
-    trainer = L.Trainer(
-        accelerator=device, devices=1, max_steps=steps + 3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer],
-    )
-    data = ActivationDataModule(path, batch_size=BATCH, val_rows=0)
-    trainer.fit(ARCHITECTURES[name](), data)
-    return statistics.median(timer.times)
+def write_data(path: str, rows: int, d_in: int) -> None:
+    import numpy as np
+
+    from dictlearn.data import write_datasets
+
+    acts = np.random.default_rng(0).standard_normal((rows, d_in), dtype=np.float32)
+    write_datasets(path, {"acts": acts}, {})
 
 
-def main() -> None:
+def describe_machine(args) -> str:
+    import torch
+
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, load {load:.1f}"
+
+
+# --------------------------------------------------------------------- the CLI check
+def check_cli(args) -> None:
+    """Throughput of `dictlearn fit --config recipes/topk.yaml` from the wall-time difference of
+    two `--trainer.max_steps` runs, next to this benchmark's figure for the same model."""
+    short, long = 3, 3 + args.steps
+    walls = {}
+    with tempfile.TemporaryDirectory() as root:
+        for steps in (short, long):
+            command = [
+                sys.executable, "-c", "import sys; from dictlearn.cli import main; sys.exit(main())",
+                "fit", "--config", str(Path(__file__).parents[1] / "recipes" / f"{args.cli_recipe}.yaml"),
+                "--data.path", args.path, "--data.input_key", "acts", "--data.batch_size", str(args.batch),
+                "--trainer.max_steps", str(steps), "--trainer.default_root_dir", f"{root}/{steps}",
+                "--trainer.enable_progress_bar", "false", "--trainer.accelerator", args.device,
+                "--model.d_sae", str(args.d_sae),
+            ]
+            if args.cli_recipe in ("topk", "batchtopk"):
+                command += ["--model.k", str(args.k)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            walls[steps] = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(f"dictlearn fit failed:\n{done.stderr[-4000:]}")
+    cli_step = (walls[long] - walls[short]) / (long - short)
+    bench = run_worker(args, args.cli_recipe, "auto")["step"]
+    print(f"dictlearn fit --config recipes/{args.cli_recipe}.yaml: {args.batch / cli_step:,.0f} tokens/s "
+          f"({cli_step * 1e3:.0f} ms/step from {long} vs {short} steps: {walls[long]:.1f} s − {walls[short]:.1f} s); "
+          f"benchmark {args.batch / bench:,.0f} tokens/s; CLI / benchmark = {bench / cli_step:.2f}")
+
+
+# --------------------------------------------------------------------- main
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args()
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: Lightning bf16-mixed autocast (matmuls in bf16, losses and metrics fp32)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
+    parser.add_argument("--paths", default=",".join(PATHS), help="sparse_path values to run: never, auto, always")
+    parser.add_argument("--trained-sparsity", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--smoke", action="store_true", help="2 timed steps, 1 warm-up: checks, not numbers")
+    parser.add_argument("--check-cli", action="store_true", help="time `dictlearn fit` with a recipe instead")
+    parser.add_argument("--cli-recipe", default="topk")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--sparse-path", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup = 2, 1
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops(args.device)
-    flops_per_token = 12 * D_IN * D_SAE
+    architectures = [a for a in args.architectures.split(",") if a]
+    paths = [p for p in args.paths.split(",") if p]
     with tempfile.TemporaryDirectory() as folder:
-        path = str(Path(folder) / "bench.h5")
-        rows = BATCH * (args.steps + 4)
-        acts = np.random.default_rng(0).standard_normal((rows, D_IN), dtype=np.float32)
-        write_datasets(path, {"acts": acts}, {})
-        print(f"device {args.device}, {args.threads} threads, matmul peak {peak:.0f} GFLOP/s")
-        print(f"{'architecture':<14}{'tokens/s':>10}{'step ms':>10}{'GFLOP/s':>10}{'% peak':>8}")
-        for name in ARCHITECTURES:
-            step = measure(name, path, args.steps, args.device)
-            gflops = flops_per_token * BATCH / step / 1e9
-            print(f"{name:<14}{BATCH / step:>10.0f}{step * 1e3:>10.1f}{gflops:>10.0f}{100 * gflops / peak:>8.0f}")
+        args.path = str(Path(folder) / "bench.h5")
+        write_data(args.path, args.batch * (args.steps + args.warmup + 3), args.d_in)
+        if args.check_cli:
+            check_cli(args)
+            return
+        peaks = {dtype: matmul_peak_gflops(args.device, dtype) for dtype in ("fp32", "bf16")}
+        peak = peaks[args.dtype]
+        print(f"{describe_machine(args)}; matmul peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s")
+        print(f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, {args.dtype}, "
+              f"{args.steps} timed steps after {args.warmup}; trained sparsity {'on' if args.trained_sparsity else 'off'}")
+        header = f"{'architecture':<12}{'path':>7}{'tokens/s':>10}{'step ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'mem MiB':>9}{'L0':>8}{'sparse':>8}{'speedup':>9}"
+        print(header)
+        flops_per_token = 12 * args.d_in * args.d_sae
+        for index, name in enumerate(architectures):
+            order = paths if index % 2 == 0 else paths[::-1]  # alternate which path runs first
+            results = {path: run_worker(args, name, path) for path in order}
+            for path in paths:
+                r = results[path]
+                gflops = flops_per_token * args.batch / r["step"] / 1e9
+                speedup = results[paths[0]]["step"] / r["step"]
+                print(f"{name:<12}{path:>7}{args.batch / r['step']:>10,.0f}{r['step'] * 1e3:>9.1f}{gflops:>9.0f}"
+                      f"{100 * gflops / peak:>8.0f}{r['memory'] / 2**20:>9.0f}{r['l0']:>8.1f}"
+                      f"{r['sparse_fraction']:>8.0%}{speedup:>8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

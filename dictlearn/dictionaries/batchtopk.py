@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dictlearn.dictionaries.sparse import Support, flat_topk_indices
 from dictlearn.dictionaries.topk import TopKSAE
 from dictlearn.errors import ConfigError
 
@@ -91,9 +92,21 @@ class BatchTopKSAE(TopKSAE):
     def train_activate(self, pre: Tensor) -> Tensor:
         """pre [batch, d_sae] -> z [batch, d_sae]: the batch·k largest of ReLU(pre), and update θ."""
         acts = pre.relu()
-        values, indices = acts.flatten().topk(len(acts) * self.k, sorted=False)
+        indices = flat_topk_indices(acts, len(acts) * self.k)
+        values = acts.flatten()[indices]
         self._update_threshold(values.detach())
         return torch.zeros_like(acts).flatten().scatter(0, indices, values).view_as(acts)
+
+    def train_support(self, pre: Tensor) -> Support:
+        """The batch·k largest pre-activations (ReLU is monotone: the same entries up to ties at
+        0, which decode to 0 either way)."""
+        return Support.from_flat(flat_topk_indices(pre, len(pre) * self.k), len(pre), self.d_sae)
+
+    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
+        """ReLU of the kept values, and θ's update from them (full precision even under autocast)."""
+        values = pre_values.relu()
+        self._update_threshold(values.detach())
+        return values
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

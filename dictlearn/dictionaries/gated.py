@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.sparse import Support, sparse_decode
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("unit_norm", "norm_weighted_l1")
@@ -55,6 +56,7 @@ class GatedSAE(Dictionary):
     """z = 1[π_gate > 0] · ReLU(π_mag) with W_mag = exp(r_mag) ⊙ W_gate (SPEC §2.5)."""
 
     sae_lens_architecture = "gated"
+    sparse_selection = "per_batch"
 
     def __init__(
         self,
@@ -122,6 +124,32 @@ class GatedSAE(Dictionary):
             y_gate = y_gate + x @ self.W_skip.detach().T
         return {
             "l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1.mean(),
+            "aux_reconstruction": (y - y_gate).pow(2).sum(-1).mean(),
+        }
+
+    # ----------------------------------------------------------------- sparse path
+    def encoder_affine(self):
+        shift, W, _ = super().encoder_affine()
+        return shift, W, None  # pre_acts has no bias here: each path adds its own
+
+    def train_support(self, pre: Tensor) -> Support | None:
+        """Open gates: every non-zero latent and every entry with a gradient (ReLU(π_gate) > 0)."""
+        gate_open = self.gate_pre_acts(pre) > 0
+        return Support.from_mask(gate_open) if self._sparse_enough(gate_open) else None
+
+    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
+        """The gate is open on the whole support, so z = ReLU(π_mag) there."""
+        cols = support.cols
+        return (pre_values * self.r_mag.exp().index_select(0, cols) + self.b_mag.index_select(0, cols)).relu()
+
+    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
+        gate = (pre_values + self.b_gate.index_select(0, support.cols)).relu()
+        l1 = gate.sum() if self.unit_norm_decoder else support.column_sums(gate) @ self.W_dec.norm(dim=-1)
+        y_gate = sparse_decode(support, gate, self.W_dec.detach()) + self.b_dec.detach()
+        if self.W_skip is not None:
+            y_gate = y_gate + x @ self.W_skip.detach().T
+        return {
+            "l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / len(x),
             "aux_reconstruction": (y - y_gate).pow(2).sum(-1).mean(),
         }
 

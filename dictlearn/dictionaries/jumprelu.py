@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.sparse import Support
 from dictlearn.errors import ConfigError, DataError
 
 
@@ -49,7 +50,9 @@ def _rectangle(u: Tensor) -> Tensor:
 class JumpReLUFunction(torch.autograd.Function):
     """pre [batch, d_sae], threshold [d_sae], bandwidth -> pre · H(pre − threshold).
 
-    Backward: ∂/∂pre = H(pre − θ); ð/ðθ = −(θ/ε) K((pre − θ)/ε), summed over the batch.
+    Backward: ∂/∂pre = H(pre − θ); ð/ðθ = −(θ/ε) K((pre − θ)/ε), summed over the batch. With a
+    threshold of pre's shape (the sparse path: one θ per active entry) the sum is left to the
+    caller's gather.
     """
 
     @staticmethod
@@ -64,14 +67,16 @@ class JumpReLUFunction(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_pre = grad_z * (pre > threshold).to(grad_z.dtype)
         kernel = _rectangle((pre - threshold) / eps)
-        grad_threshold = -(threshold / eps) * (kernel * grad_z).sum(0)
+        per_entry = threshold.shape == pre.shape
+        grad_threshold = -(threshold / eps) * (kernel * grad_z if per_entry else (kernel * grad_z).sum(0))
         return grad_pre, grad_threshold, None
 
 
 class StepFunction(torch.autograd.Function):
     """pre [batch, d_sae], threshold [d_sae], bandwidth -> H(pre − threshold) (float).
 
-    Backward: no gradient to pre; ðH/ðθ = −(1/ε) K((pre − θ)/ε), summed over the batch.
+    Backward: no gradient to pre; ðH/ðθ = −(1/ε) K((pre − θ)/ε), summed over the batch (not for
+    a per-entry threshold, as `JumpReLUFunction`).
     """
 
     @staticmethod
@@ -84,7 +89,8 @@ class StepFunction(torch.autograd.Function):
     def backward(ctx, grad_h: Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * (_rectangle((pre - threshold) / eps) * grad_h).sum(0)
+        weighted = _rectangle((pre - threshold) / eps) * grad_h
+        grad_threshold = -(1.0 / eps) * (weighted if threshold.shape == pre.shape else weighted.sum(0))
         return None, grad_threshold, None
 
 
@@ -92,6 +98,7 @@ class JumpReLUSAE(Dictionary):
     """z = π · H(π − θ) with a learned θ per latent; loss ‖y − ŷ‖² + λ‖z‖₀ (SPEC §2.6)."""
 
     sae_lens_architecture = "jumprelu"
+    sparse_selection = "per_batch"
 
     def __init__(
         self,
@@ -144,6 +151,23 @@ class JumpReLUSAE(Dictionary):
 
     def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
         l0 = StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+        return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * l0}
+
+    # ----------------------------------------------------------------- sparse path
+    def train_support(self, pre: Tensor) -> Support | None:
+        """Entries above θ − ε: the active ones and the kernel window below θ, whose STE gradient
+        reaches θ (the window is |π − θ| < ε/2; a full ε keeps rounding at its edge inside)."""
+        with torch.no_grad():
+            window = pre > self.threshold - self.bandwidth
+        return Support.from_mask(window) if self._sparse_enough(window) else None
+
+    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
+        threshold = self.threshold.index_select(0, support.cols)
+        return JumpReLUFunction.apply(pre_values, threshold, self.bandwidth)
+
+    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
+        threshold = self.threshold.index_select(0, support.cols)
+        l0 = StepFunction.apply(pre_values, threshold, self.bandwidth).sum() / len(x)
         return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * l0}
 
     # ----------------------------------------------------------------- export

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.sparse import Support
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("norm_weighted_l1", "unit_norm")
@@ -24,6 +25,7 @@ class ReLUL1SAE(Dictionary):
     """z = ReLU(π); loss = ‖y − ŷ‖² + λ Σ_i z_i ‖d_i‖ (or λ‖z‖₁ with unit-norm rows)."""
 
     sae_lens_architecture = "standard"
+    sparse_selection = "per_batch"
 
     def __init__(
         self,
@@ -72,6 +74,18 @@ class ReLUL1SAE(Dictionary):
     def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
         l1 = z.sum(-1) if self.unit_norm_decoder else z @ self.W_dec.norm(dim=-1)
         return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1.mean()}
+
+    # ----------------------------------------------------------------- sparse path
+    def train_support(self, pre: Tensor) -> Support | None:
+        active = pre > 0
+        return Support.from_mask(active) if self._sparse_enough(active) else None
+
+    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
+        return pre_values.relu()
+
+    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
+        l1 = z.sum() if self.unit_norm_decoder else support.column_sums(z) @ self.W_dec.norm(dim=-1)
+        return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / len(x)}
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # At the start of a step, not the end: a checkpoint saved at the end of the previous step

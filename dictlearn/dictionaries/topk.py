@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.sparse import Support, sparse_decode, topk_indices
 from dictlearn.errors import ConfigError
 
 
@@ -19,6 +20,7 @@ class TopKSAE(Dictionary):
     """Keeps the k largest pre-activations per token (SPEC §2.3)."""
 
     sae_lens_architecture = "topk"
+    sparse_selection = "fixed"
 
     def __init__(
         self,
@@ -54,8 +56,18 @@ class TopKSAE(Dictionary):
 
     def activate(self, pre: Tensor) -> Tensor:
         """pre [batch, d_sae] -> z [batch, d_sae] with at most k non-zeros per row."""
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        indices = topk_indices(pre, self.k)
+        return torch.zeros_like(pre).scatter_(-1, indices, pre.gather(-1, indices).relu())
+
+    # ----------------------------------------------------------------- sparse path
+    def sparse_l0(self) -> float:
+        return self.k
+
+    def train_support(self, pre: Tensor) -> Support:
+        return Support.from_indices(topk_indices(pre, self.k), self.d_sae)
+
+    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
+        return pre_values.relu()
 
     def export_fields(self) -> dict:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
@@ -76,6 +88,17 @@ class TopKSAE(Dictionary):
         values, indices = dead_pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False)
         z_aux = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
         return {"auxk": self.auxk_alpha * _normalised_mse(residual, z_aux @ self.W_dec)}
+
+    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
+        """AuxK over the dead latents' columns only: a [batch, n_dead] top-k, a sparse decode."""
+        dead = self.dead_mask.nonzero().squeeze(1)
+        if self.auxk_alpha == 0 or len(dead) == 0:
+            return {}
+        residual = (y - y_hat).detach()
+        local = topk_indices(pre[:, dead], min(self.k_aux, len(dead)))
+        aux = Support.from_indices(dead[local], self.d_sae)
+        z_aux = self.sparse_pre_acts(x, pre, aux).relu()
+        return {"auxk": self.auxk_alpha * _normalised_mse(residual, sparse_decode(aux, z_aux, self.W_dec))}
 
 
 def _normalised_mse(target: Tensor, prediction: Tensor) -> Tensor:
