@@ -101,7 +101,10 @@ class _Record(L.Callback):
 @pytest.fixture(scope="module")
 def trained(small_file, tmp_path_factory):
     L.seed_everything(0)
-    model = BatchTopKSAE(d_in=16, d_sae=64, k=K, lr=3e-3, threshold_start_step=START, threshold_beta=BETA)
+    # The dense path: _Record wraps `train_activate`, which the sparse path does not call
+    # (tests/test_sparse_paths.py checks that both paths select the same latents).
+    model = BatchTopKSAE(d_in=16, d_sae=64, k=K, lr=3e-3, threshold_start_step=START, threshold_beta=BETA,
+                         sparse_path="never")
     dm = ActivationDataModule(small_file, batch_size=BATCH, block_size=64)
     record = _Record()
     folder = tmp_path_factory.mktemp("batchtopk")
