@@ -86,20 +86,23 @@ def _load_folder(folder: Path, device: str) -> LanguageModel:
         revision = weights_hash(folder) if (folder / WEIGHTS_FILE).is_file() else None
         return LanguageModel(load_byte_model(folder, device), ByteTokenizer(), str(folder.resolve()), revision)
     try:
-        with quiet_loading():
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model, tokenizer = _from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model {folder}: cannot load a causal LM and its tokenizer from this folder "
                           f"({_first_line(error)})") from error
     return LanguageModel(model.to(device).eval(), HFTokenizer(tokenizer), str(folder.resolve()), None)
 
 
+def _from_pretrained(source: str | Path):
+    """A transformers causal LM and its tokenizer from a folder or the local cache, never the network."""
+    with quiet_loading():
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+    return model, transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
 def _load_cached(name: str, device: str) -> LanguageModel:
     try:
-        with quiet_loading():
-            model = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model, tokenizer = _from_pretrained(name)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model {name!r}: not in the local Hugging Face cache and dictlearn never downloads; "
                           f"pass a local folder (--model DIR) or download it first") from error
