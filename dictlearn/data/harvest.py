@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -199,11 +199,14 @@ class _Writer:
         return n
 
 
-def _run(model: nn.Module, hooks: list[str], batches, writer: _Writer, context: int, device: str, bar) -> None:
+def _run(model: nn.Module, hooks: list[str], batches, writer: _Writer, context: int, device: str, bar,
+         should_stop: Callable[[], bool]) -> None:
     """Forward each batch up to the deepest hook and hand the activations to `writer`."""
     sites = [str(HookPoint.parse(h)) for h in hooks]  # capture's keys ("m:output" is "m")
     with torch.inference_mode(), capture(model, hooks, stop_after=True) as acts:
         for tokens, doc_index in batches:
+            if should_stop():
+                raise _Terminated
             acts.clear()  # a site missed in this forward must not keep the last batch's values
             run_until_captured(model, tokens.to(device), use_cache=False)
             missing = [h for h, site in zip(hooks, sites) if site not in acts]
@@ -235,11 +238,13 @@ def harvest(
     device: str = "cpu",
     progress: bool = True,
     seed: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Path:
     """Write the activations of `lm` at `hooks` on `tokens` corpus tokens to `out`; -> its path.
 
     tokens: rows to write (> 0), or "all" for every whole window of the split. context: window
     length (<= the model's maximum). `seed` is only recorded (the corpus order is fixed).
+    `should_stop` is asked before each batch; True abandons the file (``_Terminated``).
     `lm.model` is moved to `device`. See the module docstring for the file layout.
     """
     out = Path(out)
@@ -255,7 +260,7 @@ def harvest(
     batches = _batches(corpus, split, lm.tokenizer, context, windows, batch_size)
     with open_for_write(out, attrs) as f, _progress_bar(rows, progress) as bar:
         writer = _Writer(f, hooks, rows, dtype, exclude_special)
-        _run(model, hooks, batches, writer, context, device, bar)
+        _run(model, hooks, batches, writer, context, device, bar, should_stop)
         if writer.row != rows:  # the corpus changed between the counting pass and this one
             raise DataError(f"corpus {corpus_name(corpus)}: yielded {writer.row} rows, {rows} counted before;"
                             " was it modified during the harvest? re-run")
@@ -343,10 +348,6 @@ class _Terminated(BaseException):
     BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated
-
-
 def _on_sigterm(handler):
     """Install a SIGTERM handler; -> the previous one (None off the main thread, where it cannot be set)."""
     if handler is None or threading.current_thread() is not threading.main_thread():
@@ -377,12 +378,16 @@ def main(argv: list[str]) -> int:
     context = args.context
     if context is None:
         context = min(DEFAULT_CONTEXT, max_positions(lm.model) or DEFAULT_CONTEXT)
-    previous = _on_sigterm(_raise_terminated)
+    # The handler only sets a flag that the batch loop reads: an exception raised inside a signal
+    # handler is lost when the signal lands in a __del__ or a finally block, and the harvest ran on.
+    terminated = threading.Event()
+    previous = _on_sigterm(lambda signum, frame: terminated.set())
     start = time.perf_counter()
     try:
         path = harvest(lm, hooks, args.out, args.tokens, context, corpus=args.corpus, split=args.split,
                        batch_size=args.batch_size, dtype=args.dtype, exclude_special=args.exclude_special,
-                       device=args.device, progress=not args.quiet, seed=args.seed)
+                       device=args.device, progress=not args.quiet, seed=args.seed,
+                       should_stop=terminated.is_set)
     except (KeyboardInterrupt, _Terminated) as stop:
         code = 128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)
         print(f"dictlearn: harvest interrupted; nothing written at {args.out}", file=sys.stderr)
