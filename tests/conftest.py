@@ -58,6 +58,30 @@ def fit_recipe(recipe: str, data_path: str, root: Path, *flags: str, steps: int 
     return json.loads(exports[0].read_text()), exports[0].parent
 
 
+def fit_and_score(make, path: str, steps: int = 2000, target_key: str | None = None,
+                  features_key: str = "features") -> tuple[float, dict, float]:
+    """Seed 0, build `make()`, train it on `path` at batch 1024 for `steps` steps, validate.
+    -> (MMCS of its decoder against the file's true `features_key`, val metrics, CPU s)."""
+    import time
+
+    import h5py
+
+    from dictlearn import ActivationDataModule
+    from dictlearn.metrics import mmcs
+
+    L.seed_everything(0)
+    model = make()
+    data = ActivationDataModule(path, batch_size=1024, target_key=target_key)
+    trainer = quiet_trainer(max_steps=steps)
+    start = time.process_time()
+    trainer.fit(model, data)
+    cpu_seconds = time.process_time() - start
+    metrics = trainer.validate(model, data, verbose=False)[0]
+    with h5py.File(path) as f:
+        score = mmcs(torch.from_numpy(f[features_key][:]), model.W_dec.detach())
+    return score, metrics, cpu_seconds
+
+
 def quiet_trainer(**kwargs) -> L.Trainer:
     """A CPU trainer without logger, progress bar or checkpoints unless asked for."""
     defaults = dict(

@@ -19,17 +19,10 @@ threshold better than exponential ones.
 
 from __future__ import annotations
 
-import time
-
-import h5py
-import lightning as L
 import pytest
-import torch
 
-from conftest import quiet_trainer
-from dictlearn import ActivationDataModule
+from conftest import fit_and_score
 from dictlearn.dictionaries.jumprelu import JumpReLUSAE
-from dictlearn.metrics import mmcs
 
 MAGNITUDE, STEPS = "uniform", 2000
 SETTINGS = dict(
@@ -40,18 +33,7 @@ SETTINGS = dict(
 
 @pytest.mark.slow
 def test_jumprelu_recovers_true_features(synth_files):
-    path = synth_files[MAGNITUDE]
-    L.seed_everything(0)
-    model = JumpReLUSAE(d_in=64, **SETTINGS)
-    data = ActivationDataModule(path, batch_size=1024)
-    trainer = quiet_trainer(max_steps=STEPS)
-    start = time.process_time()
-    trainer.fit(model, data)
-    cpu_seconds = time.process_time() - start
-    metrics = trainer.validate(model, data, verbose=False)[0]
-    with h5py.File(path) as f:
-        true_features = torch.from_numpy(f["features"][:])
-    score = mmcs(true_features, model.W_dec.detach())
+    score, metrics, cpu_seconds = fit_and_score(lambda: JumpReLUSAE(d_in=64, **SETTINGS), synth_files[MAGNITUDE], STEPS)
     print(f"jumprelu: MMCS {score:.3f}, FVU {metrics['val/fvu']:.3f}, L0 {metrics['val/l0']:.2f}, {cpu_seconds:.0f} s CPU")
     assert score >= 0.9
     assert metrics["val/fvu"] <= 0.105  # the issue asks 0.1; measured 0.1003 (see the module docstring)

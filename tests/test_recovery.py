@@ -13,16 +13,10 @@ passes near (0.91, 0.11) (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import time
-
-import h5py
-import lightning as L
 import pytest
-import torch
 
-from conftest import quiet_trainer
-from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE
-from dictlearn.metrics import mmcs
+from conftest import fit_and_score
+from dictlearn import ReLUL1SAE, TopKSAE
 
 CASES = {
     "topk": ("exponential", 2000, lambda: TopKSAE(d_in=64, d_sae=512, k=4)),
@@ -34,18 +28,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_recovers_true_features(name, synth_files):
     magnitude, steps, make = CASES[name]
-    path = synth_files[magnitude]
-    L.seed_everything(0)
-    model = make()
-    data = ActivationDataModule(path, batch_size=1024)
-    trainer = quiet_trainer(max_steps=steps)
-    start = time.process_time()
-    trainer.fit(model, data)
-    cpu_seconds = time.process_time() - start
-    metrics = trainer.validate(model, data, verbose=False)[0]
-    with h5py.File(path) as f:
-        true_features = torch.from_numpy(f["features"][:])
-    score = mmcs(true_features, model.W_dec.detach())
+    score, metrics, cpu_seconds = fit_and_score(make, synth_files[magnitude], steps)
     print(f"{name}: MMCS {score:.3f}, FVU {metrics['val/fvu']:.3f}, L0 {metrics['val/l0']:.2f}, {cpu_seconds:.0f} s CPU")
     assert score >= 0.9
     assert metrics["val/fvu"] <= 0.1

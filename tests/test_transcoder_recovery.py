@@ -21,14 +21,10 @@ SAE never has to reconstruct and a transcoder does.
 
 from __future__ import annotations
 
-import h5py
-import lightning as L
 import pytest
-import torch
 
-from conftest import quiet_trainer
-from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
-from dictlearn.metrics import mmcs
+from conftest import fit_and_score
+from dictlearn import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 
 JUMPRELU = dict(l0_coefficient=0.15, bandwidth=2.0, threshold_init=1.0, lr=3e-3, adam_betas=(0.9, 0.999),
                 lr_decay_fraction=0.3)
@@ -46,15 +42,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_transcoder_recovers_the_target_dictionary(name, transcoder_recovery_files):
     magnitude, make = CASES[name]
-    path = transcoder_recovery_files[magnitude]
-    L.seed_everything(0)
-    model = make()
-    data = ActivationDataModule(path, target_key="target", batch_size=1024)
-    trainer = quiet_trainer(max_steps=2000)
-    trainer.fit(model, data)
-    metrics = trainer.validate(model, data, verbose=False)[0]
-    with h5py.File(path) as f:
-        score = mmcs(torch.from_numpy(f["features_out"][:]), model.W_dec.detach())
+    score, metrics, _ = fit_and_score(make, transcoder_recovery_files[magnitude], target_key="target",
+                                      features_key="features_out")
     print(f"{name} transcoder: MMCS {score:.3f}, FVU {metrics['val/fvu']:.3f}, L0 {metrics['val/l0']:.2f}")
     assert score >= 0.9
     assert metrics["val/fvu"] <= 0.1
