@@ -73,21 +73,26 @@ class ReconstructionMetrics(SumStateMetric):
         if self.d is not None and target.shape[-1] != self.d:
             raise ValueError(f"ReconstructionMetrics(d={self.d}) got inputs of width {target.shape[-1]}")
         # detach: forward() enables grad, and a graph attached to a state would be kept alive.
-        # float64 per update so sums over 1e8 tokens keep ~1e-12 relative error.
-        y = target.detach().reshape(-1, target.shape[-1]).to(torch.float64)
-        y_hat = reconstruction.detach().reshape(-1, target.shape[-1]).to(torch.float64)
-        y_norm, y_hat_norm = y.norm(dim=-1), y_hat.norm(dim=-1)
-        dot = (y * y_hat).sum(-1)
+        # Per-token reductions run in the inputs' precision (float32 at least: ~1e-7 relative per
+        # token); every running total is float64, so sums over 1e8 tokens do not drift. (A float64
+        # copy of each batch cost 1/8 of a sparse training step; these reductions cost 1/10 of it.)
+        dtype = torch.promote_types(target.dtype, torch.float32)
+        y = target.detach().reshape(-1, target.shape[-1]).to(dtype)
+        y_hat = reconstruction.detach().reshape(-1, target.shape[-1]).to(dtype)
+        f64 = torch.float64
+        y_norm, y_hat_norm = torch.linalg.vector_norm(y, dim=-1), torch.linalg.vector_norm(y_hat, dim=-1)
+        dot = torch.linalg.vecdot(y, y_hat)
         self.n_tokens += y.shape[0]
-        self.sum_target = self.sum_target + y.sum(0)  # not +=: a lazily sized state broadcasts to [d]
-        self.sum_sq_error += (y - y_hat).square().sum()
-        self.sum_sq_target += y_norm.square().sum()
-        self.sum_sq_recon += y_hat_norm.square().sum()
-        self.sum_dot += dot.sum()
+        self.sum_target = self.sum_target + y.sum(0).to(f64)  # not +=: a lazily sized state broadcasts to [d]
+        self.sum_sq_error += torch.linalg.vector_norm(y - y_hat, dim=-1).to(f64).square().sum()
+        self.sum_sq_target += y_norm.to(f64).square().sum()
+        self.sum_sq_recon += y_hat_norm.to(f64).square().sum()
+        self.sum_dot += dot.to(f64).sum()
         # cos and ‖ŷ‖/‖y‖ are undefined for a zero target (a synthetic row with nothing active, a
         # padding token): such tokens are left out of those two means, not divided by eps.
         defined = y_norm > self.eps
         self.n_ratio_tokens += defined.sum()
+        y_norm, y_hat_norm, dot = y_norm.to(f64), y_hat_norm.to(f64), dot.to(f64)
         self.sum_cos += (dot / (y_norm * y_hat_norm).clamp_min(self.eps))[defined].sum()
         self.sum_l2_ratio += (y_hat_norm[defined] / y_norm[defined]).sum()
 
