@@ -22,6 +22,7 @@ from dictlearn.callbacks import ExportOnFitEnd, RunGuard
 from dictlearn.data import ActivationDataModule
 from dictlearn.dictionaries import Dictionary
 from dictlearn.errors import ConfigError, DictLearnError
+from dictlearn.runtime import keep_freed_memory
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else "--help"
     try:
         if command in LIGHTNING_COMMANDS:
+            keep_freed_memory()  # a training process: reuse big freed blocks (dictlearn/runtime.py)
             code = run_lightning(argv)
         elif command in SUBCOMMANDS:
             code = SUBCOMMANDS[command](argv[1:])

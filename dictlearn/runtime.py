@@ -1,0 +1,38 @@
+"""Process settings for fast CPU training, applied by the `dictlearn` command (never on import).
+
+glibc's malloc serves a large allocation with a fresh `mmap` and hands it back to the kernel on
+free, so every training step's big temporaries (the [batch, d_sae] pre-activations are 64 MiB at
+4096 × 4096) are page-faulted in again, zero-filled, each step. On the reference 2-core CPU that
+costs 20–25 % of a [4096, 512] @ [512, 4096] matmul on one core (`benchmarks/RESULTS.md`).
+Raising malloc's mmap and trim thresholds keeps freed blocks in the heap for the next step; the
+price is that the process keeps its peak heap until it exits, which a training run reaches
+anyway. PyTorch's CPU tuning guide recommends a caching allocator (jemalloc, tcmalloc) for the
+same reason; this needs no extra library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameter numbers (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: blocks up to this size come from the heap (glibc's ceiling here is half its heap size limit)
+MMAP_THRESHOLD = 1 << 30
+#: free memory at the heap's top kept rather than returned to the kernel
+TRIM_THRESHOLD = (1 << 31) - 1
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc so freed large tensors are reused, not re-faulted. True if applied;
+    False (and nothing changed) off Linux/glibc or if glibc refuses the values."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
