@@ -210,8 +210,9 @@ def test_topk_sparse_step_matches_an_independent_float64_reference(mode):
         torch.testing.assert_close(grads[name].double(), e, rtol=0, atol=2e-5 * e.abs().max(), msg=name)
 
 
-@pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "relu_l1", "gated", "jumprelu"])
 def test_sparse_step_runs_under_bf16_autocast(mechanism):
+    """bf16 only chooses the support: every loss term stays float32 (a vector `@` would not)."""
     model, x, y = _randomised(mechanism, "sae", torch.float32)
     reference = _step(copy.deepcopy(model), x, y, sparse=True)[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -256,7 +256,7 @@ class Dictionary(L.LightningModule):
             fire_counts = (z != 0).sum(0, dtype=torch.int32)
             # L1 in folded units (SPEC §3.2), like evaluation's encode(); |z| = z when z >= 0.
             magnitudes = z if self.nonnegative_latents else z.abs()
-            sum_abs = magnitudes.sum(0) @ self.latent_scale().to(z.dtype)
+            sum_abs = (magnitudes.sum(0, dtype=torch.promote_types(z.dtype, torch.float32)) * self.latent_scale()).sum()
         return y_hat, losses, fire_counts, sum_abs
 
     def _tries_sparse_path(self) -> bool:
@@ -289,7 +289,8 @@ class Dictionary(L.LightningModule):
         with torch.no_grad():  # bookkeeping from the support: no pass over [batch, d_sae]
             fire_counts = support.fire_counts(z)
             magnitudes = z if self.nonnegative_latents else z.abs()
-            sum_abs = support.column_sums(magnitudes.detach()) @ self.latent_scale().to(z.dtype)
+            # (a·b).sum(), not a @ b: autocast would run the dot in bf16
+            sum_abs = (support.column_sums(magnitudes.detach()) * self.latent_scale()).sum()
         return y_hat, losses, fire_counts, sum_abs
 
     # Hooks of the sparse path; a mechanism with `sparse_selection` set implements the first three.

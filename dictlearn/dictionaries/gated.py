@@ -144,7 +144,8 @@ class GatedSAE(Dictionary):
 
     def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
         gate = (pre_values + self.b_gate.index_select(0, support.cols)).relu()
-        l1 = gate.sum() if self.unit_norm_decoder else support.column_sums(gate) @ self.W_dec.norm(dim=-1)
+        # (a·b).sum(), not a @ b: autocast would run the dot in bf16
+        l1 = gate.sum() if self.unit_norm_decoder else (support.column_sums(gate) * self.W_dec.norm(dim=-1)).sum()
         y_gate = sparse_decode(support, gate, self.W_dec.detach()) + self.b_dec.detach()
         if self.W_skip is not None:
             y_gate = y_gate + x @ self.W_skip.detach().T

@@ -84,7 +84,8 @@ class ReLUL1SAE(Dictionary):
         return pre_values.relu()
 
     def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
-        l1 = z.sum() if self.unit_norm_decoder else support.column_sums(z) @ self.W_dec.norm(dim=-1)
+        # (a·b).sum(), not a @ b: autocast would run the dot in bf16
+        l1 = z.sum() if self.unit_norm_decoder else (support.column_sums(z) * self.W_dec.norm(dim=-1)).sum()
         return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / len(x)}
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
