@@ -1,0 +1,135 @@
+"""The same checks on a CUDA device: sparse step == dense step, bf16 autocast, training through
+Lightning with every mechanism (fp32 and bf16-mixed), and the embedded model's harvest → fit →
+evaluate. Skipped where torch sees no GPU (CI); run by hand on a GPU machine:
+
+    python -m pytest -q tests/test_cuda.py
+
+`DICTLEARN_TEST_DEVICE=cpu` runs the module on the CPU instead (to check the tests themselves).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule
+from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
+from dictlearn.dictionaries.sparse import Support, _gathered_dot, topk_indices
+from test_sparse_paths import MECHANISMS, MODES, _randomised, _step
+
+DEVICE = os.environ.get("DICTLEARN_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+)
+
+
+def _on_device(mechanism: str, mode: str):
+    model, x, y = _randomised(mechanism, mode, torch.float32)
+    return model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mechanism", list(MECHANISMS))
+def test_sparse_step_equals_dense_step_on_the_device(mechanism, mode):
+    """fp32 on the device (TF32 off, torch's default for matmuls), against the device's dense step."""
+    model, x, y = _on_device(mechanism, mode)
+    y_d, loss_d, fire_d, abs_d, grad_d, buf_d = _step(copy.deepcopy(model), x, y, sparse=False)
+    y_s, loss_s, fire_s, abs_s, grad_s, buf_s = _step(copy.deepcopy(model), x, y, sparse=True)
+    tol = 2e-5
+    torch.testing.assert_close(y_s, y_d, rtol=0, atol=tol * y_d.abs().max())
+    for name in loss_d:
+        torch.testing.assert_close(loss_s[name], loss_d[name], rtol=tol, atol=tol, msg=name)
+    assert torch.equal(fire_s, fire_d)
+    torch.testing.assert_close(abs_s, abs_d, rtol=tol, atol=0)
+    assert set(grad_s) == set(grad_d)
+    for name in grad_d:
+        assert grad_s[name].device.type == DEVICE
+        torch.testing.assert_close(grad_s[name], grad_d[name], rtol=0, atol=tol * grad_d[name].abs().max(), msg=name)
+    for name in buf_d:
+        torch.testing.assert_close(buf_s[name], buf_d[name], rtol=tol, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "relu_l1", "gated", "jumprelu"])
+def test_sparse_step_under_bf16_autocast_on_the_device(mechanism):
+    """bf16 chooses the support; values, losses and gradients stay float32."""
+    model, x, y = _on_device(mechanism, "sae")
+    reference = _step(copy.deepcopy(model), x, y, sparse=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = _step(copy.deepcopy(model), x, y, sparse=True)
+    for name in reference[1]:
+        assert got[1][name].dtype == torch.float32
+        assert got[1][name].item() == pytest.approx(reference[1][name].item(), rel=0.05), name
+    for name, grad in got[4].items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+
+
+def test_device_selections_and_gathers():
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(300, 4096, generator=g).to(DEVICE)
+    got = topk_indices(pre, 32).sort(-1).values
+    assert torch.equal(got, pre.topk(32, dim=-1).indices.sort(-1).values)
+    left, right = torch.randn(300, 24, generator=g).to(DEVICE), torch.randn(4096, 24, generator=g).to(DEVICE)
+    support = Support.from_indices(topk_indices(pre, 32), 4096)
+    expected = (left[support.rows] * right[support.cols]).sum(-1)
+    torch.testing.assert_close(_gathered_dot(support, left, right), expected)
+
+
+TRAINERS = {
+    "topk": lambda **kw: TopKSAE(k=16, **kw),
+    "batchtopk": lambda **kw: BatchTopKSAE(k=16, threshold_start_step=5, **kw),
+    "relu_l1": lambda **kw: ReLUL1SAE(**kw),
+    "gated": lambda **kw: GatedSAE(**kw),
+    "jumprelu": lambda **kw: JumpReLUSAE(**kw),
+}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("mechanism", list(TRAINERS))
+def test_training_on_the_device(mechanism, precision, small_file):
+    """20 steps through Lightning on the sparse path: the loss falls, weights stay finite and on
+    the device, unit-norm decoder rows stay unit-norm."""
+    torch.manual_seed(0)
+    model = TRAINERS[mechanism](d_in=16, d_sae=1024, lr=3e-3, sparse_path="always")
+    losses = []
+
+    class Record(__import__("lightning").Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    accelerator = "gpu" if DEVICE == "cuda" else "cpu"
+    trainer = quiet_trainer(accelerator=accelerator, max_steps=20, precision=precision, callbacks=[Record()])
+    trainer.fit(model, ActivationDataModule(small_file, batch_size=256, block_size=64))
+    assert trainer.global_step == 20
+    assert model.W_dec.device.type == DEVICE and model.W_dec.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if model.unit_norm_decoder:  # (the April ReLU-L1 recipe weights L1 by free decoder norms)
+        torch.testing.assert_close(model.W_dec.norm(dim=-1), torch.ones(1024, device=DEVICE), rtol=0, atol=1e-5)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.slow
+def test_embedded_model_harvest_fit_evaluate_on_the_device(tmp_path, capsys):
+    """The quickstart's path on the device: harvest the embedded model, train a TopK SAE on the
+    GPU, evaluate the spliced-in loss there."""
+    from dictlearn.cli import RECIPES_DIR, main
+
+    acts = tmp_path / "acts.h5"
+    assert main(["harvest", "--tokens", "40000", "--out", str(acts), "--device", DEVICE]) == 0
+    accelerator = "gpu" if DEVICE == "cuda" else "cpu"
+    assert main([
+        "fit", "--config", str(RECIPES_DIR / "topk.yaml"), "--data.path", str(acts),
+        "--data.input_key", "transformer.h.2", "--model.d_sae", "1024", "--model.k", "16",
+        "--data.batch_size", "1024", "--trainer.max_steps", "150", "--trainer.accelerator", accelerator,
+        "--trainer.precision", "bf16-mixed", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]) == 0  # fmt: skip
+    export = next((tmp_path / "run").rglob("export/cfg.json")).parent
+    capsys.readouterr()
+    assert main(["evaluate", str(export), "--data", str(acts), "--device", DEVICE]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ce_loss_recovered"] > 0.8 and result["fvu"] < 0.5
