@@ -123,6 +123,20 @@ def test_ddp_shards_are_disjoint_equal_and_cover_single_rank(index_file):
     assert np.intersect1d(np.concatenate(ranks[0]), np.concatenate(ranks[1])).size == 0
 
 
+def test_batch_advises_its_blocks_and_this_ranks_next_batch(index_file, monkeypatch):
+    from dictlearn.data.h5 import H5Array
+
+    advised = []
+    monkeypatch.setattr(H5Array, "will_need", lambda self, slices: advised.append((self.key, list(slices))))
+    dataset = _dm(index_file, target_key="target")._train_loader(1, 3).dataset
+    dataset[(0, 4)]
+    expected = dataset.batch_slices(0, 4) + dataset.batch_slices(0, 7)  # rank 1 of 3 reads 4, then 7
+    assert advised == [("acts", expected), ("target", expected)]
+    advised.clear()
+    dataset[(0, N_BATCHES - 1)]  # last batch: nothing ahead
+    assert advised[0] == ("acts", dataset.batch_slices(0, N_BATCHES - 1))
+
+
 def test_val_shards_equal_count_and_cover_tail(index_file):
     dm = _dm(index_file, batch_size=60)
     shards = [dm.val_slices(r, 3) for r in range(3)]

@@ -132,6 +132,24 @@ def test_read_slices_concatenates_in_order(tmp_path):
         array.read(18, 21)
 
 
+@pytest.mark.skipif(not hasattr(os, "POSIX_FADV_WILLNEED"), reason="no posix_fadvise (macOS, Windows)")
+def test_will_need_advises_the_rows_bytes(tmp_path, monkeypatch):
+    """The advised byte ranges of a contiguous dataset hold exactly the requested rows."""
+    values = np.random.default_rng(2).standard_normal((20, 3)).astype(np.float16)
+    path = _h5(tmp_path / "a.h5", other=np.ones((5, 2)), acts=values)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    H5Array(path, "acts").will_need([(15, 18), (2, 4), (7, 7), (19, 21)])  # empty and out-of-range: skipped
+    raw = path.read_bytes()
+    assert [raw[o : o + n] for o, n, _ in calls] == [values[15:18].tobytes(), values[2:4].tobytes()]
+    assert {advice for *_, advice in calls} == {os.POSIX_FADV_WILLNEED}
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("acts", data=values, chunks=(4, 3))
+    calls.clear()
+    H5Array(tmp_path / "c.h5", "acts").will_need([(0, 4)])  # chunked: no single offset, no advice
+    assert calls == []
+
+
 def test_pickles_without_handle_and_reopens(tmp_path):
     values = np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)
     array = H5Array(_h5(tmp_path / "a.h5", acts=values), "acts")

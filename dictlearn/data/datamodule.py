@@ -69,9 +69,11 @@ class BlockShuffleBatches(Dataset):
     """
 
     def __init__(
-        self, x: H5Array, y: H5Array | None, n_train: int, block_size: int, batch_size: int, seed: int
+        self, x: H5Array, y: H5Array | None, n_train: int, block_size: int, batch_size: int, seed: int,
+        stride: int = 1,
     ):
         self.x, self.y, self.seed = x, y, seed
+        self.stride = stride  # a rank reads batch b + stride after b (stride = world size): read ahead
         self.n_train, self.block_size, self.batch_size = n_train, block_size, batch_size
         self.n_batches = n_train // batch_size  # trailing partial batch dropped
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -109,10 +111,20 @@ class BlockShuffleBatches(Dataset):
     def __getitem__(self, index: tuple[int, int]) -> Batch:
         """``(epoch, b)`` -> ``(x [B, d_in], y [B, d_out])``, rows permuted within the batch."""
         epoch, b = index
-        x, y = _read_pair(self.x, self.y, self.batch_slices(epoch, b))
-        perm = torch.from_numpy(np.random.default_rng([self.seed, _ROW_STREAM, epoch, b]).permutation(len(x)))
-        x_perm = x[perm]
-        return x_perm, (x_perm if self.y is None else y[perm])
+        slices = self.batch_slices(epoch, b)
+        # Start the disk reads of this batch's blocks together, and of the next batch this rank
+        # will ask for, so they overlap each other and this batch's shuffle (no-op when cached).
+        ahead = self.batch_slices(epoch, b + self.stride) if b + self.stride < self.n_batches else []
+        for array in (self.x, self.y):
+            if array is not None:
+                array.will_need(slices + ahead)
+        x, y = _read_pair(self.x, self.y, slices)
+        perm = np.random.default_rng([self.seed, _ROW_STREAM, epoch, b]).permutation(len(x))
+        # The row gather in numpy (one thread, ~1 ms for 8 MiB), not torch's x[perm]: its generic
+        # kernel took 2-3x longer, and torch's 2-thread kernels 10x longer when another process
+        # held a core (benchmarks/RESULTS.md, "Data loader").
+        x_perm = torch.from_numpy(x.numpy()[perm])
+        return x_perm, (x_perm if self.y is None else torch.from_numpy(y.numpy()[perm]))
 
 
 class EpochBatchSampler(Sampler):
@@ -283,7 +295,7 @@ class ActivationDataModule(L.LightningDataModule):
     def _train_loader(self, rank: int, world_size: int) -> ResumableLoader:
         """This rank's resumable training loader (tests call it directly to simulate DDP)."""
         dataset = BlockShuffleBatches(
-            self.inputs, self.targets, self.n_train, self.block_size, self.batch_size, self.seed
+            self.inputs, self.targets, self.n_train, self.block_size, self.batch_size, self.seed, world_size
         )
         if dataset.n_batches < world_size:
             raise DataError(

@@ -166,6 +166,26 @@ class H5Array:
             self._dataset = self._file[self.key]
         return self._dataset
 
+    def will_need(self, slices: Sequence[tuple[int, int]]) -> None:
+        """Ask the OS to start reading these row ranges into the page cache, without waiting.
+
+        For a file that is not in the page cache, the ranges' disk reads then run concurrently
+        (and beside other work) instead of one after another inside `read_slices`: a 4096-row
+        batch of eight 512-row blocks from a cold contiguous file read ~2x faster
+        (benchmarks/RESULTS.md, "Data loader"). Only a contiguous dataset has one file offset;
+        for a chunked one, or without ``posix_fadvise`` (macOS, Windows), this does nothing.
+        """
+        ds = self._handle()
+        offset = ds.id.get_offset()
+        if offset is None or not hasattr(os, "POSIX_FADV_WILLNEED"):
+            return
+        fd, row_bytes = self._file.id.get_vfd_handle(), self.d * ds.dtype.itemsize
+        for start, stop in slices:
+            if 0 <= start < stop <= self.n_rows:
+                with contextlib.suppress(OSError):  # advice only: the read itself reports errors
+                    os.posix_fadvise(fd, offset + start * row_bytes, (stop - start) * row_bytes,
+                                     os.POSIX_FADV_WILLNEED)
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows `[start, stop)` -> float32 tensor `[stop - start, d]`."""
         return self.read_slices([(start, stop)])
