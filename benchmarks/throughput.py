@@ -1,29 +1,38 @@
-"""Training throughput of every dictlearn architecture, dense and sparse paths, in one run.
+"""Training throughput of every dictlearn architecture, dense and sparse paths, and its peers, in one run.
 
 Standard workload (issue 5): d_in 512, d_sae 4096, k 32, batch 4096 tokens, fp32. Each run trains
 through the path a user gets (`Trainer.fit` on an HDF5 file through `ActivationDataModule`, metrics
 and logging on, gradient clipping 1.0): `--warmup` steps, then the median of `--steps` timed steps.
-Every (architecture, path) runs in its own subprocess so its peak memory can be measured; the
-dense (`sparse_path=never`) and automatic runs of an architecture alternate their order.
+Every (architecture, path) runs in its own subprocess so its peak memory can be measured.
+
+Peers: with the `bench` extra installed (SAELens, sparsify; `benchmarks/install_peers.sh` adds
+dictionary_learning in a separate venv), the same workload also runs through each peer's own
+model, loss and optimiser step, one subprocess per (peer, architecture); benchmarks/peers.py says
+how each step mirrors its trainer. A peer that is not installed is skipped with a note. The runs of
+an architecture (dense, automatic, then the peers) alternate their order between architectures.
+The last lines give dictlearn's automatic path over the fastest peer of the same architecture.
 
     python benchmarks/throughput.py                       # the standard workload on CPU
     python benchmarks/throughput.py --smoke               # 2 steps per run: does it all work?
+    python benchmarks/throughput.py --paths none          # the peers only
+    python benchmarks/throughput.py --peers none          # dictlearn only
     python benchmarks/throughput.py --device cuda --d-in 768 --d-sae 24576 --k 32 --dtype bf16
     python benchmarks/throughput.py --check-cli           # `dictlearn fit` against the benchmark
 
 Columns: tokens/s, median step, achieved GFLOP/s of the dense-equivalent step (12·d_in·d_sae
 FLOPs per token, whatever the path actually computes) against the measured matmul peak, the
-training's peak memory (CPU: max-RSS growth of the subprocess during `fit`; CUDA:
-`max_memory_allocated`), the mean L0 and the fraction of steps that took the sparse path.
+training's peak memory (CPU: max-RSS growth of the subprocess during `fit` or the peer's steps;
+CUDA: `max_memory_allocated`), the mean L0 and the fraction of steps that took the sparse path.
 
 Threshold mechanisms (ReLU-L1, gated, JumpReLU) are dense at initialisation and sparse once
 trained; their sparse path is chosen per batch. With `--trained-sparsity` (default on) their
 biases / thresholds are set at the start so every latent fires on a fraction k/d_sae of tokens,
 the state of a trained dictionary at L0 ≈ k; `--no-trained-sparsity` measures the
-initialisation (dense) state.
+initialisation (dense) state. The peers train from their own initialisation: their steps are
+dense matmuls, whose cost does not depend on the L0.
 
-Not yet here: the peers (SAELens, sparsify, dictionary_learning) in the same run, through their
-own models, losses and optimiser steps; the issue's peer table in RESULTS.md is the reference.
+The dictlearn workers tune glibc malloc as `dictlearn fit` does (`dictlearn/runtime.py`: freed
+large blocks stay in the heap); the peers' processes run with the allocator as their users get it.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import peers
 
 ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu")
 PATHS = ("never", "auto")  # dense reference, then what a user gets
@@ -131,7 +142,9 @@ def worker(args) -> dict:
     import torch
 
     from dictlearn import ActivationDataModule
+    from dictlearn.runtime import keep_freed_memory
 
+    keep_freed_memory()  # as `dictlearn fit` does (dictlearn/runtime.py); the peers run without it
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
     timer, probe = _callbacks(args.warmup, args.k, args.trained_sparsity)
@@ -262,7 +275,10 @@ def parse_args(argv=None):
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
-    parser.add_argument("--paths", default=",".join(PATHS), help="sparse_path values to run: never, auto, always")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help="sparse_path values to run: never, auto, always; none for the peers only")
+    parser.add_argument("--peers", default="all",
+                        help=f"all (those installed), none, or a comma list of {', '.join(peers.ROWS)}")
     parser.add_argument("--trained-sparsity", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--smoke", action="store_true", help="2 timed steps, 1 warm-up: checks, not numbers")
     parser.add_argument("--check-cli", action="store_true", help="time `dictlearn fit` with a recipe instead")
@@ -287,7 +303,8 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(args.threads)
     architectures = [a for a in args.architectures.split(",") if a]
-    paths = [p for p in args.paths.split(",") if p]
+    paths = [p for p in args.paths.split(",") if p and p != "none"]
+    peer_rows, notes = peers.select(args.peers)
     with tempfile.TemporaryDirectory() as folder:
         args.path = str(Path(folder) / "bench.h5")
         write_data(args.path, args.batch * (args.steps + args.warmup + 3), args.d_in)
@@ -299,19 +316,55 @@ def main(argv=None) -> None:
         print(f"{describe_machine(args)}; matmul peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s")
         print(f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, {args.dtype}, "
               f"{args.steps} timed steps after {args.warmup}; trained sparsity {'on' if args.trained_sparsity else 'off'}")
-        header = f"{'architecture':<12}{'path':>7}{'tokens/s':>10}{'step ms':>9}{'GFLOP/s':>9}{'% peak':>8}{'mem MiB':>9}{'L0':>8}{'sparse':>8}{'speedup':>9}"
-        print(header)
-        flops_per_token = 12 * args.d_in * args.d_sae
+        for note in notes:
+            print(note)
+        print(f"{'architecture':<13}{'run':<20}{'tokens/s':>9}{'step ms':>9}{'GFLOP/s':>9}{'% peak':>8}"
+              f"{'mem MiB':>9}{'L0':>8}{'sparse':>8}{'speedup':>9}")
+        summary = []
         for index, name in enumerate(architectures):
-            order = paths if index % 2 == 0 else paths[::-1]  # alternate which path runs first
-            results = {path: run_worker(args, name, path) for path in order}
-            for path in paths:
-                r = results[path]
-                gflops = flops_per_token * args.batch / r["step"] / 1e9
-                speedup = results[paths[0]]["step"] / r["step"]
-                print(f"{name:<12}{path:>7}{args.batch / r['step']:>10,.0f}{r['step'] * 1e3:>9.1f}{gflops:>9.0f}"
-                      f"{100 * gflops / peak:>8.0f}{r['memory'] / 2**20:>9.0f}{r['l0']:>8.1f}"
-                      f"{r['sparse_fraction']:>8.0%}{speedup:>8.2f}x", flush=True)
+            results = run_architecture(args, name, paths, peer_rows, reverse=index % 2 == 1)
+            dense = results.get(("dictlearn", paths[0])) if paths else None
+            for (kind, run), r in results.items():
+                label = run if kind == "dictlearn" else peers.ROWS[run].label
+                print(format_row(args, name, label, r, dense if kind == "dictlearn" else None, peak), flush=True)
+            summary.append(auto_over_fastest_peer(args, name, results))
+        if any(summary):
+            print("dictlearn auto / fastest peer (same architecture, this run):")
+            print("\n".join(f"  {line}" for line in summary if line))
+
+
+def run_architecture(args, name: str, paths: list[str], peer_rows: list[str], reverse: bool) -> dict:
+    """Every run of one architecture, keyed ("dictlearn", path) or ("peer", row), in table order."""
+    runs = [("dictlearn", path) for path in paths]
+    runs += [("peer", row) for row in peer_rows if name in peers.ROWS[row].architectures]
+    results = {}
+    for kind, run in runs[::-1] if reverse else runs:
+        results[(kind, run)] = run_worker(args, name, run) if kind == "dictlearn" else peers.run_peer(args, run, name)
+    return {key: results[key] for key in runs}
+
+
+def auto_over_fastest_peer(args, name: str, results: dict) -> str | None:
+    """`topk  1.23x  (auto 7,100 vs sparsify 5,800 tokens/s)`; None without an auto run and a timed peer."""
+    auto = results.get(("dictlearn", "auto"))
+    timed = {run: r for (kind, run), r in results.items() if kind == "peer" and "step" in r}
+    if auto is None or not timed:
+        return None
+    fastest = min(timed, key=lambda run: timed[run]["step"])
+    peer = timed[fastest]
+    return (f"{name:<11}{peer['step'] / auto['step']:>6.2f}x  (auto {args.batch / auto['step']:,.0f} vs "
+            f"{peers.ROWS[fastest].label} {args.batch / peer['step']:,.0f} tokens/s)")
+
+
+def format_row(args, name: str, label: str, r: dict, dense: dict | None, peak: float) -> str:
+    """One table row; a peer's row (no `dense` reference) has no sparse fraction or speedup."""
+    if "step" not in r:
+        return f"{name:<13}{label:<20}" + (f"skipped: {r['skip']}" if "skip" in r else f"failed: {r['error']}")
+    gflops = 12 * args.d_in * args.d_sae * args.batch / r["step"] / 1e9  # dense-equivalent FLOPs
+    row = (f"{name:<13}{label:<20}{args.batch / r['step']:>9,.0f}{r['step'] * 1e3:>9.1f}{gflops:>9.0f}"
+           f"{100 * gflops / peak:>8.0f}{r['memory'] / 2**20:>9.0f}{r['l0']:>8.1f}")
+    if dense is None:
+        return row
+    return row + f"{r['sparse_fraction']:>8.0%}{dense['step'] / r['step']:>8.2f}x"
 
 
 if __name__ == "__main__":

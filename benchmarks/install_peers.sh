@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A separate virtual environment with dictlearn and its peers (SAELens, sparsify, dictionary_learning)
+# for benchmarks/throughput.py; the project's own .venv is left alone. Safe to run again.
+#
+#     bash benchmarks/install_peers.sh              # creates or updates .bench-venv
+#     bash benchmarks/install_peers.sh /some/venv
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-$root/.bench-venv}"
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip() { "$venv/bin/python" -m pip --quiet --disable-pip-version-check "$@"; }
+
+# The CPU build of torch first, so nothing below resolves `torch>=` to a CUDA build.
+pip install torch==2.13.0
+pip install -e "$root[dev,bench]"  # the `bench` extra: SAELens and sparsify (eai-sparsify)
+
+# dictionary_learning requires nnsight, whose requirements pull a CUDA torch (and torchvision,
+# diffusers, umap-learn, ...). Its trainers import only nnsight's module tree, which needs
+# python-socketio; the rest of either package's requirements are unused here.
+pip install --no-deps dictionary-learning==0.1.0 nnsight==0.3.7
+pip install python-socketio
+
+"$venv/bin/python" - <<'EOF'
+import importlib.metadata as metadata
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch
+import dictionary_learning.trainers  # noqa: F401  (fails here if an import is missing)
+
+assert torch.__version__.endswith("+cpu"), f"torch {torch.__version__}: expected the CPU build"
+for name in ("torch", "dictlearn", "sae-lens", "eai-sparsify", "dictionary-learning", "nnsight"):
+    print(f"{name} {metadata.version(name)}")
+EOF
