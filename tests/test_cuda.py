@@ -88,6 +88,17 @@ TRAINERS = {
 }
 
 
+def test_auto_path_under_autocast_on_the_device():
+    """On a GPU under bf16 autocast TopK, BatchTopK and ReLU-L1 take the dense path (tensor cores
+    outrun the gathers); gated and JumpReLU keep their sparse path (measured faster there). On the
+    CPU, AMX or not, every mechanism keeps it."""
+    models = {name: make(d_in=16, d_sae=4096).to(DEVICE) for name, make in TRAINERS.items()}
+    assert all(model._tries_sparse_path() for model in models.values())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        sparse = {name for name, model in models.items() if model._tries_sparse_path()}
+    assert sparse == ({"gated", "jumprelu"} if DEVICE == "cuda" else set(TRAINERS))
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("mechanism", list(TRAINERS))
 def test_training_on_the_device(mechanism, precision, small_file):
@@ -95,20 +106,21 @@ def test_training_on_the_device(mechanism, precision, small_file):
     the device, unit-norm decoder rows stay unit-norm."""
     torch.manual_seed(0)
     model = TRAINERS[mechanism](d_in=16, d_sae=1024, lr=3e-3, sparse_path="always")
-    losses = []
+    losses, devices = [], set()
 
     class Record(__import__("lightning").Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
+            devices.add(pl_module.W_dec.device.type)  # (Lightning moves the model back to the CPU at the end)
 
     accelerator = "gpu" if DEVICE == "cuda" else "cpu"
     trainer = quiet_trainer(accelerator=accelerator, max_steps=20, precision=precision, callbacks=[Record()])
     trainer.fit(model, ActivationDataModule(small_file, batch_size=256, block_size=64))
     assert trainer.global_step == 20
-    assert model.W_dec.device.type == DEVICE and model.W_dec.dtype == torch.float32
+    assert devices == {DEVICE} and model.W_dec.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if model.unit_norm_decoder:  # (the April ReLU-L1 recipe weights L1 by free decoder norms)
-        torch.testing.assert_close(model.W_dec.norm(dim=-1), torch.ones(1024, device=DEVICE), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.W_dec.norm(dim=-1), torch.ones(1024), rtol=0, atol=1e-5)
     assert sum(losses[-5:]) < sum(losses[:5])
 
 

@@ -57,6 +57,7 @@ class GatedSAE(Dictionary):
 
     sae_lens_architecture = "gated"
     sparse_selection = "per_batch"
+    sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (base.py)
 
     def __init__(
         self,
