@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt parameter numbers (glibc malloc.h)
@@ -26,8 +27,9 @@ TRIM_THRESHOLD = (1 << 31) - 1
 
 def keep_freed_memory() -> bool:
     """Tune glibc malloc so freed large tensors are reused, not re-faulted. True if applied;
-    False (and nothing changed) off Linux/glibc or if glibc refuses the values."""
-    if not sys.platform.startswith("linux"):
+    False (and nothing changed) off Linux/glibc, if glibc refuses the values, or when the
+    environment sets DICTLEARN_KEEP_FREED_MEMORY=0 (a run that must keep its peak memory low)."""
+    if not sys.platform.startswith("linux") or os.environ.get("DICTLEARN_KEEP_FREED_MEMORY") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
