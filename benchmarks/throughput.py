@@ -245,6 +245,7 @@ def check_cli(args) -> None:
                 "--trainer.max_steps", str(steps), "--trainer.default_root_dir", f"{root}/{steps}",
                 "--trainer.enable_progress_bar", "false", "--trainer.accelerator", args.device,
                 "--model.d_sae", str(args.d_sae),
+                "--trainer.precision", "bf16-mixed" if args.dtype == "bf16" else "32-true",
             ]
             if args.cli_recipe in ("topk", "batchtopk"):
                 command += ["--model.k", str(args.k)]
