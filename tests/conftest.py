@@ -92,6 +92,50 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**(defaults | kwargs))
 
 
+class _Crash(L.Callback):
+    """Raises at the start of step `at`, as a killed run would stop."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("injected crash")
+
+
+def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, checkpoint_every: int,
+                     crash_at: int, resume_step: int, callbacks=()) -> tuple:
+    """Trains `make_model()` (seeded) for `steps` steps of 256 tokens with a checkpoint every
+    `checkpoint_every`; trains it again, crashing at step `crash_at`; resumes that run from its
+    checkpoint at `resume_step`. `callbacks` join the reference run only.
+    -> (reference model, resumed model, the checkpoint's path)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dictlearn import ActivationDataModule
+    from dictlearn.callbacks import RunGuard
+
+    def fit(run_folder: Path, extra=(), ckpt_path=None):
+        L.seed_everything(0)
+        model = make_model()
+        checkpoint = ModelCheckpoint(dirpath=run_folder, every_n_train_steps=checkpoint_every, save_top_k=-1)
+        trainer = quiet_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *extra])
+        trainer.fit(model, ActivationDataModule(data_path, batch_size=256, block_size=64), ckpt_path=ckpt_path)
+        return model
+
+    reference = fit(Path(folder) / "reference", callbacks)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        fit(Path(folder) / "crashed", [_Crash(crash_at)])
+    checkpoint = Path(folder) / "crashed" / f"epoch=0-step={resume_step}.ckpt"
+    assert checkpoint.is_file()
+    return reference, fit(Path(folder) / "crashed", ckpt_path=str(checkpoint)), checkpoint
+
+
+def assert_same_state(reference, resumed) -> None:
+    """Every parameter and buffer bit-identical."""
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+
+
 @pytest.fixture(scope="session")
 def transcoder_recovery_files(tmp_path_factory):
     """Transcoder ground truth for recovery: 128 true features in d = 64 (2x overcomplete), mean 4

@@ -11,9 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import fit_recipe, quiet_trainer
+from conftest import assert_same_state, crash_and_resume, fit_recipe, quiet_trainer
 from dictlearn import ActivationDataModule, load
-from dictlearn.callbacks import RunGuard
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.errors import ConfigError
 from dictlearn.export import export
@@ -274,27 +273,10 @@ def test_recipe_runs_through_the_cli(small_file, tmp_path):
 
 
 # ------------------------------------------------------------------ exact resume
-class _Crash(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 17:
-            raise RuntimeError("injected crash")
-
-
-def _fit_for_resume(small_file, ckpt_dir, callbacks=(), ckpt_path=None):
-    L.seed_everything(0)
-    model = GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3)  # λ and LR warm-ups span the resume
-    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1)
-    trainer = quiet_trainer(max_steps=24, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *callbacks])
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
-    return model
-
-
 def test_resume_is_bit_identical(small_file, tmp_path):
-    reference = _fit_for_resume(small_file, tmp_path / "reference")
-    with pytest.raises(RuntimeError, match="injected crash"):
-        _fit_for_resume(small_file, tmp_path / "crashed", callbacks=[_Crash()])
-    checkpoint = tmp_path / "crashed" / "epoch=0-step=14.ckpt"
-    resumed = _fit_for_resume(small_file, tmp_path / "crashed", ckpt_path=str(checkpoint))
-    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), f"{name} differs after resume"
+    def make():  # λ and LR warm-ups span the resume
+        return GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3)
+
+    reference, resumed, _ = crash_and_resume(make, small_file, tmp_path, steps=24, checkpoint_every=7,
+                                             crash_at=17, resume_step=14)
+    assert_same_state(reference, resumed)

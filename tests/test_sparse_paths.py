@@ -10,11 +10,9 @@ import copy
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import quiet_trainer
+from conftest import assert_same_state, crash_and_resume, quiet_trainer
 from dictlearn import ActivationDataModule
-from dictlearn.callbacks import RunGuard
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import (
     Support, _gathered_dot, _sampled_dot, dense_affine, flat_topk_indices, sparse_affine, sparse_decode,
@@ -166,21 +164,27 @@ def test_sparse_step_equals_dense_step(mechanism, mode, dtype, tol):
     model, x, y = _randomised(mechanism, mode, dtype)
     dense = _step(copy.deepcopy(model), x, y, sparse=False)
     sparse = _step(copy.deepcopy(model), x, y, sparse=True)
-    (y_d, loss_d, fire_d, abs_d, grad_d, buf_d), (y_s, loss_s, fire_s, abs_s, grad_s, buf_s) = dense, sparse
-    assert fire_d.sum() > 0 and set(loss_d) == set(loss_s)
+    assert dense[2].sum() > 0 and set(dense[1]) == set(sparse[1])
     if mechanism in ("topk", "batchtopk"):
-        assert "auxk" in loss_d
-    scale = y_d.abs().max()
-    torch.testing.assert_close(y_s, y_d, rtol=0, atol=tol * scale)
+        assert "auxk" in dense[1]
+    assert_steps_agree(dense, sparse, tol)
+
+
+def assert_steps_agree(dense: tuple, sparse: tuple, tol: float) -> None:
+    """Two `_step` results agree: output, each loss, fire counts, L1 sum, every gradient (each one
+    exercised) and buffer (BatchTopK's θ update included), to `tol` relative to each one's scale."""
+    (y_d, loss_d, fire_d, abs_d, grad_d, buf_d), (y_s, loss_s, fire_s, abs_s, grad_s, buf_s) = dense, sparse
+    torch.testing.assert_close(y_s, y_d, rtol=0, atol=tol * y_d.abs().max())
     for name in loss_d:
         torch.testing.assert_close(loss_s[name], loss_d[name], rtol=tol, atol=tol, msg=name)
     assert torch.equal(fire_s, fire_d)
     torch.testing.assert_close(abs_s, abs_d, rtol=tol, atol=0)
     assert set(grad_s) == set(grad_d)
     for name in grad_d:
-        assert grad_d[name].abs().max() > 0, name  # every gradient is exercised
+        assert grad_d[name].abs().max() > 0, name
+        assert grad_s[name].device == grad_d[name].device, name
         torch.testing.assert_close(grad_s[name], grad_d[name], rtol=0, atol=tol * grad_d[name].abs().max(), msg=name)
-    for name in buf_d:  # BatchTopK's θ update included
+    for name in buf_d:
         torch.testing.assert_close(buf_s[name], buf_d[name], rtol=tol, atol=0, msg=name)
 
 
@@ -247,9 +251,6 @@ def test_per_batch_mechanisms_choose_the_path_from_the_batch_density():
 
 
 # ------------------------------------------------------------------ training through Lightning
-TOTAL_STEPS, CHECKPOINT_EVERY, CRASH_AT = 20, 6, 9
-
-
 class _SawDead(L.Callback):
     """Records whether any latent was dead at the start of some step (so AuxK ran)."""
 
@@ -259,40 +260,31 @@ class _SawDead(L.Callback):
         self.seen |= bool(pl_module.dead_mask.any())
 
 
-class _Crash(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == CRASH_AT:
-            raise RuntimeError("injected crash")
-
-
-def _fit(mechanism, small_file, folder, sparse_path="always", callbacks=(), ckpt_path=None, steps=TOTAL_STEPS):
-    L.seed_everything(0)
+def _make(mechanism, sparse_path="always"):
     kwargs = dict(d_in=16, d_sae=48, lr=3e-3, sparse_path=sparse_path, dead_window_tokens=256)
-    model = {"topk": lambda: TopKSAE(k=3, **kwargs), "jumprelu": lambda: JumpReLUSAE(threshold_init=0.3, **kwargs),
-             "batchtopk": lambda: BatchTopKSAE(k=3, threshold_start_step=5, **kwargs)}[mechanism]()
-    dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
-    checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=CHECKPOINT_EVERY, save_top_k=-1)
-    trainer = quiet_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *callbacks])
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
-    return model
+    return {"topk": lambda: TopKSAE(k=3, **kwargs), "jumprelu": lambda: JumpReLUSAE(threshold_init=0.3, **kwargs),
+            "batchtopk": lambda: BatchTopKSAE(k=3, threshold_start_step=5, **kwargs)}[mechanism]()
 
 
 @pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "jumprelu"])
 def test_sparse_training_resumes_bit_identically(mechanism, small_file, tmp_path):
     saw_dead = _SawDead()
-    reference = _fit(mechanism, small_file, tmp_path / "reference", callbacks=[saw_dead])
-    with pytest.raises(RuntimeError, match="injected crash"):
-        _fit(mechanism, small_file, tmp_path / "crashed", callbacks=[_Crash()])
-    checkpoint = tmp_path / "crashed" / "epoch=0-step=6.ckpt"
-    resumed = _fit(mechanism, small_file, tmp_path / "crashed", ckpt_path=str(checkpoint))
+    reference, resumed, _ = crash_and_resume(lambda: _make(mechanism), small_file, tmp_path, steps=20,
+                                             checkpoint_every=6, crash_at=9, resume_step=6, callbacks=[saw_dead])
     assert saw_dead.seen or mechanism != "topk"  # AuxK ran (TopK; BatchTopK fires every latent here)
-    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), f"{name} differs after resume"
+    assert_same_state(reference, resumed)
+
+
+def _fit(mechanism, small_file, sparse_path, steps=5):
+    L.seed_everything(0)
+    model = _make(mechanism, sparse_path)
+    quiet_trainer(max_steps=steps).fit(model, ActivationDataModule(small_file, batch_size=256, block_size=64))
+    return model
 
 
 def test_sparse_and_dense_training_agree_over_steps(small_file, tmp_path):
-    sparse = _fit("topk", small_file, tmp_path / "s", sparse_path="always", steps=5)
-    dense = _fit("topk", small_file, tmp_path / "d", sparse_path="never", steps=5)
+    sparse = _fit("topk", small_file, sparse_path="always")
+    dense = _fit("topk", small_file, sparse_path="never")
     for (name, a), (_, b) in zip(sparse.state_dict().items(), dense.state_dict().items()):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
