@@ -142,9 +142,8 @@ def worker(args) -> dict:
     import torch
 
     from dictlearn import ActivationDataModule
-    from dictlearn.runtime import keep_freed_memory
+    from dictlearn.callbacks import KeepFreedMemory
 
-    keep_freed_memory()  # as `dictlearn fit` does (dictlearn/runtime.py); the peers run without it
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
     timer, probe = _callbacks(args.warmup, args.k, args.trained_sparsity)
@@ -153,7 +152,7 @@ def worker(args) -> dict:
         accelerator=args.device, devices=1, max_steps=args.steps + args.warmup + 1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, precision=precision,
-        callbacks=[timer, probe],
+        callbacks=[timer, probe, KeepFreedMemory()],  # as `dictlearn fit` (dictlearn/runtime.py); peers run without
     )
     data = ActivationDataModule(args.path, batch_size=args.batch, val_rows=0)
     model = build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path)

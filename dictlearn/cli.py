@@ -18,11 +18,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dictlearn.callbacks import ExportOnFitEnd, RunGuard
+from dictlearn.callbacks import ExportOnFitEnd, KeepFreedMemory, RunGuard
 from dictlearn.data import ActivationDataModule
 from dictlearn.dictionaries import Dictionary
 from dictlearn.errors import ConfigError, DictLearnError
-from dictlearn.runtime import keep_freed_memory
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -116,7 +115,7 @@ def run_lightning(argv: list[str]) -> int:
             subclass_mode_model=True,
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs,
-            trainer_defaults={"callbacks": [guard, ExportOnFitEnd()]},
+            trainer_defaults={"callbacks": [guard, ExportOnFitEnd(), KeepFreedMemory()]},
             args=argv,
             guard=guard,
         )
@@ -143,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else "--help"
     try:
         if command in LIGHTNING_COMMANDS:
-            keep_freed_memory()  # a training process: reuse big freed blocks (dictlearn/runtime.py)
             code = run_lightning(argv)
         elif command in SUBCOMMANDS:
             code = SUBCOMMANDS[command](argv[1:])

@@ -1,13 +1,14 @@
-"""Process settings for fast CPU training, applied by the `dictlearn` command (never on import).
+"""Process settings for fast CPU training, applied when `dictlearn fit` starts training (the
+`KeepFreedMemory` callback), never on import.
 
 glibc's malloc serves a large allocation with a fresh `mmap` and hands it back to the kernel on
 free, so every training step's big temporaries (the [batch, d_sae] pre-activations are 64 MiB at
 4096 × 4096) are page-faulted in again, zero-filled, each step. On the reference 2-core CPU that
 costs 20–25 % of a [4096, 512] @ [512, 4096] matmul on one core (`benchmarks/RESULTS.md`).
-Raising malloc's mmap and trim thresholds keeps freed blocks in the heap for the next step; the
-price is that the process keeps its peak heap until it exits, which a training run reaches
-anyway. PyTorch's CPU tuning guide recommends a caching allocator (jemalloc, tcmalloc) for the
-same reason; this needs no extra library.
+Raising malloc's mmap and trim thresholds keeps freed blocks in the heap for the next step. The
+price: the process keeps its peak heap until it exits. Applied once training starts (after the
+data-dependent initialisation), that peak is the training steps' own. PyTorch's CPU tuning guide
+recommends a caching allocator (jemalloc, tcmalloc) for the same reason; this needs no library.
 """
 
 from __future__ import annotations

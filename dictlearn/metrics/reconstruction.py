@@ -75,7 +75,7 @@ class ReconstructionMetrics(SumStateMetric):
         # detach: forward() enables grad, and a graph attached to a state would be kept alive.
         # Per-token reductions run in the inputs' precision (float32 at least: ~1e-7 relative per
         # token); every running total is float64, so sums over 1e8 tokens do not drift. (A float64
-        # copy of each batch cost 1/8 of a sparse training step; these reductions cost 1/10 of it.)
+        # copy of each batch cost 1/8 of a sparse training step; these reductions a tenth of that.)
         dtype = torch.promote_types(target.dtype, torch.float32)
         y = target.detach().reshape(-1, target.shape[-1]).to(dtype)
         y_hat = reconstruction.detach().reshape(-1, target.shape[-1]).to(dtype)
