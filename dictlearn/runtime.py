@@ -29,7 +29,7 @@ TRIM_THRESHOLD = (1 << 31) - 1
 def keep_freed_memory() -> bool:
     """Tune glibc malloc so freed large tensors are reused, not re-faulted. True if applied;
     False (and nothing changed) off Linux/glibc, if glibc refuses the values, or when the
-    environment sets DICTLEARN_KEEP_FREED_MEMORY=0 (a run that must keep its peak memory low)."""
+    environment sets DICTLEARN_KEEP_FREED_MEMORY=0 (to measure or run with the stock allocator)."""
     if not sys.platform.startswith("linux") or os.environ.get("DICTLEARN_KEEP_FREED_MEMORY") == "0":
         return False
     try:
