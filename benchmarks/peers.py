@@ -37,13 +37,14 @@ import argparse
 import importlib.util
 import itertools
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from typing import Callable, NamedTuple
+
+from measure import PeakMemory
 
 ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu")
 
@@ -254,26 +255,19 @@ def worker(args) -> dict:
     total = args.warmup + args.steps
     data = torch.randn(total * args.batch, args.d_in, generator=torch.Generator().manual_seed(0))
     cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
-    for index in range(total):
-        x = data[index * args.batch:(index + 1) * args.batch]
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        peer.step(x)
-        if cuda:
-            torch.cuda.synchronize()
-        if index >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if cuda:
-        memory = torch.cuda.max_memory_allocated() - before
-    else:  # ru_maxrss is in KiB on Linux
-        memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    return {"step": statistics.median(times), "memory": memory, "l0": peer.l0(x)}
+    with PeakMemory(args.device) as memory:
+        for index in range(total):
+            x = data[index * args.batch:(index + 1) * args.batch]
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            peer.step(x)
+            if cuda:
+                torch.cuda.synchronize()
+            if index >= args.warmup:
+                times.append(time.perf_counter() - start)
+    return {"step": statistics.median(times), "memory": memory.bytes, "l0": peer.l0(x)}
 
 
 def main(argv=None) -> None:

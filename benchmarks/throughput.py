@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import time
 from pathlib import Path
 
 import peers
+from measure import PeakMemory
 
 ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu")
 PATHS = ("never", "auto")  # dense reference, then what a user gets
@@ -156,19 +156,12 @@ def worker(args) -> dict:
     )
     data = ActivationDataModule(args.path, batch_size=args.batch, val_rows=0)
     model = build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    trainer.fit(model, data)
-    if args.device == "cuda":
-        memory = torch.cuda.max_memory_allocated() - before
-    else:  # ru_maxrss is in KiB on Linux
-        memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    with PeakMemory(args.device) as memory:
+        trainer.fit(model, data)
     density = model.train_density
     return {
         "step": statistics.median(timer.times),
-        "memory": memory,
+        "memory": memory.bytes,
         "l0": float(density.fire_counts.sum() / density.n_tokens.clamp_min(1)),
         "sparse_fraction": probe.sparse_steps / max(1, probe.steps),
     }
