@@ -100,17 +100,17 @@ def _callbacks(warmup: int, k: int, trained_sparsity: bool):
             self.sparse_steps = self.steps = 0
 
         def on_train_start(self, trainer, pl_module):
-            if trained_sparsity and pl_module.sparse_selection == "per_batch":
-                _set_trained_sparsity(pl_module, trainer.datamodule, k)
-            if pl_module.sparse_selection is not None:
-                original = pl_module.train_support
+            model = pl_module.dictionary
+            if trained_sparsity and model.sparse_l0() is None:
+                _set_trained_sparsity(model, trainer.datamodule, k)
+            original = model.train_support  # every mechanism has a sparse path
 
-                def counting(pre):
-                    support = original(pre)
-                    self.sparse_steps += support is not None
-                    return support
+            def counting(pre):
+                support = original(pre)
+                self.sparse_steps += support is not None
+                return support
 
-                pl_module.train_support = counting
+            model.train_support = counting
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.steps += 1
@@ -141,7 +141,7 @@ def worker(args) -> dict:
     import lightning as L
     import torch
 
-    from dictlearn import ActivationDataModule
+    from dictlearn import ActivationDataModule, DictionaryTraining
     from dictlearn.callbacks import KeepFreedMemory
 
     torch.set_num_threads(args.threads)
@@ -155,10 +155,10 @@ def worker(args) -> dict:
         callbacks=[timer, probe, KeepFreedMemory()],  # as `dictlearn fit` (dictlearn/runtime.py); peers run without
     )
     data = ActivationDataModule(args.path, batch_size=args.batch, val_rows=0)
-    model = build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path)
+    training = DictionaryTraining(build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path))
     with PeakMemory(args.device) as memory:
-        trainer.fit(model, data)
-    density = model.train_density
+        trainer.fit(training, data)
+    density = training.metrics["model"].train_density
     return {
         "step": statistics.median(timer.times),
         "memory": memory.bytes,
@@ -232,7 +232,7 @@ def check_cli(args) -> None:
         for steps in (short, long):
             command = [
                 sys.executable, "-c", "import sys; from dictlearn.cli import main; sys.exit(main())",
-                "fit", "--config", str(Path(__file__).parents[1] / "recipes" / f"{args.cli_recipe}.yaml"),
+                "fit", "--config", args.cli_recipe,
                 "--data.path", args.path, "--data.input_key", "acts", "--data.batch_size", str(args.batch),
                 "--trainer.max_steps", str(steps), "--trainer.default_root_dir", f"{root}/{steps}",
                 "--trainer.enable_progress_bar", "false", "--trainer.accelerator", args.device,

@@ -143,29 +143,32 @@ class KeepFreedMemory(L.Callback):
 
 
 class ExportOnFitEnd(L.Callback):
-    """At the end of a completed fit, write the export into `<log_dir>/export` (rank 0)."""
+    """At the end of a completed fit, write each dictionary's export (rank 0): `<log_dir>/export`
+    for a single dictionary, `<log_dir>/exports/<name>` for each member of a sweep."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or not trainer.is_global_zero:
             return
         from dictlearn.export import export  # export builds on the dictionaries; imported late
 
-        folder = Path(_log_dir(trainer) or trainer.default_root_dir) / "export"
+        log_dir = Path(_log_dir(trainer) or trainer.default_root_dir)
         datamodule = trainer.datamodule
-        attrs = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
-        export(pl_module, folder, attrs)
-        print(f"dictlearn: export written to {folder}")
+        for name, member in pl_module.members.items():
+            folder = log_dir / "export" if len(pl_module.members) == 1 else log_dir / "exports" / name
+            view = datamodule.view(*pl_module.data_keys(name, datamodule)) if hasattr(datamodule, "view") else None
+            export(member, folder, view.provenance() if view is not None else {})
+            print(f"dictlearn: export written to {folder}")
 
 
 class DownstreamMetricsCallback(L.Callback):
     """Log the spliced-model metrics (`val/ce_loss_recovered`, `val/kl_div`, ...) during validation.
 
-    At most once every `every_n_steps` training steps, at the end of a validation run, the
+    At most once every `every_n_steps` training steps, at the end of a validation run, each
     dictionary is spliced into the language model its training file was harvested from (the file's
     `model_name`, `hook_name`/`hook_name_out`, `corpus`, `context_size`; `model`/`corpus` override)
     on the first `contexts` held-out corpus windows — what `dictlearn evaluate` measures
-    (docs/evaluate.md), on fewer windows. Every rank computes the same values. A file that records
-    no model disables the callback with a warning.
+    (docs/evaluate.md), on fewer windows; a sweep logs `<member>/val/...`. Every rank computes the
+    same values. A file that records no model disables the callback with a warning.
 
         trainer:
           callbacks:
@@ -178,8 +181,14 @@ class DownstreamMetricsCallback(L.Callback):
         self.every_n_steps, self.contexts, self.batch_size = every_n_steps, contexts, batch_size
         self.model, self.corpus, self.mean_sample_rows = model, corpus, mean_sample_rows
         self._last_step: int | None = None
-        self._prepared: tuple | None = None
+        self._prepared: dict | None = None  # member name -> dictlearn.downstream.SplicedInputs
         self._disabled = False
+
+    @staticmethod
+    def _members(pl_module: L.LightningModule) -> dict:
+        """{name: dictionary}: a DictionaryTraining's members, else {"": the module itself}."""
+        members = getattr(pl_module, "members", None)
+        return dict(members.items()) if members is not None else {"": pl_module}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -188,18 +197,17 @@ class DownstreamMetricsCallback(L.Callback):
             return
         if self._prepared is None and not self._prepare(trainer, pl_module):
             return
-        from dictlearn.metrics.downstream import downstream_metrics
-
         self._last_step = step
-        lm, site, batches, mean = self._prepared
-        metrics, _ = downstream_metrics(lm.model, pl_module, site, batches, mean)
         stage = "test" if trainer.testing else "val"
-        pl_module.log_dict({f"{stage}/{name}": value for name, value in metrics.items()})
+        for name, dictionary in self._members(pl_module).items():
+            metrics, _ = self._prepared[name].run(dictionary)
+            prefix = pl_module.prefix(name) if hasattr(pl_module, "prefix") else ""
+            pl_module.log_dict({f"{prefix}{stage}/{key}": value for key, value in metrics.items()})
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        """Load the model, the windows and the mean activation once; False (disabled) without a model."""
-        from dictlearn.metrics.downstream import SpliceSite, heldout_batches, recorded_corpus
-        from dictlearn.models.loading import load_model
+        """Load the model, the windows and the mean activations once (`dictlearn.downstream.prepare`,
+        as `dictlearn evaluate`); False (disabled) without a model."""
+        from dictlearn.downstream import DownstreamCache, SpliceSite, prepare
 
         datamodule = trainer.datamodule
         attrs = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
@@ -211,13 +219,17 @@ class DownstreamMetricsCallback(L.Callback):
                           "downstream metrics are not logged")
             self._disabled = True
             return False
-        site = SpliceSite.from_metadata(attrs.get("hook_name"), attrs.get("hook_name_out"), pl_module.transcoder)
-        device = pl_module.device
-        lm = load_model(name, device=str(device))
-        corpus = self.corpus or recorded_corpus(attrs.get("corpus"))
-        batches = heldout_batches(lm.tokenizer, corpus, int(attrs.get("context_size") or 256), self.contexts,
-                                  bool(attrs.get("exclude_special", True)), self.batch_size)
-        batches = [(tokens.to(device), special.to(device)) for tokens, special in batches]
-        mean = datamodule.sample_rows(self.mean_sample_rows)[1].double().mean(0).float().to(device)
-        self._prepared = (lm, site, batches, mean)
+        cache = DownstreamCache(str(pl_module.device))  # one model and one set of windows for all members
+        lm, prepared = cache.model(name), {}
+        for member, dictionary in self._members(pl_module).items():
+            view = datamodule
+            if hasattr(pl_module, "data_keys") and hasattr(datamodule, "view"):
+                view = datamodule.view(*pl_module.data_keys(member, datamodule))
+            member_attrs = view.provenance() if hasattr(view, "provenance") else attrs
+            site = SpliceSite.from_metadata(member_attrs.get("hook_name"), member_attrs.get("hook_name_out"),
+                                            dictionary.transcoder)
+            targets = view.sample_rows(self.mean_sample_rows)[1]
+            prepared[member] = prepare(lm, site, member_attrs, targets, contexts=self.contexts,
+                                       batch_size=self.batch_size, corpus=self.corpus, cache=cache)
+        self._prepared = prepared
         return True

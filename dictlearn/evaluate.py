@@ -1,44 +1,44 @@
-"""`dictlearn evaluate`: exports + an HDF5 activation file (+ a language model) -> one JSON line each.
+"""Evaluate dictionaries: exports + an HDF5 activation file (+ a language model) -> one record each.
 
     dictlearn evaluate runs/topk/export runs/relu/export --data acts.h5 --out results.jsonl
 
-For each export (or dictlearn checkpoint):
+    from dictlearn.evaluate import EvaluateOptions, evaluate      # the same records, from Python
+    records = evaluate(["runs/topk/export"], "acts.h5", options=EvaluateOptions(contexts=16))
+
+For each export (or dictlearn checkpoint, or an `Entry`: a loaded dictionary and its cfg):
 - reconstruction and sparsity metrics (`ReconstructionMetrics`, `SparsityMetrics`) on the file's
-  held-out rows — the tail `ActivationDataModule` holds out for validation, so they match the
-  `val/` metrics of training;
+  held-out rows — the tail training validates on (`HeldOutSplit`), so they match the `val/`
+  metrics of training;
 - `mmcs` when the file holds the true features (`dictlearn synth`);
-- downstream metrics (`dictlearn.metrics.downstream`) when a model is known (`--model`, else the
-  export's `metadata.model_name`, else the file's `model_name`): the dictionary spliced into the
-  model on held-out corpus windows. Without a model they are null, with a note on stderr.
-Every key of a line, with its formula, is in docs/evaluate.md.
+- downstream metrics (`dictlearn.downstream`) when a model is known (`model`, else the export's
+  `metadata.model_name`, else the file's `model_name`): the dictionary spliced into the model on
+  held-out corpus windows. Without a model they are null, with a note on stderr.
+Every key of a record, with its formula, is in docs/evaluate.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import torch
 
-from dictlearn.data.datamodule import ActivationDataModule
-from dictlearn.dictionaries.base import Dictionary
+from dictlearn.data.h5 import H5Array
+from dictlearn.data.split import HeldOutSplit
+from dictlearn.dictionaries.model import Dictionary
+from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, prepare
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.export import CFG_NAME, export_config, load
+from dictlearn.export import export_config, load, read_config
 from dictlearn.io import atomic_write_text
 from dictlearn.metrics import RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs
-from dictlearn.metrics.downstream import (
-    DOWNSTREAM_KEYS,
-    SpliceSite,
-    downstream_metrics,
-    heldout_batches,
-    recorded_corpus,
-)
-from dictlearn.models.hooks import HookPoint, capture, run_until_captured
+from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
 
 METRIC_KEYS = RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + DOWNSTREAM_KEYS
 CONFIG_KEYS = (
@@ -48,19 +48,69 @@ CONFIG_KEYS = (
 )  # fmt: skip
 RECORD_KEYS = CONFIG_KEYS + METRIC_KEYS
 ROWS_PER_READ = 8192
-# The mean-ablation value is the target's mean over this many training rows of the file
-# (seeded whole blocks, `ActivationDataModule.sample_rows`): within ~1e-2 σ of the full mean.
-MEAN_SAMPLE_ROWS = 65_536
-DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT = 64, 8, 256
+DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE = 64, 8
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """How to evaluate; each field is the `dictlearn evaluate` flag of the same name.
+
+    model/corpus/context: the downstream model, corpus and window length (None: the export's,
+    else the file's). input_key/target_key: the datasets (None: the export's). contexts: held-out
+    corpus windows to splice, batch_size of them per forward pass. val_rows/block_size: the
+    held-out split, as `--data.val_rows`/`--data.block_size` in training. device "auto": cuda if
+    available. downstream=False skips the spliced runs (their keys are null).
+    """
+
+    model: str | None = None
+    corpus: str | None = None
+    input_key: str | None = None
+    target_key: str | None = None
+    contexts: int = DEFAULT_CONTEXTS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    context: int | None = None
+    val_rows: int | None = None
+    block_size: int = 512
+    device: str = "auto"
+    downstream: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("contexts", "batch_size", "context", "block_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
+        if self.val_rows is not None and self.val_rows < 0:
+            raise ConfigError(f"--val-rows must be >= 0 (got {self.val_rows})")
+
+    def resolved(self) -> EvaluateOptions:
+        """These options with device "auto" made concrete."""
+        if self.device != "auto":
+            return self
+        return dataclasses.replace(self, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
 class Entry:
-    """One dictionary to evaluate: its path, the model in eval mode and its cfg.json."""
+    """One dictionary to evaluate and its cfg.json (`export_config(dictionary, data_attrs)` for
+    one in memory); `path` is the export or checkpoint it came from (None: in memory)."""
 
-    path: Path
     dictionary: Dictionary
     cfg: dict
+    path: Path | None = None
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Entry:
+        """An export folder (its cfg.json) or a checkpoint (the cfg its export would have)."""
+        path = Path(path)
+        dictionary = load(path)  # a one-line DataError for a missing, foreign or damaged path
+        if path.is_dir():
+            return cls(dictionary, read_config(path), path)
+        attrs = torch.load(path, map_location="cpu", weights_only=False).get("dictlearn_data", {})
+        return cls(dictionary, export_config(dictionary, attrs), path)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else f"the {type(self.dictionary).__name__} given"
 
     @property
     def meta(self) -> dict:
@@ -71,82 +121,113 @@ class Entry:
         return self.meta.get("dictlearn", {}).get("data", {})
 
 
-def read_entry(path: str | Path) -> Entry:
-    """An export folder (its cfg.json) or a checkpoint (the cfg its export would have)."""
-    path = Path(path)
-    dictionary = load(path)  # a one-line DataError for a missing or foreign path
-    if path.is_dir():
-        cfg = json.loads((path / CFG_NAME).read_text())
-    else:
-        attrs = torch.load(path, map_location="cpu", weights_only=False).get("dictlearn_data", {})
-        cfg = export_config(dictionary, attrs)
-    return Entry(path, dictionary, cfg)
-
-
 # ----------------------------------------------------------------------------- the file
+@dataclass
+class HeldOutData:
+    """The datasets one dictionary is measured on, and the file's held-out split."""
+
+    path: str
+    input_key: str
+    target_key: str | None
+    inputs: H5Array
+    targets: H5Array | None
+    split: HeldOutSplit
+
+    @property
+    def attrs(self) -> dict:
+        """The input dataset's provenance (model, hook, corpus, context_size, ...)."""
+        return self.inputs.attrs()
+
+    def ablation_rows(self, n_rows: int) -> torch.Tensor:
+        """Up to `n_rows` training rows of the target (the input, for an SAE) from seeded whole
+        blocks — the rows the training datamodule samples with seed 0: [n, d_out]."""
+        array = self.inputs if self.targets is None else self.targets
+        if self.split.n_train == 0:
+            raise DataError(f"{self.path}: all {self.split.n_rows} rows are held out, none left for the mean "
+                            "ablation; lower --val-rows")
+        rows = array.read_slices(self.split.sample_slices(n_rows, seed=0))
+        if not torch.isfinite(rows).all():
+            raise DataError(f"{self.path}: dataset '{array.key}' has NaN/Inf values in the sampled training rows;"
+                            " clean or re-harvest the file")
+        return rows
+
+    def close(self) -> None:
+        for array in (self.inputs, self.targets):
+            if array is not None:
+                array.close()
+
+
 def data_keys(entry: Entry, input_key: str | None, target_key: str | None) -> tuple[str, str | None]:
-    """(input key, target key or None): the flags, else the keys the export was trained on."""
+    """(input key, target key or None): the options, else the keys the export was trained on."""
     input_key = input_key or entry.data.get("input_key") or entry.meta.get("hook_name") or "acts"
     if not entry.dictionary.transcoder:
         if target_key:
-            raise ConfigError(f"--target-key {target_key}: {entry.path} is an SAE (its target is its input); drop it")
+            raise ConfigError(f"--target-key {target_key}: {entry.name} is an SAE (its target is its input); drop it")
         return input_key, None
     target_key = target_key or entry.data.get("target_key") or entry.meta.get("hook_name_out")
     if not target_key:
-        raise ConfigError(f"{entry.path} is a transcoder and records no target key; pass --target-key KEY")
+        raise ConfigError(f"{entry.name} is a transcoder and records no target key; pass --target-key KEY")
     return input_key, target_key
 
 
-def open_data(entry: Entry, path: str, keys: tuple[str, str | None], args) -> ActivationDataModule:
-    """The file's datamodule (raw values, the training split) after checking it fits the export."""
+def _array(path: str, key: str) -> H5Array:
     try:
-        data = ActivationDataModule(
-            path, keys[0], keys[1], batch_size=1, block_size=args.block_size, val_rows=args.val_rows, normalize="none"
-        )
+        return H5Array(path, key)
     except DataError as error:
         hint = "; choose the datasets with --input-key/--target-key" if "not found" in str(error) else ""
         raise DataError(f"{error}{hint}") from None
+
+
+def open_data(entry: Entry, path: str, keys: tuple[str, str | None], options: EvaluateOptions) -> HeldOutData:
+    """The file's datasets and held-out split, after checking they fit the export."""
+    inputs = _array(path, keys[0])
+    targets = None if keys[1] is None else _array(path, keys[1])
+    if targets is not None and targets.n_rows != inputs.n_rows:
+        raise DataError(f"{path}: input '{keys[0]}' has {inputs.n_rows} rows but target '{keys[1]}' has "
+                        f"{targets.n_rows}; they must be row-aligned — re-harvest")
     dictionary = entry.dictionary
-    for role, key, width, expected in (("d_in", keys[0], data.d_in, dictionary.d_in),
-                                       ("d_out", keys[1], data.d_out, dictionary.d_out)):  # fmt: skip
-        if key is not None and width != expected:
+    for role, array, expected in (("d_in", inputs, dictionary.d_in), ("d_out", targets, dictionary.d_out)):
+        if array is not None and array.d != expected:
             raise DataError(
-                f"{path}: dataset '{key}' has width {width} but {entry.path} has {role}={expected}; "
+                f"{path}: dataset '{array.key}' has width {array.d} but {entry.name} has {role}={expected}; "
                 "pass the file or --input-key/--target-key it was trained on"
             )
+    split = HeldOutSplit(inputs.n_rows, options.block_size, options.val_rows)
+    if split.n_val == 0:
+        raise DataError(f"{path}: --val-rows 0 holds out no rows to measure; drop it or pass a positive count")
+    data = HeldOutData(path, keys[0], keys[1], inputs, targets, split)
     _check_provenance(entry, data)
     return data
 
 
-def _check_provenance(entry: Entry, data: ActivationDataModule) -> None:
+def _check_provenance(entry: Entry, data: HeldOutData) -> None:
     """The file's model and hooks are the export's, where both record them."""
-    attrs, meta = data.inputs.attrs(), entry.meta
+    attrs, meta = data.attrs, entry.meta
     if meta.get("model_name") and attrs.get("model_name") and meta["model_name"] != attrs["model_name"]:
-        raise ConfigError(f"{entry.path} was trained on activations of model {meta['model_name']!r} but {data.path} "
+        raise ConfigError(f"{entry.name} was trained on activations of model {meta['model_name']!r} but {data.path} "
                           f"was harvested from {attrs['model_name']!r}; pass a file harvested from that model")
     pairs = [("hook_name", data.input_key, attrs.get("hook_name"))]
     if data.targets is not None:
         pairs.append(("hook_name_out", data.target_key, data.targets.attrs().get("hook_name")))
     for field, key, hook in pairs:
         if meta.get(field) and hook and meta[field] != hook:
-            raise ConfigError(f"{entry.path} was trained on hook_name {meta[field]!r} but {data.path}['{key}'] "
+            raise ConfigError(f"{entry.name} was trained on hook_name {meta[field]!r} but {data.path}['{key}'] "
                               f"holds {hook!r}; pass the matching file or --input-key/--target-key")
 
 
-@torch.no_grad()
-def reconstruction_metrics(dictionary: Dictionary, data: ActivationDataModule, device: str) -> tuple[dict, int]:
-    """Reconstruction + sparsity metrics on the held-out tail rows [n_train, n_rows). -> (metrics, rows)."""
+def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: str) -> tuple[dict, int]:
+    """Reconstruction + sparsity metrics on the held-out tail rows. -> (metrics, rows)."""
     recon, sparsity = ReconstructionMetrics(dictionary.d_out).to(device), SparsityMetrics(dictionary.d_sae).to(device)
-    n_rows = data.inputs.n_rows
-    for start in range(data.n_train, n_rows, ROWS_PER_READ):
+    first, n_rows = data.split.heldout
+    for start in range(first, n_rows, ROWS_PER_READ):
         stop = min(start + ROWS_PER_READ, n_rows)
         x = data.inputs.read(start, stop).to(device)
         y = x if data.targets is None else data.targets.read(start, stop).to(device)
-        z = dictionary.encode(x)  # as Dictionary.validation_step
+        z = dictionary.encode(x)  # as in validation
         recon.update(y, dictionary.decode(z, x))
         sparsity.update(z)
     values = {**recon.compute(), **sparsity.compute()}
-    return {k: float(v) for k, v in values.items()}, n_rows - data.n_train
+    return {k: float(v) for k, v in values.items()}, n_rows - first
 
 
 def feature_mmcs(path: str, dictionary: Dictionary) -> float | None:
@@ -164,7 +245,7 @@ def feature_mmcs(path: str, dictionary: Dictionary) -> float | None:
 # ----------------------------------------------------------------------------- downstream
 @dataclass
 class Downstream:
-    """What the spliced runs used, for the record."""
+    """What the spliced runs gave and used, for the record."""
 
     metrics: dict
     model: str
@@ -174,94 +255,92 @@ class Downstream:
     n_tokens: int
 
 
-def _model_name(entry: Entry, data: ActivationDataModule, args) -> str | None:
-    """--model, else the export's model, else the file's; None (with a note) when none is known."""
-    name = args.model or entry.meta.get("model_name") or data.inputs.attrs().get("model_name")
+def _model_name(entry: Entry, data: HeldOutData, options: EvaluateOptions) -> str | None:
+    """The option, else the export's model, else the file's; None (with a note) when none is known."""
+    name = options.model or entry.meta.get("model_name") or data.attrs.get("model_name")
     if not name:
-        print(f"dictlearn: note: {entry.path}: no model recorded in the export or {data.path} and no --model; "
+        print(f"dictlearn: note: {entry.name}: no model recorded in the export or {data.path} and no --model; "
               "downstream metrics skipped", file=sys.stderr)
-    elif args.model and entry.meta.get("model_name") not in (None, args.model):
-        print(f"dictlearn: note: {entry.path} was trained on {entry.meta['model_name']}; splicing into {args.model}",
-              file=sys.stderr)
+    elif options.model and entry.meta.get("model_name") not in (None, options.model):
+        print(f"dictlearn: note: {entry.name} was trained on {entry.meta['model_name']}; splicing into "
+              f"{options.model}", file=sys.stderr)
     return name
 
 
-def _site(entry: Entry, data: ActivationDataModule) -> SpliceSite:
+def _site(entry: Entry, data: HeldOutData) -> SpliceSite:
     """Where the export was trained: its metadata, else the file's datasets' hook names."""
-    hook_in = entry.meta.get("hook_name") or data.inputs.attrs().get("hook_name")
+    hook_in = entry.meta.get("hook_name") or data.attrs.get("hook_name")
     hook_out = entry.meta.get("hook_name_out") or (data.targets.attrs().get("hook_name") if data.targets else None)
     return SpliceSite.from_metadata(hook_in, hook_out, entry.dictionary.transcoder)
 
 
-def _check_widths(lm, site: SpliceSite, dictionary: Dictionary, tokens: torch.Tensor, export: Path) -> None:
-    """The model's activations at the site have the dictionary's widths (else: another model)."""
-    read = site.read or site.write
-    with torch.no_grad(), capture(lm.model, [read, site.write], stop_after=True) as acts:
-        run_until_captured(lm.model, tokens[:1], use_cache=False)
-    for hook, expected, role in ((read, dictionary.d_in, "d_in"), (site.write, dictionary.d_out, "d_out")):
-        width = acts[str(HookPoint.parse(hook))].shape[-1]
-        if width != expected:
-            raise ConfigError(f"model {lm.name}: hook {hook!r} has width {width} but {export} has {role}={expected}; "
-                              "it was trained on another model — pass --model")
-
-
-def _batches(lm, entry: Entry, attrs: dict, args, cache: dict) -> tuple[list, str | None, int]:
-    """Held-out windows on the device (cached per model/corpus/context) -> (batches, corpus, context)."""
-    context = int(args.context or entry.meta.get("context_size") or attrs.get("context_size") or DEFAULT_CONTEXT)
-    limit = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
-    if limit is not None and context > limit:
-        raise ConfigError(f"--context {context}: model {lm.name} takes at most {limit} tokens")
-    corpus = args.corpus or recorded_corpus(attrs.get("corpus"))
-    key = (lm.name, corpus, context, bool(attrs.get("exclude_special", True)))
-    if key not in cache:
-        batches = heldout_batches(lm.tokenizer, corpus, context, args.contexts, key[-1], args.batch_size)
-        cache[key] = [(t.to(args.device), s.to(args.device)) for t, s in batches]
-    return cache[key], corpus, context
-
-
-def run_downstream(entry: Entry, data: ActivationDataModule, args, cache: dict) -> Downstream | None:
-    """Downstream metrics of one export, or None when no model is known."""
+def run_downstream(
+    entry: Entry, data: HeldOutData, options: EvaluateOptions, cache: DownstreamCache
+) -> Downstream | None:
+    """Downstream metrics of one dictionary, or None when no model is known."""
     from dictlearn.data.corpus import corpus_name
-    from dictlearn.models.loading import load_model
 
-    name = _model_name(entry, data, args)
+    name = _model_name(entry, data, options)
     if not name:
         return None
     site = _site(entry, data)
-    if name not in cache:
-        cache[name] = load_model(name, device=args.device)
-    lm = cache[name]
-    batches, corpus, context = _batches(lm, entry, data.inputs.attrs(), args, cache)
-    _check_widths(lm, site, entry.dictionary, batches[0][0], entry.path)
-    # mean ablation: the site's mean over sampled training rows of the file (docs/evaluate.md)
-    mean = data.sample_rows(MEAN_SAMPLE_ROWS)[1].double().mean(0).float().to(args.device)
-    metrics, n_tokens = downstream_metrics(lm.model, entry.dictionary, site, batches, mean)
-    n_contexts = sum(len(tokens) for tokens, _ in batches)
-    return Downstream(metrics, lm.name, corpus_name(corpus), context, n_contexts, n_tokens)
+    lm = cache.model(name)
+    inputs = prepare(lm, site, data.attrs, data.ablation_rows(MEAN_SAMPLE_ROWS), contexts=options.contexts,
+                     batch_size=options.batch_size, corpus=options.corpus,
+                     context=options.context or entry.meta.get("context_size"), cache=cache)
+    inputs.check_widths(entry.dictionary.d_in, entry.dictionary.d_out, entry.name)
+    metrics, n_tokens = inputs.run(entry.dictionary)
+    return Downstream(metrics, lm.name, corpus_name(inputs.corpus), inputs.context, inputs.n_contexts, n_tokens)
 
 
-# ----------------------------------------------------------------------------- one record
-def evaluate_entry(entry: Entry, args, cache: dict) -> dict:
-    """Every metric and the dictionary's config, as one JSON-able dict with keys `RECORD_KEYS`."""
-    entry.dictionary.to(args.device)
-    keys = data_keys(entry, args.input_key, args.target_key)
-    data = open_data(entry, args.data, keys, args)
+# ----------------------------------------------------------------------------- records
+def evaluate(
+    exports: Sequence[str | Path | Entry],
+    data: str | Path,
+    *,
+    options: EvaluateOptions | None = None,
+    cache: DownstreamCache | None = None,
+) -> list[dict]:
+    """One record (keys `RECORD_KEYS`, JSON-able) per export folder, checkpoint or `Entry`.
+
+    Language models and token windows are loaded once per call (pass a `DownstreamCache` to share
+    them across calls). Dictionaries are moved to the options' device and run in eval mode
+    without gradients; an `Entry`'s dictionary gets its train/eval mode back afterwards.
+    """
+    options = (options or EvaluateOptions()).resolved()
+    data = str(data)
+    if not Path(data).is_file():
+        raise DataError(f"--data {data}: no such file; pass an HDF5 activation file")
+    cache = cache or DownstreamCache(options.device)
+    with torch.no_grad():
+        return [_evaluate_one(e if isinstance(e, Entry) else Entry.from_path(e), data, options, cache) for e in exports]
+
+
+def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache: DownstreamCache) -> dict:
+    dictionary = entry.dictionary
+    training = dictionary.training
+    dictionary.to(options.device).eval()
     try:
-        metrics, n_rows = reconstruction_metrics(entry.dictionary, data, args.device)
-        metrics["mmcs"] = feature_mmcs(args.data, entry.dictionary)
-        downstream = run_downstream(entry, data, args, cache)
+        keys = data_keys(entry, options.input_key, options.target_key)
+        data = open_data(entry, data_path, keys, options)
+        try:
+            metrics, n_rows = reconstruction_metrics(dictionary, data, options.device)
+            metrics["mmcs"] = feature_mmcs(data_path, dictionary)
+            downstream = run_downstream(entry, data, options, cache) if options.downstream else None
+        finally:
+            data.close()
     finally:
-        data.teardown("evaluate")
+        dictionary.train(training)
     if downstream is not None:
         metrics.update(downstream.metrics)
-    return _record(entry, args.data, keys, n_rows, downstream) | {k: _finite(metrics.get(k)) for k in METRIC_KEYS}
+    return _record(entry, data_path, keys, n_rows, downstream) | {k: _finite(metrics.get(k)) for k in METRIC_KEYS}
 
 
 def _record(entry: Entry, data_path: str, keys, n_rows: int, downstream: Downstream | None) -> dict:
     meta, dictionary = entry.meta, entry.dictionary
     hyper_parameters = meta.get("dictlearn", {}).get("hyper_parameters", {})
     return {
-        "export": str(entry.path.resolve()),
+        "export": None if entry.path is None else str(entry.path.resolve()),
         "architecture": entry.cfg.get("architecture"),
         "class_path": meta.get("dictlearn", {}).get("class_path"),
         "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "d_out": dictionary.d_out,
@@ -286,13 +365,6 @@ def _finite(value):
 
 
 # ----------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line ConfigErrors (the CLI prints them, exit 2)."""
-
-    def error(self, message: str):
-        raise ConfigError(f"evaluate: {message}; see dictlearn evaluate --help")
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -304,7 +376,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dictlearn evaluate", description="Export(s) + HDF5 (+ model) -> one JSON line per export.")
+    from dictlearn.cli.parsing import OneLineParser
+
+    p = OneLineParser(prog="dictlearn evaluate", description="Export(s) + HDF5 (+ model) -> one JSON line per export.")
     p.add_argument("exports", nargs="+", metavar="EXPORT", help="export folders (or dictlearn checkpoints)")
     p.add_argument("--data", required=True, help="HDF5 activation file; metrics use its held-out tail rows")
     p.add_argument("--model", default=None,
@@ -325,13 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from dictlearn.cli.parsing import check_writable_file
+
     args = build_parser().parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = EvaluateOptions(
+        model=args.model, corpus=args.corpus, input_key=args.input_key, target_key=args.target_key,
+        contexts=args.contexts, batch_size=args.batch_size, context=args.context, val_rows=args.val_rows,
+        block_size=args.block_size, device=args.device,
+    )  # fmt: skip
     if not Path(args.data).is_file():
         raise DataError(f"--data {args.data}: no such file; pass an HDF5 activation file")
-    cache: dict = {}  # language models and token windows shared by the exports of this run
-    records = [evaluate_entry(read_entry(path), args, cache) for path in args.exports]
+    if args.out is not None:  # before any work: a folder in the way, or no permission
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out}: is a folder; pass a file path such as "
+                              f"{Path(args.out) / 'results.jsonl'}")
+        check_writable_file(args.out, "--out")
+    records = evaluate(args.exports, args.data, options=options)
     text = "".join(json.dumps(record, default=str) + "\n" for record in records)
     if args.out is None:
         sys.stdout.write(text)

@@ -3,34 +3,32 @@
 An export folder holds `cfg.json` and `sae_weights.safetensors` (`W_enc [d_in, d_sae]`,
 `b_enc [d_sae]`, `W_dec [d_sae, d_out]`, `b_dec [d_out]`, `W_skip [d_out, d_in]` for skip
 transcoders), so SAELens, SAEBench and Neuronpedia tools load it. Weights are *folded*: the data
-scales and the decoder row norms are absorbed (SPEC §1.1, §1.4), so the export takes raw
-activations and its decoder rows have unit norm. dictlearn's own fields live under
-`metadata.dictlearn` (class, constructor arguments, the folded scales).
+scales (training sees activations times a per-dataset scale) and the decoder row norms (each
+latent is reported as its activation times its decoder row's norm; docs/architectures.md) are
+absorbed, so the export takes raw activations and its decoder rows have unit norm. dictlearn's own
+fields live under `metadata.dictlearn` (class, constructor arguments, the folded scales).
+
+`load` on an unreadable export (a truncated safetensors file, a cfg.json that is not JSON or not
+dictlearn's) raises a one-line `DataError` naming the file.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.model import Dictionary
 from dictlearn.errors import DataError
 from dictlearn.io import atomic_dir
+from dictlearn.version import dictlearn_version
 
 CFG_NAME, WEIGHTS_NAME = "cfg.json", "sae_weights.safetensors"
 SAE_LENS_VERSION = "6.54.12"  # the SAELens release whose loader this layout was checked against
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("dictlearn")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 @torch.no_grad()
@@ -38,7 +36,7 @@ def folded_tensors(model: Dictionary) -> dict[str, torch.Tensor]:
     """The model's weights in raw-activation units with unit decoder rows (float32, contiguous)."""
     s_in, s_out = float(model.input_scale), float(model.target_scale)
     # Reported latents are training latents × ls (ls = ‖d_i‖ / s_out); a positive per-latent
-    # factor commutes with the activation, so it moves into the encoder (SPEC §1.4).
+    # factor commutes with the activation, so it moves into the encoder.
     ls = model.latent_scale()
     tensors = {
         "W_enc": model.W_enc * s_in * ls,
@@ -75,7 +73,7 @@ def export_config(model: Dictionary, data_attrs: dict | None = None) -> dict:
             "sae_lens_training_version": SAE_LENS_VERSION,
             **{k: data_attrs[k] for k in ("model_name", "hook_name", "hook_name_out", "context_size") if k in data_attrs},
             "dictlearn": {
-                "version": _version(),
+                "version": dictlearn_version(),
                 "class_path": f"{cls.__module__}.{cls.__qualname__}",
                 "hyper_parameters": _hyper_parameters(model),
                 "folded_input_scale": float(model.input_scale),
@@ -136,50 +134,90 @@ def _import_class(class_path: str) -> type[Dictionary]:
     return cls
 
 
-def load(path: str | Path) -> Dictionary:
+def load(path: str | Path, member: str | None = None) -> Dictionary:
     """A Dictionary from an export folder or a Lightning checkpoint, in eval mode.
 
-    Both give the same `encode`/`decode` on raw activations.
+    Both give the same `encode`/`decode` on raw activations. A sweep's checkpoint holds several
+    dictionaries: name the one you want with `member`.
     """
     path = Path(path)
     if path.is_dir():
         return _load_export(path)
     if path.is_file():
-        return _load_checkpoint(path)
+        return _load_checkpoint(path, member)
     raise DataError(f"{path}: no such export folder or checkpoint file")
 
 
-def _load_checkpoint(path: Path) -> Dictionary:
+def _load_checkpoint(path: Path, member: str | None = None) -> Dictionary:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or not a torch file
         raise DataError(f"{path}: cannot read checkpoint ({error}); pick another checkpoint") from None
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
-    class_path = checkpoint.get("dictlearn_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None:
-        raise DataError(f"{path}: not a dictlearn checkpoint (no dictionary class recorded)")
-    model = _import_class(class_path)(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
+    members = checkpoint.get("dictlearn_members")
+    state = checkpoint.get("state_dict", {})
+    if members is None:  # one dictionary, saved before sweeps: its keys at the top level
+        class_path = checkpoint.get("dictlearn_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+        if class_path is None:
+            raise DataError(f"{path}: not a dictlearn checkpoint (no dictionary class recorded)")
+        record, prefix = {"class_path": class_path, "hyper_parameters": checkpoint.get("hyper_parameters", {})}, ""
+    else:
+        if member is None and len(members) != 1:
+            raise DataError(f"{path}: a sweep of {len(members)} dictionaries; name one: {', '.join(members)}")
+        name = member if member is not None else next(iter(members))
+        if name not in members:
+            raise DataError(f"{path}: no dictionary {name!r}; it holds {', '.join(members)}")
+        record, prefix = members[name], f"members.{name}."
+    hparams = {k: v for k, v in record["hyper_parameters"].items() if not str(k).startswith("_")}
+    model = _import_class(record["class_path"])(**hparams)
+    own = model.state_dict()
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own})
     return model.eval()
 
 
 def _load_export(path: Path) -> Dictionary:
     cfg_path, weights_path = path / CFG_NAME, path / WEIGHTS_NAME
-    for required in (cfg_path, weights_path):
-        if not required.is_file():
-            raise DataError(f"{path}: missing {required.name}; not an export folder")
-    cfg = json.loads(cfg_path.read_text())
-    tensors = load_file(str(weights_path))
-    meta = cfg.get("metadata", {}).get("dictlearn")
+    metadata = read_config(path).get("metadata")
+    meta = metadata.get("dictlearn") if isinstance(metadata, dict) else None
     if meta is None:
         raise DataError(f"{cfg_path}: not written by dictlearn (no metadata.dictlearn); load it with SAELens")
-    model = _import_class(meta["class_path"])(**meta["hyper_parameters"])
-    model.load_folded(tensors)
+    if not (isinstance(meta, dict) and isinstance(meta.get("class_path"), str)
+            and isinstance(meta.get("hyper_parameters"), dict)):
+        raise DataError(f"{cfg_path}: metadata.dictlearn lacks class_path or hyper_parameters; {_REEXPORT}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise DataError(f"{weights_path}: cannot read the weights ({error}); the file is truncated or not "
+                        f"safetensors — {_REEXPORT}") from None
+    try:
+        model = _import_class(meta["class_path"])(**meta["hyper_parameters"])
+    except TypeError as error:  # written by another dictlearn version
+        raise DataError(f"{cfg_path}: metadata.dictlearn.hyper_parameters do not fit {meta['class_path']} "
+                        f"({error}); export it again with this dictlearn version") from None
+    try:
+        model.load_folded(tensors)
+    except DataError as error:
+        raise DataError(f"{weights_path}: {error}") from None
     return model.eval()
 
 
-def clone_folded(model: Dictionary) -> Dictionary:
-    """An in-memory copy of `model` with its scales and decoder norms folded in."""
-    folded = copy.deepcopy(model)
-    folded.load_folded(folded_tensors(model))
-    return folded
+_REEXPORT = "export it again (dictlearn export CKPT OUT) or copy the folder again"
+
+
+def read_config(path: str | Path) -> dict:
+    """An export folder's cfg.json as a dict; a one-line DataError when either file is missing or
+    cfg.json is not a JSON object."""
+    path = Path(path)
+    cfg_path = path / CFG_NAME
+    for required in (cfg_path, path / WEIGHTS_NAME):
+        if not required.is_file():
+            raise DataError(f"{path}: missing {required.name}; not an export folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except UnicodeDecodeError:
+        raise DataError(f"{cfg_path}: not UTF-8 text; {_REEXPORT}") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{cfg_path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+                        f"{_REEXPORT}") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object; {_REEXPORT}")
+    return cfg

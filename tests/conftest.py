@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from dictlearn.training import DictionaryTraining
 from dictlearn.data import write_synth_file
 
 torch.set_num_threads(2)
@@ -74,9 +75,9 @@ def fit_and_score(make, path: str, steps: int = 2000, target_key: str | None = N
     data = ActivationDataModule(path, batch_size=1024, target_key=target_key)
     trainer = quiet_trainer(max_steps=steps)
     start = time.process_time()
-    trainer.fit(model, data)
+    trainer.fit(DictionaryTraining(model), data)
     cpu_seconds = time.process_time() - start
-    metrics = trainer.validate(model, data, verbose=False)[0]
+    metrics = trainer.validate(DictionaryTraining(model), data, verbose=False)[0]
     with h5py.File(path) as f:
         score = mmcs(torch.from_numpy(f[features_key][:]), model.W_dec.detach())
     return score, metrics, cpu_seconds
@@ -105,7 +106,7 @@ class _Crash(L.Callback):
 
 def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, checkpoint_every: int,
                      crash_at: int, resume_step: int, callbacks=()) -> tuple:
-    """Trains `make_model()` (seeded) for `steps` steps of 256 tokens with a checkpoint every
+    """Trains `make_model()` (seeded; a Dictionary or a DictionaryTraining) for `steps` steps of 256 tokens with a checkpoint every
     `checkpoint_every`; trains it again, crashing at step `crash_at`; resumes that run from its
     checkpoint at `resume_step`. `callbacks` join the reference run only.
     -> (reference model, resumed model, the checkpoint's path)."""
@@ -119,7 +120,8 @@ def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, ch
         model = make_model()
         checkpoint = ModelCheckpoint(dirpath=run_folder, every_n_train_steps=checkpoint_every, save_top_k=-1)
         trainer = quiet_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *extra])
-        trainer.fit(model, ActivationDataModule(data_path, batch_size=256, block_size=64), ckpt_path=ckpt_path)
+        training = model if isinstance(model, DictionaryTraining) else DictionaryTraining(model)
+        trainer.fit(training, ActivationDataModule(data_path, batch_size=256, block_size=64), ckpt_path=ckpt_path)
         return model
 
     reference = fit(Path(folder) / "reference", callbacks)

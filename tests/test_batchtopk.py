@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import assert_same_state, crash_and_resume, fit_recipe, quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, load
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.errors import ConfigError
@@ -85,7 +86,7 @@ class _Record(L.Callback):
         self.steps, self.counts, self.minima = [], [], []
 
     def on_fit_start(self, trainer, pl_module):
-        original = pl_module.train_activate
+        original = pl_module.dictionary.train_activate
 
         def recording(pre):
             z = original(pre)
@@ -94,7 +95,7 @@ class _Record(L.Callback):
             self.minima.append(z[z > 0].min().item())
             return z
 
-        pl_module.train_activate = recording
+        pl_module.dictionary.train_activate = recording
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +110,9 @@ def trained(small_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("batchtopk")
     checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
     trainer = quiet_trainer(max_steps=STEPS, enable_checkpointing=True, callbacks=[record, checkpoint])
-    trainer.fit(model, dm)
+    trainer.fit(DictionaryTraining(model), dm)
     del model.train_activate  # back to the class method
-    metrics = trainer.validate(model, dm, verbose=False)[0]
+    metrics = trainer.validate(DictionaryTraining(model), dm, verbose=False)[0]
     x = torch.cat([x for x, _ in dm.val_dataloader()])
     return model.eval(), dm, record, metrics, x, folder
 
@@ -195,6 +196,6 @@ def test_resume_mid_run_is_bit_identical(small_file, tmp_path):
 
     reference, resumed, checkpoint = crash_and_resume(make, small_file, tmp_path, steps=24, checkpoint_every=7,
                                                       crash_at=17, resume_step=14)
-    assert torch.load(checkpoint, weights_only=False)["state_dict"]["threshold"].abs().sum() > 0
+    assert torch.load(checkpoint, weights_only=False)["state_dict"]["members.model.threshold"].abs().sum() > 0
     assert reference.threshold.abs().sum() > 0
     assert_same_state(reference, resumed)

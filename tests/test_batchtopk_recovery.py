@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.metrics import mmcs
@@ -36,9 +37,9 @@ def test_batchtopk_recovers_true_features(synth_files):
     data = ActivationDataModule(path, batch_size=1024)
     trainer = quiet_trainer(max_steps=2000)
     start = time.process_time()
-    trainer.fit(model, data)
+    trainer.fit(DictionaryTraining(model), data)
     cpu_seconds = time.process_time() - start
-    metrics = trainer.validate(model, data, verbose=False)[0]  # encode(): threshold, no batch selection
+    metrics = trainer.validate(DictionaryTraining(model), data, verbose=False)[0]  # encode(): threshold, no batch selection
     with h5py.File(path) as f:
         true_features = torch.from_numpy(f["features"][:])
     score = mmcs(true_features, model.W_dec.detach())

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import Support, _gathered_dot, topk_indices
@@ -101,11 +102,11 @@ def test_training_on_the_device(mechanism, precision, small_file):
     class Record(__import__("lightning").Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
-            devices.add(pl_module.W_dec.device.type)  # (Lightning moves the model back to the CPU at the end)
+            devices.add(pl_module.dictionary.W_dec.device.type)  # (Lightning moves the model back to the CPU at the end)
 
     accelerator = "gpu" if DEVICE == "cuda" else "cpu"
     trainer = quiet_trainer(accelerator=accelerator, max_steps=20, precision=precision, callbacks=[Record()])
-    trainer.fit(model, ActivationDataModule(small_file, batch_size=256, block_size=64))
+    trainer.fit(DictionaryTraining(model), ActivationDataModule(small_file, batch_size=256, block_size=64))
     assert trainer.global_step == 20
     assert devices == {DEVICE} and model.W_dec.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())

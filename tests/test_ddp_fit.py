@@ -100,3 +100,56 @@ def test_ddp_val_metrics_match_single_process(ddp_run):
     }
     for name, value in reference.items():
         assert logged[name] == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
+
+
+# ------------------------------------------------------------------ a sweep under DDP
+SWEEP = f"""
+sweep:
+  topk:
+    dictionary: {{class_path: dictlearn.TopKSAE, init_args: {{d_sae: {D_SAE}, k: {K}}}}}
+  relu:
+    dictionary: {{class_path: dictlearn.ReLUL1SAE, init_args: {{d_sae: {D_SAE}, l1_coefficient: 0.5}}}}
+    seed: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_sweep_run(tmp_path_factory):
+    """-> (data file, run folder, completed process) of a 2-rank sweep of two members."""
+    tmp = tmp_path_factory.mktemp("ddp_sweep")
+    data = tmp / "acts.h5"
+    write_synth_file(data, n_rows=20_000, d=D, n_features=32, mean_active=3.0, seed=0)
+    (tmp / "sweep.yaml").write_text(SWEEP)
+    command = [
+        sys.executable, "-m", "dictlearn.cli", "fit", "--config", str(tmp / "sweep.yaml"),
+        "--data.path", str(data), "--data.batch_size", str(BATCH), "--data.val_rows", str(VAL_ROWS),
+        "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.default_root_dir", str(tmp / "runs"), "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    pythonpath = os.pathsep.join(p for p in (SRC_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    return data, tmp / "runs" / "lightning_logs" / "version_0", done
+
+
+@pytest.mark.slow
+def test_ddp_sweep_logs_each_members_single_process_metrics(ddp_sweep_run):
+    data, run, done = ddp_sweep_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("topk/val/mse")]
+    assert len(rows) == 1
+    datamodule = dictlearn.ActivationDataModule(str(data), input_key="acts", batch_size=BATCH, val_rows=VAL_ROWS)
+    for name in ("topk", "relu"):
+        assert (run / "exports" / name / "cfg.json").is_file()
+        model = dictlearn.load(run / "checkpoints" / "last.ckpt", member=name)
+        recon, sparsity = ReconstructionMetrics(D), SparsityMetrics(D_SAE)
+        with torch.no_grad():
+            for x, y in datamodule.val_dataloader():
+                z = model.encode(x)
+                recon.update(y, model.decode(z, x))
+                sparsity.update(z)
+        for metric, value in {**recon.compute(), **sparsity.compute()}.items():
+            assert float(rows[0][f"{name}/val/{metric}"]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), (name, metric)

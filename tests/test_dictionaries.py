@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.init import geometric_median
 from dictlearn.errors import ConfigError
@@ -116,7 +117,7 @@ class _RecordDecoderNorms(L.Callback):
         self.steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        norms = pl_module.W_dec.detach().norm(dim=-1)
+        norms = pl_module.dictionary.W_dec.detach().norm(dim=-1)
         self.max_deviation = max(self.max_deviation, (norms - 1).abs().max().item())
         self.steps += 1
 
@@ -125,14 +126,14 @@ def test_topk_decoder_rows_stay_unit_norm_after_every_step(small_file):
     record = _RecordDecoderNorms()
     model = TopKSAE(d_in=16, d_sae=64, k=4, lr=1e-2)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
-    quiet_trainer(max_steps=40, callbacks=[record]).fit(model, dm)
+    quiet_trainer(max_steps=40, callbacks=[record]).fit(DictionaryTraining(model), dm)
     assert record.steps == 40 and record.max_deviation < 1e-5
 
 
 def test_gradient_projection_removes_the_parallel_component():
     model = TopKSAE(d_in=8, d_sae=16, k=2)
     model.W_dec.grad = torch.randn(16, 8)
-    model.on_before_optimizer_step(None)
+    DictionaryTraining(model).on_before_optimizer_step(None)
     parallel = (model.W_dec.grad * model.W_dec.detach()).sum(-1)
     assert parallel.abs().max().item() < 1e-6
 
@@ -149,7 +150,7 @@ def test_auxk_revives_latents_forced_dead(small_file):
         model.initialise_from_data(dm)
         with torch.no_grad():
             model.W_enc[:, 32:] *= 0.01  # pre-activations near 0: never in the top k
-        quiet_trainer(max_steps=150).fit(model, dm)
+        quiet_trainer(max_steps=150).fit(DictionaryTraining(model), dm)
         z = torch.cat([model.encode(x) for x, _ in dm.val_dataloader()])
         return int(((z[:, 32:] != 0).sum(0) > 0).sum())
 
@@ -161,8 +162,8 @@ def test_auxk_revives_latents_forced_dead(small_file):
 def test_dead_counter_counts_tokens_since_last_fire():
     model = TopKSAE(d_in=4, d_sae=6, k=1)
     fire = torch.tensor([3, 0, 0, 1, 0, 0])
-    model._update_fired(fire, 100)
-    model._update_fired(torch.tensor([0, 0, 2, 0, 0, 0]), 50)
+    DictionaryTraining(model)._update_fired({"model": fire}, 100)
+    DictionaryTraining(model)._update_fired({"model": torch.tensor([0, 0, 2, 0, 0, 0])}, 50)
     assert model.tokens_since_fired.tolist() == [50, 150, 0, 50, 150, 150]
 
 
@@ -178,7 +179,7 @@ def test_relu_resampling_rewrites_dead_latents_and_resets_adam(small_file):
     with torch.no_grad():
         model.b_enc[:8] = -50.0  # dead from the start
     before = model.W_dec.detach()[:8].clone()
-    quiet_trainer(max_steps=21).fit(model, dm)  # resampled at the start of step 20
+    quiet_trainer(max_steps=21).fit(DictionaryTraining(model), dm)  # resampled at the start of step 20
     after = model.W_dec.detach()[:8]
     assert (after - before).norm(dim=-1).min() > 0.1  # every dead row moved to a data direction
     assert (model.b_enc.detach()[:8] > -1.0).all()  # b_enc reset to 0 at step 20, then trained one step
@@ -187,8 +188,9 @@ def test_relu_resampling_rewrites_dead_latents_and_resets_adam(small_file):
 
 def test_lr_schedule_warms_up_and_decays():
     model = ReLUL1SAE(d_in=4, d_sae=8, lr=1.0, lr_warmup_fraction=0.1, lr_decay_fraction=0.2)
-    model._total_steps = lambda: 100
-    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    training = DictionaryTraining(model)
+    training._total_steps = lambda: 100
+    scheduler = training.configure_optimizers()["lr_scheduler"]["scheduler"]
     factors = [scheduler.lr_lambdas[0](s) for s in (0, 4, 9, 50, 79, 80, 90, 99)]
     assert factors == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05])
 
@@ -197,20 +199,20 @@ def test_lr_schedule_warms_up_and_decays():
 def test_nan_batch_loss_and_gradient_stop_training_before_the_step():
     from dictlearn.errors import NonFiniteError
 
-    model = TopKSAE(d_in=4, d_sae=8, k=2)
+    model = DictionaryTraining(TopKSAE(d_in=4, d_sae=8, k=2))
     model.log = lambda *args, **kwargs: None  # no trainer attached
     x = torch.randn(10, 4)
     x[3, 1] = float("nan")
     with pytest.raises(NonFiniteError, match=r"NaN/Inf in 1 of 10 rows .* step 0 .*first: row 3"):
         model.training_step((x, x), 0)
     with torch.no_grad():
-        model.W_dec[0, 0] = float("inf")
+        model.dictionary.W_dec[0, 0] = float("inf")
     clean = torch.randn(10, 4)
     with pytest.raises(NonFiniteError, match="loss is"):
         model.training_step((clean, clean), 0)
-    model = TopKSAE(d_in=4, d_sae=8, k=2)
+    model = DictionaryTraining(TopKSAE(d_in=4, d_sae=8, k=2))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    model.b_enc.grad[2] = float("nan")
+    model.dictionary.b_enc.grad[2] = float("nan")
     with pytest.raises(NonFiniteError, match="non-finite gradient in b_enc"):
         model.on_before_optimizer_step(None)

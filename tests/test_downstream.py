@@ -9,24 +9,23 @@ output is the constant 0 (or the mean) is the zero (or mean) ablation.
 from __future__ import annotations
 
 import copy
+import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+import dictlearn
 import dictlearn.metrics.downstream as downstream
 from dictlearn import ReLUL1SAE, load
+from dictlearn.downstream import SpliceSite, downstream_metrics, run_replaced, zero_replacement
 from dictlearn.export import export
 from dictlearn.metrics import METRIC_NAMES
-from dictlearn.metrics.downstream import (
-    DOWNSTREAM_KEYS,
-    DownstreamMetrics,
-    SpliceSite,
-    downstream_metrics,
-    run_replaced,
-    zero_replacement,
-)
+from dictlearn.metrics.downstream import DOWNSTREAM_KEYS, DownstreamMetrics
 from dictlearn.models.tiny import tiny_config
 
 BOS, D, SEQ = 256, 32, 24
@@ -39,7 +38,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def reference(logits: list[np.ndarray], targets: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """logits: 4 × [..., V] float64 (clean, spliced, zero, mean), targets/mask [...]: SPEC §3.8 by hand."""
+    """logits: 4 × [..., V] float64 (clean, spliced, zero, mean), targets/mask [...]: the
+    definitions of docs/evaluate.md, by hand."""
     lps = [_log_softmax(x)[mask] for x in logits]
     t = targets[mask]
     ce = [-lp[np.arange(len(t)), t].mean() for lp in lps]
@@ -264,3 +264,41 @@ def test_site_from_metadata():
     assert SpliceSite.from_metadata("m:input", "m", transcoder=True) == SpliceSite("m", read="m:input")
     with pytest.raises(Exception, match="hook_name_out"):
         SpliceSite.from_metadata("m:input", None, transcoder=True)
+
+
+# ----------------------------------------------------------------------------- prepared inputs
+def test_prepare_builds_the_shared_inputs_once(gpt2):
+    from dictlearn.callbacks import DownstreamMetricsCallback
+    from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, prepare
+    from dictlearn.models.loading import LanguageModel
+    from dictlearn.models.tiny import ByteTokenizer
+
+    lm = LanguageModel(gpt2, ByteTokenizer(), "random-gpt2", None)
+    rows = torch.randn(1000, D, generator=torch.Generator().manual_seed(7)) * 3 + 1
+    cache = DownstreamCache()
+    inputs = prepare(lm, SpliceSite("transformer.h.0"), {"context_size": SEQ}, rows, contexts=3, batch_size=2,
+                     cache=cache)
+    assert [tuple(t.shape) for t, _ in inputs.batches] == [(2, SEQ), (1, SEQ)] and inputs.n_contexts == 3
+    assert all(bool(s[:, 0].all()) for _, s in inputs.batches)  # BOS kept clean (exclude_special default)
+    want = rows.numpy().astype(np.float64).mean(0)
+    np.testing.assert_allclose(inputs.mean_activation.numpy(), want, rtol=1e-6)
+    again = prepare(lm, SpliceSite("transformer.h.0"), {"context_size": SEQ}, rows, contexts=3, batch_size=2,
+                    cache=cache)
+    assert again.batches is inputs.batches  # the windows are built once per cache
+    with pytest.raises(Exception, match=f"takes at most {SEQ} tokens"):
+        prepare(lm, SpliceSite("transformer.h.0"), {}, rows, contexts=3, batch_size=2, context=SEQ + 1)
+    default = inspect.signature(DownstreamMetricsCallback).parameters["mean_sample_rows"].default
+    assert default == MEAN_SAMPLE_ROWS  # the callback's mean_sample_rows default is the one constant
+
+
+def test_model_modules_import_transformers_only_to_load_a_model():
+    """`import dictlearn` pulls transformers in through lightning -> torchmetrics (its BERTScore
+    module) today; dictlearn's model modules must not add a second reason (the package stubbed
+    here so that its __init__, and lightning, stay out)."""
+    package = Path(dictlearn.__file__).parent
+    code = (
+        "import sys, types; pkg = types.ModuleType('dictlearn'); pkg.__path__ = [sys.argv[1]]; "
+        "sys.modules['dictlearn'] = pkg; import dictlearn.models.tiny, dictlearn.models.loading; "
+        "assert 'transformers' not in sys.modules, 'a model module imports transformers at import time'"
+    )
+    subprocess.run([sys.executable, "-c", code, str(package)], check=True)

@@ -7,9 +7,13 @@ stream and MLP input/output: the same path as the embedded model, in a couple of
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -22,14 +26,17 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from conftest import quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
 from dictlearn.cli import main
 from dictlearn.data import write_synth_file
 from dictlearn.data.corpus import is_heldout, iter_documents, iter_windows
 from dictlearn.data.harvest import harvest
-from dictlearn.evaluate import METRIC_KEYS, RECORD_KEYS
+from dictlearn.downstream import DownstreamCache
+from dictlearn.evaluate import METRIC_KEYS, RECORD_KEYS, Entry, EvaluateOptions, evaluate
 from dictlearn.export import export
 from dictlearn.metrics import mmcs
+from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
 from dictlearn.models.loading import load_model
 from dictlearn.models.tiny import tiny_config
 
@@ -166,7 +173,7 @@ def test_checkpoint_evaluates_like_its_export(setup, capsys, tmp_path):
     data = ActivationDataModule(str(setup["data"]), RESID, batch_size=256, block_size=64)
     model = TopKSAE(d_in=WIDTH, d_sae=64, k=4, lr=1e-2)
     trainer = quiet_trainer(max_steps=5)
-    trainer.fit(model, data)
+    trainer.fit(DictionaryTraining(model), data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     folder = export(model, tmp_path / "export", data.provenance())
     code, (from_ckpt, from_export), err = _evaluate(
@@ -186,7 +193,7 @@ def test_callback_logs_what_evaluate_measures(setup, capsys, tmp_path):
     model = TopKSAE(d_in=WIDTH, d_sae=64, k=4, lr=1e-2)
     callback = DownstreamMetricsCallback(every_n_steps=1, contexts=6, batch_size=4)
     trainer = quiet_trainer(max_steps=4, val_check_interval=4, callbacks=[callback])
-    trainer.fit(model, data)
+    trainer.fit(DictionaryTraining(model), data)
     metrics = trainer.callback_metrics
     logged = {k[4:]: v.item() for k, v in metrics.items() if k.startswith("val/ce") or k == "val/kl_div"}
     folder = export(model, tmp_path / "export", data.provenance())
@@ -262,6 +269,89 @@ def _narrow_model(setup) -> Path:
     return folder
 
 
+def _errors(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("dictlearn: error:")]
+
+
+def test_python_api_gives_the_cli_records(setup, capsys):
+    _, cli, _ = _evaluate(capsys, setup["sae"], setup["transcoder"], *_fast(setup))
+    options = EvaluateOptions(contexts=6, batch_size=4, device="cpu")
+    cache = DownstreamCache("cpu")
+    records = evaluate([setup["sae"], str(setup["transcoder"])], setup["data"], options=options, cache=cache)
+    assert json.loads(json.dumps(records, default=str)) == cli
+    # a dictionary already in memory, with its cfg: the same numbers, no export path; its
+    # train/eval mode is restored, and the cache's model and windows are reused
+    dictionary = load(setup["sae"]).train()
+    cfg = json.loads((setup["sae"] / "cfg.json").read_text())
+    (in_memory,) = evaluate([Entry(dictionary, cfg)], setup["data"], options=options, cache=cache)
+    assert in_memory["export"] is None and dictionary.training
+    assert {k: in_memory[k] for k in METRIC_KEYS} == {k: cli[0][k] for k in METRIC_KEYS}
+    assert len(cache.models) == 1 and len(cache.windows) == 1
+    (off,) = evaluate([setup["sae"]], setup["data"], options=dataclasses.replace(options, downstream=False))
+    assert all(off[k] is None for k in DOWNSTREAM_KEYS) and off["model"] is None
+    assert off["fvu"] == cli[0]["fvu"] and off["l0"] == cli[0]["l0"]
+
+
+def test_unwritable_out_fails_before_any_work(setup, capsys, tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluate ran before --out was checked")
+
+    monkeypatch.setattr("dictlearn.evaluate.evaluate", no_work)
+    for out, expected in ((blocker / "r.jsonl", "is a file, not a folder"),
+                          (blocker / "sub" / "r.jsonl", "is a file, not a folder"),
+                          (tmp_path, "is a folder")):  # fmt: skip
+        code, lines, err = _evaluate(capsys, setup["sae"], *_fast(setup), "--out", out)
+        errors = _errors(err)
+        assert code == 2 and len(errors) == 1 and lines == [], err
+        assert f"--out {out}" in errors[0] and expected in errors[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+    assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_read_only_out_folder_fails_before_any_work(setup, capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes into a 0555 folder: refuse the probe as a read-only mount would
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("tempfile.TemporaryFile", refuse)
+    try:
+        code, _, err = _evaluate(capsys, setup["sae"], *_fast(setup), "--out", folder / "r.jsonl")
+    finally:
+        folder.chmod(0o755)
+    errors = _errors(err)
+    assert code == 2 and len(errors) == 1 and "cannot write" in errors[0]
+    assert list(folder.iterdir()) == []
+
+
+def test_truncated_export_is_one_line_naming_the_file(setup, capsys, tmp_path):
+    damaged = Path(shutil.copytree(setup["sae"], tmp_path / "damaged"))
+    weights = damaged / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, lines, err = _evaluate(capsys, damaged, *_fast(setup))
+    errors = _errors(err)
+    assert code == 2 and lines == [] and len(errors) == 1
+    assert str(weights) in errors[0] and "truncated" in errors[0]
+
+
+def test_no_heldout_rows_is_one_line(setup, capsys):
+    code, _, err = _evaluate(capsys, setup["sae"], *_fast(setup), "--val-rows", "0")
+    errors = _errors(err)
+    assert code == 2 and len(errors) == 1 and "--val-rows 0" in errors[0]
+
+
+def test_evaluate_imports_no_model_loading():
+    """Language models (and transformers' model classes) load only when downstream metrics run."""
+    code = "import sys, dictlearn.evaluate; assert 'dictlearn.models.loading' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.slow
 def test_trained_sae_on_the_embedded_model_recovers_most_of_the_loss(tmp_path, capsys):
     """Harvest the embedded model's middle residual stream, train a small TopK SAE, evaluate:
@@ -277,7 +367,7 @@ def test_trained_sae_on_the_embedded_model_recovers_most_of_the_loss(tmp_path, c
     L.seed_everything(0)
     data = ActivationDataModule(str(path), hook, batch_size=512)
     sae = TopKSAE(d_in=data.d_in, d_sae=512, k=16)
-    quiet_trainer(max_steps=200).fit(sae, data)
+    quiet_trainer(max_steps=200).fit(DictionaryTraining(sae), data)
     folder = export(sae, tmp_path / "export", data.provenance())
     code, (line,), err = _evaluate(capsys, folder, "--data", path, "--contexts", "16", "--device", "cpu")
     assert code == 0, err

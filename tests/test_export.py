@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -12,8 +16,9 @@ from safetensors.torch import load_file
 
 
 from conftest import quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
-from dictlearn.export import export
+from dictlearn.export import CFG_NAME, WEIGHTS_NAME, export
 from dictlearn.errors import DataError
 
 MODELS = {
@@ -28,7 +33,7 @@ def _train(kind: str, small_file: str, tmp_path):
     model = MODELS[kind]()
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, dm)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(DictionaryTraining(model), dm)
     x = torch.cat([x for x, _ in dm.val_dataloader()])
     return model.eval(), dm, x
 
@@ -89,6 +94,29 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export(TopKSAE(d_in=4, d_sae=8, k=2), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                          (0o002, 0o664, 0o775)])
+def test_export_modes_follow_the_umask(tmp_path, umask, file_mode, folder_mode):
+    """safetensors creates its file 0600 whatever the umask; the export gets what `open` would."""
+    old = os.umask(umask)
+    try:
+        folder = export(TopKSAE(d_in=4, d_sae=8, k=2), tmp_path / "e")
+        export(TopKSAE(d_in=4, d_sae=8, k=2), tmp_path / "e")  # replacing an existing export
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {CFG_NAME: file_mode, WEIGHTS_NAME: file_mode}
+    assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
+
+
+def test_loading_an_export_imports_neither_lightning_nor_transformers():
+    """`dictlearn.load` is the notebook entry point: it needs torch and safetensors, not the
+    training stack (Lightning pulls in torchmetrics, which imports transformers)."""
+    code = ("import sys; from dictlearn import load; heavy = {'lightning', 'torchmetrics', 'transformers'}; "
+            "assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_load_rejects_what_is_not_a_dictionary(tmp_path):

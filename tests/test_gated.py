@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import assert_same_state, crash_and_resume, fit_recipe, quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, load
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.errors import ConfigError
@@ -207,12 +208,10 @@ def test_reconstruction_trains_the_magnitude_path_only():
 
 def test_l1_warms_up_with_the_sparsity_schedule(monkeypatch):
     model = _randomised(l1_coefficient=1.0, sparsity_warmup_fraction=0.5)
-    model._total_steps = lambda: 100
+    model.total_steps = 100
     x = torch.randn(16, 6)
     full = _reference(model, x)["l1"].item()
-    step = {"now": 0}
-    monkeypatch.setattr(GatedSAE, "global_step", property(lambda self: step["now"]))
-    for step["now"], factor in ((0, 1 / 50), (24, 0.5), (60, 1.0)):
+    for model.step, factor in ((0, 1 / 50), (24, 0.5), (60, 1.0)):
         assert _terms(model, x)["l1"].item() == pytest.approx(factor * full, rel=1e-5)
 
 
@@ -235,7 +234,7 @@ def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, 
     model = GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3, decoder_constraint=decoder_constraint)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, dm)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(DictionaryTraining(model), dm)
     model.eval()
     norms = model.W_dec.detach().norm(dim=-1)
     if decoder_constraint == "unit_norm":

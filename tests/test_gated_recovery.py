@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.metrics import mmcs
@@ -38,9 +39,9 @@ def _fit(model, path: str) -> tuple[dict, float]:
     data = ActivationDataModule(path, batch_size=1024)
     trainer = quiet_trainer(max_steps=STEPS)
     start = time.process_time()
-    trainer.fit(model, data)
+    trainer.fit(DictionaryTraining(model), data)
     cpu_seconds = time.process_time() - start
-    return trainer.validate(model, data, verbose=False)[0], cpu_seconds
+    return trainer.validate(DictionaryTraining(model), data, verbose=False)[0], cpu_seconds
 
 
 @pytest.fixture(scope="module")

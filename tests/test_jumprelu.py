@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import fit_recipe, quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, load
 from dictlearn.callbacks import RunGuard
 from dictlearn.dictionaries.jumprelu import JumpReLUSAE
@@ -167,7 +168,7 @@ def test_export_round_trip_uses_the_folded_threshold(small_file, tmp_path):
     model = JumpReLUSAE(d_in=16, d_sae=48, lr=3e-3, l0_coefficient=0.5)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, dm)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(DictionaryTraining(model), dm)
     model.eval()
     with torch.no_grad():  # uneven row norms, so the per-latent fold of θ is exercised
         model.W_dec.mul_(torch.linspace(0.5, 2.0, 48)[:, None])
@@ -219,7 +220,7 @@ def _fit_resumable(small_file, ckpt_dir, crash_at=None, ckpt_path=None):
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1)
     callbacks = [checkpoint, RunGuard()] + ([Crash()] if crash_at is not None else [])
     trainer = quiet_trainer(max_steps=25, enable_checkpointing=True, callbacks=callbacks)
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    trainer.fit(DictionaryTraining(model), dm, ckpt_path=ckpt_path)
     return model
 
 

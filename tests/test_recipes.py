@@ -17,8 +17,8 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
-def test_the_seven_recipes_stack_on_the_base():
-    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} == {"base", *ARCHITECTURES}
+def test_the_seven_recipes_and_the_example_sweep_stack_on_the_base():
+    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} == {"base", "sweep", *ARCHITECTURES}
 
 
 @pytest.mark.parametrize("recipe", ["relu_l1", "topk"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_same_state, crash_and_resume, quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import (
@@ -257,7 +258,7 @@ class _SawDead(L.Callback):
     seen = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen |= bool(pl_module.dead_mask.any())
+        self.seen |= bool(pl_module.dictionary.dead_mask.any())
 
 
 def _make(mechanism, sparse_path="always"):
@@ -278,7 +279,7 @@ def test_sparse_training_resumes_bit_identically(mechanism, small_file, tmp_path
 def _fit(mechanism, small_file, sparse_path, steps=5):
     L.seed_everything(0)
     model = _make(mechanism, sparse_path)
-    quiet_trainer(max_steps=steps).fit(model, ActivationDataModule(small_file, batch_size=256, block_size=64))
+    quiet_trainer(max_steps=steps).fit(DictionaryTraining(model), ActivationDataModule(small_file, batch_size=256, block_size=64))
     return model
 
 
@@ -310,8 +311,8 @@ def test_bf16_mixed_training_clips_with_fused_adam(small_file):
     model = TopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3, sparse_path="always")
     norms = _GradNorm()
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", gradient_clip_val=1e-3, callbacks=[norms])
-    trainer.fit(model, ActivationDataModule(small_file, batch_size=256, block_size=64))
-    assert trainer.global_step == 3 and model._fused_adam()
+    trainer.fit(DictionaryTraining(model), ActivationDataModule(small_file, batch_size=256, block_size=64))
+    assert trainer.global_step == 3 and trainer.lightning_module._fused_adam()
     assert trainer.optimizers[0].defaults["fused"]
     assert max(norms.norms) <= 1e-3 * (1 + 1e-5)
     assert model.W_dec.dtype == torch.float32 and torch.isfinite(model.W_dec).all()

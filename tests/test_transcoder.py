@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fit_recipe, quiet_trainer
+from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
 from dictlearn.data import synthesize, write_synth_file
 from dictlearn.errors import ConfigError
@@ -38,8 +39,8 @@ def test_transcoder_never_subtracts_b_dec_and_measures_the_target(small_tc_file)
     assert model.b_dec.shape == (12,) and model.W_dec.shape == (32, 12)
     L.seed_everything(0)
     dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
-    quiet_trainer(max_steps=5).fit(model, dm)
-    metrics = quiet_trainer().validate(model, dm, verbose=False)[0]
+    quiet_trainer(max_steps=5).fit(DictionaryTraining(model), dm)
+    metrics = quiet_trainer().validate(DictionaryTraining(model), dm, verbose=False)[0]
     x, y = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         y_hat = model(x)
@@ -77,7 +78,7 @@ def test_transcoder_export_round_trip(make, architecture, small_tc_file, tmp_pat
     L.seed_everything(0)
     model = make()
     dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
-    quiet_trainer(max_steps=30).fit(model, dm)
+    quiet_trainer(max_steps=30).fit(DictionaryTraining(model), dm)
     assert float(model.input_scale) != pytest.approx(float(model.target_scale))  # separate scales
     folder = export(model.eval(), tmp_path / "e", dm.provenance())
     cfg = json.loads((folder / "cfg.json").read_text())
@@ -108,8 +109,8 @@ def _fit_transcoder(path: str, **kwargs):
     model = TopKSAE(d_in=64, d_out=64, d_sae=512, k=4, transcoder=True, **kwargs)
     data = ActivationDataModule(path, target_key="target", batch_size=1024)
     trainer = quiet_trainer(max_steps=2000)
-    trainer.fit(model, data)
-    return model, trainer.validate(model, data, verbose=False)[0]
+    trainer.fit(DictionaryTraining(model), data)
+    return model, trainer.validate(DictionaryTraining(model), data, verbose=False)[0]
 
 
 @pytest.mark.slow

@@ -26,7 +26,10 @@ Rules (all functions of the file's row count, `block_size`, `batch_size`, `val_r
   "Kill-and-resume": exact with Lightning's checkpoints, mid-epoch and at epoch boundaries).
 
 Batches are ``(x, y)`` float32 CPU tensors of raw values (the model applies the normalisation
-from `estimate_scales`); for an SAE ``y is x``.
+from `estimate_scales`); for an SAE ``y is x``. Datasets added with `require_keys` (a sweep whose
+members read other keys of the same file, e.g. an SAE on the residual stream beside a transcoder
+from the MLP input to its output) follow in the same tuple, row-aligned: ``(x, y, *extra)``;
+`batch_index(key)` says where a key's tensor is.
 """
 
 from __future__ import annotations
@@ -44,15 +47,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dictlearn.data.h5 import H5Array
 from dictlearn.errors import ConfigError, DataError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
 # Distinct seed streams, so the block order, row order and samples never share random draws.
 _BLOCK_STREAM, _ROW_STREAM, _SAMPLE_STREAM = 1, 2, 3
 
 
-def _read_pair(x: H5Array, y: H5Array | None, slices: Sequence[tuple[int, int]]) -> Batch:
-    """The same row ranges from input and target; `y is x` for an SAE."""
+def _read_pair(x: H5Array, y: H5Array | None, slices: Sequence[tuple[int, int]],
+               extras: Sequence[H5Array] = ()) -> Batch:
+    """The same row ranges from input, target and any extra datasets; `y is x` for an SAE."""
     xs = x.read_slices(slices)
-    return xs, (xs if y is None else y.read_slices(slices))
+    return (xs, (xs if y is None else y.read_slices(slices)), *(e.read_slices(slices) for e in extras))
 
 
 def _split_evenly(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
@@ -70,9 +74,9 @@ class BlockShuffleBatches(Dataset):
 
     def __init__(
         self, x: H5Array, y: H5Array | None, n_train: int, block_size: int, batch_size: int, seed: int,
-        stride: int = 1,
+        stride: int = 1, extras: Sequence[H5Array] = (),
     ):
-        self.x, self.y, self.seed = x, y, seed
+        self.x, self.y, self.extras, self.seed = x, y, tuple(extras), seed
         self.stride = stride  # a rank reads batch b + stride after b (stride = world size): read ahead
         self.n_train, self.block_size, self.batch_size = n_train, block_size, batch_size
         self.n_batches = n_train // batch_size  # trailing partial batch dropped
@@ -115,16 +119,17 @@ class BlockShuffleBatches(Dataset):
         # Start the disk reads of this batch's blocks together, and of the next batch this rank
         # will ask for, so they overlap each other and this batch's shuffle (no-op when cached).
         ahead = self.batch_slices(epoch, b + self.stride) if b + self.stride < self.n_batches else []
-        for array in (self.x, self.y):
+        for array in (self.x, self.y, *self.extras):
             if array is not None:
                 array.will_need(slices + ahead)
-        x, y = _read_pair(self.x, self.y, slices)
+        x, y, *extra = _read_pair(self.x, self.y, slices, self.extras)
         perm = np.random.default_rng([self.seed, _ROW_STREAM, epoch, b]).permutation(len(x))
         # The row gather in numpy (one thread, ~1 ms for 8 MiB), not torch's x[perm]: its generic
         # kernel took 2-3x longer, and torch's 2-thread kernels 10x longer when another process
         # held a core (benchmarks/RESULTS.md, "Data loader").
         x_perm = torch.from_numpy(x.numpy()[perm])
-        return x_perm, (x_perm if self.y is None else torch.from_numpy(y.numpy()[perm]))
+        y_perm = x_perm if self.y is None else torch.from_numpy(y.numpy()[perm])
+        return (x_perm, y_perm, *(torch.from_numpy(e.numpy()[perm]) for e in extra))
 
 
 class EpochBatchSampler(Sampler):
@@ -185,14 +190,14 @@ class ResumableLoader(DataLoader):
 class SliceBatches(Dataset):
     """Map-style dataset whose item `i` is the batch of rows `slices[i]` (validation/test)."""
 
-    def __init__(self, x: H5Array, y: H5Array | None, slices: list[tuple[int, int]]):
-        self.x, self.y, self.slices = x, y, slices
+    def __init__(self, x: H5Array, y: H5Array | None, slices: list[tuple[int, int]], extras: Sequence[H5Array] = ()):
+        self.x, self.y, self.slices, self.extras = x, y, slices, tuple(extras)
 
     def __len__(self) -> int:
         return len(self.slices)
 
     def __getitem__(self, i: int) -> Batch:
-        return _read_pair(self.x, self.y, [self.slices[i]])
+        return _read_pair(self.x, self.y, [self.slices[i]], self.extras)
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -243,6 +248,7 @@ class ActivationDataModule(L.LightningDataModule):
             # empty list would warn "Total length of `list` across ranks is zero" every run.
             self.val_dataloader = self.test_dataloader = None
         self._scales: tuple[float, float] | None = None
+        self.extra_arrays: dict[str, H5Array] = {}  # datasets added by `require_keys`
 
     # ----- validation of the file against the configuration -----
 
@@ -270,6 +276,39 @@ class ActivationDataModule(L.LightningDataModule):
                 f" {self.batch_size}; use a smaller --data.batch_size or --data.val_rows, or more rows"
             )
 
+    # ----- several datasets of one file (sweeps) -----
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """The dataset behind each tensor of a batch: input, target (the input again for an SAE), extras."""
+        return (self.input_key, self.target_key or self.input_key, *self.extra_arrays)
+
+    def batch_index(self, key: str) -> int:
+        """Where dataset `key`'s rows are in a batch."""
+        if key not in self.batch_keys:
+            raise ConfigError(f"{self.path}: dataset '{key}' is not served by this data module; require_keys it first")
+        return self.batch_keys.index(key)
+
+    def require_keys(self, keys) -> None:
+        """Serve datasets `keys` too, row-aligned with the input, in every batch (before loaders are built)."""
+        for key in keys:
+            if key in self.batch_keys:
+                continue
+            array = H5Array(self.path, key)
+            if array.n_rows != self.inputs.n_rows:
+                raise DataError(
+                    f"{self.path}: dataset '{key}' has {array.n_rows} rows but input '{self.input_key}' has "
+                    f"{self.inputs.n_rows}; the datasets of one sweep must be row-aligned — re-harvest"
+                )
+            self.extra_arrays[key] = array
+
+    def view(self, input_key: str, target_key: str | None) -> "ActivationDataModule | KeyView":
+        """This file seen through other keys (a sweep member's): d_in/d_out, scales, samples and
+        provenance as a data module with those keys would give them."""
+        if (input_key, target_key) == (self.input_key, self.target_key):
+            return self
+        return KeyView(self, input_key, target_key)
+
     # ----- loaders -----
 
     def _rank_world(self) -> tuple[int, int]:
@@ -295,7 +334,8 @@ class ActivationDataModule(L.LightningDataModule):
     def _train_loader(self, rank: int, world_size: int) -> ResumableLoader:
         """This rank's resumable training loader (tests call it directly to simulate DDP)."""
         dataset = BlockShuffleBatches(
-            self.inputs, self.targets, self.n_train, self.block_size, self.batch_size, self.seed, world_size
+            self.inputs, self.targets, self.n_train, self.block_size, self.batch_size, self.seed, world_size,
+            extras=list(self.extra_arrays.values()),
         )
         if dataset.n_batches < world_size:
             raise DataError(
@@ -316,7 +356,7 @@ class ActivationDataModule(L.LightningDataModule):
         return _split_evenly(*shards[rank], n_batches)
 
     def _eval_loader(self, rank: int, world_size: int) -> DataLoader:
-        dataset = SliceBatches(self.inputs, self.targets, self.val_slices(rank, world_size))
+        dataset = SliceBatches(self.inputs, self.targets, self.val_slices(rank, world_size), list(self.extra_arrays.values()))
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
     # ----- samples: normalisation and initialisation -----
@@ -335,8 +375,11 @@ class ActivationDataModule(L.LightningDataModule):
 
     def sample_rows(self, n_rows: int) -> Batch:
         """Up to `n_rows` raw training rows from seeded random blocks: `(x [n, d_in], y [n, d_out])`."""
-        x, y = _read_pair(self.inputs, self.targets, self._sample_slices(n_rows))
-        for array, rows in ((self.inputs, x), (self.targets, y)):
+        return self._sample_pair(self.inputs, self.targets, n_rows)
+
+    def _sample_pair(self, inputs: H5Array, targets: H5Array | None, n_rows: int) -> Batch:
+        x, y = _read_pair(inputs, targets, self._sample_slices(n_rows))
+        for array, rows in ((inputs, x), (targets, y)):
             if array is not None and not torch.isfinite(rows).all():
                 raise DataError(
                     f"{self.path}: dataset '{array.key}' has NaN/Inf values in the sampled training rows;"
@@ -350,14 +393,15 @@ class ActivationDataModule(L.LightningDataModule):
         Read block by block, so memory stays at one block. Cached on the instance.
         """
         if self._scales is None:
-            if self.normalize == "none":
-                self._scales = (1.0, 1.0)
-            else:
-                slices = self._sample_slices(self.norm_sample_rows)
-                input_scale = self._scale(self.inputs, slices)
-                target_scale = input_scale if self.targets is None else self._scale(self.targets, slices)
-                self._scales = (input_scale, target_scale)
+            self._scales = self._pair_scales(self.inputs, self.targets)
         return self._scales
+
+    def _pair_scales(self, inputs: H5Array, targets: H5Array | None) -> tuple[float, float]:
+        if self.normalize == "none":
+            return 1.0, 1.0
+        slices = self._sample_slices(self.norm_sample_rows)
+        input_scale = self._scale(inputs, slices)
+        return input_scale, (input_scale if targets is None else self._scale(targets, slices))
 
     def _scale(self, array: H5Array, slices: list[tuple[int, int]]) -> float:
         norm_sum, count = 0.0, 0
@@ -377,16 +421,56 @@ class ActivationDataModule(L.LightningDataModule):
 
         Recorded in checkpoints and exports; for a transcoder the target's hook is `hook_name_out`.
         """
-        info = {k: v for k, v in self.inputs.attrs().items() if k not in ("complete", "dtype")}
-        if self.targets is not None and "hook_name" in (target_attrs := self.targets.attrs()):
+        return self._provenance(self.inputs, self.targets)
+
+    def _provenance(self, inputs: H5Array, targets: H5Array | None) -> dict[str, object]:
+        info = {k: v for k, v in inputs.attrs().items() if k not in ("complete", "dtype")}
+        if targets is not None and "hook_name" in (target_attrs := targets.attrs()):
             info["hook_name_out"] = target_attrs["hook_name"]
-        info.update(path=os.path.abspath(self.path), input_key=self.input_key, target_key=self.target_key)
+        target_key = None if targets is None else targets.key
+        info.update(path=os.path.abspath(self.path), input_key=inputs.key, target_key=target_key)
         return info
 
     def teardown(self, stage: str) -> None:
-        self.inputs.close()
-        if self.targets is not None:
-            self.targets.close()
+        for array in (self.inputs, self.targets, *self.extra_arrays.values()):
+            if array is not None:
+                array.close()
+
+
+class KeyView:
+    """An `ActivationDataModule`'s file through other keys: what a dictionary's data-dependent
+    initialisation and export read (widths, scales, samples, provenance), as a data module opened
+    with `input_key`/`target_key` would give them (same seeded samples, same formulas)."""
+
+    def __init__(self, data: ActivationDataModule, input_key: str, target_key: str | None):
+        data.require_keys([k for k in (input_key, target_key) if k is not None])
+        self.data, self.input_key, self.target_key = data, input_key, target_key
+        self.targets = None if target_key is None else _array(data, target_key)
+        self.inputs = _array(data, input_key)
+        self.d_in = self.inputs.d
+        self.d_out = self.d_in if self.targets is None else self.targets.d
+        self.path = data.path
+        self._scales: tuple[float, float] | None = None
+
+    def estimate_scales(self) -> tuple[float, float]:
+        if self._scales is None:
+            self._scales = self.data._pair_scales(self.inputs, self.targets)
+        return self._scales
+
+    def sample_rows(self, n_rows: int) -> Batch:
+        return self.data._sample_pair(self.inputs, self.targets, n_rows)
+
+    def provenance(self) -> dict[str, object]:
+        return self.data._provenance(self.inputs, self.targets)
+
+
+def _array(data: ActivationDataModule, key: str) -> H5Array:
+    """The open dataset `key` of `data`'s file: its input, target or an extra one."""
+    if key == data.input_key:
+        return data.inputs
+    if key == data.target_key:
+        return data.targets
+    return data.extra_arrays[key]
 
 
 def _check_config(

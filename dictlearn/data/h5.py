@@ -23,7 +23,6 @@ reopened if the pid changes, so it never crosses a fork or spawn into a DataLoad
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 from collections.abc import Iterator, Sequence
 
@@ -33,17 +32,10 @@ import torch
 
 from dictlearn.errors import DataError
 from dictlearn.io import atomic_path
+from dictlearn.version import dictlearn_version
 
 BF16_ATTR = "bfloat16"
 _FLOAT_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
-
-
-def dictlearn_version() -> str:
-    """The installed dictlearn version, or "0+unknown" when running from a source tree."""
-    try:
-        return importlib.metadata.version("dictlearn")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _attr_str(value: object) -> str:

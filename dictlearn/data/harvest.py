@@ -53,12 +53,12 @@ from dictlearn.data.h5 import BF16_ATTR, open_for_write
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.models.hooks import HookPoint, capture, resolve_module, run_until_captured, standard_hooks
 from dictlearn.models.loading import LanguageModel, load_model
+from dictlearn.models.tiny import DEFAULT_CONTEXT
 
 # The embedded model's default hooks on 2 CPU cores: ~7.5-17k tokens/s with one torch thread,
 # 3.6k with two on a machine shared by 3 other jobs (400k in 112 s) — about a minute when the
 # cores are free. 400k float32 rows x 3 hooks x d 128 = 620 MB. Context 256: what it trained on.
 DEFAULT_TOKENS = 400_000
-DEFAULT_CONTEXT = 256
 DEFAULT_BATCH_SIZE = 16
 Dtype = Literal["float32", "float16", "bfloat16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

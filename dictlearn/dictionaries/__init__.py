@@ -1,6 +1,6 @@
 """Sparse dictionaries: one LightningModule base, one small class per sparsity mechanism."""
 
-from dictlearn.dictionaries.base import Dictionary
+from dictlearn.dictionaries.model import Dictionary
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.dictionaries.jumprelu import JumpReLUSAE

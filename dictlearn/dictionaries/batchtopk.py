@@ -1,11 +1,11 @@
 """BatchTopK SAE (Bussmann, Leask, Nanda 2024; SPEC §2.4): TopK over the whole batch in training,
 one global threshold at inference.
 
-Training (`train_activate`): a = ReLU(π) for the B tokens of a batch; the B·k largest of its B·d_sae
+Training (`select(training=True)`): a = ReLU(π) for the B tokens of a batch; the B·k largest of its B·d_sae
 values are kept and the rest zeroed, so the batch's mean L0 is exactly k while each token uses as
 many latents as it needs. Everything else is TopK's (AuxK, normalised MSE, unit-norm decoder, lr).
 
-Inference (`activate`: encode, validation, evaluation, export) never selects over a batch, whose
+Inference (`select(training=False)`: encode, validation, evaluation, export) never selects over a batch, whose
 composition would change a token's latents: f = a ⊙ 1[a > θ], a JumpReLU whose threshold θ is
 shared by every latent. θ is the smallest positive activation that batch selection kept, averaged
 over training batches, in float64 (SAELens computes it in double after autocast trouble).
@@ -23,7 +23,7 @@ remembers ~1000 steps, too many for the 2,000-step base recipe — on the recove
 inference L0 then fell 8-18 % short of k (θ lagging a falling minimum), with 0.99 within 5 %.
 (`--model.threshold_beta 0.999` is dictionary_learning's setting.)
 
-The update runs inside the training step (in `train_activate`, without gradient), so the θ a
+The update runs inside the training step (in `activate_entries`, without gradient), so the θ a
 checkpoint holds is the one after that step and a resumed run continues bit-identically. (Lightning
 runs callbacks' `on_train_batch_end` — ModelCheckpoint's included — before the module's, so an
 update there would miss the checkpoint.)
@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dictlearn.dictionaries.sparse import Support, flat_topk_indices
+from dictlearn.dictionaries.latents import Selection
+from dictlearn.dictionaries.sparse import flat_topk_indices
 from dictlearn.dictionaries.topk import TopKSAE
 from dictlearn.errors import ConfigError
 
@@ -85,27 +86,20 @@ class BatchTopKSAE(TopKSAE):
         # θ in training units (scaled data, unit decoder rows); 0 until the first training batch.
         self.register_buffer("threshold", torch.zeros(self.d_sae, dtype=torch.float64))
 
-    def activate(self, pre: Tensor) -> Tensor:
-        """pre [batch, d_sae] -> z [batch, d_sae] = ReLU(pre) ⊙ 1[pre > θ] (SAELens JumpReLU)."""
-        return pre.relu() * (pre > self.threshold)
+    def select(self, pre: Tensor, training: bool) -> Selection:
+        """Training: the batch·k largest pre-activations of the batch (ReLU is monotone, so the
+        same entries as the largest activations up to ties at 0, which decode to 0 either way).
+        Inference: every entry above θ (a JumpReLU with one threshold, SAELens)."""
+        if training:
+            return Selection.of_flat(flat_topk_indices(pre, len(pre) * self.k))
+        return Selection.of_mask(lambda: pre > self.threshold)
 
-    def train_activate(self, pre: Tensor) -> Tensor:
-        """pre [batch, d_sae] -> z [batch, d_sae]: the batch·k largest of ReLU(pre), and update θ."""
-        acts = pre.relu()
-        indices = flat_topk_indices(acts, len(acts) * self.k)
-        values = acts.flatten()[indices]
-        self._update_threshold(values.detach())
-        return torch.zeros_like(acts).flatten().scatter(0, indices, values).view_as(acts)
-
-    def train_support(self, pre: Tensor) -> Support:
-        """The batch·k largest pre-activations (ReLU is monotone: the same entries up to ties at
-        0, which decode to 0 either way)."""
-        return Support.from_flat(flat_topk_indices(pre, len(pre) * self.k), len(pre), self.d_sae)
-
-    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
-        """ReLU of the kept values, and θ's update from them (full precision even under autocast)."""
-        values = pre_values.relu()
-        self._update_threshold(values.detach())
+    def activate_entries(self, entries, training: bool) -> Tensor:
+        """ReLU of the kept values; in training θ is updated from them (full precision even under
+        autocast: the sparse path recomputes the kept values in float32)."""
+        values = entries.pre.relu()
+        if training:
+            self._update_threshold(values.detach())
         return values
 
     @torch.no_grad()
@@ -119,7 +113,7 @@ class BatchTopKSAE(TopKSAE):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         batch_minimum = stats[0] / stats[1].clamp_min(1.0)
-        if self.global_step < self.threshold_start_step:
+        if self.step < self.threshold_start_step:
             updated = batch_minimum.expand_as(self.threshold)
         else:
             updated = self.threshold_beta * self.threshold + (1.0 - self.threshold_beta) * batch_minimum

@@ -45,8 +45,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dictlearn.dictionaries.base import Dictionary
-from dictlearn.dictionaries.sparse import Support, sparse_decode
+from dictlearn.dictionaries.latents import DenseLatents, Selection
+from dictlearn.dictionaries.model import Dictionary
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("unit_norm", "norm_weighted_l1")
@@ -56,7 +56,6 @@ class GatedSAE(Dictionary):
     """z = 1[π_gate > 0] · ReLU(π_mag) with W_mag = exp(r_mag) ⊙ W_gate (SPEC §2.5)."""
 
     sae_lens_architecture = "gated"
-    sparse_selection = "per_batch"
     sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (base.py)
 
     def __init__(
@@ -110,50 +109,32 @@ class GatedSAE(Dictionary):
         """π_mag = x̄ (exp(r_mag) ⊙ W_gate) + b_mag: [batch, d_sae]."""
         return pre * self.r_mag.exp() + self.b_mag
 
-    def activate(self, pre: Tensor) -> Tensor:
-        """pre = x̄ W_gate [batch, d_sae] -> z [batch, d_sae]; gradients reach z through π_mag only."""
-        magnitude = self.magnitude_pre_acts(pre).relu()
-        return torch.where(self.gate_pre_acts(pre) > 0, magnitude, torch.zeros_like(magnitude))
+    def select(self, pre: Tensor, training: bool) -> Selection:
+        """Open gates, π_gate > 0: every non-zero latent and every entry with a gradient."""
+        return Selection.of_mask(lambda: self.gate_pre_acts(pre) > 0)
+
+    def activate_entries(self, entries, training: bool) -> Tensor:
+        """z = ReLU(π_mag) where the gate is open; gradients reach z through π_mag only."""
+        return (entries.pre * entries.at(self.r_mag.exp()) + entries.at(self.b_mag)).relu()
 
     # ----------------------------------------------------------------- losses
-    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
-        gate = self.gate_pre_acts(pre).relu()
-        l1 = gate.sum(-1) if self.unit_norm_decoder else gate @ self.W_dec.norm(dim=-1)
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+        latents = latents if latents is not None else DenseLatents(pre)
+        gate = (latents.pre + latents.at(self.b_gate)).relu()
+        # (a·b).sum(), not a @ b: autocast would run the dot in bf16
+        l1 = latents.total(gate) if self.unit_norm_decoder else (latents.column_sums(gate) * self.W_dec.norm(dim=-1)).sum()
         # The aux reconstruction trains the gate path without pulling on the decoder (paper §3.2).
-        y_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
+        y_gate = latents.decode(gate, self.W_dec.detach()) + self.b_dec.detach()
         if self.W_skip is not None:
             y_gate = y_gate + x @ self.W_skip.detach().T
         return {
-            "l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1.mean(),
+            "l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / latents.n_rows,
             "aux_reconstruction": (y - y_gate).pow(2).sum(-1).mean(),
         }
 
-    # ----------------------------------------------------------------- sparse path
     def encoder_affine(self):
         shift, W, _ = super().encoder_affine()
         return shift, W, None  # pre_acts has no bias here: each path adds its own
-
-    def train_support(self, pre: Tensor) -> Support | None:
-        """Open gates: every non-zero latent and every entry with a gradient (ReLU(π_gate) > 0)."""
-        gate_open = self.gate_pre_acts(pre) > 0
-        return Support.from_mask(gate_open) if self._sparse_enough(gate_open) else None
-
-    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
-        """The gate is open on the whole support, so z = ReLU(π_mag) there."""
-        cols = support.cols
-        return (pre_values * self.r_mag.exp().index_select(0, cols) + self.b_mag.index_select(0, cols)).relu()
-
-    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
-        gate = (pre_values + self.b_gate.index_select(0, support.cols)).relu()
-        # (a·b).sum(), not a @ b: autocast would run the dot in bf16
-        l1 = gate.sum() if self.unit_norm_decoder else (support.column_sums(gate) * self.W_dec.norm(dim=-1)).sum()
-        y_gate = sparse_decode(support, gate, self.W_dec.detach()) + self.b_dec.detach()
-        if self.W_skip is not None:
-            y_gate = y_gate + x @ self.W_skip.detach().T
-        return {
-            "l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / len(x),
-            "aux_reconstruction": (y - y_gate).pow(2).sum(-1).mean(),
-        }
 
     @torch.no_grad()
     def initialise_from_data(self, datamodule) -> None:

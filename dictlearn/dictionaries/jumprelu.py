@@ -37,8 +37,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dictlearn.dictionaries.base import Dictionary
-from dictlearn.dictionaries.sparse import Support
+from dictlearn.dictionaries.latents import DenseLatents, Selection
+from dictlearn.dictionaries.model import Dictionary
 from dictlearn.errors import ConfigError, DataError
 
 
@@ -98,7 +98,6 @@ class JumpReLUSAE(Dictionary):
     """z = π · H(π − θ) with a learned θ per latent; loss ‖y − ŷ‖² + λ‖z‖₀ (SPEC §2.6)."""
 
     sae_lens_architecture = "jumprelu"
-    sparse_selection = "per_batch"
     sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (base.py)
 
     def __init__(
@@ -146,30 +145,19 @@ class JumpReLUSAE(Dictionary):
         """θ [d_sae] > 0, in training (scaled) units."""
         return self.log_threshold.exp()
 
-    def activate(self, pre: Tensor) -> Tensor:
-        """pre [batch, d_sae] -> z [batch, d_sae]; exact JumpReLU forward, STE backward."""
-        return JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
-
-    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
-        l0 = StepFunction.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
-        return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * l0}
-
-    # ----------------------------------------------------------------- sparse path
-    def train_support(self, pre: Tensor) -> Support | None:
+    def select(self, pre: Tensor, training: bool) -> Selection:
         """Entries above θ − ε: the active ones and the kernel window below θ, whose STE gradient
         reaches θ (the window is |π − θ| < ε/2; a full ε keeps rounding at its edge inside)."""
-        with torch.no_grad():
-            window = pre > self.threshold - self.bandwidth
-        return Support.from_mask(window) if self._sparse_enough(window) else None
+        return Selection.of_mask(lambda: pre > self.threshold.detach() - self.bandwidth, implied=True)
 
-    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
-        threshold = self.threshold.index_select(0, support.cols)
-        return JumpReLUFunction.apply(pre_values, threshold, self.bandwidth)
+    def activate_entries(self, entries, training: bool) -> Tensor:
+        """z = π · H(π − θ): exact JumpReLU forward, straight-through backward."""
+        return JumpReLUFunction.apply(entries.pre, entries.at(self.threshold), self.bandwidth)
 
-    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
-        threshold = self.threshold.index_select(0, support.cols)
-        l0 = StepFunction.apply(pre_values, threshold, self.bandwidth).sum() / len(x)
-        return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * l0}
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+        latents = latents if latents is not None else DenseLatents(pre)
+        fired = StepFunction.apply(latents.pre, latents.at(self.threshold), self.bandwidth)
+        return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * latents.total(fired) / latents.n_rows}
 
     # ----------------------------------------------------------------- export
     def adapt_export_tensors(self, tensors: dict[str, Tensor], latent_scale: Tensor) -> dict[str, Tensor]:

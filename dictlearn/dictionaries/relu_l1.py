@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dictlearn.dictionaries.base import Dictionary
-from dictlearn.dictionaries.sparse import Support
+from dictlearn.dictionaries.latents import DenseLatents, Selection
+from dictlearn.dictionaries.model import Dictionary
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("norm_weighted_l1", "unit_norm")
@@ -25,7 +25,6 @@ class ReLUL1SAE(Dictionary):
     """z = ReLU(π); loss = ‖y − ŷ‖² + λ Σ_i z_i ‖d_i‖ (or λ‖z‖₁ with unit-norm rows)."""
 
     sae_lens_architecture = "standard"
-    sparse_selection = "per_batch"
 
     def __init__(
         self,
@@ -68,43 +67,38 @@ class ReLUL1SAE(Dictionary):
         self.resample_every_steps = resample_every_steps
         self.resample_encoder_scale = resample_encoder_scale
 
-    def activate(self, pre: Tensor) -> Tensor:
-        return pre.relu()
+    def select(self, pre: Tensor, training: bool) -> Selection:
+        return Selection.of_mask(lambda: pre > 0, implied=True)
 
-    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
-        l1 = z.sum(-1) if self.unit_norm_decoder else z @ self.W_dec.norm(dim=-1)
-        return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1.mean()}
+    def activate_entries(self, entries, training: bool) -> Tensor:
+        return entries.pre.relu()
 
-    # ----------------------------------------------------------------- sparse path
-    def train_support(self, pre: Tensor) -> Support | None:
-        active = pre > 0
-        return Support.from_mask(active) if self._sparse_enough(active) else None
-
-    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
-        return pre_values.relu()
-
-    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+        latents = latents if latents is not None else DenseLatents(pre)
         # (a·b).sum(), not a @ b: autocast would run the dot in bf16
-        l1 = z.sum() if self.unit_norm_decoder else (support.column_sums(z) * self.W_dec.norm(dim=-1)).sum()
-        return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / len(x)}
+        l1 = latents.total(z) if self.unit_norm_decoder else (latents.column_sums(z) * self.W_dec.norm(dim=-1)).sum()
+        return {"l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / latents.n_rows}
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+    def before_step(self, x_raw: Tensor, y_raw: Tensor, optimizer_state: dict, broadcast) -> None:
         # At the start of a step, not the end: a checkpoint saved at the end of the previous step
         # then resumes into the same resampling, on the same batch (exact resume).
         every = self.resample_every_steps
-        if every and self.global_step > 0 and self.global_step % every == 0 and self.dead_mask.any():
-            self.resample_dead_latents(*batch)
+        if every and self.step > 0 and self.step % every == 0 and self.dead_mask.any():
+            self.resample_dead_latents(x_raw, y_raw, optimizer_state, broadcast)
 
     @torch.no_grad()
-    def resample_dead_latents(self, x_raw: Tensor, y_raw: Tensor) -> int:
-        """Point dead latents at inputs the dictionary reconstructs worst (SPEC §2.1). -> count."""
+    def resample_dead_latents(self, x_raw: Tensor, y_raw: Tensor, optimizer_state: dict | None = None,
+                              broadcast=None) -> int:
+        """Point dead latents at inputs the dictionary reconstructs worst (Bricken et al. 2023). -> count.
+
+        `optimizer_state`: Adam's state by parameter, whose moments of the touched latents are
+        zeroed; `broadcast(t)`: rank 0's copy of `t` under DDP (every rank must write the same rows)."""
         dead = self.dead_mask.nonzero().flatten()
         x, y = x_raw * self.input_scale, y_raw * self.target_scale
         loss = (y - self.decode_scaled(self.activate(self.pre_acts(x)), x)).pow(2).sum(-1)
-        generator = torch.Generator(device=x.device).manual_seed(self.global_step)
+        generator = torch.Generator(device=x.device).manual_seed(self.step)
         picks = torch.multinomial(loss.pow(2) + 1e-12, len(dead), replacement=True, generator=generator)
-        # DDP: every rank must write the same rows; rank 0's choice wins.
-        picks = self.trainer.strategy.broadcast(picks, src=0) if self.trainer.world_size > 1 else picks
+        picks = broadcast(picks) if broadcast is not None else picks
         x_pick, y_pick = x[picks], y[picks]
         alive = ~self.dead_mask
         enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
@@ -112,13 +106,12 @@ class ReLUL1SAE(Dictionary):
         x_unit = x_pick / x_pick.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         self.W_enc.data[:, dead] = (x_unit * self.resample_encoder_scale * enc_norm).T
         self.b_enc.data[dead] = 0.0
-        self._reset_adam_rows(dead)
+        self._reset_adam_rows(dead, optimizer_state or {})
         self.tokens_since_fired[dead] = 0
         return len(dead)
 
-    def _reset_adam_rows(self, latents: Tensor) -> None:
-        """Zero Adam's moments for the touched latents, or they re-kill them (SPEC §2.1)."""
-        state = self.trainer.optimizers[0].state
+    def _reset_adam_rows(self, latents: Tensor, state: dict) -> None:
+        """Zero Adam's moments for the touched latents, or they re-kill them (Bricken et al. 2023)."""
         for param, index in ((self.W_dec, (latents,)), (self.W_enc, (slice(None), latents)), (self.b_enc, (latents,))):
             for key in ("exp_avg", "exp_avg_sq"):
                 if param in state and key in state[param]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
-from dictlearn.dictionaries.base import Dictionary
-from dictlearn.dictionaries.sparse import Support, sparse_decode, topk_indices
+from dictlearn.dictionaries.latents import DenseLatents, Selection
+from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.sparse import topk_indices
 from dictlearn.errors import ConfigError
 
 
@@ -20,7 +20,6 @@ class TopKSAE(Dictionary):
     """Keeps the k largest pre-activations per token (SPEC §2.3)."""
 
     sae_lens_architecture = "topk"
-    sparse_selection = "fixed"
 
     def __init__(
         self,
@@ -29,6 +28,7 @@ class TopKSAE(Dictionary):
         k_aux: int | None = None,
         lr: float | None = None,
         adam_eps: float = 6.25e-10,
+        d_sae: int = 4096,
         **kwargs,
     ):
         """
@@ -38,12 +38,14 @@ class TopKSAE(Dictionary):
             k_aux: dead latents used by AuxK; None means d_in // 2 (Gao et al. App. B.1).
             lr: None means 2e-4 / sqrt(d_sae / 2^14) (Gao et al. Fig. 3, as in sparsify).
             adam_eps: 6.25e-10 as OpenAI's reference trainer.
+            d_sae: number of latents.
             **kwargs: the shared `Dictionary` arguments.
         """
-        d_sae = kwargs.get("d_sae", 4096)
+        if not d_sae > 0:  # before the learning rate is computed from it
+            raise ConfigError(f"--model.d_sae must be > 0, got {d_sae}")
         if lr is None:
             lr = 2e-4 / math.sqrt(d_sae / 2**14)
-        super().__init__(lr=lr, adam_eps=adam_eps, **kwargs)
+        super().__init__(lr=lr, adam_eps=adam_eps, d_sae=d_sae, **kwargs)
         if not 0 < k <= d_sae:
             raise ConfigError(f"--model.k must be in [1, d_sae={d_sae}], got {k}")
         if auxk_alpha < 0:
@@ -54,20 +56,15 @@ class TopKSAE(Dictionary):
         self.auxk_alpha = auxk_alpha
         self.k_aux = k_aux if k_aux is not None else max(1, self.d_in // 2)
 
-    def activate(self, pre: Tensor) -> Tensor:
-        """pre [batch, d_sae] -> z [batch, d_sae] with at most k non-zeros per row."""
-        indices = topk_indices(pre, self.k)
-        return torch.zeros_like(pre).scatter_(-1, indices, pre.gather(-1, indices).relu())
+    def select(self, pre: Tensor, training: bool) -> Selection:
+        """The k largest pre-activations of each token."""
+        return Selection.of_rows(topk_indices(pre, self.k))
 
-    # ----------------------------------------------------------------- sparse path
+    def activate_entries(self, entries, training: bool) -> Tensor:
+        return entries.pre.relu()
+
     def sparse_l0(self) -> float:
         return self.k
-
-    def train_support(self, pre: Tensor) -> Support:
-        return Support.from_indices(topk_indices(pre, self.k), self.d_sae)
-
-    def sparse_activate(self, pre_values: Tensor, support: Support) -> Tensor:
-        return pre_values.relu()
 
     def export_fields(self) -> dict:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
@@ -76,29 +73,17 @@ class TopKSAE(Dictionary):
         """Batch FVU: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (normalised MSE, Gao et al. §2.1; sparsify)."""
         return _normalised_mse(y, y_hat)
 
-    def sparsity_losses(self, x, y, pre, z, y_hat) -> dict[str, Tensor]:
-        dead = self.dead_mask
-        n_dead = int(dead.sum())
-        if self.auxk_alpha == 0 or n_dead == 0:
-            return {}
-        # AuxK: the residual (no gradient) is reconstructed from the top dead latents, decoded
-        # without the bias; normalised by the residual's variance (OpenAI kernels.normalized_mse).
-        residual = (y - y_hat).detach()
-        dead_pre = pre.masked_fill(~dead, float("-inf"))
-        values, indices = dead_pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False)
-        z_aux = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-        return {"auxk": self.auxk_alpha * _normalised_mse(residual, z_aux @ self.W_dec)}
-
-    def sparse_sparsity_losses(self, x, y, pre, support, pre_values, z, y_hat) -> dict[str, Tensor]:
-        """AuxK over the dead latents' columns only: a [batch, n_dead] top-k, a sparse decode."""
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+        """AuxK: the residual (no gradient) is reconstructed from the k_aux largest pre-activations
+        among dead latents, decoded without the bias, normalised by the residual's variance
+        (Gao et al. App. A.2; OpenAI `kernels.normalized_mse`)."""
         dead = self.dead_mask.nonzero().squeeze(1)
         if self.auxk_alpha == 0 or len(dead) == 0:
             return {}
+        latents = latents if latents is not None else DenseLatents(pre)
         residual = (y - y_hat).detach()
-        local = topk_indices(pre[:, dead], min(self.k_aux, len(dead)))
-        aux = Support.from_indices(dead[local], self.d_sae)
-        z_aux = self.sparse_pre_acts(x, pre, aux).relu()
-        return {"auxk": self.auxk_alpha * _normalised_mse(residual, sparse_decode(aux, z_aux, self.W_dec))}
+        aux = latents.at_rows(dead[topk_indices(latents.full_pre[:, dead], min(self.k_aux, len(dead)))])
+        return {"auxk": self.auxk_alpha * _normalised_mse(residual, aux.decode(aux.pre.relu(), self.W_dec))}
 
 
 def _normalised_mse(target: Tensor, prediction: Tensor) -> Tensor:

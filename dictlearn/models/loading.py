@@ -16,7 +16,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import transformers
 from torch import nn
 
 from dictlearn.errors import ConfigError
@@ -95,6 +94,8 @@ def _load_folder(folder: Path, device: str) -> LanguageModel:
 
 def _from_pretrained(source: str | Path):
     """A transformers causal LM and its tokenizer from a folder or the local cache, never the network."""
+    import transformers  # ~0.5 s: only when a model is loaded
+
     with quiet_loading():
         model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
     return model, transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)

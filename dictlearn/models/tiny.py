@@ -14,14 +14,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-
-import transformers
+from typing import TYPE_CHECKING
 
 from dictlearn.errors import DictLearnError
+
+if TYPE_CHECKING:  # transformers takes ~0.5 s to import: only where a model is built or loaded
+    import transformers
 
 TINY_NAME = "dictlearn/tiny-stdlib"
 TINY_DIR = Path(__file__).resolve().parent / "tiny_stdlib"
 WEIGHTS_FILE = "model.safetensors"
+# Window length in tokens when neither the user nor a file says otherwise (harvest, evaluate, the
+# downstream callback): the length the embedded model was trained on.
+DEFAULT_CONTEXT = 256
 
 
 class ByteTokenizer:
@@ -47,13 +52,17 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=257, bos_token_id=256)"
 
 
-def tiny_config(n_layer: int = 4, n_embd: int = 128, n_head: int = 4, context: int = 256) -> transformers.GPT2Config:
+def tiny_config(
+    n_layer: int = 4, n_embd: int = 128, n_head: int = 4, context: int = DEFAULT_CONTEXT
+) -> transformers.GPT2Config:
     """The embedded model's architecture: GPT-2 with the byte vocabulary.
 
     BOS = EOS = 256 so that transformers' generation has its special ids and does not warn.
     `dictlearn_tokenizer` is recorded in config.json so that `load_model(DIR)` on a saved copy
     knows to pair it with `ByteTokenizer` (there are no tokenizer files to load).
     """
+    import transformers
+
     return transformers.GPT2Config(
         vocab_size=ByteTokenizer.vocab_size, n_positions=context, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.bos_token_id,
@@ -73,6 +82,8 @@ def load_byte_model(folder: Path, device: str = "cpu") -> transformers.GPT2LMHea
     if missing:
         raise DictLearnError(f"embedded model: {folder / missing[0]} is missing; reinstall dictlearn or "
                              f"rebuild it with: python -m dictlearn.models.train_tiny --out {folder}")
+    import transformers
+
     with quiet_loading():
         model = transformers.GPT2LMHeadModel.from_pretrained(folder, local_files_only=True)
     return model.to(device).eval()
@@ -82,6 +93,8 @@ def load_byte_model(folder: Path, device: str = "cpu") -> transformers.GPT2LMHea
 def quiet_loading() -> Iterator[None]:
     """No 'Loading weights' progress bar from transformers (dictlearn's output is one line per
     event); the caller's setting is restored afterwards."""
+    import transformers
+
     enabled = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from dictlearn.data.corpus import corpus_name, iter_documents, iter_windows
 from dictlearn.io import atomic_dir
-from dictlearn.models.tiny import ByteTokenizer, tiny_config
+from dictlearn.models.tiny import DEFAULT_CONTEXT, ByteTokenizer, tiny_config
 
 IGNORE = -100  # F.cross_entropy's ignore_index
 
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch", type=int, default=16, help="windows per step")
-    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=45)
     parser.add_argument("--weight-decay", type=float, default=0.1)

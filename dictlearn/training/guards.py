@@ -1,4 +1,4 @@
-"""Non-finite guards: training stops before a NaN/Inf reaches the weights (ECOSYSTEM §2).
+"""Non-finite guards: training stops before a NaN/Inf reaches the weights.
 
 Lightning alone trains on into NaN weights; these checks name the step, batch and rows instead,
 and run before the optimiser step, so no checkpoint ever holds the bad values.
@@ -15,7 +15,7 @@ from dictlearn.errors import NonFiniteError
 
 
 def check_batch_finite(x: Tensor, what: str, step: int, batch_idx: int) -> None:
-    """Cheap sum proxy every step; locate the bad rows only when it fails (ECOSYSTEM §2)."""
+    """Cheap sum proxy every step; locate the bad rows only when it fails."""
     if torch.isfinite(x.sum()):
         return
     bad_rows = (~torch.isfinite(x)).any(-1).nonzero().flatten()
@@ -27,7 +27,7 @@ def check_batch_finite(x: Tensor, what: str, step: int, batch_idx: int) -> None:
     )
 
 
-def check_gradients_finite(named_parameters: Iterable[tuple[str, Tensor]], step: int) -> None:
+def check_gradients_finite(named_parameters: Iterable[tuple[str, Tensor]], step: int, label: str = "") -> None:
     """One cheap sum over all gradients; name the parameters only when it is not finite."""
     named = [(name, p.grad) for name, p in named_parameters if p.grad is not None]
     if not named or torch.isfinite(torch.stack([g.sum() for _, g in named]).sum()):
@@ -35,6 +35,6 @@ def check_gradients_finite(named_parameters: Iterable[tuple[str, Tensor]], step:
     bad = [name for name, g in named if not g.isfinite().all()]
     if bad:
         raise NonFiniteError(
-            f"step {step}: non-finite gradient in {', '.join(bad)}; "
+            f"{label}step {step}: non-finite gradient in {', '.join(bad)}; "
             "lower --model.lr or check the data; no checkpoint was written for this step"
         )

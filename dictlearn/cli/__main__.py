@@ -1,0 +1,5 @@
+import sys
+
+from dictlearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""Latents of one batch, dense or sparse, behind one set of operations.
+
+A mechanism writes its activation and its loss terms once, against a latents object; the training
+step hands it either the dense reference (every (token, latent) entry) or the sparse path (only
+the entries the step needs: sparse.py). What a mechanism may ask of either:
+
+    latents.pre              pre-activations at the entries, with gradient   dense [batch, d_sae] | [nnz]
+    latents.full_pre         all pre-activations, no gradient (to choose further entries: AuxK)
+    latents.at(p)            a per-latent parameter p [d_sae] aligned with the entries
+    latents.decode(v, W)     Σ over each token's entries of v · W[latent]     -> [batch, d_out]
+    latents.column_sums(v)   Σ over each latent's entries                     -> [d_sae]
+    latents.total(v)         Σ over all entries                               -> scalar
+    latents.fire_counts(v)   entries with v != 0, per latent                  -> [d_sae] int32
+    latents.at_rows(idx)     the latents of other entries (idx [batch, k] latent indices)
+
+A `Selection` is the mechanism's rule for which entries are active in a batch: k per token
+(TopK), the top B·k of the batch (BatchTopK) or a mask (ReLU, gated, JumpReLU). The dense path
+applies it with gathers or a mask; the sparse path turns it into a `Support`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dictlearn.dictionaries.sparse import Support, sparse_decode
+
+
+class DenseLatents:
+    """Every entry of a [batch, d_sae] pre-activation matrix (the reference path)."""
+
+    def __init__(self, pre: Tensor):
+        self.pre, self.full_pre = pre, pre.detach()
+        self.n_rows, self.n_cols = pre.shape
+
+    def at(self, param: Tensor) -> Tensor:
+        return param  # broadcasts over the batch
+
+    def decode(self, values: Tensor, W: Tensor) -> Tensor:
+        return values @ W
+
+    def column_sums(self, values: Tensor) -> Tensor:
+        return values.sum(0, dtype=torch.promote_types(values.dtype, torch.float32))
+
+    def total(self, values: Tensor) -> Tensor:
+        return values.sum()
+
+    def fire_counts(self, values: Tensor) -> Tensor:
+        return (values != 0).sum(0, dtype=torch.int32)  # int32 counts: 1.5× faster than int64
+
+    def at_rows(self, indices: Tensor) -> GatheredLatents:
+        return GatheredLatents(self.pre, rows=indices)
+
+
+class GatheredLatents(DenseLatents):
+    """Chosen entries of a dense [batch, d_sae] pre-activation matrix, gathered: `rows` [batch, k]
+    latent indices per token, or `flat` [m] indices into the flattened matrix."""
+
+    def __init__(self, pre: Tensor, rows: Tensor | None = None, flat: Tensor | None = None):
+        self.dense_pre, self.full_pre, self.rows, self.flat = pre, pre.detach(), rows, flat
+        self.n_rows, self.n_cols = pre.shape
+        self.pre = pre.gather(1, rows) if rows is not None else pre.flatten()[flat]
+
+    def _cols(self) -> Tensor:
+        return self.rows if self.rows is not None else self.flat % self.n_cols
+
+    def at(self, param: Tensor) -> Tensor:
+        return param[self._cols()]
+
+    def to_dense(self, values: Tensor) -> Tensor:
+        """values at the entries -> [batch, d_sae] with zeros elsewhere."""
+        if self.rows is not None:
+            return torch.zeros_like(self.dense_pre, dtype=values.dtype).scatter(1, self.rows, values)
+        flat = torch.zeros(self.dense_pre.numel(), dtype=values.dtype, device=values.device)
+        return flat.scatter(0, self.flat, values).view_as(self.dense_pre)
+
+    def decode(self, values: Tensor, W: Tensor) -> Tensor:
+        return self.to_dense(values) @ W
+
+    def column_sums(self, values: Tensor) -> Tensor:
+        return super().column_sums(self.to_dense(values))
+
+    def fire_counts(self, values: Tensor) -> Tensor:
+        return super().fire_counts(self.to_dense(values))
+
+    def at_rows(self, indices: Tensor) -> GatheredLatents:
+        return GatheredLatents(self.dense_pre, rows=indices)
+
+
+class SparseLatents:
+    """The entries of a `Support`; `values_at(support)` computes pre-activations with the sparse
+    encoder backward (sparse.py `sparse_affine`)."""
+
+    def __init__(self, support: Support, full_pre: Tensor, values_at: Callable[[Support], Tensor]):
+        self.support, self.full_pre, self.values_at = support, full_pre, values_at
+        self.n_rows, self.n_cols = support.n_rows, support.n_cols
+        self.pre = values_at(support)
+
+    def at(self, param: Tensor) -> Tensor:
+        return param.index_select(0, self.support.cols)
+
+    def decode(self, values: Tensor, W: Tensor) -> Tensor:
+        return sparse_decode(self.support, values, W)
+
+    def column_sums(self, values: Tensor) -> Tensor:
+        return self.support.column_sums(values)
+
+    def total(self, values: Tensor) -> Tensor:
+        return values.sum()
+
+    def fire_counts(self, values: Tensor) -> Tensor:
+        return self.support.fire_counts(values)
+
+    def at_rows(self, indices: Tensor) -> SparseLatents:
+        return SparseLatents(Support.from_indices(indices, self.n_cols), self.full_pre, self.values_at)
+
+
+class Selection:
+    """A mechanism's rule for the active entries of one batch, from pre-activations without
+    gradient. Build with `rows` (k latents per token), `flat` (any m entries of the batch) or
+    `mask` (a lazily computed bool [batch, d_sae]; `implied` when the activation is zero off it
+    anyway, so the dense path need not apply it)."""
+
+    def __init__(self, rows: Tensor | None = None, flat: Tensor | None = None,
+                 mask: Callable[[], Tensor] | None = None, implied: bool = False):
+        self.rows, self.flat, self._mask, self.implied = rows, flat, mask, implied
+        self._mask_value: Tensor | None = None
+
+    @classmethod
+    def of_rows(cls, indices: Tensor) -> Selection:
+        return cls(rows=indices)
+
+    @classmethod
+    def of_flat(cls, indices: Tensor) -> Selection:
+        return cls(flat=indices)
+
+    @classmethod
+    def of_mask(cls, mask: Callable[[], Tensor], implied: bool = False) -> Selection:
+        return cls(mask=mask, implied=implied)
+
+    @property
+    def mask(self) -> Tensor:
+        if self._mask_value is None:
+            self._mask_value = self._mask()
+        return self._mask_value
+
+    def dense_entries(self, pre: Tensor) -> DenseLatents:
+        """The entries for a dense activation of `pre` (with gradient)."""
+        if self.rows is not None or self.flat is not None:
+            return GatheredLatents(pre, rows=self.rows, flat=self.flat)
+        return DenseLatents(pre)
+
+    def to_dense(self, entries: DenseLatents, values: Tensor) -> Tensor:
+        """Activated values at `dense_entries` -> latents [batch, d_sae], zero off the selection."""
+        if isinstance(entries, GatheredLatents):
+            return entries.to_dense(values)
+        if self._mask is None or self.implied:
+            return values
+        return torch.where(self.mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def support(self, n_rows: int, n_cols: int, max_density: float | None) -> Support | None:
+        """The selection as a Support; None when a mask is denser than `max_density` (None: any)."""
+        if self.rows is not None:
+            return Support.from_indices(self.rows, n_cols)
+        if self.flat is not None:
+            return Support.from_flat(self.flat, n_rows, n_cols)
+        mask = self.mask
+        if max_density is not None and int(torch.count_nonzero(mask)) > max_density * mask.numel():
+            return None
+        return Support.from_mask(mask)

@@ -1,0 +1,357 @@
+"""`DictionaryTraining`: the one LightningModule that trains one or many dictionaries (a sweep).
+
+Every member reads the same batch (one HDF5 read per step for all of them) and is otherwise
+independent: its own Adam parameter group (learning rate, betas, eps), LR and sparsity schedules,
+gradient clipping, decoder constraint, dead-latent counters, metrics and export. A member's
+gradients come from its own loss only, so a member trained in a sweep is bit-identical to the same
+member trained alone on the same batches and seed (tests/test_sweep.py).
+
+    one member:      logs train/fvu, val/l0, ...            export: <log_dir>/export
+    several members: logs <name>/train/fvu, <name>/val/l0   exports: <log_dir>/exports/<name>
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dictlearn.dictionaries.init import warmup_decay_factor
+from dictlearn.dictionaries.model import Dictionary
+from dictlearn.errors import ConfigError, DataError, NonFiniteError
+from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
+from dictlearn.training.guards import check_batch_finite, check_gradients_finite
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+@dataclass
+class Member:
+    """One dictionary of a sweep and the data it reads.
+
+    Args:
+        dictionary: the model to train.
+        input_key: dataset of its inputs; None: the data module's `input_key`.
+        target_key: dataset of its targets (transcoders); None: the data module's `target_key`
+            for a transcoder, the input for an SAE.
+        seed: draw the initial parameters from this seed, whatever else the process did before
+            (None: keep them as constructed). Two members with one seed and shape start equal.
+    """
+
+    dictionary: Dictionary
+    input_key: str | None = None
+    target_key: str | None = None
+    seed: int | None = None
+
+
+class MemberMetrics(nn.Module):
+    """One member's torchmetrics: a log interval's train metrics, the dead-latent window, validation."""
+
+    def __init__(self, d_sae: int, d_out: int) -> None:
+        super().__init__()
+        self.train_reconstruction = ReconstructionMetrics(d_out or None)
+        self.train_sparsity = SparsityMetrics(d_sae)
+        # Dead/dense fractions need a long window of tokens, logged once per window.
+        self.train_density = SparsityMetrics(d_sae)
+        self.val_reconstruction = ReconstructionMetrics(d_out or None)
+        self.val_sparsity = SparsityMetrics(d_sae)
+
+
+class DictionaryTraining(L.LightningModule):
+    """Trains `members` (a Dictionary, a Member, or {name: Dictionary | Member}) on the same batches."""
+
+    def __init__(self, members: Dictionary | Member | Mapping[str, Dictionary | Member]):
+        super().__init__()
+        specs = _as_members(members)
+        self.members = nn.ModuleDict({name: spec.dictionary for name, spec in specs.items()})
+        self.member_keys = {name: (spec.input_key, spec.target_key) for name, spec in specs.items()}
+        self.metrics = nn.ModuleDict({name: MemberMetrics(d.d_sae, d.d_out) for name, d in self.members.items()})
+        self.last_step_l0: dict[str, Tensor] = {}
+        for spec in specs.values():
+            if spec.seed is not None:
+                spec.dictionary.reset_parameters(spec.seed)
+
+    # ----------------------------------------------------------------- members and their data
+    @property
+    def dictionary(self) -> Dictionary:
+        """The one member of a single-dictionary run."""
+        if len(self.members) != 1:
+            raise ConfigError(f"this run trains {len(self.members)} dictionaries; pick one of {list(self.members)}")
+        return next(iter(self.members.values()))
+
+    def prefix(self, name: str) -> str:
+        """Log-key prefix of member `name`: none for a single dictionary, `<name>/` in a sweep."""
+        return "" if len(self.members) == 1 else f"{name}/"
+
+    def _label(self, name: str) -> str:
+        return "" if len(self.members) == 1 else f"member '{name}': "
+
+    def data_keys(self, name: str, datamodule) -> tuple[str, str | None]:
+        """(input key, target key or None) of member `name` in `datamodule`."""
+        input_key, target_key = self.member_keys[name]
+        if target_key is None and self.members[name].transcoder:
+            target_key = datamodule.target_key
+        return input_key or datamodule.input_key, target_key
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ConfigError("a dictionary trains from an ActivationDataModule (--data); none was given")
+        keys = [key for name in self.members for key in self.data_keys(name, datamodule) if key is not None]
+        datamodule.require_keys(keys)
+
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None)
+
+    def _member_batch(self, name: str, batch) -> tuple[Tensor, Tensor]:
+        """Member `name`'s (x, y) raw tensors from a batch of the data module's keys (y is x: SAE);
+        without a data module (a loop of its own), the batch is (x, y)."""
+        datamodule = self._datamodule()
+        if datamodule is None:
+            return batch[0], batch[1]
+        input_key, target_key = self.data_keys(name, datamodule)
+        x = batch[datamodule.batch_index(input_key)]
+        return x, (x if target_key is None else batch[datamodule.batch_index(target_key)])
+
+    def _check_batch(self, batch, batch_idx: int, stage: str = "") -> None:
+        """Every tensor of the batch is finite, else one line naming the file and key."""
+        datamodule = self._datamodule()
+        names = [f"{datamodule.path}['{key}']" for key in datamodule.batch_keys] if datamodule else ["input", "target"]
+        seen: set[int] = set()
+        for name, tensor in zip(names, batch):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                check_batch_finite(tensor, f"{name}{stage}", self.global_step, batch_idx)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        self._check_batch(batch, batch_idx)
+        state, total_steps = self._optimizer_state(), self._total_steps()
+        results, loss = {}, 0
+        for name, member in self.members.items():
+            x_raw, y_raw = self._member_batch(name, batch)
+            member.step, member.total_steps = self.global_step, total_steps
+            member.before_step(x_raw, y_raw, state, self._broadcast)
+            x = x_raw * member.input_scale
+            y = x if y_raw is x_raw else y_raw * member.target_scale
+            result = member.training_losses(x, y)
+            member_loss = sum(result.losses.values())
+            if not torch.isfinite(member_loss):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
+                raise NonFiniteError(
+                    f"{self._label(name)}step {self.global_step} (batch {batch_idx}): loss is {member_loss.item()} "
+                    f"({terms}); lower --model.lr or check the data scale; no checkpoint was written for this step"
+                )
+            results[name] = (y_raw, result, member_loss)
+            loss = loss + member_loss
+        with torch.no_grad():
+            # this step's training L0 per member, a 0-d tensor (read by sparsity controllers)
+            self.last_step_l0 = {name: r[1].fire_counts.sum() / len(batch[0]) for name, r in results.items()}
+            self._update_fired({name: r[1].fire_counts for name, r in results.items()}, len(batch[0]))
+            for name, (y_raw, result, member_loss) in results.items():
+                self._log_train(name, y_raw, result, len(batch[0]), member_loss)
+        return loss
+
+    def _update_fired(self, fire_counts: dict[str, Tensor], n_tokens: int) -> None:
+        """Every member's dead-latent counters; a latent that fired on any rank fired (one
+        all-reduce for all members)."""
+        counts = torch.cat([c.to(torch.int64) for c in fire_counts.values()])
+        if dist.is_available() and dist.is_initialized():
+            total = torch.cat([counts, counts.new_tensor([n_tokens])])
+            dist.all_reduce(total)
+            counts, n_tokens = total[:-1], int(total[-1])
+        for (name, _), part in zip(fire_counts.items(), counts.split([len(c) for c in fire_counts.values()])):
+            self.members[name].update_fired(part, n_tokens)
+
+    def _log_train(self, name: str, y_raw: Tensor, result, n_tokens: int, loss: Tensor) -> None:
+        member, metrics, prefix = self.members[name], self.metrics[name], self.prefix(name)
+        metrics.train_reconstruction.update(y_raw, result.y_hat / member.target_scale)
+        counts = dict(fire_counts=result.fire_counts, n_tokens=n_tokens, sum_abs=result.sum_abs)
+        metrics.train_sparsity.update(**counts)
+        metrics.train_density.update(**counts)
+        self.log(f"{prefix}train/loss", loss, prog_bar=len(self.members) == 1)
+        for term, value in result.losses.items():
+            self.log(f"{prefix}train/loss_{term}", value)
+        if (self.global_step + 1) % max(1, getattr(self._trainer, "log_every_n_steps", 1)) == 0:
+            self._log_metrics(f"{prefix}train", metrics.train_reconstruction, metrics.train_sparsity, dense=False)
+        if metrics.train_density.n_tokens >= member.dead_window_tokens:
+            density = metrics.train_density.compute()
+            self.log(f"{prefix}train/dead_fraction", density["dead_fraction"])
+            self.log(f"{prefix}train/dense_fraction", density["dense_fraction"])
+            metrics.train_density.reset()
+
+    def _log_metrics(self, stage: str, recon, sparsity, dense: bool = True) -> dict:
+        values = {**recon.compute(), **sparsity.compute()}
+        if not dense:  # dead/dense over a short log interval would mislead; logged per window
+            values.pop("dead_fraction"), values.pop("dense_fraction")
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in values.items()}, prog_bar=False)
+        recon.reset(), sparsity.reset()
+        return values
+
+    def _optimizer_state(self) -> dict:
+        trainer = self._trainer
+        return trainer.optimizers[0].state if trainer is not None and trainer.optimizers else {}
+
+    def _broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's copy of `tensor` (every rank must write the same resampled rows)."""
+        return self.trainer.strategy.broadcast(tensor, src=0) if self.trainer.world_size > 1 else tensor
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for name, member in self.members.items():
+            check_gradients_finite(member.named_parameters(), self.global_step, self._label(name))
+            member.constrain_gradient()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Renormalise right after the step, before any callback (a checkpoint, say) sees W_dec.
+        super().optimizer_step(*args, **kwargs)
+        for member in self.members.values():
+            member.constrain_parameters()
+
+    # ----------------------------------------------------------------- validation / test
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._check_batch(batch, batch_idx, " (validation)")
+        for name, member in self.members.items():
+            x, y = self._member_batch(name, batch)
+            z = member.encode(x)
+            self.metrics[name].val_reconstruction.update(y, member.decode(z, x))
+            self.metrics[name].val_sparsity.update(z)
+
+    def on_validation_epoch_end(self) -> None:
+        stage = "test" if self.trainer.testing else "val"
+        for name, metrics in self.metrics.items():
+            if metrics.val_reconstruction.update_count:
+                self._log_metrics(f"{self.prefix(name)}{stage}", metrics.val_reconstruction, metrics.val_sparsity)
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    # ----------------------------------------------------------------- data-dependent init
+    def on_fit_start(self) -> None:
+        # ddp_spawn leaves metric states in memory shared between ranks: give each rank its own
+        # copy, keeping the values (they may come from a checkpoint).
+        for metrics in self.metrics.values():
+            for metric in (metrics.train_reconstruction, metrics.train_sparsity, metrics.train_density):
+                for state in metric._defaults:
+                    setattr(metric, state, getattr(metric, state).clone())
+        datamodule = self.trainer.datamodule
+        for name, member in self.members.items():
+            if not bool(member.data_initialised):
+                member.initialise_from_data(datamodule.view(*self.data_keys(name, datamodule)))
+
+    # ----------------------------------------------------------------- optimiser and schedule
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        return max(1, int(steps)) if math.isfinite(steps) else 1
+
+    def configure_optimizers(self):
+        """One Adam, one parameter group per member (its lr, betas, eps), one LR factor each."""
+        groups = [
+            {"params": list(m.parameters()), "lr": m.lr, "betas": m.adam_betas, "eps": m.adam_eps}
+            for m in self.members.values()
+        ]
+        optimizer = torch.optim.Adam(groups, fused=self._fused_adam() or None)
+        total = self._total_steps()
+        factors = [
+            partial(warmup_decay_factor, total=total, warmup=m.lr_warmup_fraction * total,
+                    decay=m.lr_decay_fraction * total)
+            for m in self.members.values()
+        ]  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_adam(self) -> bool:
+        """Fused Adam: one kernel per parameter instead of ~8 passes (~5× less time on CPU;
+        deterministic). Not under fp16 `16-mixed`, whose loss scaler must unscale the gradients
+        before clipping (a fused optimizer unscales inside its step)."""
+        precision = str(getattr(self._trainer, "precision", "32-true"))
+        return precision != "16-mixed" and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.parameters()
+        )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Each member is clipped by its own gradient norm, as it would be alone. Directly, not
+        # through Lightning's plugin, which refuses any optimizer that unscales its own gradients
+        # (fused Adam) under mixed precision; gradients are already unscaled here.
+        if not gradient_clip_val:
+            return
+        for member in self.members.values():
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(member.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(member.parameters(), gradient_clip_val)
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        checkpoint["dictlearn_members"] = {name: self._member_record(name, datamodule) for name in self.members}
+        if len(self.members) == 1 and datamodule is not None:  # where the data came from, for the export
+            checkpoint["dictlearn_data"] = checkpoint["dictlearn_members"][next(iter(self.members))]["data"]
+
+    def _member_record(self, name: str, datamodule) -> dict:
+        member = self.members[name]
+        cls = type(member)
+        record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hyper_parameters": dict(member.hparams)}
+        if hasattr(datamodule, "view"):
+            record["data"] = datamodule.view(*self.data_keys(name, datamodule)).provenance()
+        return record
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("dictlearn_members")
+        if saved is None:  # a checkpoint of one dictionary from before sweeps: its keys, prefixed
+            saved = {name: {"hyper_parameters": checkpoint.get("hyper_parameters", {})} for name in self.members}
+            if len(self.members) == 1:
+                name = next(iter(self.members))
+                checkpoint["state_dict"] = _prefixed_state(checkpoint["state_dict"], name)
+        if set(saved) != set(self.members):
+            raise DataError(
+                f"checkpoint holds dictionaries {sorted(saved)} but this run has {sorted(self.members)}; "
+                "resume with the same sweep file"
+            )
+        for name, member in self.members.items():
+            hyper = saved[name].get("hyper_parameters", {})
+            for size in ("d_in", "d_out", "d_sae"):
+                mine, theirs = getattr(member, size), hyper.get(size, getattr(member, size))
+                if size == "d_out" and theirs is None:
+                    theirs = hyper.get("d_in")
+                if theirs != mine:
+                    raise DataError(
+                        f"{self._label(name)}checkpoint was trained with {size}={theirs} but this run has "
+                        f"{size}={mine}; resume with the same data file and --model sizes"
+                    )
+
+
+def _as_members(members) -> dict[str, Member]:
+    """{name: Member} from a Dictionary, a Member or a mapping of either; names checked."""
+    if isinstance(members, (Dictionary, Member)):
+        members = {"model": members}
+    if not isinstance(members, Mapping) or not members:
+        raise ConfigError("a sweep needs at least one member: {name: dictionary}")
+    specs = {}
+    for name, spec in members.items():
+        if not _NAME.match(str(name)):
+            raise ConfigError(f"sweep member name {name!r}: use letters, digits, '_' and '-' (it names a folder)")
+        specs[str(name)] = spec if isinstance(spec, Member) else Member(spec)
+        if not isinstance(specs[str(name)].dictionary, Dictionary):
+            raise ConfigError(f"sweep member {name!r} is not a dictlearn Dictionary")
+    return specs
+
+
+def _prefixed_state(state_dict: dict, name: str) -> dict:
+    """An old single-dictionary state dict (`W_enc`, `train_sparsity.n_tokens`, ...) in this
+    module's layout (`members.<name>.W_enc`, `metrics.<name>.train_sparsity.n_tokens`)."""
+    metric_names = ("train_reconstruction", "train_sparsity", "train_density", "val_reconstruction", "val_sparsity")
+    out = {}
+    for key, value in state_dict.items():
+        group = "metrics" if key.split(".")[0] in metric_names else "members"
+        out[f"{group}.{name}.{key}"] = value
+    return out
