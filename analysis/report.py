@@ -1,0 +1,203 @@
+"""The run report: figures into `OUT/figures/`, then `OUT/report.md` and `OUT/report.html`.
+
+`analyse(paths, out)` is what `python -m analysis` runs; `write_report(run_dir, results)` is
+the same for lines already in memory (as `dictlearn compare` holds them at its end). Sections:
+setup, summary (analysis.summary), figures, every dictionary's metrics, notes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from analysis import curves, density, frontier, recovery, shrinkage, sparsity
+from analysis.cli import draw_groups, print_notes
+from analysis.render import Bullets, Code, Heading, Image, Legend, Paragraph, Table, html_page, markdown
+from analysis.results import from_records, group_by_site, load_results, series_label, value
+from analysis.style import Drawn, architecture_style, series_order
+from analysis.summary import L0_SHOWN, frontier_table, summarise
+from dictlearn.io import atomic_write_text
+
+#: every figure family, in report order; each has draw(lines, out_dir, notes, site) -> [Drawn]
+FAMILIES = (frontier, sparsity, shrinkage, recovery, density, curves)
+
+#: (key, column title, format); a column shows only when some line has the key
+COLUMNS = (
+    ("l0_target", "L0 target", "g"), ("seed", "seed", "d"), ("d_sae", "d_sae", "d"), ("l0", "L0", ".1f"),
+    ("fvu", "FVU", ".4f"), ("cos_sim", "cos sim", ".4f"), ("l2_ratio", "L2 ratio", ".3f"),
+    ("rel_reconstruction_bias", "γ", ".3f"), ("dead_fraction", "dead", "%"), ("dense_fraction", "dense", "%"),
+    ("ce_loss_recovered", "CE recovered", ".4f"), ("kl_div", "KL", ".4f"), ("delta_ce", "ΔCE", ".4f"),
+    ("mmcs", "MMCS", ".3f"), ("train_seconds", "train s", ".0f"),
+)
+
+
+def draw_all(lines: list[dict], figures_dir: Path, notes: list[str]) -> list[Drawn]:
+    drawn = []
+    for family in FAMILIES:
+        drawn += draw_groups(lines, family.draw, figures_dir, notes)
+    return drawn
+
+
+def analyse(paths: list[str | Path], out_dir: str | Path, echo: bool = True) -> Path:
+    """Results files -> figures and report under `out_dir`; -> the report.md path."""
+    return _write(load_results(paths), Path(out_dir), echo)
+
+
+def write_report(run_dir: str | Path, results: list[dict], out_dir: str | Path | None = None, echo: bool = True) -> Path:
+    """In-memory results lines of the run in `run_dir` -> figures and report there (or in
+    `out_dir`); compare.yaml and timings.json are read from `run_dir`. -> report.md's path."""
+    run_dir = Path(run_dir)
+    return _write(from_records(results, str(run_dir / "results.jsonl")), Path(out_dir or run_dir), echo)
+
+
+def _write(lines: list[dict], out_dir: Path, echo: bool) -> Path:
+    notes: list[str] = []
+    sites = group_by_site(lines)
+    if len(sites) > 1:
+        notes.append(f"the results hold {len(sites)} (model, hook) sites: "
+                     + "; ".join(f"{model}, {hook}" for model, hook in sites) + "; each is drawn and summarised apart")
+    drawn = draw_all(lines, out_dir / "figures", notes)
+    blocks = report_blocks(lines, drawn, notes)
+    if echo:
+        print_notes(notes)
+    title = "dictlearn comparison: " + ", ".join(sorted({str(line["_run"]) for line in lines}))
+    atomic_write_text(out_dir / "report.md", markdown([Heading(1, title)] + blocks, out_dir))
+    atomic_write_text(out_dir / "report.html", html_page([Heading(1, title)] + blocks, title))
+    return out_dir / "report.md"
+
+
+def report_blocks(lines: list[dict], drawn: list[Drawn], notes: list[str]) -> list:
+    groups = group_by_site(lines)
+    several = len(groups) > 1
+    blocks = setup_blocks(lines, notes)
+    if several:
+        blocks.append(Paragraph(f"**These results hold {len(groups)} different (model, hook) sites.** Dictionaries of "
+                                "different sites are never compared: each site has its own summary, figures and table."))
+    numbered = {d.png: n for n, d in enumerate(drawn, start=1)}
+    for title, make in (("Summary", summary_blocks), ("Figures", None), ("Dictionaries", table_blocks)):
+        blocks.append(Heading(2, title))
+        if make is None:
+            blocks.append(Paragraph(FIGURE_KEY))
+        for site, members in groups.items():
+            if several:
+                blocks.append(Heading(3, f"{site[0]}, `{site[1]}`"))
+            blocks += make(members) if make else [Image(d.png, d.caption, numbered[d.png])
+                                                  for d in drawn if d.site == (site if several else None)]
+    if notes:
+        blocks += [Heading(2, "Notes"), Bullets(tuple(notes))]
+    return blocks
+
+
+FIGURE_KEY = ("In the figures against L0, a marker is the mean over seeds and its bars span the seeds' range "
+              "(min to max) in both L0 and the metric; black rings mark the Pareto-optimal settings over all "
+              "architectures. The L0 axis is logarithmic, as SAEBench draws it (Karvonen et al. 2025).")
+
+
+def summary_blocks(lines: list[dict]) -> list:
+    blocks: list = [Bullets(tuple(summarise(lines)))]
+    header, rows = frontier_table(lines)
+    if rows:
+        blocks += [Paragraph("At each L0 target, the best seed mean against the runner-up; **separable** when their "
+                             "seed ranges (min–max) do not overlap. An L0 in brackets: the measured L0, more than "
+                             f"{L0_SHOWN:.0%} off the target."), Table(tuple(header), tuple(map(tuple, rows)))]
+    return blocks
+
+
+def table_blocks(lines: list[dict]) -> list:
+    columns = [c for c in COLUMNS if any(value(line, c[0]) is not None for line in lines)]
+    # a width every line shares is in the setup; a column of one number would only widen the table
+    columns = [c for c in columns if c[0] != "d_sae" or len({value(line, "d_sae") for line in lines}) > 1]
+    runs = len({line["_run"] for line in lines}) > 1
+    header = ("name", "architecture") + (("run",) if runs else ()) + tuple(title for _, title, _ in columns)
+    ordered = sorted(lines, key=lambda l: (series_order(l["_series"]), value(l, "l0_target") or 0, value(l, "seed") or 0))
+    rows = []
+    for line in ordered:
+        cells = [str(line.get("name") or "–"), series_label(line["_series"])] + ([str(line["_run"])] if runs else [])
+        rows.append(tuple(cells + [_cell(value(line, key), fmt) for key, _, fmt in columns]))
+    return [Table(header, tuple(rows), swatch_column=1)]
+
+
+def _cell(x: float | None, fmt: str) -> str:
+    if x is None:
+        return "–"
+    if fmt == "%":
+        return f"{100 * x:.1f}%"
+    return f"{int(x)}" if fmt == "d" else format(x, fmt)
+
+
+def _distinct(lines: list[dict], key: str) -> list:
+    found = {line.get(key) for line in lines if line.get(key) is not None}
+    return sorted(found, key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)))
+
+
+def setup_blocks(lines: list[dict], notes: list[str]) -> list:
+    """What was compared, on what, and how long it took; one part per run folder."""
+    blocks: list = [Heading(2, "Setup")]
+    folders = sorted({line["_folder"] for line in lines})
+    for folder in folders:
+        members = [line for line in lines if line["_folder"] == folder]
+        if len(folders) > 1:
+            blocks.append(Heading(3, f"Run `{members[0]['_run']}` ({folder})"))
+        blocks += _run_setup(members, Path(folder), notes)
+    return blocks
+
+
+def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
+    join = lambda key: ", ".join(f"`{v}`" if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else str(v)
+                                  for v in _distinct(lines, key)) or "not recorded"
+    architectures = sorted({line["architecture"] for line in lines}, key=lambda a: series_order((a, "")))
+    counts = [len(architectures), len(_distinct(lines, "l0_target")), len(_distinct(lines, "seed"))]
+    shape = ""
+    if counts[0] * counts[1] * counts[2] == len(lines):
+        shape = f" ({counts[0]} architectures × {counts[1]} L0 targets × {counts[2]} seeds)"
+    items = [f"Model: {join('model_name')}; hook: {join('hook_name')}"
+             + (f" → {join('hook_name_out')}" if _distinct(lines, "hook_name_out") else ""),
+             f"Activations: {join('data')}",
+             f"Dictionaries: {len(lines)}{shape}; d_sae {join('d_sae')}",
+             f"Architectures: {', '.join(architectures)}",
+             f"L0 targets: {join('l0_target')}; seeds: {join('seed')}",
+             f"Training tokens per dictionary: {join('train_tokens')}"]
+    seconds = [value(line, "train_seconds") for line in lines if value(line, "train_seconds") is not None]
+    if seconds:
+        items.append(f"Training time: {sum(seconds):,.0f} s over all dictionaries (sum of `train_seconds`)")
+    machine, stages = read_timings(folder, notes)
+    if machine:
+        items.append(f"Machine: {machine}")
+    blocks: list = [Bullets(tuple(items)), Legend(tuple((a, *architecture_style(a)) for a in architectures))]
+    if stages:
+        rows = tuple((stage, f"{seconds:,.1f}") for stage, seconds in stages.items())
+        blocks += [Paragraph("Wall time per stage (`timings.json`):"), Table(("stage", "seconds"), rows)]
+    config = folder / "compare.yaml"
+    if config.is_file():
+        blocks.append(Code(config.read_text(encoding="utf-8", errors="replace"), "The resolved sweep, `compare.yaml`:"))
+    return blocks
+
+
+def read_timings(folder: Path, notes: list[str]) -> tuple[str | None, dict[str, float]]:
+    """`timings.json` -> (machine description, {stage: seconds}). Accepted: {"stages": {stage:
+    seconds}, "machine": str or object} or a flat {stage: seconds, "machine": ...}. A file that
+    does not parse is a note: the report is worth having without it."""
+    path = folder / "timings.json"
+    if not path.is_file():
+        return None, {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        notes.append(f"{path}: not readable JSON ({getattr(error, 'msg', error)}); timings left out")
+        return None, {}
+    if not isinstance(raw, dict):
+        notes.append(f"{path}: not an object of stage -> seconds; timings left out")
+        return None, {}
+    machine = raw.get("machine")
+    if isinstance(machine, dict):
+        machine = ", ".join(f"{k}: {v}" for k, v in machine.items())
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else raw
+    stages = {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return (str(machine) if machine else None), stages
+
+
+if __name__ == "__main__":
+    from analysis.__main__ import main
+
+    sys.exit(main())

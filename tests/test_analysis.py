@@ -1,0 +1,283 @@
+"""analysis/: figures read back from their artists, seed aggregation, Pareto marking, the report's
+table and summary, and bad input, all on hand-written results lines."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import struct
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import curves, density
+from analysis.aggregate import aggregate, pareto
+from analysis.cli import module_main
+from analysis.frontier import FIGURES, FVU
+from analysis.metric_plot import MetricSpec, plot_metric_vs_l0, plot_metrics_vs_l0
+from analysis.report import analyse, write_report
+from analysis.results import AnalysisError, from_records, load_results
+from analysis.style import ARCHITECTURES, DPI, WIDTH_IN
+from analysis.summary import frontier_table, summarise
+from analysis.__main__ import main as analysis_main
+
+MODEL, HOOK = "dictlearn/tiny-stdlib", "transformer.h.2"
+
+
+def line(architecture, l0_target, seed, **metrics) -> dict:
+    """A results line; L0 defaults to its target, the other metrics to plausible constants."""
+    base = dict(name=f"{architecture}_l0-{l0_target}_seed{seed}", architecture=architecture, mapping="sae",
+                l0_target=l0_target, d_sae=256, seed=seed, model_name=MODEL, hook_name=HOOK, l0=float(l0_target),
+                fvu=0.3, cos_sim=0.9, l2_ratio=0.97, rel_reconstruction_bias=1.0, dead_fraction=0.01,
+                dense_fraction=0.0, ce_loss_recovered=0.95, kl_div=0.05, train_tokens=1_000_000, train_seconds=10.0)
+    return {**base, **metrics}
+
+
+def write(path: Path, lines: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+def xy(artist) -> tuple[np.ndarray, np.ndarray]:
+    """A Line2D's data as floats (errorbar keeps it as an object array)."""
+    return np.asarray(artist.get_xdata(), dtype=float), np.asarray(artist.get_ydata(), dtype=float)
+
+
+def series_container(fig, label, axis=0):
+    """The ErrorbarContainer of one series in one panel."""
+    found = [c for c in fig.axes[axis].containers if c.get_label() == label]
+    assert len(found) == 1, [c.get_label() for c in fig.axes[axis].containers]
+    return found[0]
+
+
+# Two seeds per setting; topk wins at L0 8 by more than the seeds' spread, batchtopk at 16 within it.
+WINNER_CHANGES = [
+    line("topk", 8, 0, fvu=0.40, ce_loss_recovered=0.91), line("topk", 8, 1, fvu=0.42, ce_loss_recovered=0.93),
+    line("batchtopk", 8, 0, fvu=0.45, ce_loss_recovered=0.90), line("batchtopk", 8, 1, fvu=0.47, ce_loss_recovered=0.92),
+    line("topk", 16, 0, fvu=0.33, ce_loss_recovered=0.95), line("topk", 16, 1, fvu=0.35, ce_loss_recovered=0.96),
+    line("batchtopk", 16, 0, fvu=0.30, ce_loss_recovered=0.97), line("batchtopk", 16, 1, fvu=0.34, ce_loss_recovered=0.98),
+]
+
+
+def test_points_sit_at_the_seed_means_with_min_max_bars():
+    lines = from_records([
+        line("relu_l1", 16, 0, l0=14.0, fvu=0.50), line("relu_l1", 16, 1, l0=20.0, fvu=0.44),
+        line("relu_l1", 8, 0, l0=9.0, fvu=0.61), line("relu_l1", 8, 1, l0=7.0, fvu=0.65),
+        line("relu_l1", 8, 2, l0=8.0, fvu=0.60),
+    ])
+    fig = plot_metrics_vs_l0(lines, [FVU])
+    container = series_container(fig, "relu_l1")
+    data_line, _, (x_bars, y_bars) = container.lines
+    x, y = xy(data_line)
+    np.testing.assert_allclose(x, [8.0, 17.0])  # sorted by mean L0
+    np.testing.assert_allclose(y, [(0.61 + 0.65 + 0.60) / 3, 0.47])
+    # bars span min..max over seeds, in L0 and in FVU
+    np.testing.assert_allclose([seg[:, 1] for seg in y_bars.get_segments()], [[0.60, 0.65], [0.44, 0.50]])
+    np.testing.assert_allclose([seg[:, 0] for seg in x_bars.get_segments()], [[7.0, 9.0], [14.0, 20.0]])
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "L0" in ax.get_xlabel() and "FVU" in ax.get_ylabel()
+    points = aggregate(lines, "fvu")[("relu_l1", "")]
+    assert [p.n_seeds for p in points] == [3, 2]
+
+
+def test_pareto_on_a_hand_made_case():
+    lines = from_records([
+        line("topk", 8, 0, fvu=0.50), line("batchtopk", 8, 0, fvu=0.40),  # batchtopk dominates topk at 8
+        line("topk", 16, 0, fvu=0.45),  # worse than batchtopk 8 with more L0: dominated
+        line("batchtopk", 16, 0, fvu=0.30), line("topk", 32, 0, fvu=0.30),  # tie in FVU: fewer L0 wins
+        line("topk", 64, 0, fvu=0.20),
+    ])
+    best = pareto([p for pts in aggregate(lines, "fvu").values() for p in pts])
+    assert sorted((p.series[0], p.l0) for p in best) == [("batchtopk", 8.0), ("batchtopk", 16.0), ("topk", 64.0)]
+    rings = [l for l in plot_metrics_vs_l0(lines, [FVU]).axes[0].lines if l.get_gid() == "pareto"][0]
+    assert sorted(zip(*xy(rings))) == [(8.0, 0.40), (16.0, 0.30), (64.0, 0.20)]
+    # higher is better: the ranking flips
+    flipped = from_records([line("topk", 8, 0, ce_loss_recovered=0.9), line("batchtopk", 8, 0, ce_loss_recovered=0.8),
+                            line("batchtopk", 16, 0, ce_loss_recovered=0.85)])
+    best = pareto([p for pts in aggregate(flipped, "ce_loss_recovered").values() for p in pts], higher_is_better=True)
+    assert [(p.series[0], p.l0) for p in best] == [("topk", 8.0)]
+
+
+def test_one_style_per_architecture_in_every_figure(tmp_path):
+    lines = from_records(WINNER_CHANGES)
+    fvu = plot_metrics_vs_l0(lines, [FVU])
+    dead = plot_metric_vs_l0(lines, "dead_fraction", "dead", percent=True)
+    for fig in (fvu, dead):
+        for architecture in ("topk", "batchtopk"):
+            data_line = series_container(fig, architecture).lines[0]
+            assert (data_line.get_color(), data_line.get_marker()) == ARCHITECTURES[architecture]
+    legend_labels = [t.get_text() for t in fvu.legends[0].get_texts()]
+    assert legend_labels == ["topk", "batchtopk", "Pareto-optimal"]  # the table's order, reference last
+
+
+def test_training_curves_read_the_member_column_against_tokens(tmp_path):
+    log = tmp_path / "logs" / "version_0"
+    log.mkdir(parents=True)
+    (log / "metrics.csv").write_text("epoch,step,topk_a/val/fvu,topk_b/val/fvu,train/loss\n"
+                                     "0,10,,,1.0\n0,100,0.8,0.9,\n0,200,0.5,0.7,\n")
+    lines = [line("topk", 8, 0, name="topk_b", log_dir="logs/version_0", batch_size=512),
+             line("topk", 16, 0, name="topk_a", log_dir=str(log / "metrics.csv"))]  # no batch size
+    lines = load_results([write(tmp_path / "results.jsonl", lines)])
+    assert curves.read_curve(lines[0]) == ([100.0, 200.0], [0.9, 0.7], 512.0)
+    # tokens per step from train_tokens / last step when the line has no batch size
+    assert curves.read_curve(lines[1]) == ([100.0, 200.0], [0.8, 0.5], 1_000_000 / 200)
+    fig = curves.plot_curves(curves.collect(lines, []))
+    plotted = {l.get_gid(): (list(l.get_xdata()), list(l.get_ydata())) for ax in fig.axes for l in ax.lines}
+    assert plotted["curve:topk_b"] == ([100 * 512 / 1e6, 200 * 512 / 1e6], [0.9, 0.7])
+    notes = []
+    curves.collect([{**lines[0], "log_dir": "nowhere", "name": "lost"}], notes)
+    assert notes and "lost" in notes[0] and "metrics.csv" in notes[0]
+
+
+def test_density_histogram_counts_fractions_of_latents_and_dead_ones():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([10 ** rng.uniform(-4, -1, 90), np.zeros(10)])
+    lines = from_records([line("topk", 16, 1, feature_density=list(rng.permutation(values))),
+                          line("topk", 16, 0, feature_density=list(values)),
+                          line("gated", 32, 0, feature_density=list(values))])
+    fig = density.plot_density(lines)  # 16: the target with most architectures... both have one: middle = 16
+    (stairs,) = fig.axes[0].patches
+    counts, edges, _ = stairs.get_data()
+    expected, _ = np.histogram(np.log10(values[values > 0]), bins=edges)
+    np.testing.assert_allclose(counts, expected / 100)
+    assert edges[0] == -4 and edges[-1] == 0
+    assert stairs.get_label() == "topk (dead 10.0%)"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder with every optional input: densities, a training log, compare.yaml, timings."""
+    folder = tmp_path_factory.mktemp("run")
+    (folder / "log").mkdir()
+    (folder / "log" / "metrics.csv").write_text("step,val/fvu\n100,0.6\n200,0.45\n")
+    rng = np.random.default_rng(1)
+    lines = [{**l, "feature_density": list(10 ** rng.uniform(-3, -1, 32)), "log_dir": "log", "batch_size": 64}
+             for l in WINNER_CHANGES]
+    lines[0]["dead_fraction"], lines[1]["dead_fraction"] = 0.2, 0.3  # topk at 8: 25% dead
+    lines[2]["l2_ratio"], lines[3]["l2_ratio"] = 0.80, 0.82  # batchtopk at 8 shrinks
+    write(folder / "results.jsonl", lines)
+    (folder / "compare.yaml").write_text("architectures: [topk, batchtopk]\nl0: [8, 16]\n")
+    (folder / "timings.json").write_text(json.dumps({"stages": {"harvest": 12.5, "train": 300.0}, "machine": "2 CPUs"}))
+    report = analyse([folder / "results.jsonl"], folder, echo=False)
+    return folder, report
+
+
+def test_every_figure_is_a_png_of_paper_size_and_a_parsing_svg(run_dir):
+    folder, _ = run_dir
+    stems = {p.stem for p in (folder / "figures").iterdir()}
+    assert stems == {"l0_fvu", "l0_ce_loss_recovered", "l0_kl_div", "l0_dead_dense", "l0_shrinkage", "density", "curves"}
+    for stem in stems:
+        width, height = png_size(folder / "figures" / f"{stem}.png")
+        assert width == round(WIDTH_IN * DPI) and 2.5 * DPI < height < 4 * DPI
+        assert ET.parse(folder / "figures" / f"{stem}.svg").getroot().tag.endswith("svg")
+    assert not [p for p in folder.rglob("*.tmp")]  # atomic writes leave no temporary file behind
+
+
+def test_report_table_and_summary_agree_with_the_lines(run_dir):
+    folder, report = run_dir
+    text = report.read_text()
+    for l in WINNER_CHANGES:  # every dictionary's row, with its numbers
+        row = f"| {l['name']} | {l['architecture']} | {l['l0_target']} | {l['seed']} | {l['l0']:.1f} | {l['fvu']:.4f} |"
+        assert row in text
+    assert ("Best FVU: **topk** at L0 8, **batchtopk** at L0 16; "
+            "within the seeds' spread (not separable) at L0 16.") in text
+    assert "| 8 | FVU (lower is better) | **topk** 0.410 | batchtopk 0.460 | separable |" in text
+    assert "| 16 | FVU (lower is better) | **batchtopk** 0.320 | topk 0.340 | not separable |" in text
+    assert "Dead latents (more than 10% never fire): topk at L0 8 (25%)." in text
+    assert "Shrinkage (mean `l2_ratio` below 0.9): **batchtopk** (`l2_ratio` 0.810–0.810 at L0 8)." in text
+    assert "Machine: 2 CPUs" in text and "| train | 300.0 |" in text and "l0: [8, 16]" in text
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 7 and 'src="figures' not in html  # self-contained
+    assert ARCHITECTURES["topk"][0] in html  # the figures' colour beside the name
+
+
+def test_summary_says_when_one_seed_cannot_separate_and_when_l0_is_missed():
+    lines = from_records([line("topk", 8, 0, fvu=0.4), line("gated", 8, 0, fvu=0.5, l0=12.0)])
+    header, rows = frontier_table(lines)
+    assert rows[0] == ["8", "FVU (lower is better)", "**topk** 0.400", "gated 0.500 (L0 12.0)", "one seed: spread unknown"]
+    assert "Off their L0 target by more than 20% (compare these with care): gated 12.0 for 8." in summarise(lines)
+    assert any("No setting has more than 10% dead" in s for s in summarise(from_records(WINNER_CHANGES)))
+
+
+def test_missing_metric_skips_its_figure_with_a_note(tmp_path, capsys):
+    lines = [{k: v for k, v in l.items() if k != "kl_div"} for l in WINNER_CHANGES]
+    lines[0]["ce_loss_recovered"] = None  # one line without it: drawn without that line, named
+    report = analyse([write(tmp_path / "results.jsonl", lines)], tmp_path / "out")
+    figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert "l0_kl_div.png" not in figures and "l0_fvu.png" in figures and "l0_ce_loss_recovered.png" in figures
+    err = capsys.readouterr().err
+    assert "analysis: note: l0_kl_div: no line has both `kl_div` and `l0`; skipped" in err
+    assert "1 of 8 lines lack `ce_loss_recovered`" in err and "topk_l0-8_seed0" in err
+    assert "l0_kl_div: no line has both" in report.read_text()
+
+
+def test_mixed_models_are_grouped_and_said(tmp_path, capsys):
+    other = [{**l, "model_name": "gpt2"} for l in WINNER_CHANGES[:4]]
+    report = analyse([write(tmp_path / "results.jsonl", WINNER_CHANGES + other)], tmp_path)
+    assert "analysis: note: the results hold 2 (model, hook) sites" in capsys.readouterr().err
+    text = report.read_text()
+    assert "**These results hold 2 different (model, hook) sites.**" in text
+    assert "### gpt2, `transformer.h.2`" in text and f"### {MODEL}, `transformer.h.2`" in text
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"l0_fvu__gpt2__transformer.h.2.png", "l0_fvu__dictlearn-tiny-stdlib__transformer.h.2.png"} <= figures
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "{path}: no results lines"),
+    ([json.dumps(line("topk", 8, 0)), "{not json"], "{path}:2: not a JSON object"),
+    (["[1, 2]"], "{path}:1: not a JSON object (a list)"),
+    ([json.dumps({"fvu": 0.3})], "{path}:1: no 'architecture'"),
+])
+def test_bad_input_is_one_line_naming_file_and_line(tmp_path, capsys, content, message):
+    path = write(tmp_path / "results.jsonl", content)
+    with pytest.raises(AnalysisError, match=re.escape(message.format(path=path))):
+        load_results([path])
+    assert analysis_main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"analysis: error: {message.format(path=path)}") and "\n" not in err
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_several_runs_compare_as_distinct_series(tmp_path):
+    a = write(tmp_path / "a" / "results.jsonl", WINNER_CHANGES[:4])
+    b = write(tmp_path / "b" / "results.jsonl", [{**l, "fvu": l["fvu"] - 0.1} for l in WINNER_CHANGES[:4]])
+    lines = load_results([a, b])
+    fig = plot_metrics_vs_l0(lines, [FVU])
+    np.testing.assert_allclose(xy(series_container(fig, "topk (b)").lines[0])[1], [0.31])
+    styles = {label: series_container(fig, label).lines[0].get_linestyle() for label in ("topk (a)", "topk (b)")}
+    assert styles["topk (a)"] != styles["topk (b)"]
+    assert analysis_main([str(a), str(b)]) == 2  # several runs need --out
+    text = analyse([a, b], tmp_path / "both", echo=False).read_text()
+    assert "### Run `a`" in text and "### Run `b`" in text and "| topk_l0-8_seed0 | topk (b) | b |" in text
+
+
+def test_module_entry_points(tmp_path, monkeypatch, capsys):
+    path = write(tmp_path / "results.jsonl", WINNER_CHANGES)
+    assert module_main(curves.draw, "curves", [str(path), "--out", str(tmp_path / "c")]) == 0
+    assert "no line has `log_dir`" in capsys.readouterr().err  # nothing to draw is a note, not an error
+    monkeypatch.setattr(sys, "argv", ["analysis.shrinkage", str(path), "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # in-process, the module was imported before
+        runpy.run_module("analysis.shrinkage", run_name="__main__")
+    assert exit_.value.code == 0 and (tmp_path / "s" / "l0_shrinkage.svg").stat().st_size > 0
+
+
+def test_write_report_from_records_in_memory(tmp_path):
+    (tmp_path / "timings.json").write_text("{oops")
+    lines = [{**l, "mmcs": 0.5 + l["l0_target"] / 100} for l in WINNER_CHANGES]
+    report = write_report(tmp_path, lines, echo=False)
+    assert report == tmp_path / "report.md" and (tmp_path / "figures" / "l0_mmcs.png").exists()
+    assert "timings.json: not readable JSON" in report.read_text()  # a note, not a failed report
+    assert len(FIGURES) == 3 and MetricSpec("probe_auc_k1", "probe AUC", "higher").better == "higher"
