@@ -1,6 +1,6 @@
 """Data-loader throughput: `ActivationDataModule.train_dataloader()` as training uses it.
 
-The performance issue's bar: the data path is never the bottleneck, i.e. the HDF5 datamodule
+The bar: the data path is never the bottleneck, i.e. the HDF5 datamodule
 delivers at least 5x what the fastest trainer consumes, on a file larger than the page cache can
 hold hot, with bounded memory. This script writes (or reuses) an activation file, iterates the
 train loader (its defaults: batch 4096, 512-row block shuffle; `--num-workers` as given) and prints
@@ -17,7 +17,7 @@ is read from disk. On a machine with more RAM than the file, "cold" emulates tha
 reads each block once, so eviction at the start is enough for `--batches` up to an epoch;
 `--evict-every 1` also drops the batch the loader asked the kernel to read ahead (a pessimistic
 bound). On a VM the "disk" may itself be cached by the host, so cold numbers are noisy
-(ECOSYSTEM.md §4). For the real thing pass a `--size-gb` above RAM (writing runs at ~0.2-0.3
+(benchmarks/RESULTS.md, "HDF5 layout"). For the real thing pass a `--size-gb` above RAM (writing runs at ~0.2-0.3
 GB/s). "Warm" first reads the whole file once, so every read is served from the page cache.
 
 **Memory.** Each (mode, workers) run is its own subprocess. "mem" is what the process and its live

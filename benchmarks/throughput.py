@@ -1,6 +1,6 @@
 """Training throughput of every dictlearn architecture, dense and sparse paths, and its peers, in one run.
 
-Standard workload (issue 5): d_in 512, d_sae 4096, k 32, batch 4096 tokens, fp32. Each run trains
+Standard workload: d_in 512, d_sae 4096, k 32, batch 4096 tokens, fp32. Each run trains
 through the path a user gets (`Trainer.fit` on an HDF5 file through `ActivationDataModule`, metrics
 and logging on, gradient clipping 1.0): `--warmup` steps, then the median of `--steps` timed steps.
 Every (architecture, path) runs in its own subprocess so its peak memory can be measured.

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +33,7 @@ _RUN_BOOKKEEPING = {"config.yaml", "hparams.yaml", "metrics.csv", "checkpoints"}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp name in the checkpoint's folder, fsync, os.replace (ECOSYSTEM §2)."""
+    """torch.save to a temp name in the checkpoint's folder, fsync, os.replace: a killed save never looks whole (docs/conventions.md#reliability)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
@@ -132,6 +135,53 @@ def _remove_fresh_run_folder(trainer: L.Trainer, created_folders: Iterable[Path]
                 os.rmdir(created)
 
 
+class RunProgress(ProgressBar):
+    """One bar over the whole run (rank 0): step / max_steps, tokens/s and, for one dictionary,
+    the latest logged train fvu and l0 (every `log_every_n_steps`). Validation draws no bar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar, self._enabled = None, True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        from tqdm import tqdm
+
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self._bar = tqdm(total=total, initial=trainer.global_step, unit="step", desc="dictlearn fit",
+                         dynamic_ncols=True, file=sys.stderr, leave=True)
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(trainer.global_step - self._bar.n)
+        steps, seconds = trainer.global_step - self._start_step, time.perf_counter() - self._start
+        postfix = {"tokens/s": f"{steps * len(batch[0]) * trainer.world_size / max(seconds, 1e-9):,.0f}"}
+        members = getattr(pl_module, "members", {})
+        if len(members) == 1:
+            for key in ("train/fvu", "train/l0"):
+                if key in trainer.callback_metrics:
+                    postfix[key[6:]] = f"{float(trainer.callback_metrics[key]):.3g}"
+        else:
+            postfix["dictionaries"] = len(members)
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    on_exception = on_train_end
+
+
 class KeepFreedMemory(L.Callback):
     """Applies `dictlearn.runtime.keep_freed_memory` when training starts, after the data-dependent
     initialisation: its one-off temporaries (a 32k-row sample, the geometric median) are still
@@ -157,7 +207,8 @@ class ExportOnFitEnd(L.Callback):
             folder = log_dir / "export" if len(pl_module.members) == 1 else log_dir / "exports" / name
             view = datamodule.view(*pl_module.data_keys(name, datamodule)) if hasattr(datamodule, "view") else None
             export(member, folder, view.provenance() if view is not None else {})
-            print(f"dictlearn: export written to {folder}")
+        noun = "export" if len(pl_module.members) == 1 else f"{len(pl_module.members)} exports"
+        print(f"dictlearn: {noun} written to {log_dir / ('export' if len(pl_module.members) == 1 else 'exports')}")
 
 
 class DownstreamMetricsCallback(L.Callback):

@@ -186,7 +186,7 @@ def heldout_batches(
     special: the BOS positions (first token, document separators: the rows harvest drops) when
     `exclude_special`, else all False.
     """
-    from dictlearn.data.corpus import corpus_name, iter_documents, iter_windows
+    from dictlearn.models.corpus import corpus_name, iter_documents, iter_windows
 
     windows = list(itertools.islice(iter_windows(iter_documents(corpus, "heldout"), tokenizer, context), count))
     if not windows:

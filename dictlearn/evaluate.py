@@ -278,7 +278,7 @@ def run_downstream(
     entry: Entry, data: HeldOutData, options: EvaluateOptions, cache: DownstreamCache
 ) -> Downstream | None:
     """Downstream metrics of one dictionary, or None when no model is known."""
-    from dictlearn.data.corpus import corpus_name
+    from dictlearn.models.corpus import corpus_name
 
     name = _model_name(entry, data, options)
     if not name:

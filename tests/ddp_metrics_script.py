@@ -65,7 +65,7 @@ def run_rank(rank: int, world_size: int, port: int, outdir: str) -> None:
         torch.save(data, Path(outdir) / "data.pt")
         (Path(outdir) / "results.json").write_text(json.dumps(results))
     dist.barrier()
-    dist.destroy_process_group()  # without it gloo may abort at interpreter exit (ECOSYSTEM §2)
+    dist.destroy_process_group()  # without it gloo may abort at interpreter exit
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """Bad inputs to `dictlearn fit`: exit code 2, one `dictlearn: error:` line naming the culprit,
-no traceback, and nothing left on disk (ECOSYSTEM.md §5 "Bad inputs").
+no traceback, and nothing left on disk (docs/conventions.md#reliability).
 
 Each test writes its input file first, snapshots every path under `tmp_path`, runs the CLI
 in-process with the working directory and `--trainer.default_root_dir` inside `tmp_path` (the

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dictlearn.data.corpus import Document, corpus_name, is_heldout, iter_documents, iter_windows, stdlib_root
+from dictlearn.models.corpus import Document, corpus_name, is_heldout, iter_documents, iter_windows, stdlib_root
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.models.tiny import ByteTokenizer
 

@@ -54,7 +54,7 @@ def test_topk_keeps_the_k_largest_relu_values():
 
 
 def test_relu_l1_loss_matches_float64_formula():
-    """April-2024 loss: mean_t ‖y − ŷ‖² + λ mean_t Σ_i z_i ‖d_i‖ (SPEC §2.2)."""
+    """April-2024 loss: mean_t ‖y − ŷ‖² + λ mean_t Σ_i z_i ‖d_i‖ (Conerly et al. 2024)."""
     torch.manual_seed(1)
     model = ReLUL1SAE(d_in=6, d_sae=10, l1_coefficient=0.7, sparsity_warmup_fraction=0.0)
     with torch.no_grad():

@@ -30,8 +30,8 @@ from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
 from dictlearn.cli import main
 from dictlearn.data import write_synth_file
-from dictlearn.data.corpus import is_heldout, iter_documents, iter_windows
-from dictlearn.data.harvest import harvest
+from dictlearn.models.corpus import is_heldout, iter_documents, iter_windows
+from dictlearn.harvest import harvest
 from dictlearn.downstream import DownstreamCache
 from dictlearn.evaluate import METRIC_KEYS, RECORD_KEYS, Entry, EvaluateOptions, evaluate
 from dictlearn.export import export
@@ -356,7 +356,7 @@ def test_evaluate_imports_no_model_loading():
 def test_trained_sae_on_the_embedded_model_recovers_most_of_the_loss(tmp_path, capsys):
     """Harvest the embedded model's middle residual stream, train a small TopK SAE, evaluate:
     the spliced loss lies strictly between the clean and the zero-ablated loss."""
-    from dictlearn.data.harvest import default_hooks
+    from dictlearn.harvest import default_hooks
     from dictlearn.models.tiny import TINY_DIR, WEIGHTS_FILE
 
     if not (TINY_DIR / WEIGHTS_FILE).is_file():

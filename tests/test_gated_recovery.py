@@ -69,7 +69,7 @@ def test_gated_recovers_true_features(gated, synth_files):
 
 @pytest.mark.slow
 def test_gated_is_unbiased_where_relu_l1_shrinks(gated, synth_files):
-    """γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (SPEC §3.7): the L1 penalty shrinks ReLU-L1's codes, not the gated ones."""
+    """γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (Rajamanoharan et al. 2024a eq. 10): the L1 penalty shrinks ReLU-L1's codes, not the gated ones."""
     _, gated_metrics, _ = gated
     L.seed_everything(0)
     relu = ReLUL1SAE(d_in=64, d_sae=256, l1_coefficient=1.0, lr=3e-3)

@@ -24,8 +24,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import dictlearn
 from dictlearn.cli import main as cli_main
 from dictlearn.data import ActivationDataModule, H5Array
-from dictlearn.data import harvest as harvest_module
-from dictlearn.data.harvest import default_hooks, harvest
+from dictlearn.harvest import activations as harvest_module
+from dictlearn.harvest import default_hooks, harvest
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.models.loading import LanguageModel
 from dictlearn.models.tiny import TINY_DIR, TINY_NAME, ByteTokenizer
@@ -151,7 +151,7 @@ def test_attributes_and_layout(kept_file):
         attrs = dict(f.attrs)
         assert {f[h].attrs["hook_name"] for h in (RESID, MLP_IN, MLP_OUT)} == {RESID, MLP_IN, MLP_OUT}
         assert f["position"].dtype == np.int16 and f["token_ids"].dtype == np.int32
-        assert f[RESID].chunks is None and f[RESID].compression is None  # contiguous (ECOSYSTEM §4)
+        assert f[RESID].chunks is None and f[RESID].compression is None  # contiguous (fastest to read)
         rows = len(f["token_ids"])
     assert attrs["model_name"] == "test/random-gpt2" and attrs["model_revision"] == "r1"
     assert attrs["split"] == "all" and attrs["context_size"] == CONTEXT and attrs["tokens"] == rows

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (SPEC §2.6): forward, STE pseudo-gradients, export, resume and the CLI recipe."""
+"""JumpReLU SAE (Rajamanoharan et al. 2024b): forward, STE pseudo-gradients, export, resume and the CLI recipe."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ _THETA, _EPS, _LAMBDA = [1.0, 0.5, 2.0], 0.2, 0.3
 
 
 def test_threshold_and_preactivation_gradients_match_the_ste_formulas():
-    """Autograd through the model's loss vs. the SPEC §2.6 pseudo-derivatives in closed form:
+    """Autograd through the model's loss vs. the paper's pseudo-derivatives (Eq. 11–12) in closed form:
     ∂L/∂θ_i = Σ_t [∂L/∂z_ti · (−θ_i/ε) + (λ/N)(−1/ε)] K_ti,   ∂L/∂log θ_i = θ_i ∂L/∂θ_i,
     ∂L/∂π_ti = ∂L/∂z_ti · H_ti (the L0 term sends nothing to π)."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Metrics against float64 numpy references written from the SPEC §3 formulas, closed forms and DDP."""
+"""Metrics against float64 numpy references written from the docs/metrics.md formulas, closed forms and DDP."""
 
 import json
 import subprocess
@@ -88,7 +88,7 @@ def test_reconstruction_streamed_equals_reference_on_all_rows(d_known, dtype):
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=TOLERANCE[dtype], abs=1e-12), key
     assert metric.n_tokens.item() == 140 and metric.n_tokens.dtype == torch.int64
-    # The data discriminates the known pitfalls (SPEC §3.3): variance about zero, per-token ratios.
+    # The data discriminates the known pitfalls (docs/metrics.md#fvu): variance about zero, per-token ratios.
     err = ((yr - yhr) ** 2).sum(axis=1)
     uncentred = err.sum() / (yr**2).sum()
     per_token = np.mean(err / ((yr - yr.mean(0)) ** 2).sum(axis=1))

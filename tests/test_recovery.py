@@ -1,6 +1,6 @@
 """Ground truth: each mechanism recovers the true features of `dictlearn synth` data.
 
-Setting of the core issue: 256 true unit features in d = 64, on average 4 active per row.
+Setting: 256 true unit features in d = 64, on average 4 active per row.
 Thresholds: MMCS (mean over true features of the best cosine with a decoder row) >= 0.9 and
 held-out FVU <= 0.1, each run well under a minute of CPU.
 

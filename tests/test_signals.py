@@ -1,5 +1,5 @@
 """SIGTERM/SIGINT during `dictlearn fit`: exit 128 + signal, an `interrupted-step=N.ckpt` that loads,
-and a resume from it that finishes and exports (ECOSYSTEM.md §2 "SIGTERM": Lightning alone exits 0).
+and a resume from it that finishes and exports (Lightning alone exits 0: docs/conventions.md#reliability).
 """
 
 from __future__ import annotations

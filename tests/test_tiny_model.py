@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from dictlearn.data.corpus import iter_documents, iter_windows
+from dictlearn.models.corpus import iter_documents, iter_windows
 from dictlearn.errors import ConfigError, DictLearnError
 from dictlearn.models.hooks import capture, standard_hooks
 from dictlearn.models.loading import HFTokenizer, load_model

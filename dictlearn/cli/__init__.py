@@ -20,7 +20,7 @@ COMMANDS = {
     **{name: "dictlearn.cli.lightning" for name in LIGHTNING_COMMANDS},
     "synth": "dictlearn.cli.synth",
     "export": "dictlearn.cli.export",
-    "harvest": "dictlearn.data.harvest",
+    "harvest": "dictlearn.harvest.cli",
     "evaluate": "dictlearn.evaluate",
 }
 

@@ -9,7 +9,9 @@ misspelled flag, a missing checkpoint, an unwritable log folder or an empty run 
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
+import time
 import inspect
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dictlearn.callbacks import ExportOnFitEnd, KeepFreedMemory, RunGuard
+from dictlearn.callbacks import ExportOnFitEnd, KeepFreedMemory, RunGuard, RunProgress, _log_dir
 from dictlearn.cli.parsing import check_writable_folder
 from dictlearn.cli.recipes import BASE_RECIPE, resolve_config
 from dictlearn.data import ActivationDataModule
@@ -73,9 +75,24 @@ class DictLearnCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
+        if config.get("enable_progress_bar") is not False and self.subcommand == "fit":
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], RunProgress()]
         if config.get("logger") in (None, True):  # offline CSV logs under default_root_dir
             kwargs["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or ".", name="lightning_logs")
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def after_fit(self) -> None:
+        """Validate the final model (unless the last validation already ran at the last step)
+        and print a summary."""
+        trainer, training, data = self.trainer, self.model, self.datamodule
+        seconds = time.perf_counter() - self._fit_start
+        if data.n_val > 0 and training.validated_at_step != trainer.global_step:
+            trainer.validate(training, datamodule=data, verbose=False)
+        if trainer.is_global_zero:
+            print("\n".join(_summary(trainer, training, seconds, data.batch_size)), file=sys.stderr)
 
     def parse_arguments(self, parser, args) -> None:
         # main() always passes argv (minus --debug), so Lightning's warning about getting both
@@ -131,6 +148,26 @@ class DictLearnCLI(LightningCLI):
                 )
 
 
+def _summary(trainer, training: DictionaryTraining, seconds: float, batch_size: int) -> list[str]:
+    """The lines a finished fit ends with: what was trained, the held-out metrics, where things are."""
+    tokens = trainer.global_step * batch_size * trainer.world_size
+    lines = [f"dictlearn: trained {trainer.global_step:,} steps ({tokens:,} tokens) in {seconds:,.0f} s "
+             f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)"]
+    metrics = trainer.callback_metrics
+    for name in training.members:
+        prefix = training.prefix(name)
+        values = {key: metrics.get(f"{prefix}val/{key}") for key in ("fvu", "l0", "dead_fraction")}
+        if values["fvu"] is None:
+            continue
+        label = "held out" if not prefix else f"{name}:"
+        lines.append(f"  {label} fvu {float(values['fvu']):.4f}, l0 {float(values['l0']):.1f}, "
+                     f"dead {100 * float(values['dead_fraction']):.1f} % of latents")
+    log_dir = Path(_log_dir(trainer) or trainer.default_root_dir)
+    exports = log_dir / ("export" if len(training.members) == 1 else "exports")
+    lines.append(f"  export: {exports}   metrics: {log_dir / 'metrics.csv'}")
+    return lines
+
+
 def _link_sweep_widths(config) -> None:
     """Each sweep member's d_in/d_out from its keys in --data.path (what `link_arguments` does
     for --model); a width given that disagrees with the file is an error."""
@@ -167,7 +204,7 @@ def _dictlearn_cause(error: BaseException) -> DictLearnError | None:
 
 
 def _destroy_process_group() -> None:
-    """Avoids an abort at interpreter exit after DDP (ECOSYSTEM §2)."""
+    """Avoids an abort at interpreter exit after DDP (a gloo group left open aborts in its destructor)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -178,6 +215,7 @@ def main(argv: list[str]) -> int:
     """`argv` = [subcommand, flags...] -> exit code."""
     argv = _resolve_configs(argv)
     _check_command_line(argv)
+    _quiet_lightning()
     guard = RunGuard()
     parser_kwargs = {cmd: {"default_config_files": [str(BASE_RECIPE)]} for cmd in LIGHTNING_COMMANDS}
     parser_kwargs["fit"]["description"] = FIT_DESCRIPTION
@@ -199,6 +237,15 @@ def main(argv: list[str]) -> int:
     finally:
         _destroy_process_group()
     return 0
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up notes (GPU/TPU availability, the seed, a logger tip, "max_steps
+    reached") mean nothing to a dictlearn user; its warnings still show, and so do dictlearn's own
+    progress bar and summary."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13's pytree deprecation, inside Lightning
 
 
 # ------------------------------------------------------------------- checks before Lightning starts

@@ -22,8 +22,9 @@ Rules (all functions of the file's row count, `block_size`, `batch_size`, `val_r
   rank), each cut into the same number of near-equal batches of at most `batch_size` rows, so
   every rank runs the same number of validation steps and every held-out row is used once.
 - **Resume.** The train loader counts the batches it yields; ``state_dict()`` is
-  ``{"consumed", "epoch"}`` and ``load_state_dict`` makes the sampler skip them (ECOSYSTEM.md §2,
-  "Kill-and-resume": exact with Lightning's checkpoints, mid-epoch and at epoch boundaries).
+  ``{"consumed", "epoch"}`` and ``load_state_dict`` makes the sampler skip them (Lightning 2.x
+  saves a loader's state only when it has one: exact mid-epoch and at epoch boundaries,
+  tests/test_resume.py).
 
 Batches are ``(x, y)`` float32 CPU tensors of raw values (the model applies the normalisation
 from `estimate_scales`); for an SAE ``y is x``. Datasets added with `require_keys` (a sweep whose
@@ -124,9 +125,8 @@ class BlockShuffleBatches(Dataset):
                 array.will_need(slices + ahead)
         x, y, *extra = _read_pair(self.x, self.y, slices, self.extras)
         perm = np.random.default_rng([self.seed, _ROW_STREAM, epoch, b]).permutation(len(x))
-        # The row gather in numpy (one thread, ~1 ms for 8 MiB), not torch's x[perm]: its generic
-        # kernel took 2-3x longer, and torch's 2-thread kernels 10x longer when another process
-        # held a core (benchmarks/RESULTS.md, "Data loader").
+        # The row gather in numpy, not torch's x[perm]: faster, and robust to a busy core (timings
+        # in benchmarks/RESULTS.md, "Data loader").
         x_perm = torch.from_numpy(x.numpy()[perm])
         y_perm = x_perm if self.y is None else torch.from_numpy(y.numpy()[perm])
         return (x_perm, y_perm, *(torch.from_numpy(e.numpy()[perm]) for e in extra))
@@ -212,7 +212,7 @@ class ActivationDataModule(L.LightningDataModule):
         val_rows: held-out tail rows, rounded up to whole blocks; None = about 1%, 0 = none.
         normalize: "mean_norm_sqrt_d" scales rows so that E||s*x|| = sqrt(d); "none" = 1.
         norm_sample_rows: rows (from random training blocks) used to estimate the scales.
-        num_workers: DataLoader worker processes; 0 is fastest on few cores (ECOSYSTEM.md §4).
+        num_workers: DataLoader worker processes; 0 is fastest on few cores (benchmarks/RESULTS.md).
         seed: seeds the block order, row order and samples (never the val split).
     """
 
@@ -268,7 +268,7 @@ class ActivationDataModule(L.LightningDataModule):
         return min(blocks * self.block_size, self.inputs.n_rows)
 
     def _check_enough_rows(self) -> None:
-        # Lightning alone would warn and silently run 0 steps (ECOSYSTEM.md §2 "Empty data").
+        # Lightning alone would warn and silently run 0 steps (docs/conventions.md#reliability).
         if self.n_train < self.batch_size:
             raise DataError(
                 f"{self.path}: '{self.input_key}' has {self.inputs.n_rows} rows, {self.n_val} held out"
@@ -354,6 +354,19 @@ class ActivationDataModule(L.LightningDataModule):
         shards = _split_evenly(self.n_train, self.inputs.n_rows, world_size)
         n_batches = math.ceil(math.ceil(self.n_val / world_size) / self.batch_size)
         return _split_evenly(*shards[rank], n_batches)
+
+    def check_heldout_finite(self) -> None:
+        """Every held-out row of every served dataset is finite, else one line naming the file
+        row: checked when training starts, not at the first validation hundreds of steps later."""
+        arrays = {key: _array(self, key) for key in dict.fromkeys(self.batch_keys)}
+        for start, stop in self.val_slices():
+            for key, array in arrays.items():
+                bad = (~torch.isfinite(array.read(start, stop))).any(-1).nonzero()
+                if len(bad):
+                    raise DataError(
+                        f"{self.path}: dataset '{key}' has NaN/Inf in held-out row {start + int(bad[0])} "
+                        f"({len(bad)} bad rows in [{start}, {stop})); clean or re-harvest the file"
+                    )
 
     def _eval_loader(self, rank: int, world_size: int) -> DataLoader:
         dataset = SliceBatches(self.inputs, self.targets, self.val_slices(rank, world_size), list(self.extra_arrays.values()))

@@ -17,7 +17,7 @@ synth) and is rejected. Files written by dictlearn go through `open_for_write`, 
 
 Process safety: the h5py handle is opened lazily in the reading process, dropped when pickled and
 reopened if the pid changes, so it never crosses a fork or spawn into a DataLoader worker
-(ECOSYSTEM.md §4 "Process safety").
+(a handle opened in the parent cannot be pickled into a spawned worker; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class H5Array:
         """Concatenation of contiguous row ranges -> float32 tensor `[sum of lengths, d]`.
 
         Each range is one contiguous HDF5 read straight into the output buffer (no per-row
-        indexing: ECOSYSTEM.md §4 measured sorted fancy indexing 5-50x slower than blocks).
+        indexing: sorted fancy indexing is 5-50x slower than blocks, benchmarks/RESULTS.md).
         """
         total = sum(stop - start for start, stop in slices)
         raw_dtype = np.uint16 if self.stored_dtype == BF16_ATTR else np.dtype(self.stored_dtype)
@@ -203,7 +203,7 @@ class H5Array:
         tensor = torch.from_numpy(out)
         if self.stored_dtype == BF16_ATTR:
             tensor = tensor.view(torch.bfloat16)
-        # Upcast in torch: ~16 GB/s for f16 (ECOSYSTEM.md §4), much faster than numpy.
+        # Upcast in torch, faster than numpy's cast (benchmarks/RESULTS.md, "HDF5 layout").
         return tensor.float()
 
     def close(self) -> None:
@@ -225,7 +225,8 @@ def open_for_write(path: str | os.PathLike, attrs: dict | None = None) -> Iterat
 
     Root attributes: `attrs`, ``dictlearn_version`` and ``complete`` (False while writing, True
     written last). On an exception the temp file is removed and nothing appears at `path`.
-    Create datasets without ``chunks``/``compression`` for the contiguous layout (ECOSYSTEM.md §4).
+    Create datasets without ``chunks``/``compression`` for the contiguous layout (fastest to read;
+    benchmarks/RESULTS.md, "HDF5 layout").
     """
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:

@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; SPEC §2.4): TopK over the whole batch in training,
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, arXiv:2412.06410 §2): TopK over the whole batch in training,
 one global threshold at inference.
 
 Training (`select(training=True)`): a = ReLU(π) for the B tokens of a batch; the B·k largest of its B·d_sae
@@ -53,7 +53,7 @@ from dictlearn.errors import ConfigError
 
 
 class BatchTopKSAE(TopKSAE):
-    """Keeps the B·k largest activations of a batch in training, a > θ at inference (SPEC §2.4)."""
+    """Keeps the B·k largest activations of a batch in training, a > θ at inference (paper §2)."""
 
     sae_lens_architecture = "jumprelu"
 
@@ -124,5 +124,6 @@ class BatchTopKSAE(TopKSAE):
         return {}  # a SAELens jumprelu cfg has no k
 
     def adapt_export_tensors(self, tensors: dict[str, Tensor], latent_scale: Tensor) -> dict[str, Tensor]:
-        # The folded encoder computes pre × latent_scale, so the threshold scales with it (SPEC §1.4).
+        # The folded encoder computes pre × latent_scale, so the threshold scales with it
+        # (docs/conventions.md#folding).
         return {**tensors, "threshold": self.threshold * latent_scale}

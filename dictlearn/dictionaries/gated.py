@@ -1,4 +1,5 @@
-"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs"; SPEC §2.5).
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs",
+arXiv:2404.16014 §3).
 
 Two paths share one encoder matrix W_gate (= the base's `W_enc`):
 
@@ -9,7 +10,8 @@ Two paths share one encoder matrix W_gate (= the base's `W_enc`):
 
     L = ‖y − ŷ‖² + λ ‖ReLU(π_gate)‖₁ + ‖y − (ReLU(π_gate) sg(W_dec) + sg(b_dec))‖²
 
-The L1 penalty touches only the gate path, so active latents are not shrunk (γ ≈ 1, SPEC §3.7);
+The L1 penalty touches only the gate path, so active latents are not shrunk (γ ≈ 1, paper §5;
+docs/metrics.md#rel_reconstruction_bias);
 the Heaviside passes no gradient, so the auxiliary term (a reconstruction from ReLU(π_gate)
 through a stop-gradient copy of the decoder, weight 1) is what trains the gate path.
 
@@ -25,7 +27,7 @@ Which variant each default follows:
   (SAELens' aux uses the live decoder, which the paper does not).
 - Init: r_mag = b_gate = b_mag = 0, unit random decoder rows (gdm.py / GatedAutoEncoder); b_dec
   the geometric median and W_gate = W_decᵀ (dictlearn's shared tied init; dictionary_learning
-  leaves nn.Linear's default encoder init, SPEC §2.5 says W_decᵀ).
+  leaves nn.Linear's default encoder init; its GatedAutoEncoder reset uses W_decᵀ).
 - Transcoders: the base centres π_gate at init (b_gate = −mean(x) W_gate, sparsify); b_mag gets
   the same value, so π_mag starts centred too.
 - Optimiser: Adam β = (0, 0.999), lr 5e-5 (gdm.py). gdm.py warms the LR over 1,000 steps and λ
@@ -53,10 +55,10 @@ _CONSTRAINTS = ("unit_norm", "norm_weighted_l1")
 
 
 class GatedSAE(Dictionary):
-    """z = 1[π_gate > 0] · ReLU(π_mag) with W_mag = exp(r_mag) ⊙ W_gate (SPEC §2.5)."""
+    """z = 1[π_gate > 0] · ReLU(π_mag) with W_mag = exp(r_mag) ⊙ W_gate (paper §3.1)."""
 
     sae_lens_architecture = "gated"
-    sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (base.py)
+    sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (model.py)
 
     def __init__(
         self,
@@ -135,6 +137,11 @@ class GatedSAE(Dictionary):
     def encoder_affine(self):
         shift, W, _ = super().encoder_affine()
         return shift, W, None  # pre_acts has no bias here: each path adds its own
+
+    @torch.no_grad()
+    def scale_encoder(self, scale: float) -> None:
+        super().scale_encoder(scale)  # W_gate and b_gate; W_mag = exp(r_mag) W_gate follows
+        self.b_mag.mul_(scale)
 
     @torch.no_grad()
     def initialise_from_data(self, datamodule) -> None:

@@ -8,7 +8,8 @@ from torch import Tensor
 
 @torch.no_grad()
 def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
-    """Weiszfeld's algorithm, started at the mean (SPEC §1.2; Bricken et al. 2023 b_dec init).
+    """Weiszfeld's algorithm, started at the mean (Bricken et al. 2023 b_dec init; dictionary_learning's
+    iteration limits).
 
     points: [n, d] -> [d], the point minimising the sum of Euclidean distances to `points`.
     Runs in float64 so the fixed point does not stall on rounding.
@@ -28,7 +29,7 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> 
 
 def warmup_decay_factor(step: int, total: int, warmup: float, decay: float = 0.0) -> float:
     """Linear warm-up over `warmup` steps, constant, linear decay to 0 over the last `decay`
-    steps of `total` (SPEC §1.6). -> factor in [0, 1] for the LR or a sparsity coefficient."""
+    steps of `total` (docs/conventions.md#schedules). -> factor in [0, 1] for the LR or a sparsity coefficient."""
     factor = 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
     if decay > 0:
         factor = min(factor, max(0.0, (total - step) / decay))

@@ -5,7 +5,7 @@ threshold θ_i > 0 per latent stored as `log_threshold` (θ = exp(log_threshold)
 decoder rows. Loss: ‖y − ŷ‖² + λ Σ_i H(π_i − θ_i), averaged over tokens, λ warmed up linearly.
 
 H has no useful derivative, so the backward pass uses the paper's straight-through estimator with
-a rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε (SPEC §2.6; paper Eq. 11–12):
+a rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε (paper Eq. 11–12):
     ∂z/∂π = H(π − θ)                    (the jump is ignored with respect to π)
     ðz/ðθ = −(θ/ε) K((π − θ)/ε)
     ðH/ðθ = −(1/ε) K((π − θ)/ε)         (and no gradient from the L0 term to π)
@@ -14,10 +14,10 @@ Autograd then multiplies the θ gradient by θ for `log_threshold` (chain rule t
 Units. ε and θ_init are in the units of the pre-activations, so they only transfer within one
 input normalisation. dictlearn trains on data scaled to E‖x‖ = sqrt(d_in); at initialisation
 (unit decoder rows, W_enc = W_decᵀ, b_enc = 0) a pre-activation is then ≈ N(0, 1) whatever d_in
-is. The paper and Gemma Scope use E‖x‖² = 1 (SPEC §2.6, recall), where ε = θ_init = 0.001; in
-dictlearn's units that is 0.001·sqrt(d_in), i.e. 0.048 at Gemma 2 2B's d_in = 2304 — and SAELens'
-defaults on sqrt(d)-normalised data are ε = 0.05, θ_init = 0.01 (`JumpReLUTrainingSAEConfig`).
-Defaults here: ε = θ_init = 0.05, about 5 % of the initial pre-activation spread.
+is. The paper and Gemma Scope use E‖x‖² = 1 (Gemma Scope §3.1, via dictionary_learning), where
+ε = θ_init = 0.001; in dictlearn's units that is 0.001·sqrt(d_in), i.e. 0.048 at Gemma 2 2B's
+d_in = 2304 — and SAELens' defaults on sqrt(d)-normalised data are ε = 0.05, θ_init = 0.01
+(`JumpReLUTrainingSAEConfig`). Defaults here: ε = θ_init = 0.05, about 5 % of the initial pre-activation spread.
 
 Which variant each default follows (checked against SAELens `saes/jumprelu_sae.py` and
 dictionary_learning `trainers/jumprelu.py`):
@@ -95,10 +95,10 @@ class StepFunction(torch.autograd.Function):
 
 
 class JumpReLUSAE(Dictionary):
-    """z = π · H(π − θ) with a learned θ per latent; loss ‖y − ŷ‖² + λ‖z‖₀ (SPEC §2.6)."""
+    """z = π · H(π − θ) with a learned θ per latent; loss ‖y − ŷ‖² + λ‖z‖₀ (paper Eq. 9–10)."""
 
     sae_lens_architecture = "jumprelu"
-    sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (base.py)
+    sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (model.py)
 
     def __init__(
         self,
@@ -158,6 +158,11 @@ class JumpReLUSAE(Dictionary):
         latents = latents if latents is not None else DenseLatents(pre)
         fired = StepFunction.apply(latents.pre, latents.at(self.threshold), self.bandwidth)
         return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * latents.total(fired) / latents.n_rows}
+
+    @torch.no_grad()
+    def scale_encoder(self, scale: float) -> None:
+        super().scale_encoder(scale)
+        self.log_threshold.add_(math.log(scale))  # θ scales with π: the same latents fire
 
     # ----------------------------------------------------------------- export
     def adapt_export_tensors(self, tensors: dict[str, Tensor], latent_scale: Tensor) -> dict[str, Tensor]:

@@ -27,6 +27,17 @@ from dictlearn.dictionaries.sparse import Support, dense_affine, sparse_affine
 from dictlearn.errors import ConfigError, DataError
 
 
+#: the dead-latent window of long runs (Gao et al. 2024; sparsify, OpenAI)
+DEAD_WINDOW_TOKENS = 10_000_000
+
+
+def dead_window_for(run_tokens: int) -> int:
+    """The dead-latent window of a run of `run_tokens` training tokens: 10M tokens, or a tenth of
+    the run when that is shorter, so that short runs (a comparison trains dozens of them) see
+    their dead latents declared dead, and revived by AuxK, at all."""
+    return max(1, min(DEAD_WINDOW_TOKENS, run_tokens // 10))
+
+
 class StepResult(NamedTuple):
     """One training step's forward, in training (scaled) units."""
 
@@ -55,7 +66,7 @@ class Dictionary(nn.Module):
 
     #: name of the architecture in the SAELens export layout
     sae_lens_architecture: str = "standard"
-    #: keep decoder rows at unit norm (gradient projection + renormalisation, SPEC §1.3)
+    #: keep decoder rows at unit norm (gradient projection + renormalisation, docs/conventions.md#unit-norm-decoder)
     unit_norm_decoder: bool = True
     #: every latent is >= 0 (true of ReLU, TopK-ReLU, JumpReLU, gated); lets L1 skip an abs pass
     nonnegative_latents: bool = True
@@ -85,9 +96,10 @@ class Dictionary(nn.Module):
         lr_warmup_fraction: float = 0.0,
         lr_decay_fraction: float = 0.0,
         sparsity_warmup_fraction: float = 0.0,
-        dead_window_tokens: int = 10_000_000,
+        dead_window_tokens: int | None = None,
         init_sample_rows: int = 32_768,
         sparse_path: str = "auto",
+        init_scale_from_data: bool = True,
     ):
         """
         Args:
@@ -107,7 +119,11 @@ class Dictionary(nn.Module):
             lr_decay_fraction: linear LR decay to 0 over this final fraction of the run.
             sparsity_warmup_fraction: linear warm-up of the sparsity coefficient over this
                 fraction of the run.
-            dead_window_tokens: a latent that has not fired for this many tokens is dead.
+            dead_window_tokens: a latent that has not fired for this many tokens is dead. None:
+                10M tokens (Gao et al. 2024), or a tenth of the run when the run is shorter than
+                100M tokens (`dead_window_for`), set when training starts.
+            init_scale_from_data: at the data-dependent initialisation, scale the encoder so the
+                first reconstructions have about the target's norm (see `scale_to_data`).
             init_sample_rows: rows sampled from the data for b_dec initialisation.
             sparse_path: "auto" (decode and encoder backward over the active latents only when
                 the mechanism's L0 is small enough to gain; docs/performance.md), "always" or
@@ -115,7 +131,7 @@ class Dictionary(nn.Module):
         """
         super().__init__()
         d_out = d_in if d_out is None else d_out
-        _check_positive(d_sae=d_sae, lr=lr, dead_window_tokens=dead_window_tokens)
+        _check_positive(d_sae=d_sae, lr=lr, dead_window_tokens=dead_window_tokens or DEAD_WINDOW_TOKENS)
         _check_positive(decoder_init_norm=decoder_init_norm, init_sample_rows=init_sample_rows)
         for name, value in dict(
             lr_warmup_fraction=lr_warmup_fraction,
@@ -147,7 +163,9 @@ class Dictionary(nn.Module):
         self.lr, self.adam_betas, self.adam_eps = lr, tuple(adam_betas), adam_eps
         self.lr_warmup_fraction, self.lr_decay_fraction = lr_warmup_fraction, lr_decay_fraction
         self.sparsity_warmup_fraction = sparsity_warmup_fraction
-        self.dead_window_tokens, self.init_sample_rows = dead_window_tokens, init_sample_rows
+        self.dead_window_tokens = dead_window_tokens or DEAD_WINDOW_TOKENS
+        self.dead_window_follows_run = dead_window_tokens is None
+        self.init_sample_rows, self.init_scale_from_data = init_sample_rows, init_scale_from_data
         self.sparse_path = sparse_path
         self._build_parameters(decoder_init_norm)
         self._build_state()
@@ -233,7 +251,7 @@ class Dictionary(nn.Module):
     def latent_scale(self) -> Tensor:
         """[d_sae]: factor from training-unit latents to reported ones, ‖d_i‖ / target_scale.
 
-        Reported latents are those of the folded dictionary (SPEC §1.4): unit decoder rows, raw
+        Reported latents are those of the folded dictionary (docs/conventions.md#reported-latents): unit decoder rows, raw
         activation units. A folded (exported) dictionary has latent_scale == 1.
         """
         return self.W_dec.norm(dim=-1).clamp_min(1e-12) / self.target_scale
@@ -253,7 +271,7 @@ class Dictionary(nn.Module):
 
     # ----------------------------------------------------------------- losses
     def reconstruction_loss(self, y: Tensor, y_hat: Tensor) -> Tensor:
-        """Squared error summed over dims, mean over tokens (SPEC §3.3 training convention)."""
+        """Squared error summed over dims, mean over tokens (docs/conventions.md#training-losses)."""
         return (y - y_hat).pow(2).sum(-1).mean()
 
     def sparsity_losses(self, x: Tensor, y: Tensor, pre: Tensor, z: Tensor, y_hat: Tensor,
@@ -265,7 +283,7 @@ class Dictionary(nn.Module):
 
     @property
     def sparsity_coefficient_scale(self) -> float:
-        """Linear warm-up factor in [0, 1] for the sparsity coefficient (SPEC §1.6)."""
+        """Linear warm-up factor in [0, 1] for the sparsity coefficient (docs/conventions.md#schedules)."""
         total = self.total_steps
         return warmup_decay_factor(self.step, total, self.sparsity_warmup_fraction * total)
 
@@ -410,7 +428,34 @@ class Dictionary(nn.Module):
             self.b_dec.data.copy_(geometric_median(y))
         elif self.b_dec_init == "mean":
             self.b_dec.data.copy_(y.mean(0))
+        if self.init_scale_from_data:
+            self.scale_to_data(x.to(self.device) * self.input_scale, y)
         self.data_initialised.fill_(True)
+
+    @torch.no_grad()
+    def scale_to_data(self, x: Tensor, y: Tensor) -> float:
+        """Scale the encoder by s so that, on the sample x [n, d_in], y [n, d_out] (scaled units),
+        the first reconstructions have about the target's norm: mean ‖ŷ − b_dec‖ = mean ‖y − b_dec‖.
+
+        Unit-norm decoder rows with k (or half of d_sae) latents active would otherwise start at
+        several times the input's norm. Every mechanism's activation is positively homogeneous in
+        (encoder weights, encoder biases, thresholds), so the latents, and ŷ − b_dec, scale by s
+        exactly (`scale_encoder`). -> s."""
+        z = self.activate(self.pre_acts(x))
+        produced = (z @ self.W_dec).norm(dim=-1).mean()
+        wanted = (y - self.b_dec).norm(dim=-1).mean()
+        if not (produced > 0 and torch.isfinite(produced) and wanted > 0):
+            return 1.0  # nothing fires on the sample (or a degenerate target): leave the init
+        scale = float(wanted / produced)
+        self.scale_encoder(scale)
+        return scale
+
+    @torch.no_grad()
+    def scale_encoder(self, scale: float) -> None:
+        """Multiply every pre-activation by `scale` > 0: W_enc, b_enc (and a mechanism's
+        thresholds and extra biases, which override this) by `scale`."""
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
 
     @property
     def device(self) -> torch.device:
@@ -465,6 +510,6 @@ def _constructor_arguments(model: nn.Module, frame) -> Arguments:
 
 
 def _project_out_parallel(grad: Tensor, W_dec: Tensor) -> None:
-    """In place: remove from each row's gradient its component along that (unit) row (SPEC §1.3)."""
+    """In place: remove from each row's gradient its component along that (unit) row (Bricken et al. 2023)."""
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     grad -= (grad * unit).sum(-1, keepdim=True) * unit

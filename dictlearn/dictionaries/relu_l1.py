@@ -1,10 +1,10 @@
 """ReLU SAE with an L1 penalty.
 
-Default: Anthropic's April-2024 recipe (Conerly et al.; SPEC §2.2): no pre-encoder bias, L1
+Default: Anthropic's April-2024 recipe (Conerly et al., "Update on how we train SAEs"): no pre-encoder bias, L1
 weighted by each decoder row's norm, no norm constraint, decoder rows initialised at norm 0.1,
 λ warm-up over the first 5 % and LR decay over the last 20 % of steps, gradient clipping at 1.
 
-Option `decoder_constraint="unit_norm"`: Bricken et al. 2023 (SPEC §2.1): unit-norm decoder with
+Option `decoder_constraint="unit_norm"`: Bricken et al. 2023 ("Towards Monosemanticity"): unit-norm decoder with
 gradient projection, tied pre-encoder bias, plain L1, and (with `resample_every_steps`) dead
 latents resampled towards badly reconstructed inputs with p ∝ loss², Adam moments reset.
 """
@@ -44,7 +44,7 @@ class ReLUL1SAE(Dictionary):
             resample_every_steps: with "unit_norm", resample dead latents every N steps (0: off).
             resample_encoder_scale: resampled encoder column norm, × mean alive encoder norm
                 (0.2, Bricken et al. appendix).
-            lr, sparsity_warmup_fraction, lr_decay_fraction: April-2024 defaults (SPEC §2.2).
+            lr, sparsity_warmup_fraction, lr_decay_fraction: April-2024 defaults (Conerly et al.; SAELens' tutorial).
             **kwargs: the shared `Dictionary` arguments.
         """
         if decoder_constraint not in _CONSTRAINTS:

@@ -17,7 +17,7 @@ from dictlearn.errors import ConfigError
 
 
 class TopKSAE(Dictionary):
-    """Keeps the k largest pre-activations per token (SPEC §2.3)."""
+    """Keeps the k largest pre-activations per token (Gao et al. 2024 §2)."""
 
     sae_lens_architecture = "topk"
 

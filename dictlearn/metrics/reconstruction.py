@@ -1,4 +1,4 @@
-"""Reconstruction fidelity as streamed, sum-reduced torchmetrics states (SPEC §3.3–3.7).
+"""Reconstruction fidelity as streamed, sum-reduced torchmetrics states (definitions: docs/metrics.md).
 
 Every state is a sum, so `compute()` on DDP-synced totals equals the single-process result, and a
 metric can be fed any number of uneven batches. Metric names are the contract in `METRIC_NAMES`.
@@ -37,14 +37,14 @@ class ReconstructionMetrics(SumStateMetric):
 
     Conventions (y = target, ŷ = reconstruction, e = y − ŷ, N tokens, μ = per-dim mean of y):
     - `mse` = (1/N) Σ_t ‖e_t‖²: summed over dims, mean over tokens (SAELens/dictionary_learning
-      training convention; `F.mse_loss` would be d times smaller) [SPEC §3.3].
+      training convention; `F.mse_loss` would be d times smaller).
     - `fvu` = Σ_t ‖e_t‖² / Σ_t ‖y_t − μ‖², a ratio of totals, centred; the denominator is streamed as
       Σ‖y‖² − ‖Σy‖²/N. Not the per-token-ratio mean nor variance about zero (SAEBench#76,
-      SAELens#659) [SPEC §3.3]. `explained_variance` = 1 − fvu.
+      SAELens#659; docs/metrics.md#fvu). `explained_variance` = 1 − fvu.
     - `cos_sim` = mean_t ⟨y_t, ŷ_t⟩ / max(‖y_t‖‖ŷ_t‖, eps): a zero reconstruction scores 0.
     - `l2_ratio` = mean_t ‖ŷ_t‖ / ‖y_t‖.
       Both means run over the tokens with ‖y_t‖ > eps; they are undefined for a zero target.
-    - `rel_reconstruction_bias` γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (Gated SAE eq. 10, ratio of totals) [SPEC §3.7].
+    - `rel_reconstruction_bias` γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (Rajamanoharan et al. 2024a eq. 10, ratio of totals).
 
     Args:
         d: feature width; optional. Without it the per-dim sum takes its shape at the first update,

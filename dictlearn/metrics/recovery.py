@@ -1,7 +1,8 @@
-"""Ground-truth feature recovery: mean max cosine similarity (MMCS) [SPEC §3.11].
+"""Ground-truth feature recovery: mean max cosine similarity (MMCS; Sharkey, Braun, Millidge 2022;
+docs/metrics.md).
 
 Also serves dictionary-vs-dictionary comparisons (how much of a small dictionary a larger one
-contains, SPEC §4.1): pass the two decoders as `a` and `b`.
+contains, as Templeton et al. 2024 match features across sizes): pass the two decoders as `a` and `b`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Latent sparsity and firing density as sum-reduced, checkpointed counters (SPEC §1.5, §3.1, §3.2, §3.9)."""
+"""Latent sparsity and firing density as sum-reduced, checkpointed counters (definitions: docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ class SparsityMetrics(SumStateMetric):
     """l0, l1, dead_fraction, dense_fraction over the tokens seen since the last `reset()`.
 
     A latent fires on a token when its value is != 0 (SAEBench core; same as SAELens' `> 0` for
-    non-negative latents) [SPEC §3.1]. Counts are int64 (a float32 counter stops at 2^24) and all
+    non-negative latents). Counts are int64 (a float32 counter stops at 2^24) and all
     states are persistent, so a dead-latent window that spans a checkpoint survives the resume
-    (ECOSYSTEM §3). L0 is derived from the per-latent counts (their sum), so no separate state.
+    (torchmetrics' default is not persistent). L0 is derived from the per-latent counts (their
+    sum), so no separate state.
 
     - `l0` = mean number of firing latents per token; `l1` = mean Σ_i |z_i| per token.
     - `dead_fraction` = fraction of latents that never fired; `dense_fraction` = fraction whose
-      firing frequency is > `dense_threshold` (10% in SAEBench `freq_over_10_percent`) [SPEC §1.5].
+      firing frequency is > `dense_threshold` (10% in SAEBench `freq_over_10_percent`;
+      docs/conventions.md#dead-and-dense-latents).
     """
 
     def __init__(self, d_sae: int, dense_threshold: float = 0.1, **kwargs) -> None:
@@ -79,7 +81,7 @@ class SparsityMetrics(SumStateMetric):
     def log10_density_histogram(
         self, bins: int = 50, low: float = -10.0, high: float = 0.0
     ) -> tuple[Tensor, Tensor]:
-        """-> (counts int64 [bins], edges float64 [bins + 1]) of log10(density + 1e-10) [SPEC §3.9].
+        """-> (counts int64 [bins], edges float64 [bins + 1]) of log10(density + 1e-10) (SAELens' feature-density plot).
 
         Bin i holds edges[i] <= v < edges[i+1] (the last bin is closed). Values outside [low, high]
         go to the end bins, so counts sum to d_sae and dead latents (log10(1e-10) = -10, which may

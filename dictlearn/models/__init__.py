@@ -1,1 +1,2 @@
-"""Language models: named activation sites (hooks) and the embedded default model."""
+"""Language models: named activation sites (hooks), loading, the embedded default model and the
+text corpora they read."""

@@ -25,7 +25,7 @@ import torch
 import transformers
 from torch.nn import functional as F
 
-from dictlearn.data.corpus import corpus_name, iter_documents, iter_windows
+from dictlearn.models.corpus import corpus_name, iter_documents, iter_windows
 from dictlearn.io import atomic_dir
 from dictlearn.models.tiny import DEFAULT_CONTEXT, ByteTokenizer, tiny_config
 

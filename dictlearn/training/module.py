@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.init import warmup_decay_factor
-from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.model import Dictionary, dead_window_for
 from dictlearn.errors import ConfigError, DataError, NonFiniteError
 from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
 from dictlearn.training.guards import check_batch_finite, check_gradients_finite
@@ -74,6 +74,7 @@ class DictionaryTraining(L.LightningModule):
         self.member_keys = {name: (spec.input_key, spec.target_key) for name, spec in specs.items()}
         self.metrics = nn.ModuleDict({name: MemberMetrics(d.d_sae, d.d_out) for name, d in self.members.items()})
         self.last_step_l0: dict[str, Tensor] = {}
+        self.validated_at_step: int | None = None  # the training step the last validation ran at
         for spec in specs.values():
             if spec.seed is not None:
                 spec.dictionary.reset_parameters(spec.seed)
@@ -225,6 +226,8 @@ class DictionaryTraining(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         stage = "test" if self.trainer.testing else "val"
+        if stage == "val":
+            self.validated_at_step = self.global_step
         for name, metrics in self.metrics.items():
             if metrics.val_reconstruction.update_count:
                 self._log_metrics(f"{self.prefix(name)}{stage}", metrics.val_reconstruction, metrics.val_sparsity)
@@ -241,7 +244,12 @@ class DictionaryTraining(L.LightningModule):
                 for state in metric._defaults:
                     setattr(metric, state, getattr(metric, state).clone())
         datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "check_heldout_finite"):
+            datamodule.check_heldout_finite()
+        run_tokens = self._total_steps() * datamodule.batch_size * self.trainer.world_size
         for name, member in self.members.items():
+            if member.dead_window_follows_run:
+                member.dead_window_tokens = dead_window_for(run_tokens)
             if not bool(member.data_initialised):
                 member.initialise_from_data(datamodule.view(*self.data_keys(name, datamodule)))
 

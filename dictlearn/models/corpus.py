@@ -4,7 +4,9 @@ A corpus is the Python standard library's ``.py`` files (the default: they exist
 does), one text file, or a folder of text files. Each file is one `Document`. The held-out split
 is by file and depends only on the file's path relative to the corpus root, so it is the same on
 every machine, in every run, for every consumer (the embedded model's training, harvest,
-evaluation).
+evaluation). It lives with the models, not with the HDF5 data: it is the text the language models
+read, and the embedded model's training, harvest and evaluation all import it from here without
+the data stage ever importing a model.
 
 Windows follow the SAELens convention: the documents' tokens are concatenated into one stream,
 separated by the BOS token, and each window is ``[BOS] + the next context - 1 tokens``.

@@ -1,0 +1,297 @@
+"""Harvesting: a language model's activations at named hooks over a corpus -> one HDF5 file.
+
+    lm = load_model(None)                                   # dictlearn.models.loading: the embedded model
+    hooks = default_hooks(lm.model)                         # resid, mlp:input, mlp of the middle layer
+    harvest(lm, hooks, "acts.h5", tokens=200_000, context=256)
+
+Rows are tokens. The corpus (`dictlearn.models.corpus`) is cut into windows of `context` tokens,
+``[BOS] + the next context - 1 tokens`` of the document stream, in a fixed order; the windows go
+through the model `batch_size` at a time, each forward stopping after the deepest hook.
+
+- **Rows.** Row ``r`` is token ``position[r]`` of window ``window_index[r]``; rows are in window
+  order, then position order. ``exclude_special`` (default) drops every BOS position — the first
+  token of each window, an attention-sink outlier, and the separators between documents — as
+  SAELens and SAEBench evaluations do (docs/metrics.md#tokens); ``doc_index`` is -1 exactly at BOS positions, so these
+  are the rows dropped. The file holds exactly `tokens` rows (the last window may be cut short).
+- **Too little text.** The windows needed are counted before anything is written; a corpus
+  with fewer tokens than asked is a one-line DataError, never a silently shorter file.
+  ``tokens="all"`` harvests every whole window of the corpus split instead.
+- **Bounded memory.** Datasets are created once at their final size (contiguous, uncompressed:
+  the fastest layout to read, docs/data.md) at the first batch, then filled one batch at a time.
+- **No half files.** The file is written through `open_for_write`: a temp name beside `out`,
+  ``complete`` set last, fsync, rename. An exception, Ctrl-C or (through `dictlearn.harvest.cli`) SIGTERM leaves
+  nothing at `out` and no temp file. Non-finite activations (or float16 overflow) stop it too.
+
+Layout (docs/data.md, "Harvested files"): one ``[rows, d]`` dataset per hook, keyed by the hook
+name exactly as given, with attribute ``hook_name``; ``token_ids``, ``doc_index``,
+``window_index`` int32 and ``position`` int16 (int32 past 32767) per row; root attributes
+``model_name``, ``model_revision``, ``corpus``, ``split``, ``context_size``, ``tokens``,
+``exclude_special``, ``seed``, ``dtype``, ``windows``, ``prepend_bos`` (+ ``dictlearn_version``,
+``complete``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from dictlearn.data.h5 import BF16_ATTR, open_for_write
+from dictlearn.errors import ConfigError, DataError
+from dictlearn.models.corpus import SPLITS, corpus_name, iter_documents, iter_windows
+from dictlearn.models.hooks import HookPoint, capture, resolve_module, run_until_captured, standard_hooks
+from dictlearn.models.loading import LanguageModel
+
+# About a minute for the embedded model's default hooks on 2 free CPU cores (measured speeds:
+# benchmarks/RESULTS.md, "Harvest speed"); 400k float32 rows x 3 hooks x d 128 = 620 MB.
+DEFAULT_TOKENS = 400_000
+DEFAULT_BATCH_SIZE = 16
+Dtype = Literal["float32", "float16", "bfloat16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- model facts
+def n_layers(model: nn.Module) -> int | None:
+    """The number of transformer blocks from the HF config (None when the model has no config)."""
+    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input the model accepts (GPT-2 ``n_positions``), or None when unknown."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def default_hooks(model: nn.Module, layer: int | None = None) -> list[str]:
+    """`standard_hooks` of `layer` (default: the middle block) as [resid, mlp_in, mlp_out]."""
+    count = n_layers(model)
+    if layer is None:
+        if count is None:
+            raise ConfigError("the model has no config.num_hidden_layers to pick a middle layer;"
+                              " pass --layer or --hooks")
+        layer = count // 2
+    if count is not None and not 0 <= layer < count:
+        raise ConfigError(f"--layer {layer}: the model has layers 0..{count - 1}")
+    hooks = standard_hooks(model, layer)
+    return [hooks["resid"], hooks["mlp_in"], hooks["mlp_out"]]
+
+
+def check_hooks(model: nn.Module, hooks: list[str]) -> None:
+    """Every hook parses and names a module; no site is given twice (e.g. ``m`` and ``m:output``)."""
+    if not hooks:
+        raise ConfigError("--hooks: no hook names given; e.g. --hooks transformer.h.2,transformer.h.2.mlp:input")
+    seen: dict[str, str] = {}
+    for name in hooks:
+        point = HookPoint.parse(name)
+        resolve_module(model, point.module)
+        if str(point) in seen:
+            raise ConfigError(f"--hooks: {seen[str(point)]!r} and {name!r} are the same site; give it once")
+        seen[str(point)] = name
+
+
+# ----------------------------------------------------------------------------- planning
+def _kept(doc_index: torch.Tensor, exclude_special: bool) -> torch.Tensor:
+    """Boolean mask of the positions that become rows: `[..., context]`."""
+    return doc_index >= 0 if exclude_special else torch.ones_like(doc_index, dtype=torch.bool)
+
+
+def plan_windows(corpus, split: str, tokenizer, context: int, tokens: int | None,
+                 exclude_special: bool) -> tuple[int, int]:
+    """-> (windows to run, rows to write) for `tokens` rows (None: every whole window).
+
+    One pass over the tokenised corpus that keeps nothing but counts, so that the file is sized
+    exactly up front and a short corpus fails before any forward pass.
+    """
+    windows = rows = 0
+    for window in iter_windows(iter_documents(corpus, split), tokenizer, context):
+        if tokens is not None and rows >= tokens:
+            break
+        windows += 1
+        rows += int(_kept(window.doc_index, exclude_special).sum())
+    if tokens is None:
+        if rows == 0:
+            raise DataError(f"corpus {corpus_name(corpus)} ({split} split): no whole window of {context} tokens;"
+                            " lower --context or pass more text")
+        return windows, rows
+    if rows < tokens:
+        raise DataError(
+            f"corpus {corpus_name(corpus)} ({split} split) has {rows} tokens to harvest in {windows} whole"
+            f" windows of {context}, fewer than --tokens {tokens}; lower --tokens, use --split all, or pass"
+            " --tokens all"
+        )
+    return windows, tokens
+
+
+def _batches(corpus, split: str, tokenizer, context: int, windows: int,
+             batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `windows` windows in groups: (tokens [B, context], doc_index [B, context])."""
+    stream = itertools.islice(iter_windows(iter_documents(corpus, split), tokenizer, context), windows)
+    while batch := list(itertools.islice(stream, batch_size)):
+        yield torch.stack([w.tokens for w in batch]), torch.stack([w.doc_index for w in batch])
+
+
+# ----------------------------------------------------------------------------- writing
+def _to_storage(acts: torch.Tensor, dtype: str, hook: str, first_window: int) -> np.ndarray:
+    """[n, d] activations -> the array stored for `dtype` (bf16 as uint16 bits), refusing non-finite."""
+    stored = acts.to(DTYPES[dtype])
+    if not torch.isfinite(stored).all():
+        if torch.isfinite(acts).all():
+            peak = float(acts.abs().max())
+            raise DataError(f"hook {hook!r}: activations up to {peak:.4g} overflow {dtype} (windows from"
+                            f" {first_window}); use --dtype bfloat16 or float32")
+        raise DataError(f"hook {hook!r}: the model produced NaN/Inf activations (windows from {first_window});"
+                        " nothing was written; check the model's weights")
+    if dtype == "bfloat16":
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
+
+
+class _Writer:
+    """Fills an open file's datasets batch by batch, in row order, up to `rows` rows."""
+
+    def __init__(self, f: h5py.File, hooks: list[str], rows: int, dtype: str, exclude_special: bool):
+        self.f, self.hooks, self.rows, self.dtype, self.exclude_special = f, hooks, rows, dtype, exclude_special
+        self.row = self.window = 0  # next row to write; index of the batch's first window
+
+    def create(self, widths: list[int], context: int) -> None:
+        """Every dataset at its final size: contiguous, uncompressed (fastest to read; docs/data.md)."""
+        bf16 = self.dtype == "bfloat16"
+        for hook, d in zip(self.hooks, widths):
+            ds = self.f.create_dataset(hook, shape=(self.rows, d), dtype=np.uint16 if bf16 else self.dtype)
+            ds.attrs["hook_name"] = hook
+            if bf16:
+                ds.attrs["dtype"] = BF16_ATTR
+        for key in ("token_ids", "doc_index", "window_index"):
+            self.f.create_dataset(key, shape=(self.rows,), dtype=np.int32)
+        position = np.int16 if context <= np.iinfo(np.int16).max else np.int32
+        self.f.create_dataset("position", shape=(self.rows,), dtype=position)
+
+    def write(self, acts: list[torch.Tensor], tokens: torch.Tensor, doc_index: torch.Tensor) -> int:
+        """One batch: acts [B, context, d] per hook, tokens and doc_index [B, context]; -> rows written.
+
+        The kept positions go to the next rows, window by window; the last batch stops at `rows`.
+        """
+        keep = _kept(doc_index, self.exclude_special)
+        n = min(int(keep.sum()), self.rows - self.row)
+        windows, positions = keep.nonzero(as_tuple=True)  # row-major: window order, then position
+        rows = slice(self.row, self.row + n)
+        for hook, captured in zip(self.hooks, acts):
+            kept = captured[keep.to(captured.device)][:n].cpu()
+            self.f[hook][rows] = _to_storage(kept, self.dtype, hook, self.window)
+        self.f["token_ids"][rows] = tokens[keep][:n].numpy()
+        self.f["doc_index"][rows] = doc_index[keep][:n].numpy()
+        self.f["window_index"][rows] = (windows[:n] + self.window).numpy()
+        self.f["position"][rows] = positions[:n].numpy()
+        self.row, self.window = self.row + n, self.window + len(tokens)
+        return n
+
+
+def _run(model: nn.Module, hooks: list[str], batches, writer: _Writer, context: int, device: str, bar,
+         should_stop: Callable[[], bool]) -> None:
+    """Forward each batch up to the deepest hook and hand the activations to `writer`."""
+    sites = [str(HookPoint.parse(h)) for h in hooks]  # capture's keys ("m:output" is "m")
+    with torch.inference_mode(), capture(model, hooks, stop_after=True) as acts:
+        for tokens, doc_index in batches:
+            if should_stop():
+                raise _Terminated
+            acts.clear()  # a site missed in this forward must not keep the last batch's values
+            run_until_captured(model, tokens.to(device), use_cache=False)
+            missing = [h for h, site in zip(hooks, sites) if site not in acts]
+            if missing:
+                raise ConfigError(f"hook {missing[0]!r}: its module never ran in the forward pass; pick another hook")
+            if writer.row == 0 and writer.window == 0:
+                writer.create([acts[site].shape[-1] for site in sites], context)
+            bar.update(writer.write([acts[site] for site in sites], tokens, doc_index))
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm  # installed with lightning
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", file=sys.stderr,
+                disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def harvest(
+    lm: LanguageModel,
+    hooks: list[str],
+    out: str | os.PathLike,
+    tokens: int | Literal["all"],
+    context: int,
+    corpus: str | os.PathLike | None = None,
+    split: Literal["train", "heldout", "all"] = "train",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: Dtype = "float32",
+    exclude_special: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Path:
+    """Write the activations of `lm` at `hooks` on `tokens` corpus tokens to `out`; -> its path.
+
+    tokens: rows to write (> 0), or "all" for every whole window of the split. context: window
+    length (<= the model's maximum). `seed` is only recorded (the corpus order is fixed).
+    `should_stop` is asked before each batch; True abandons the file (``_Terminated``).
+    `lm.model` is moved to `device`. See the module docstring for the file layout.
+    """
+    out = Path(out)
+    _check_args(lm.model, hooks, out, tokens, context, split, batch_size, dtype)
+    model = lm.model.to(device).eval()
+    budget = None if tokens == "all" else int(tokens)
+    windows, rows = plan_windows(corpus, split, lm.tokenizer, context, budget, exclude_special)
+    attrs = dict(
+        model_name=lm.name, model_revision=lm.revision or "", corpus=corpus_name(corpus), split=split,
+        context_size=context, tokens=rows, exclude_special=exclude_special, seed=seed, dtype=dtype,
+        windows=windows, prepend_bos=lm.tokenizer.bos_token_id is not None,
+    )
+    batches = _batches(corpus, split, lm.tokenizer, context, windows, batch_size)
+    with open_for_write(out, attrs) as f, _progress_bar(rows, progress) as bar:
+        writer = _Writer(f, hooks, rows, dtype, exclude_special)
+        _run(model, hooks, batches, writer, context, device, bar, should_stop)
+        if writer.row != rows:  # the corpus changed between the counting pass and this one
+            raise DataError(f"corpus {corpus_name(corpus)}: yielded {writer.row} rows, {rows} counted before;"
+                            " was it modified during the harvest? re-run")
+    return out
+
+
+def _check_args(model: nn.Module, hooks: list[str], out: Path, tokens, context: int, split: str,
+                batch_size: int, dtype: str) -> None:
+    """Everything that can be checked before reading the corpus, each as a one-line error."""
+    if tokens != "all" and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
+        raise ConfigError(f"--tokens {tokens}: must be a positive number of tokens or 'all'")
+    limit = max_positions(model)
+    if context < 2 or (limit is not None and context > limit):
+        most = f"the model's maximum, {limit}" if limit is not None else "the model's maximum"
+        raise ConfigError(f"--context {context}: must be at least 2 and at most {most}")
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size {batch_size}: must be a positive number of windows")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    check_hooks(model, hooks)
+    _check_out(out)
+
+
+def _check_out(out: Path) -> None:
+    """`out` can be created: not a folder, and its nearest existing parent is a writable folder."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name such as {out / 'acts.h5'}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot create a file under {parent} (not a writable folder);"
+                          " choose another --out")
+
+
+class _Terminated(BaseException):  # raised when `should_stop()` says so
+    """SIGTERM turned into an exception, so the temp file is removed on the way out (a
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""

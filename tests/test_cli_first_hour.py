@@ -1,0 +1,102 @@
+"""What a new user meets in the first hour of `dictlearn fit`: bad input gets one line (exit 2,
+nothing left behind), a run shows one progress bar, validates its final model and ends with a
+summary, and `dictlearn` itself answers at once."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from test_cli_errors import _all_paths, _fit_args, _run_expecting_error, _synth
+from dictlearn.cli import main
+
+
+@pytest.mark.parametrize("recipe, value", [("topk.yaml", "0"), ("topk.yaml", "-5"), ("batchtopk.yaml", "0"),
+                                           ("relu_l1.yaml", "0"), ("gated.yaml", "-5"), ("jumprelu.yaml", "0")])
+def test_a_non_positive_d_sae_is_one_line_for_every_mechanism(recipe, value, tmp_path, capsys, monkeypatch):
+    args = _fit_args(tmp_path, _synth(tmp_path / "acts.h5"), recipe=recipe)
+    args[args.index("--model.d_sae") + 1] = value
+    line = _run_expecting_error(tmp_path, capsys, monkeypatch, args)
+    assert "--model.d_sae must be > 0" in line
+
+
+@pytest.mark.parametrize("flag, suggestion", [("--model.dsae", "--model.d_sae"), ("--data.bach_size", "--data.batch_size"),
+                                              ("--trainer.max_step", "--trainer.max_steps")])
+def test_a_misspelled_flag_gets_did_you_mean(flag, suggestion, tmp_path, capsys, monkeypatch):
+    args = _fit_args(tmp_path, _synth(tmp_path / "acts.h5"), flag, "10")
+    line = _run_expecting_error(tmp_path, capsys, monkeypatch, args)
+    assert line == f"dictlearn: error: unknown flag {flag}; did you mean {suggestion}?"
+
+
+def test_a_missing_checkpoint_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    args = _fit_args(tmp_path, _synth(tmp_path / "acts.h5"), "--ckpt_path", "missing.ckpt")
+    assert "--ckpt_path missing.ckpt: no such checkpoint file" in _run_expecting_error(tmp_path, capsys, monkeypatch, args)
+
+
+def test_zero_steps_are_refused(tmp_path, capsys, monkeypatch):
+    args = _fit_args(tmp_path, _synth(tmp_path / "acts.h5"))
+    args[args.index("--trainer.max_steps") + 1] = "0"
+    assert "--trainer.max_steps 0 trains nothing" in _run_expecting_error(tmp_path, capsys, monkeypatch, args)
+
+
+def test_an_unwritable_log_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    data = _synth(tmp_path / "acts.h5")
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    args = _fit_args(tmp_path, data)
+    args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / "blocker" / "runs")
+    assert "--trainer.default_root_dir" in _run_expecting_error(tmp_path, capsys, monkeypatch, args)
+
+
+def test_synth_and_export_refuse_an_unwritable_target(tmp_path, capsys, monkeypatch):
+    (tmp_path / "blocker").write_text("a file")
+    line = _run_expecting_error(tmp_path, capsys, monkeypatch, ["synth", "--out", str(tmp_path / "blocker" / "x.h5")])
+    assert line.startswith(f"dictlearn: error: --out {tmp_path / 'blocker' / 'x.h5'}: ")
+
+
+def test_nan_in_a_held_out_row_is_found_before_training_and_names_the_file_row(tmp_path, capsys, monkeypatch):
+    rows = np.random.default_rng(0).standard_normal((20_000, 16)).astype(np.float32)
+    rows[19_990, 3] = np.nan  # in the validation tail, which the training sample never reads
+    with h5py.File(tmp_path / "acts.h5", "w") as f:
+        f.create_dataset("acts", data=rows)
+    line = _run_expecting_error(tmp_path, capsys, monkeypatch, _fit_args(tmp_path, tmp_path / "acts.h5"))
+    assert "NaN/Inf in held-out row 19990" in line and "'acts'" in line
+
+
+def test_a_short_run_validates_its_final_model_shows_progress_and_ends_with_a_summary(tmp_path, capsys):
+    data = _synth(tmp_path / "acts.h5")
+    args = _fit_args(tmp_path, data)
+    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
+    assert main(args + ["--trainer.val_check_interval", "500"]) == 0  # 5 steps: no scheduled validation
+    err = capsys.readouterr().err
+    assert "dictlearn fit" in err and "5/5" in err  # one bar over the run: step / max_steps
+    summary = err[err.index("dictlearn: trained 5 steps"):]
+    assert "held out fvu" in summary and "metrics.csv" in summary
+    for noise in ("GPU available", "Seed set to", "litlogger", "Total params", "LeafSpec", "max_steps=5` reached"):
+        assert noise not in err, noise
+    run = next((tmp_path / "runs" / "one").rglob("metrics.csv"))
+    with open(run, newline="") as f:
+        validated = [row for row in csv.DictReader(f) if row.get("val/fvu")]
+    assert len(validated) == 1 and int(validated[0]["step"]) == 5
+    assert f"fvu {float(validated[0]['val/fvu']):.4f}" in summary
+
+
+def test_dictlearn_itself_answers_without_loading_torch():
+    for argv, code in (([], 2), (["--help"], 0), (["--version"], 0)):
+        done = subprocess.run([sys.executable, "-c", "import sys; from dictlearn.cli import main; r = main(sys.argv[1:]); "
+                               "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(r)", *argv],
+                              capture_output=True, text=True)
+        assert done.returncode == code, done.stderr
+    assert "fit" in done.stdout or "dictlearn" in done.stdout
+
+
+def test_fit_help_names_the_size_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.d_sae N" in out and "--model.k K" in out and "--data.batch_size B" in out

@@ -1,0 +1,110 @@
+"""Short runs (a comparison trains dozens): the first reconstructions have the input's norm, and
+the dead-latent window follows the run, so AuxK revives dead latents at all."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
+from dictlearn.data import write_synth_file
+from dictlearn.dictionaries.model import DEAD_WINDOW_TOKENS, dead_window_for
+from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
+from dictlearn.training import DictionaryTraining
+
+D = 64
+
+
+@pytest.fixture(scope="module")
+def independent_file(tmp_path_factory):
+    """256 true features in d = 64, mean 4 active (the setting the short-run defect was found on)."""
+    path = tmp_path_factory.mktemp("short") / "acts.h5"
+    write_synth_file(path, n_rows=40_000, d=D, n_features=256, mean_active=4.0, seed=3)
+    return str(path)
+
+
+def _initial_metrics(model, data: ActivationDataModule) -> dict:
+    model.initialise_from_data(data)
+    x = data.sample_rows(4096)[0]
+    metrics = ReconstructionMetrics(D)
+    with torch.no_grad():
+        metrics.update(x, model(x))
+    return {k: float(v) for k, v in metrics.compute().items()}
+
+
+@pytest.mark.parametrize("k", [4, 8, 16, 32])
+@pytest.mark.parametrize("mechanism", [TopKSAE, BatchTopKSAE])
+def test_the_first_reconstructions_have_the_inputs_norm_for_any_k(mechanism, k, independent_file):
+    torch.manual_seed(0)
+    scaled = _initial_metrics(mechanism(d_in=D, d_sae=512, k=k), ActivationDataModule(independent_file))
+    assert 1 / 1.5 <= scaled["l2_ratio"] <= 1.5, scaled
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: ReLUL1SAE(**kw), lambda **kw: GatedSAE(**kw), lambda **kw: JumpReLUSAE(**kw),
+    lambda **kw: TopKSAE(k=32, transcoder=False, **kw),
+], ids=["relu_l1", "gated", "jumprelu", "topk32"])
+def test_every_mechanism_starts_near_the_inputs_norm_and_would_not_without_the_scaling(make, independent_file):
+    data = ActivationDataModule(independent_file)
+    torch.manual_seed(0)
+    scaled = _initial_metrics(make(d_in=D, d_sae=512), data)
+    torch.manual_seed(0)
+    unscaled = _initial_metrics(make(d_in=D, d_sae=512, init_scale_from_data=False), data)
+    assert 1 / 1.5 <= scaled["l2_ratio"] <= 1.5, scaled
+    assert not 1 / 1.5 <= unscaled["l2_ratio"] <= 1.5, unscaled  # the defect the scaling removes
+    assert scaled["fvu"] < 1.0
+
+
+def test_scaling_the_encoder_scales_every_mechanisms_latents_exactly():
+    """Positive homogeneity: scale_encoder(s) multiplies each latent (and ŷ − b_dec) by s."""
+    x = torch.randn(32, D)
+    for make in (lambda: TopKSAE(d_in=D, d_sae=128, k=8), lambda: ReLUL1SAE(d_in=D, d_sae=128),
+                 lambda: GatedSAE(d_in=D, d_sae=128), lambda: JumpReLUSAE(d_in=D, d_sae=128, threshold_init=0.3)):
+        torch.manual_seed(1)
+        model = make()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            before = model.activate(model.pre_acts(x))
+            model.scale_encoder(2.5)
+            after = model.activate(model.pre_acts(x))
+        torch.testing.assert_close(after, 2.5 * before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_dead_window_is_a_tenth_of_a_short_run_and_10m_tokens_of_a_long_one():
+    assert dead_window_for(614_400) == 61_440
+    assert dead_window_for(10 * DEAD_WINDOW_TOKENS) == DEAD_WINDOW_TOKENS
+    assert dead_window_for(10**12) == DEAD_WINDOW_TOKENS
+    assert TopKSAE(d_in=4, d_sae=8, k=2).dead_window_tokens == DEAD_WINDOW_TOKENS  # until training sets it
+    assert TopKSAE(d_in=4, d_sae=8, k=2, dead_window_tokens=500).dead_window_follows_run is False
+
+
+def _evaluated_dead_fraction(path: str, dead_window_tokens: int | None) -> tuple[float, int]:
+    """A short TopK run (300 steps × 1024 tokens) whose last 128 of 512 latents start dead
+    (encoder columns shrunk: never in the top k, so no gradient from the main loss) -> (the dead
+    fraction on the held-out rows, the window the run used)."""
+    L.seed_everything(0)
+    model = TopKSAE(d_in=D, d_sae=512, k=4, dead_window_tokens=dead_window_tokens, sparse_path="never")
+    data = ActivationDataModule(path, batch_size=1024, val_rows=8192)
+    model.initialise_from_data(data)
+    with torch.no_grad():
+        model.W_enc[:, 384:] *= 0.01
+    quiet_trainer(max_steps=300).fit(DictionaryTraining(model), data)
+    sparsity = SparsityMetrics(512)
+    with torch.no_grad():
+        for x, _ in data.val_dataloader():
+            sparsity.update(model.encode(x))
+    return float(sparsity.compute()["dead_fraction"]), model.dead_window_tokens
+
+
+@pytest.mark.slow
+def test_auxk_lowers_the_dead_fraction_of_a_short_topk_run(independent_file):
+    """With the 10M-token window no latent of a 307k-token run is ever declared dead and AuxK
+    never runs; with the window following the run (30,720 tokens) AuxK revives them. Same rows."""
+    fixed, fixed_window = _evaluated_dead_fraction(independent_file, DEAD_WINDOW_TOKENS)
+    follows, window = _evaluated_dead_fraction(independent_file, None)
+    assert (fixed_window, window) == (DEAD_WINDOW_TOKENS, 30_720)
+    assert fixed >= 0.2, fixed  # the forced-dead quarter (nearly all of it) stays dead without AuxK
+    assert follows < fixed - 0.1, (follows, fixed)
