@@ -6,7 +6,7 @@ do not pay for torch, Lightning and h5py.
 
 from __future__ import annotations
 
-import importlib
+from dictlearn.lazy import lazy_attributes
 
 _PUBLIC = {
     "ActivationDataModule": "dictlearn.data",
@@ -23,13 +23,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dictlearn' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_attributes(__name__, _PUBLIC)

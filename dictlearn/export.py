@@ -171,7 +171,7 @@ def _load_checkpoint(path: Path, member: str | None = None) -> Dictionary:
     model = _import_class(record["class_path"])(**hparams)
     own = model.state_dict()
     model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own})
-    return model.eval()
+    return _for_inference(model)
 
 
 def _load_export(path: Path) -> Dictionary:
@@ -197,7 +197,7 @@ def _load_export(path: Path) -> Dictionary:
         model.load_folded(tensors)
     except DataError as error:
         raise DataError(f"{weights_path}: {error}") from None
-    return model.eval()
+    return _for_inference(model)
 
 
 _REEXPORT = "export it again (dictlearn export CKPT OUT) or copy the folder again"
@@ -221,3 +221,9 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(cfg, dict):
         raise DataError(f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object; {_REEXPORT}")
     return cfg
+
+
+def _for_inference(model: Dictionary) -> Dictionary:
+    """Eval mode, parameters without gradients: encode/decode build no graph unless the input
+    asks for one (attribution through a loaded dictionary still works: x.requires_grad_())."""
+    return model.requires_grad_(False).eval()

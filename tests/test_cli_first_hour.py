@@ -100,3 +100,19 @@ def test_fit_help_names_the_size_flags(capsys):
         main(["fit", "--help"])
     out = capsys.readouterr().out
     assert "--model.d_sae N" in out and "--model.k K" in out and "--data.batch_size B" in out
+
+
+def test_a_loaded_dictionary_builds_no_graph_unless_the_input_asks(tmp_path):
+    import torch
+
+    import dictlearn
+    from dictlearn.export import export
+
+    model = dictlearn.TopKSAE(d_in=8, d_sae=32, k=4)
+    export(model, tmp_path / "export")
+    loaded = dictlearn.load(tmp_path / "export")
+    x = torch.randn(5, 8)
+    assert not loaded.encode(x).requires_grad and not loaded(x).requires_grad
+    x.requires_grad_()
+    loaded(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

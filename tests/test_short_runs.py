@@ -1,5 +1,5 @@
-"""Short runs (a comparison trains dozens): the first reconstructions have the input's norm, and
-the dead-latent window follows the run, so AuxK revives dead latents at all."""
+"""Short runs (a comparison trains dozens): with `init_scale_from_data` the first reconstructions
+have the input's norm, and the dead-latent window follows the run, so AuxK revives dead latents."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _initial_metrics(model, data: ActivationDataModule) -> dict:
 @pytest.mark.parametrize("mechanism", [TopKSAE, BatchTopKSAE])
 def test_the_first_reconstructions_have_the_inputs_norm_for_any_k(mechanism, k, independent_file):
     torch.manual_seed(0)
-    scaled = _initial_metrics(mechanism(d_in=D, d_sae=512, k=k), ActivationDataModule(independent_file))
+    scaled = _initial_metrics(mechanism(d_in=D, d_sae=512, k=k, init_scale_from_data=True),
+                              ActivationDataModule(independent_file))
     assert 1 / 1.5 <= scaled["l2_ratio"] <= 1.5, scaled
 
 
@@ -49,7 +50,7 @@ def test_the_first_reconstructions_have_the_inputs_norm_for_any_k(mechanism, k, 
 def test_every_mechanism_starts_near_the_inputs_norm_and_would_not_without_the_scaling(make, independent_file):
     data = ActivationDataModule(independent_file)
     torch.manual_seed(0)
-    scaled = _initial_metrics(make(d_in=D, d_sae=512), data)
+    scaled = _initial_metrics(make(d_in=D, d_sae=512, init_scale_from_data=True), data)
     torch.manual_seed(0)
     unscaled = _initial_metrics(make(d_in=D, d_sae=512, init_scale_from_data=False), data)
     assert 1 / 1.5 <= scaled["l2_ratio"] <= 1.5, scaled
@@ -86,7 +87,8 @@ def _evaluated_dead_fraction(path: str, dead_window_tokens: int | None) -> tuple
     (encoder columns shrunk: never in the top k, so no gradient from the main loss) -> (the dead
     fraction on the held-out rows, the window the run used)."""
     L.seed_everything(0)
-    model = TopKSAE(d_in=D, d_sae=512, k=4, dead_window_tokens=dead_window_tokens, sparse_path="never")
+    model = TopKSAE(d_in=D, d_sae=512, k=4, dead_window_tokens=dead_window_tokens, sparse_path="never",
+                    init_scale_from_data=True)  # as `dictlearn compare` trains its short runs
     data = ActivationDataModule(path, batch_size=1024, val_rows=8192)
     model.initialise_from_data(data)
     with torch.no_grad():

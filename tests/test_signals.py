@@ -71,9 +71,11 @@ def _run_all(commands: dict, cwd: Path, signal_when_logged: dict | None = None) 
 
 
 def _logged_steps(metrics_csv: Path) -> list[int]:
+    """The steps of the training rows (the final validation of a finished run logs one more row)."""
     lines = metrics_csv.read_text().splitlines()
-    column = lines[0].split(",").index("step")
-    return [int(line.split(",")[column]) for line in lines[1:]]
+    header = lines[0].split(",")
+    step, loss = header.index("step"), header.index("train/loss")
+    return [int(fields[step]) for fields in (line.split(",") for line in lines[1:]) if fields[loss]]
 
 
 def _temp_files(root: Path) -> list[str]:

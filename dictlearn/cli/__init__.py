@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "dictlearn.cli.export",
     "harvest": "dictlearn.harvest.cli",
     "evaluate": "dictlearn.evaluate",
+    "compare": "dictlearn.cli.compare",
 }
 
 USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for tracebacks)
@@ -33,6 +34,7 @@ USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for 
   export    checkpoint -> SAELens-layout export folder: dictlearn export CKPT OUT
   harvest   language-model activations -> HDF5: dictlearn harvest --out acts.h5 (embedded model, stdlib corpus)
   evaluate  export(s) + HDF5 (+ model) -> one JSON line per export: dictlearn evaluate EXPORT --data acts.h5
+  compare   every architecture at matched L0, trained, evaluated, reported: dictlearn compare --out runs/cmp
 
 Recipes (--config NAME or a path): {recipes}.
 `dictlearn fit --help` lists every option; `dictlearn --version` prints the version."""

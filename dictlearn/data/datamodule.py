@@ -46,11 +46,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dictlearn.data.h5 import H5Array
+from dictlearn.data.split import HeldOutSplit
 from dictlearn.errors import ConfigError, DataError
 
 Batch = tuple[torch.Tensor, ...]
 # Distinct seed streams, so the block order, row order and samples never share random draws.
-_BLOCK_STREAM, _ROW_STREAM, _SAMPLE_STREAM = 1, 2, 3
+_BLOCK_STREAM, _ROW_STREAM = 1, 2  # samples use split.SAMPLE_STREAM (3)
 
 
 def _read_pair(x: H5Array, y: H5Array | None, slices: Sequence[tuple[int, int]],
@@ -58,12 +59,6 @@ def _read_pair(x: H5Array, y: H5Array | None, slices: Sequence[tuple[int, int]],
     """The same row ranges from input, target and any extra datasets; `y is x` for an SAE."""
     xs = x.read_slices(slices)
     return (xs, (xs if y is None else y.read_slices(slices)), *(e.read_slices(slices) for e in extras))
-
-
-def _split_evenly(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
-    """`[start, stop)` cut into `parts` contiguous ranges whose lengths differ by at most one."""
-    bounds = [start + (stop - start) * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 class BlockShuffleBatches(Dataset):
@@ -240,8 +235,8 @@ class ActivationDataModule(L.LightningDataModule):
         self.d_in = self.inputs.d
         self.d_out = self.d_in if self.targets is None else self.targets.d
         self._check_rows()
-        self.n_val = self._val_row_count(val_rows)
-        self.n_train = self.inputs.n_rows - self.n_val
+        self.split = HeldOutSplit(self.inputs.n_rows, block_size, val_rows)
+        self.n_val, self.n_train = self.split.n_val, self.split.n_train
         self._check_enough_rows()
         if self.n_val == 0:
             # Lightning treats a None hook as "not defined" and skips validation silently; an
@@ -258,14 +253,6 @@ class ActivationDataModule(L.LightningDataModule):
                 f"{self.path}: input '{self.input_key}' has {self.inputs.n_rows} rows but target"
                 f" '{self.target_key}' has {self.targets.n_rows}; they must be row-aligned — re-harvest"
             )
-
-    def _val_row_count(self, val_rows: int | None) -> int:
-        """Held-out tail rows: whole blocks, at most the whole file."""
-        if val_rows is None:  # about 1% of the file, at least one block
-            blocks = max(1, round(0.01 * self.inputs.n_rows / self.block_size))
-        else:
-            blocks = math.ceil(val_rows / self.block_size)
-        return min(blocks * self.block_size, self.inputs.n_rows)
 
     def _check_enough_rows(self) -> None:
         # Lightning alone would warn and silently run 0 steps (docs/conventions.md#reliability).
@@ -347,13 +334,10 @@ class ActivationDataModule(L.LightningDataModule):
 
     def val_slices(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
         """This rank's validation batches as file row ranges (see the module docstring)."""
-        if self.n_val == 0:
-            return []
-        if self.n_val < world_size:
-            raise DataError(f"{self.path}: {self.n_val} validation rows cannot feed {world_size} ranks")
-        shards = _split_evenly(self.n_train, self.inputs.n_rows, world_size)
-        n_batches = math.ceil(math.ceil(self.n_val / world_size) / self.batch_size)
-        return _split_evenly(*shards[rank], n_batches)
+        try:
+            return self.split.val_slices(self.batch_size, rank, world_size)
+        except DataError as error:
+            raise DataError(f"{self.path}: {error}") from None
 
     def check_heldout_finite(self) -> None:
         """Every held-out row of every served dataset is finite, else one line naming the file
@@ -376,15 +360,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _sample_slices(self, n_rows: int) -> list[tuple[int, int]]:
         """Up to `n_rows` training rows as whole random blocks (file order), a function of `seed`."""
-        starts = np.arange(0, self.n_train, self.block_size)
-        order = np.random.default_rng([self.seed, _SAMPLE_STREAM]).permutation(len(starts))
-        chosen = np.sort(starts[order[: math.ceil(n_rows / self.block_size)]])
-        slices, remaining = [], min(n_rows, self.n_train)
-        for start in chosen.tolist():
-            stop = min(start + self.block_size, self.n_train, start + remaining)
-            slices.append((start, stop))
-            remaining -= stop - start
-        return [s for s in slices if s[1] > s[0]]
+        return self.split.sample_slices(n_rows, self.seed)
 
     def sample_rows(self, n_rows: int) -> Batch:
         """Up to `n_rows` raw training rows from seeded random blocks: `(x [n, d_in], y [n, d_out])`."""

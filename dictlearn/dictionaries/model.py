@@ -99,7 +99,7 @@ class Dictionary(nn.Module):
         dead_window_tokens: int | None = None,
         init_sample_rows: int = 32_768,
         sparse_path: str = "auto",
-        init_scale_from_data: bool = True,
+        init_scale_from_data: bool = False,
     ):
         """
         Args:
@@ -123,7 +123,9 @@ class Dictionary(nn.Module):
                 10M tokens (Gao et al. 2024), or a tenth of the run when the run is shorter than
                 100M tokens (`dead_window_for`), set when training starts.
             init_scale_from_data: at the data-dependent initialisation, scale the encoder so the
-                first reconstructions have about the target's norm (see `scale_to_data`).
+                first reconstructions have about the target's norm (see `scale_to_data`). Off by
+                default: it rescues short runs (`dictlearn compare` turns it on) but lowered
+                long-run feature recovery (BatchTopK MMCS 0.92 -> 0.85, benchmarks/RESULTS.md).
             init_sample_rows: rows sampled from the data for b_dec initialisation.
             sparse_path: "auto" (decode and encoder backward over the active latents only when
                 the mechanism's L0 is small enough to gain; docs/performance.md), "always" or

@@ -1,0 +1,92 @@
+"""`dictlearn compare`: every architecture at matched sparsity on the same activations (docs/compare.md).
+
+Flags override `--config FILE.yaml`, whose keys are `CompareConfig`'s fields; both are optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from dictlearn.cli.parsing import OneLineParser
+from dictlearn.compare.plan import DEFAULT_ARCHITECTURES, CompareConfig
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    try:
+        return int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (400000 or 4e5), got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="dictlearn compare", description=(
+        "Harvest one layer, train every architecture at matched L0 targets and several seeds in one "
+        "sweep per seed, evaluate them (downstream loss included) and write results and a report into --out."))
+    add = p.add_argument
+    add("--out", default=None, help="run folder (default: compare_run); rerun with the same --out to resume")
+    add("--config", default=None, help="YAML file of these options (e.g. a run's compare.yaml); flags override it")
+    add("--model", default=None, help="model to harvest (HF name or folder; default: the embedded model)")
+    add("--corpus", default=None, help="text file or folder (default: the Python standard library)")
+    add("--layer", type=int, default=None, help="block to harvest (default: the middle one)")
+    add("--tokens", type=_count, default=None, help="tokens to harvest (default: 250000 on CPU)")
+    add("--context", type=int, default=None, help="harvest window length (default: 256)")
+    add("--data", default=None, help="train on this HDF5 file instead of harvesting")
+    add("--input-key", default=None, help="--data: the input dataset")
+    add("--target-key", default=None, help="--data: the dataset transcoders predict")
+    add("--architectures", type=_names, default=None,
+        help=f"comma-separated (default: {','.join(DEFAULT_ARCHITECTURES)})")
+    add("--l0", type=_ints, default=None, help="L0 targets (default: 8,16,32 on CPU, 8,16,32,64 on a GPU)")
+    add("--d-sae", type=_ints, default=None, help="dictionary width(s) (default: 512 on CPU)")
+    add("--seeds", type=_ints, default=None, help="seeds (default: 0,1)")
+    add("--train-tokens", type=_count, default=None, help="training tokens per dictionary (default: 400000 on CPU)")
+    add("--batch-size", type=int, default=None, help="tokens per step (default: 1024 on CPU)")
+    add("--contexts", type=int, default=None, help="held-out corpus windows for the downstream metrics")
+    add("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
+    add("--devices", type=int, default=None, help="processes/GPUs for DDP training (default: 1)")
+    add("--no-downstream", dest="downstream", action="store_false", default=None,
+        help="skip the spliced-model metrics")
+    add("--no-interpret", dest="interpret", action="store_false", default=None, help="skip the dashboards")
+    add("--quiet", action="store_true", default=None, help="no progress display")
+    return p
+
+
+def config_from_args(argv: list[str]) -> CompareConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = CompareConfig.from_yaml(args.pop("config")) if args.get("config") else {}
+    values |= {k: v for k, v in args.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(CompareConfig)}
+    return CompareConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def main(argv: list[str]) -> int:
+    from dictlearn.compare.run import Stopped, _rank, compare
+
+    config = config_from_args(argv)
+    try:
+        out = compare(config)
+    except Stopped as stop:
+        print(f"dictlearn: compare {stop}", file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt:
+        print("dictlearn: compare stopped; rerun the same command to resume (exit 130)", file=sys.stderr)
+        return 130
+    finally:
+        from dictlearn.compare.run import _leave_process_group
+
+        _leave_process_group(barrier=False)  # after DDP, or the interpreter may abort at exit
+    if not config.quiet and _rank() == 0:
+        print(f"dictlearn: comparison written to {out} (report: {out / 'report.md'})")
+    return 0

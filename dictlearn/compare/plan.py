@@ -1,0 +1,243 @@
+"""What `dictlearn compare` will do: flags and YAML -> one resolved `CompareConfig` -> the dictionaries.
+
+Every choice is a field of `CompareConfig` (a flag of `dictlearn compare` and a key of its YAML
+file, same name with `-` for `_`). Fields left None get a default that depends on the device:
+a CPU budget that finishes in minutes on 2 cores, a larger one on a GPU. The resolved config is
+what `DIR/compare.yaml` holds; two configs describe the same comparison when they agree on every
+field but the ones in `RUNTIME_FIELDS` (where and how fast it runs, not what it computes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dictlearn.errors import ConfigError
+
+MECHANISMS = {  # architecture name -> dictlearn class
+    "relu_l1": "ReLUL1SAE", "topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "gated": "GatedSAE",
+    "jumprelu": "JumpReLUSAE",
+}  # fmt: skip
+WITH_K = ("topk", "batchtopk")  # L0 set by k; the others are calibrated (dictlearn.training.calibration)
+MAPPINGS = {"": "sae", "_transcoder": "transcoder", "_skip_transcoder": "skip_transcoder"}
+DEFAULT_ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu", "topk_transcoder",
+                         "topk_skip_transcoder")
+
+# Defaults by device kind. CPU: measured on a 2-core AMD EPYC (AVX2, ~85 GFLOP/s fp32) shared
+# with other jobs, 42 dictionaries of d_sae 512 at ~20-40 ms per member-step (docs/compare.md).
+DEFAULTS = {
+    "cpu": dict(tokens=250_000, train_tokens=400_000, d_sae=(512,), l0=(8, 16, 32), batch_size=1024, contexts=32),
+    "cuda": dict(tokens=2_000_000, train_tokens=8_000_000, d_sae=(2048,), l0=(8, 16, 32, 64), batch_size=4096,
+                 contexts=64),
+}
+# Short-run optimiser settings per mechanism (the recipes' are tuned for 10^8+ tokens): a larger
+# LR so a few hundred steps train the dictionary, and one schedule for all: the LR decays to 0
+# over the last 30 % of steps, which begins before the calibrated coefficients freeze (at 80 %,
+# SparsityCalibration), so L0 barely drifts after. Starting coefficients: near the ones the
+# controller reached on the embedded model and on synthetic data. The rest are the recipes'.
+_SHORT_RUN = {"lr": 1e-3, "lr_decay_fraction": 0.3, "init_scale_from_data": True}  # first ŷ at the input's norm
+DICTIONARY_DEFAULTS = {
+    # Bricken et al. 2023's unit-norm decoder, not the April-2024 norm-weighted L1: in a short run
+    # the latter lowers its penalty by shrinking every decoder row (init norm 0.1, ~100 steps at
+    # lr 1e-3) long before the encoder biases can switch latents off, so no λ brings L0 down
+    # (measured on synthetic data: L0 60 of 128 at λ up to 1e5, FVU 1.03).
+    "relu_l1": _SHORT_RUN | {"decoder_constraint": "unit_norm", "l1_coefficient": 0.1},
+    "topk": _SHORT_RUN,
+    "batchtopk": _SHORT_RUN,
+    "gated": _SHORT_RUN | {"l1_coefficient": 1.0},
+    # θ is learned at about lr per step in log units: twice the LR lets it follow λ; a wider
+    # kernel (θ starts at ~1-2 here, see SparsityCalibration) gives θ a gradient on most steps
+    "jumprelu": _SHORT_RUN | {"lr": 2e-3, "l0_coefficient": 0.1, "bandwidth": 0.1},
+}
+RUNTIME_FIELDS = ("out", "device", "quiet")
+
+
+@dataclass
+class CompareConfig:
+    """Everything `dictlearn compare` needs; None means "the device's default" (see DEFAULTS)."""
+
+    out: str = "compare_run"
+    # harvest (ignored with `data`)
+    model: str | None = None
+    corpus: str | None = None
+    layer: int | None = None
+    tokens: int | None = None
+    context: int | None = None
+    # or an existing activation file
+    data: str | None = None
+    input_key: str | None = None
+    target_key: str | None = None
+    # the dictionaries
+    architectures: list[str] | None = None  # None: DEFAULT_ARCHITECTURES (SAEs only for --data without a target)
+    l0: list[int] | None = None
+    d_sae: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    train_tokens: int | None = None
+    batch_size: int | None = None
+    dictionary: dict[str, dict] = field(default_factory=dict)  # mechanism -> constructor overrides
+    calibration: dict = field(default_factory=dict)  # SparsityCalibration arguments
+    # evaluation
+    downstream: bool = True
+    interpret: bool = True
+    contexts: int | None = None
+    # where it runs
+    device: str = "auto"
+    devices: int = 1
+    quiet: bool = False
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> dict:
+        """The fields a YAML file sets (a mapping of field names), checked for unknown keys."""
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"--config {path}: cannot read it ({error.__class__.__name__}); pass a YAML file") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of compare options, e.g. `l0: [8, 16]`")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ConfigError(f"--config {path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return loaded
+
+    def resolved(self) -> CompareConfig:
+        """A copy with the device concrete and every None default filled in, checked."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        values = dataclasses.asdict(self) | {"device": device}
+        for name, default in DEFAULTS[kind].items():
+            if values[name] is None:
+                values[name] = list(default) if isinstance(default, tuple) else default
+        if values["architectures"] is None:
+            sae_only = self.data is not None and self.target_key is None
+            values["architectures"] = [a for a in DEFAULT_ARCHITECTURES if not (sae_only and "transcoder" in a)]
+        values["architectures"] = [a.strip() for a in values["architectures"] if a.strip()]
+        config = CompareConfig(**values)
+        config.check()
+        return config
+
+    def identity(self) -> dict:
+        """The fields that decide what is computed (two runs with equal identities are one comparison)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    # ----------------------------------------------------------------- checks (one line each)
+    def check(self) -> None:
+        for name in self.architectures:
+            parse_architecture(name)
+        if not self.architectures:
+            raise ConfigError("--architectures: none given; e.g. --architectures topk,relu_l1")
+        if len(set(self.architectures)) != len(self.architectures):
+            raise ConfigError("--architectures: an architecture is named twice; give each once")
+        for flag, values in (("--l0", self.l0), ("--d-sae", self.d_sae)):
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+                raise ConfigError(f"{flag} {_join(values)}: give positive whole numbers, e.g. {flag} 8,16,32")
+        smallest = min(self.d_sae)
+        for target in self.l0:
+            if target >= smallest:
+                raise ConfigError(f"--l0 {target}: an L0 target must be below d_sae ({smallest}); lower --l0 "
+                                  "or raise --d-sae")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("--seeds: give distinct whole numbers, e.g. --seeds 0,1")
+        for flag, value in (("--tokens", self.tokens), ("--train-tokens", self.train_tokens),
+                            ("--batch-size", self.batch_size), ("--contexts", self.contexts),
+                            ("--devices", self.devices)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{flag} {value}: must be a positive whole number")
+        if self.train_tokens < self.batch_size * self.devices:
+            raise ConfigError(f"--train-tokens {self.train_tokens} is less than one step (--batch-size "
+                              f"{self.batch_size} x --devices {self.devices}); raise --train-tokens or lower --batch-size")
+        if self.data is None and (self.input_key or self.target_key):
+            raise ConfigError("--input-key/--target-key choose datasets of --data; without --data the harvested "
+                              "file's keys are used (drop them or pass --data FILE.h5)")
+        if self.data is not None and (self.model or self.corpus or self.layer is not None):
+            raise ConfigError("--model/--corpus/--layer choose what to harvest; with --data nothing is harvested "
+                              "(drop them or drop --data)")
+        if self.data is not None and not self.input_key:
+            raise ConfigError(f"--data {self.data}: name its input dataset with --input-key K")
+        if self.data is not None and self.target_key is None:
+            needing = [a for a in self.architectures if parse_architecture(a)[1] != "sae"]
+            if needing:
+                raise ConfigError(f"--architectures {needing[0]} is a transcoder: give --target-key K2 (the dataset "
+                                  "it predicts) or drop it from --architectures")
+        unknown = sorted(set(self.dictionary) - set(MECHANISMS))
+        if unknown:
+            raise ConfigError(f"dictionary: {unknown[0]!r} is not a mechanism; use one of {', '.join(MECHANISMS)}")
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps: `train_tokens` in all, `batch_size` per step on each of `devices` ranks."""
+        return self.train_tokens // (self.batch_size * self.devices)
+
+
+def _join(values) -> str:
+    return ",".join(str(v) for v in values) if isinstance(values, (list, tuple)) else str(values)
+
+
+def parse_architecture(name: str) -> tuple[str, str]:
+    """`topk_skip_transcoder` -> ("topk", "skip_transcoder"); an unknown name is a ConfigError."""
+    for suffix in ("_skip_transcoder", "_transcoder", ""):
+        mechanism = name[: len(name) - len(suffix)] if suffix and name.endswith(suffix) else name
+        if (not suffix or name.endswith(suffix)) and mechanism in MECHANISMS:
+            return mechanism, MAPPINGS[suffix]
+    names = ", ".join(list(MECHANISMS) + ["<mechanism>_transcoder", "<mechanism>_skip_transcoder"])
+    raise ConfigError(f"--architectures {name}: unknown architecture; use one of {names}")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One dictionary of the comparison."""
+
+    name: str
+    architecture: str
+    mechanism: str
+    mapping: str
+    l0_target: int
+    d_sae: int
+    seed: int
+    init_args: dict
+
+    @property
+    def class_name(self) -> str:
+        return MECHANISMS[self.mechanism]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.mechanism not in WITH_K
+
+    def build(self, d_in: int, d_out: int):
+        """The untrained dictionary (seeded by DictionaryTraining from `seed`)."""
+        import dictlearn
+
+        return getattr(dictlearn, self.class_name)(d_in=d_in, d_out=d_out, **self.init_args)
+
+
+def plan(config: CompareConfig) -> list[Planned]:
+    """Every dictionary of the comparison, in a fixed order: seed, architecture, d_sae, L0 target."""
+    several_widths = len(config.d_sae) > 1
+    planned = []
+    for seed in config.seeds:
+        for architecture in config.architectures:
+            mechanism, mapping = parse_architecture(architecture)
+            for d_sae in config.d_sae:
+                for target in config.l0:
+                    args = {"d_sae": d_sae, **DICTIONARY_DEFAULTS[mechanism], **config.dictionary.get(mechanism, {})}
+                    if mapping != "sae":
+                        args |= {"transcoder": True, "b_dec_init": "mean", "skip_connection": mapping == "skip_transcoder"}
+                    if mechanism in WITH_K:
+                        args["k"] = target
+                    if mechanism == "batchtopk":  # its EMA threshold starts after a fifth of a short run
+                        args.setdefault("threshold_start_step", max(1, config.steps // 5))
+                    width = f"_d{d_sae}" if several_widths else ""
+                    name = f"{architecture}{width}_l0-{target}_s{seed}"
+                    planned.append(Planned(name, architecture, mechanism, mapping, target, d_sae, seed, args))
+    return planned

@@ -1,0 +1,371 @@
+"""`compare(config)`: harvest -> train (one sweep per seed) -> evaluate -> results -> report.
+
+Every stage leaves whole files or nothing (dictlearn.io), so a run stopped anywhere resumes from
+what is there:
+
+    DIR/activations.h5            harvested once; present means complete (written atomically)
+    DIR/train/seed<S>/            the sweep of seed S: Lightning logs, checkpoints, final.ckpt
+    DIR/exports/<name>/           written atomically after the sweep; never retrained
+    DIR/evaluations/<name>.json   one evaluate record each; never re-evaluated
+    DIR/results.jsonl, .csv, timings.json, figures/, report.md, report.html
+
+Why one sweep per seed rather than one for everything: a sweep's exports only exist once all its
+members finish, so splitting by seed gives a complete first frontier (every architecture and L0
+target at one seed) halfway through, and a stopped run never has more than one sweep in flight.
+Each sweep still reads every batch once for all its members.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dictlearn.compare.plan import CompareConfig, Planned, plan
+from dictlearn.compare.progress import Progress, TrainingProgress
+from dictlearn.compare.results import feature_density, results_line, write_results, write_timings
+from dictlearn.errors import ConfigError, DataError
+from dictlearn.io import atomic_write_text
+
+OWN_ENTRIES = {"compare.yaml", "activations.h5", "train", "exports", "evaluations", "results.jsonl", "results.csv",
+               "timings.json", "figures", "report.md", "report.html", "dashboards"}
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT outside training: stop between units of work. `code` is 128 + signal."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"stopped by signal; rerun the same command to resume (exit {code})")
+        self.code = code
+
+
+@dataclass
+class Source:
+    """The activation file and the datasets each mapping reads."""
+
+    path: Path
+    sae_keys: tuple[str, None]
+    transcoder_keys: tuple[str, str] | None
+    hooks: list[str] | None = None  # what to harvest (None: --data)
+
+    def keys(self, planned: Planned) -> tuple[str, str | None]:
+        return self.sae_keys if planned.mapping == "sae" else self.transcoder_keys
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+# ----------------------------------------------------------------------------- checks, before any write
+def check_source(config: CompareConfig, out: Path):
+    """-> (Source, the loaded language model or None); every bad input a one-line error, nothing written."""
+    if config.data is not None:
+        path = Path(config.data)
+        if not path.is_file():
+            raise DataError(f"--data {config.data}: no such file; pass an HDF5 activation file")
+        from dictlearn.data.h5 import H5Array
+
+        for flag, key in (("--input-key", config.input_key), ("--target-key", config.target_key)):
+            if key is not None:
+                try:
+                    H5Array(path, key)
+                except DataError as error:
+                    raise DataError(f"{flag} {key}: {error}") from None
+        target = (config.input_key, config.target_key) if config.target_key else None
+        return Source(path, (config.input_key, None), target), None
+    check_hooks, default_hooks = _harvesting().check_hooks, _harvesting().default_hooks
+    if config.corpus is not None and not Path(config.corpus).exists():
+        raise ConfigError(f"--corpus {config.corpus}: no such file or folder; pass a text file or a folder of them")
+    lm = _load_model(config.model)
+    hooks = default_hooks(lm.model, config.layer)
+    check_hooks(lm.model, hooks)
+    return Source(out / "activations.h5", (hooks[0], None), (hooks[1], hooks[2]), hooks), lm
+
+
+def _harvesting():
+    """The harvest library, imported when a comparison harvests (it loads the language model stack)."""
+    from dictlearn.harvest import activations
+
+    return activations
+
+
+def _load_model(name: str | None):
+    from transformers.utils import logging as hf_logging
+
+    from dictlearn.models.loading import load_model
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(name)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_out(config: CompareConfig) -> Path:
+    """The run folder may hold this comparison (resume) or nothing; anything else is an error."""
+    from dictlearn.cli.parsing import check_writable_folder
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; pass a folder for the run")
+    saved = out / "compare.yaml"
+    if saved.is_file():
+        previous = CompareConfig(**CompareConfig.from_yaml(saved)).identity()
+        differing = [k for k, v in config.identity().items() if previous.get(k) != v]
+        if differing:
+            raise ConfigError(f"--out {out} holds a different comparison ({', '.join(differing)} differ from its "
+                              f"compare.yaml); pass a new --out, or resume it with --config {saved}")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: folder is not empty and holds no compare.yaml; pass a new or empty folder")
+    check_writable_folder(out, "--out")
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+def compare(config: CompareConfig) -> Path:
+    """Run (or resume) the comparison; -> the run folder. Raises `Stopped` on a signal."""
+    config = config.resolved()
+    rank = _rank()
+    out = check_out(config)
+    source, lm = check_source(config, out)
+    planned = plan(config)
+    progress = Progress(len(planned), enabled=not config.quiet and rank == 0)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.yaml", config.to_yaml())
+    started = time.perf_counter()
+    with _signals_to_flag() as stop:
+        if source.hooks is not None and not source.path.is_file():
+            _harvest(config, lm, source, progress, stop)
+        lm = None
+        sweep_seconds: list[float] = []  # of the sweeps trained so far, for the time left
+        for i, seed in enumerate(config.seeds):
+            mean = sum(sweep_seconds) / len(sweep_seconds) if sweep_seconds else 0.0
+            progress.later = (len(config.seeds) - i - 1) * mean
+            begun = time.perf_counter()
+            if _train_group(config, source, [p for p in planned if p.seed == seed], f"seed{seed}", progress, stop):
+                sweep_seconds.append(time.perf_counter() - begun)
+        progress.later = 0.0
+        _leave_process_group()  # evaluation runs on rank 0 alone; its metrics must not try to sync
+        if rank != 0:
+            return out
+        records = _evaluate_all(config, source, planned, progress, stop)
+    write_results(out, records)
+    progress.stage("report", 1, unit="file")
+    write_timings(out, progress, time.perf_counter() - started, config)
+    _import_analysis().write_report(out, records, echo=not config.quiet)
+    progress.finish()
+    write_timings(out, progress, time.perf_counter() - started, config)
+    return out
+
+
+def _leave_process_group(barrier: bool = True) -> None:
+    """End DDP's process group (all ranks, after the last sweep), if there is one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _import_analysis():
+    """`analysis.report` (figures and the report), the last stage, imported when it is reached."""
+    from analysis import report
+
+    return report
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up lines (accelerator, tips) and checkpoint-loading warnings would break
+    the one progress display; real warnings still show."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*weights_only.*", ".*does not have many workers.*", ".*LeafSpec.*",
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*Experiment logs directory.*"):
+        warnings.filterwarnings("ignore", message)
+
+
+class _signals_to_flag:
+    """SIGTERM/SIGINT set a flag that the stages read between units of work (during training,
+    Lightning and RunGuard handle them: stop after the step, save a checkpoint)."""
+
+    def __enter__(self) -> threading.Event:
+        self.event, self.previous = threading.Event(), {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self.event
+
+    def _handler(self, signum, frame) -> None:
+        self.event.signum = signum
+        self.event.set()
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_stop(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise Stopped(128 + int(getattr(stop, "signum", signal.SIGTERM)))
+
+
+def _harvest(config: CompareConfig, lm, source: Source, progress: Progress, stop: threading.Event) -> None:
+    from dictlearn.models.tiny import DEFAULT_CONTEXT
+
+    harvesting = _harvesting()
+    context = config.context or min(DEFAULT_CONTEXT, harvesting.max_positions(lm.model) or DEFAULT_CONTEXT)
+    progress.stage("harvest", config.tokens)
+    rows_per_batch = harvesting.DEFAULT_BATCH_SIZE * (context - 1)  # BOS positions are dropped
+    batches = [0]
+
+    def should_stop() -> bool:  # asked before each batch: the harvest's progress tick
+        progress.update(min(config.tokens, batches[0] * rows_per_batch), tokens=batches[0] * rows_per_batch)
+        batches[0] += 1
+        return stop.is_set()
+
+    try:
+        harvesting.harvest(lm, source.hooks, source.path, config.tokens, context, corpus=config.corpus,
+                           device=config.device, progress=False, should_stop=should_stop)
+    except harvesting._Terminated:
+        raise Stopped(128 + int(getattr(stop, "signum", signal.SIGTERM))) from None
+
+
+# ----------------------------------------------------------------------------- training
+def _train_group(config: CompareConfig, source: Source, group: list[Planned], label: str, progress: Progress,
+                 stop: threading.Event) -> bool:
+    """Train (or resume) the sweep of one seed and export its members; -> whether it trained."""
+    out = Path(config.out)
+    folder = out / "train" / label
+    pending = [p for p in group if not (out / "exports" / p.name / "cfg.json").is_file()]
+    if not pending:
+        progress.done_dictionaries += len(group) if _rank() == 0 else 0
+        return False
+    _check_stop(stop)
+    final = folder / "final.ckpt"
+    trained = not final.is_file()
+    if trained:
+        _fit(config, source, group, folder, progress)
+    if _rank() == 0:
+        _export_from(final, pending, out, source)
+        progress.done_dictionaries += len(group)
+    return trained
+
+
+def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Path, progress: Progress) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dictlearn.callbacks import KeepFreedMemory, RunGuard
+    from dictlearn.data import ActivationDataModule
+    from dictlearn.data.h5 import H5Array
+    from dictlearn.training import DictionaryTraining, Member
+    from dictlearn.training.calibration import SparsityCalibration
+
+    _quiet_lightning()
+    steps = config.steps
+    members = {}
+    for p in group:
+        input_key, target_key = source.keys(p)
+        d_in = H5Array(source.path, input_key).d
+        d_out = d_in if target_key is None else H5Array(source.path, target_key).d
+        members[p.name] = Member(p.build(d_in, d_out), input_key, target_key, seed=p.seed)
+    module = DictionaryTraining(members)
+    data = ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size)
+    calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated},
+                                      **config.calibration)
+    guard = RunGuard()
+    every = max(1, steps // 10)
+    cuda = config.device.startswith("cuda")
+    trainer = L.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator="gpu" if cuda else "cpu", devices=config.devices,
+        strategy="ddp" if config.devices > 1 else "auto", precision="32-true", gradient_clip_val=1.0,
+        logger=CSVLogger(save_dir=str(folder.parent), name=folder.name, version=0),
+        callbacks=[guard, calibration, TrainingProgress(progress, config.batch_size * len(group)), KeepFreedMemory(),
+                   ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=every, save_top_k=0,
+                                   save_last=True)],
+        log_every_n_steps=max(1, min(50, steps // 20)), val_check_interval=max(1, steps // 4),
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(folder),
+    )  # fmt: skip
+    resume = _latest_checkpoint(folder / "checkpoints")
+    if resume is not None:
+        progress.note(f"{folder.name}: resuming from {resume.name}")
+    start = _checkpoint_step(resume) if resume is not None else 0
+    progress.stage(f"train {folder.name}", steps - start)
+    started = time.perf_counter()
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, data, ckpt_path=str(resume) if resume is not None else None)
+    except SIGTERMException:
+        raise Stopped(guard.exit_code) from None
+    finally:
+        _add_seconds(folder, time.perf_counter() - started)
+    if trainer.interrupted:
+        raise Stopped(guard.exit_code)
+    trainer.save_checkpoint(folder / "final.ckpt")  # atomic (RunGuard's checkpoint IO), all ranks join
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint with the most steps (last.ckpt or interrupted-step=N.ckpt), or None."""
+    found = [(p, _checkpoint_step(p)) for p in folder.glob("*.ckpt")] if folder.is_dir() else []
+    return max(found, key=lambda item: item[1])[0] if found else None
+
+
+def _checkpoint_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+def _add_seconds(folder: Path, seconds: float) -> None:
+    """The sweep's training wall time summed over the invocations that ran it."""
+    if _rank() != 0:
+        return
+    path = folder / "train_seconds.json"
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    atomic_write_text(path, json.dumps({"seconds": total + seconds}))
+
+
+def _export_from(checkpoint: Path, pending: list[Planned], out: Path, source: Source) -> None:
+    """Each pending member of a finished sweep's final checkpoint -> DIR/exports/<name> (atomic)."""
+    import torch
+
+    from dictlearn.export import export, load
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["dictlearn_members"]
+    for p in pending:
+        export(load(checkpoint, member=p.name), out / "exports" / p.name, saved[p.name].get("data", {}))
+
+
+# ----------------------------------------------------------------------------- evaluation and results
+def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned], progress: Progress,
+                  stop: threading.Event) -> list[dict]:
+    from dictlearn.downstream import DownstreamCache
+    from dictlearn.evaluate import EvaluateOptions, evaluate
+
+    out = Path(config.out)
+    options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream)
+    cache = DownstreamCache(config.device)
+    todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+    progress.stage("evaluate", max(1, len(todo)), unit="dict")
+    for i, p in enumerate(todo):
+        _check_stop(stop)
+        record = evaluate([out / "exports" / p.name], source.path, options=options, cache=cache)[0]
+        record["feature_density"] = feature_density(out / "exports" / p.name, source.path, record["input_key"],
+                                                    config.device)
+        atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record, default=str))
+        progress.update(i + 1)
+    return [results_line(config, p, out) for p in planned]
