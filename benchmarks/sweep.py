@@ -58,7 +58,7 @@ def fit(config: dict, data: Path, steps: int, folder: Path) -> float:
         sys.executable, "-m", "dictlearn.cli", "fit", "--config", str(path), "--data.path", str(data),
         "--data.input_key", "acts", "--data.batch_size", str(BATCH), "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(steps), "--trainer.log_every_n_steps", "50",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(folder / "runs"),
     ]  # fmt: skip
     start = time.perf_counter()
