@@ -39,3 +39,17 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def quiet_lightning(*messages: str) -> None:
+    """Silence Lightning's start-up notes (GPU/TPU availability, the seed, a logger tip, "max_steps
+    reached"), which mean nothing to a dictlearn user and break its progress display; its warnings
+    still show, except torch 2.13's pytree deprecation raised inside Lightning and the warning
+    `messages` (regular expressions) a caller names."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*LeafSpec.*", *messages):
+        warnings.filterwarnings("ignore", message=message)

@@ -9,7 +9,6 @@ misspelled flag, a missing checkpoint, an unwritable log folder or an empty run 
 from __future__ import annotations
 
 import difflib
-import logging
 import sys
 import time
 import inspect
@@ -28,6 +27,7 @@ from dictlearn.cli.recipes import BASE_RECIPE, resolve_config
 from dictlearn.data import ActivationDataModule
 from dictlearn.dictionaries import Dictionary
 from dictlearn.errors import ConfigError, DictLearnError
+from dictlearn.runtime import quiet_lightning
 from dictlearn.training import DictionaryTraining, Member
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     """`argv` = [subcommand, flags...] -> exit code."""
     argv = _resolve_configs(argv)
     _check_command_line(argv)
-    _quiet_lightning()
+    quiet_lightning()
     guard = RunGuard()
     parser_kwargs = {cmd: {"default_config_files": [str(BASE_RECIPE)]} for cmd in LIGHTNING_COMMANDS}
     parser_kwargs["fit"]["description"] = FIT_DESCRIPTION
@@ -237,15 +237,6 @@ def main(argv: list[str]) -> int:
     finally:
         _destroy_process_group()
     return 0
-
-
-def _quiet_lightning() -> None:
-    """Lightning's start-up notes (GPU/TPU availability, the seed, a logger tip, "max_steps
-    reached") mean nothing to a dictlearn user; its warnings still show, and so do dictlearn's own
-    progress bar and summary."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13's pytree deprecation, inside Lightning
 
 
 # ------------------------------------------------------------------- checks before Lightning starts
@@ -278,49 +269,52 @@ def _check_command_line(argv: list[str]) -> None:
     if any(flag in ("--help", "-h", "--print_config") or flag.endswith(".help") for flag, _ in flags):
         return
     values = dict(flags)
-    _check_flag_names(argv, flags)
+    configs = _configs(argv)
+    _check_flag_names(configs, flags)
     ckpt = values.get("--ckpt_path")
     if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
         raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint file; give the path of a .ckpt (e.g. <run>/checkpoints/last.ckpt)")
     if argv[0] == "fit":
-        steps = _config_value(argv, "trainer", "max_steps", values.get("--trainer.max_steps"))
-        epochs = _config_value(argv, "trainer", "max_epochs", values.get("--trainer.max_epochs"))
+        steps = _config_value(configs, "trainer", "max_steps", values.get("--trainer.max_steps"))
+        epochs = _config_value(configs, "trainer", "max_epochs", values.get("--trainer.max_epochs"))
         if steps is not None and int(steps) == 0:
             raise ConfigError("--trainer.max_steps 0 trains nothing (the export would hold the random start); give N > 0")
         if steps is not None and int(steps) < 0 and epochs in (None, -1, "-1"):
             raise ConfigError("--trainer.max_steps -1 with --trainer.max_epochs -1 would never stop; give one of them")
-        root = _config_value(argv, "trainer", "default_root_dir", values.get("--trainer.default_root_dir"))
+        root = _config_value(configs, "trainer", "default_root_dir", values.get("--trainer.default_root_dir"))
         check_writable_folder(root or ".", "--trainer.default_root_dir")
 
 
-def _config_files(argv: list[str]) -> list[Path]:
-    files = [BASE_RECIPE]
-    for flag, value in _flag_values(argv):
-        if flag == "--config" and value:
-            files.append(Path(value))
-    return files
+def _configs(argv: list[str]) -> list[dict]:
+    """The base recipe and every `--config` file of argv, parsed, in order; an unreadable file is
+    skipped (the parser reports it itself)."""
+    paths = [BASE_RECIPE, *(Path(value) for flag, value in _flag_values(argv) if flag == "--config" and value)]
+    configs = []
+    for path in paths:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        configs.append(loaded if isinstance(loaded, dict) else {})
+    return configs
 
 
-def _config_value(argv: list[str], section: str, key: str, flag_value: str | None):
+def _config_value(configs: list[dict], section: str, key: str, flag_value: str | None):
     """`section.key` as the command line sets it: the flag, else the last config file that has it."""
     if flag_value is not None:
         return flag_value
     value = None
-    for path in _config_files(argv):
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue  # the parser reports unreadable files itself
+    for loaded in configs:
         if isinstance(loaded.get(section), dict) and key in loaded[section]:
             value = loaded[section][key]
     return value
 
 
-def _check_flag_names(argv: list[str], flags: list[tuple[str, str | None]]) -> None:
+def _check_flag_names(configs: list[dict], flags: list[tuple[str, str | None]]) -> None:
     """`--model.NAME`, `--data.NAME`, `--trainer.NAME` must name a constructor argument."""
     from lightning.pytorch import Trainer
 
-    model = _model_class(argv, flags)
+    model = _model_class(configs, flags)
     known = {
         "--data.": _parameters(ActivationDataModule),
         "--trainer.": _parameters(Trainer),
@@ -337,18 +331,14 @@ def _check_flag_names(argv: list[str], flags: list[tuple[str, str | None]]) -> N
                 raise ConfigError(f"unknown flag {flag}{hint}")
 
 
-def _model_class(argv: list[str], flags) -> type | None:
+def _model_class(configs: list[dict], flags) -> type | None:
     """The dictionary class the command line picks: `--model X`, else the configs' `model.class_path`."""
     import importlib
 
     import dictlearn
 
     path = None
-    for config in _config_files(argv):
-        try:
-            loaded = yaml.safe_load(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue
+    for loaded in configs:
         if isinstance(loaded.get("model"), dict) and loaded["model"].get("class_path"):
             path = loaded["model"]["class_path"]
     for flag, value in flags:

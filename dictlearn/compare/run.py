@@ -30,6 +30,7 @@ from dictlearn.compare.progress import Progress, TrainingProgress
 from dictlearn.compare.results import feature_density, results_line, write_results, write_timings
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.io import atomic_write_text
+from dictlearn.runtime import quiet_lightning
 
 OWN_ENTRIES = {"compare.yaml", "activations.h5", "train", "exports", "evaluations", "results.jsonl", "results.csv",
                "timings.json", "figures", "report.md", "report.html", "dashboards"}
@@ -182,17 +183,9 @@ def _import_analysis():
     return report
 
 
-def _quiet_lightning() -> None:
-    """Lightning's start-up lines (accelerator, tips) and checkpoint-loading warnings would break
-    the one progress display; real warnings still show."""
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (".*weights_only.*", ".*does not have many workers.*", ".*LeafSpec.*",
-                    ".*Checkpoint directory .* exists and is not empty.*", ".*Experiment logs directory.*"):
-        warnings.filterwarnings("ignore", message)
+# Warnings a comparison's own checkpoint loading and log folders raise on every resume.
+_RESUME_WARNINGS = (".*weights_only.*", ".*does not have many workers.*",
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*Experiment logs directory.*")
 
 
 class _signals_to_flag:
@@ -273,7 +266,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     from dictlearn.training import DictionaryTraining, Member
     from dictlearn.training.calibration import SparsityCalibration
 
-    _quiet_lightning()
+    quiet_lightning(*_RESUME_WARNINGS)
     steps = config.steps
     members = {}
     for p in group:
