@@ -21,7 +21,7 @@ COMMANDS = {
     "synth": "dictlearn.cli.synth",
     "export": "dictlearn.cli.export",
     "harvest": "dictlearn.harvest.cli",
-    "evaluate": "dictlearn.evaluate",
+    "evaluate": "dictlearn.cli.evaluate",
     "compare": "dictlearn.cli.compare",
 }
 

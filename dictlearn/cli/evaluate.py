@@ -1,0 +1,69 @@
+"""`dictlearn evaluate EXPORT... --data FILE.h5 [--model M] [--out results.jsonl]`: the command line
+of `dictlearn.evaluate.evaluate`; every flag is the `EvaluateOptions` field of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dictlearn.cli.parsing import OneLineParser, check_writable_file
+from dictlearn.errors import ConfigError, DataError
+from dictlearn.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXTS, EvaluateOptions, evaluate
+from dictlearn.io import atomic_write_text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="dictlearn evaluate", description="Export(s) + HDF5 (+ model) -> one JSON line per export.")
+    p.add_argument("exports", nargs="+", metavar="EXPORT", help="export folders (or dictlearn checkpoints)")
+    p.add_argument("--data", required=True, help="HDF5 activation file; metrics use its held-out tail rows")
+    p.add_argument("--model", default=None,
+                   help="model for downstream metrics (name or folder; default: the export's, else the file's)")
+    p.add_argument("--out", default=None, help="write the JSON lines here (atomically) instead of stdout")
+    p.add_argument("--contexts", type=_positive, default=DEFAULT_CONTEXTS, help="held-out corpus windows to splice")
+    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
+    p.add_argument("--context", type=_positive, default=None,
+                   help="window length (default: the export's context_size, else the file's)")
+    p.add_argument("--corpus", default=None,
+                   help="text file or folder (default: the corpus the file was harvested from)")
+    p.add_argument("--input-key", default=None, help="input dataset (default: the export's)")
+    p.add_argument("--target-key", default=None, help="transcoder target dataset (default: the export's)")
+    p.add_argument("--val-rows", type=int, default=None, help="held-out tail rows, as --data.val_rows in training")
+    p.add_argument("--block-size", type=_positive, default=512, help="as --data.block_size in training")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    options = EvaluateOptions(
+        model=args.model, corpus=args.corpus, input_key=args.input_key, target_key=args.target_key,
+        contexts=args.contexts, batch_size=args.batch_size, context=args.context, val_rows=args.val_rows,
+        block_size=args.block_size, device=args.device,
+    )  # fmt: skip
+    if not Path(args.data).is_file():
+        raise DataError(f"--data {args.data}: no such file; pass an HDF5 activation file")
+    if args.out is not None:  # before any work: a folder in the way, or no permission
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out}: is a folder; pass a file path such as "
+                              f"{Path(args.out) / 'results.jsonl'}")
+        check_writable_file(args.out, "--out")
+    records = evaluate(args.exports, args.data, options=options)
+    text = "".join(json.dumps(record, default=str) + "\n" for record in records)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(args.out, text)
+        print(f"dictlearn: {len(records)} result line(s) written to {args.out}")
+    return 0
