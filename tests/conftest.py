@@ -42,6 +42,15 @@ def small_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def small_tc_file(tmp_path_factory):
+    """A small transcoder file: d_in 16 -> d_out 12 (key 'target'), with a dense linear part so a
+    skip connection has something to learn."""
+    path = tmp_path_factory.mktemp("small_tc") / "tc.h5"
+    write_synth_file(path, n_rows=8192, d=16, n_features=32, mean_active=3.0, seed=1, d_out=12, dense_linear=1.0)
+    return str(path)
+
+
 def fit_recipe(recipe: str, data_path: str, root: Path, *flags: str, steps: int = 20) -> tuple[dict, Path]:
     """`dictlearn fit --config recipes/<recipe>.yaml` on `data_path` (key 'acts', 256 tokens per
     step) for `steps` steps, logging under `root`; later `flags` override these.
@@ -146,7 +155,7 @@ def transcoder_recovery_files(tmp_path_factory):
     Why not the SAE setting's 256 features: x = F c loses what c holds in the null space of F
     (256 codes in 64 dimensions), which costs an SAE nothing but a transcoder everything, since
     y = G c needs those parts too; at 4x overcompleteness every mechanism's transcoder stops near
-    FVU 0.11-0.16 with MMCS 0.99 (tests/test_transcoder_recovery.py has the numbers)."""
+    FVU 0.11-0.16 with MMCS 0.99 (benchmarks/RESULTS.md, "Feature recovery: JumpReLU and transcoders", has the numbers)."""
     folder = tmp_path_factory.mktemp("transcoder_recovery")
     paths = {}
     for magnitude in ("exponential", "uniform"):

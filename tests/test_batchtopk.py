@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import assert_same_state, crash_and_resume, fit_recipe, quiet_trainer
+from saelens_reference import sae_lens_forward
+from conftest import assert_same_state, crash_and_resume, quiet_trainer
 from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, load
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
@@ -144,17 +145,6 @@ def test_inference_l0_on_held_out_data_is_near_k(trained):
     assert abs(l0 - K) <= 0.2 * K
 
 
-def _sae_lens_jumprelu(folder, x: torch.Tensor):
-    """The export read as SAELens' JumpReLUSAE would, from its cfg and tensors only."""
-    cfg = json.loads((folder / "cfg.json").read_text())
-    w = load_file(str(folder / "sae_weights.safetensors"))
-    assert cfg["architecture"] == "jumprelu"
-    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
-    pre = x_in @ w["W_enc"] + w["b_enc"]
-    z = pre.relu() * (pre > w["threshold"])
-    return z, z @ w["W_dec"] + w["b_dec"]
-
-
 def test_export_is_a_jumprelu_with_a_constant_threshold(trained):
     model, dm, _, _, x, folder = trained
     out = export(model, folder / "export", dm.provenance())
@@ -172,20 +162,9 @@ def test_export_is_a_jumprelu_with_a_constant_threshold(trained):
         for other in (load(out), load(folder / "ckpt" / "last.ckpt")):
             torch.testing.assert_close(other.encode(x), z, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(other(x), y, rtol=1e-4, atol=1e-4)
-        z_ref, y_ref = _sae_lens_jumprelu(out, x)
+        z_ref, y_ref = sae_lens_forward(out, x)
     torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
-
-
-# ------------------------------------------------------------------ recipe through the CLI
-def test_recipe_runs_through_the_cli(small_file, tmp_path):
-    cfg, folder = fit_recipe("batchtopk", small_file, tmp_path / "runs", "--trainer.val_check_interval", "10",
-                             "--model.d_sae", "64", "--model.k", "4")
-    assert cfg["architecture"] == "jumprelu"
-    assert cfg["metadata"]["dictlearn"]["class_path"] == "dictlearn.dictionaries.batchtopk.BatchTopKSAE"
-    assert cfg["metadata"]["dictlearn"]["hyper_parameters"]["k"] == 4
-    threshold = load_file(str(folder / "sae_weights.safetensors"))["threshold"]
-    assert (threshold > 0).all()
 
 
 # ------------------------------------------------------------------ exact resume

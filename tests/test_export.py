@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 
+from saelens_reference import sae_lens_forward
 from conftest import quiet_trainer
 from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
@@ -38,23 +39,6 @@ def _train(kind: str, small_file: str, tmp_path):
     return model.eval(), dm, x
 
 
-def _sae_lens_forward(folder, x: torch.Tensor):
-    """The export read as SAELens would, written from its cfg and tensors only (no dictlearn code)."""
-    cfg = json.loads((folder / "cfg.json").read_text())
-    w = load_file(str(folder / "sae_weights.safetensors"))
-    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
-    pre = x_in @ w["W_enc"] + w["b_enc"]
-    if cfg["architecture"] == "topk":
-        values, indices = pre.topk(cfg["k"], dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    else:
-        z = pre.relu()
-    y = z @ w["W_dec"] + w["b_dec"]
-    if "W_skip" in w:
-        y = y + x @ w["W_skip"].T
-    return z, y
-
-
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_export_and_checkpoint_load_to_the_same_raw_unit_dictionary(kind, small_file, tmp_path):
     model, dm, x = _train(kind, small_file, tmp_path)
@@ -66,7 +50,7 @@ def test_export_and_checkpoint_load_to_the_same_raw_unit_dictionary(kind, small_
         for other in (from_export, from_ckpt):
             torch.testing.assert_close(other.encode(x), z, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(other(x), y, rtol=1e-4, atol=1e-4)
-        z_ref, y_ref = _sae_lens_forward(folder, x)
+        z_ref, y_ref = sae_lens_forward(folder, x)
     torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
     # Reported latents are in folded units: each row of the exported decoder has unit norm.

@@ -3,7 +3,6 @@ aux term, the SAELens `gated` export, the recipe through the CLI, exact resume."
 
 from __future__ import annotations
 
-import json
 
 import lightning as L
 import pytest
@@ -11,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import assert_same_state, crash_and_resume, fit_recipe, quiet_trainer
+from saelens_reference import sae_lens_forward
+from conftest import assert_same_state, crash_and_resume, quiet_trainer
 from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, load
 from dictlearn.dictionaries.gated import GatedSAE
@@ -216,18 +216,6 @@ def test_l1_warms_up_with_the_sparsity_schedule(monkeypatch):
 
 
 # ------------------------------------------------------------------ export
-def _sae_lens_gated(folder, x: torch.Tensor):
-    """The export read as SAELens' GatedSAE does, from cfg.json and the tensors only."""
-    cfg = json.loads((folder / "cfg.json").read_text())
-    w = load_file(str(folder / "sae_weights.safetensors"))
-    assert cfg["architecture"] == "gated"
-    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
-    active = (sae_in @ w["W_enc"] + w["b_gate"] > 0).float()
-    magnitudes = (sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]).relu()
-    z = active * magnitudes
-    return z, z @ w["W_dec"] + w["b_dec"]
-
-
 @pytest.mark.parametrize("decoder_constraint", ["unit_norm", "norm_weighted_l1"])
 def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, tmp_path):
     L.seed_everything(0)
@@ -255,20 +243,9 @@ def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, 
             assert isinstance(other, GatedSAE)
             torch.testing.assert_close(other.encode(x), z, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(other(x), y, rtol=1e-4, atol=1e-4)
-        z_ref, y_ref = _sae_lens_gated(folder, x)
+        z_ref, y_ref = sae_lens_forward(folder, x)
     torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
-
-
-# ------------------------------------------------------------------ recipe through the CLI
-def test_recipe_runs_through_the_cli(small_file, tmp_path):
-    cfg, folder = fit_recipe("gated", small_file, tmp_path / "runs", "--trainer.val_check_interval", "10",
-                             "--model.d_sae", "64", "--model.l1_coefficient", "0.3")
-    assert cfg["architecture"] == "gated"
-    assert cfg["metadata"]["dictlearn"]["class_path"] == "dictlearn.dictionaries.gated.GatedSAE"
-    assert cfg["metadata"]["dictlearn"]["hyper_parameters"]["l1_coefficient"] == 0.3
-    weights = load_file(str(folder / "sae_weights.safetensors"))
-    assert set(weights) == {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 
 
 # ------------------------------------------------------------------ exact resume

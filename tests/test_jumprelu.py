@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import fit_recipe, quiet_trainer
+from conftest import quiet_trainer
+from saelens_reference import sae_lens_forward
 from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule, load
 from dictlearn.callbacks import RunGuard
@@ -184,11 +185,8 @@ def test_export_round_trip_uses_the_folded_threshold(small_file, tmp_path):
     torch.testing.assert_close(w["threshold"], model.threshold.detach() * ls)
     torch.testing.assert_close(w["W_dec"].norm(dim=-1), torch.ones(48))
 
-    # As SAELens reads it: cfg.json + safetensors only (JumpReLUSAE.encode: ReLU, then π > θ).
-    x_in = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
-    pre = x_in @ w["W_enc"] + w["b_enc"]
-    z_ref = pre.relu() * (pre > w["threshold"])
-    y_ref = z_ref @ w["W_dec"] + w["b_dec"]
+    z_ref, y_ref = sae_lens_forward(folder, x)  # as SAELens reads it: ReLU, then π > θ
+    pre = x @ w["W_enc"] + w["b_enc"]
     gated = ((pre > 0) & (pre <= w["threshold"])).sum().item()
     assert gated > 0, "no latent was held back by its threshold: the test would not see a wrong θ"
 
@@ -231,16 +229,3 @@ def test_resume_is_bit_identical(small_file, tmp_path):
     resumed = _fit_resumable(small_file, tmp_path / "crashed", ckpt_path=str(tmp_path / "crashed" / "epoch=0-step=14.ckpt"))
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after resume"
-
-
-# ------------------------------------------------------------------ CLI recipe
-def test_recipe_runs_through_the_cli_and_exports(small_file, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg, folder = fit_recipe("jumprelu", small_file, tmp_path / "run", "--model.d_sae", "64",
-                             "--model.bandwidth", "0.1", "--model.l0_coefficient", "0.5")
-    assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64
-    hparams = cfg["metadata"]["dictlearn"]["hyper_parameters"]
-    assert (hparams["bandwidth"], hparams["l0_coefficient"]) == (0.1, 0.5)
-    assert load_file(str(folder / "sae_weights.safetensors"))["threshold"].shape == (64,)
-    model = load(folder)
-    assert isinstance(model, JumpReLUSAE) and model.bandwidth == 0.1
