@@ -189,3 +189,14 @@ def test_resumed_sweep_is_bit_identical(small_file, tmp_path):
     for name in ("relu", "jump"):
         for (key, a), b in zip(whole.members[name].state_dict().items(), resumed.members[name].state_dict().values()):
             assert torch.equal(a, b), (name, key)
+
+
+def test_a_sweep_with_nothing_to_calibrate_trains(small_file):
+    """Every member has a k (e.g. `dictlearn compare --architectures topk,topk_transcoder`): the
+    callback has no target and must leave the run alone."""
+    from conftest import quiet_trainer
+
+    module = DictionaryTraining({"topk": Member(TopKSAE(d_in=16, d_sae=32, k=4), "acts")})
+    calibration = SparsityCalibration({})
+    quiet_trainer(max_steps=5, callbacks=[calibration]).fit(module, ActivationDataModule(small_file, batch_size=256))
+    assert calibration.coefficients() == {} and module.global_step == 5

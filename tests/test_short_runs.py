@@ -110,3 +110,15 @@ def test_auxk_lowers_the_dead_fraction_of_a_short_topk_run(independent_file):
     assert (fixed_window, window) == (DEAD_WINDOW_TOKENS, 30_720)
     assert fixed >= 0.2, fixed  # the forced-dead quarter (nearly all of it) stays dead without AuxK
     assert follows < fixed - 0.1, (follows, fixed)
+
+
+def test_a_resumed_run_with_a_scaled_encoder_is_bit_identical(small_file, tmp_path):
+    """The scaled encoder comes back from the checkpoint, not from a second data init."""
+    from conftest import assert_same_state, crash_and_resume
+
+    def make():
+        return TopKSAE(d_in=16, d_sae=48, k=8, lr=3e-3, init_scale_from_data=True)
+
+    reference, resumed, _ = crash_and_resume(make, small_file, tmp_path, steps=20, checkpoint_every=7,
+                                             crash_at=15, resume_step=14)
+    assert_same_state(reference, resumed)

@@ -138,10 +138,8 @@ class GatedSAE(Dictionary):
         shift, W, _ = super().encoder_affine()
         return shift, W, None  # pre_acts has no bias here: each path adds its own
 
-    @torch.no_grad()
-    def scale_encoder(self, scale: float) -> None:
-        super().scale_encoder(scale)  # W_gate and b_gate; W_mag = exp(r_mag) W_gate follows
-        self.b_mag.mul_(scale)
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [*super().encoder_parameters(), self.b_mag]  # W_gate, b_gate; W_mag = exp(r_mag) W_gate follows
 
     @torch.no_grad()
     def initialise_from_data(self, datamodule) -> None:

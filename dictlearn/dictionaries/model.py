@@ -122,9 +122,9 @@ class Dictionary(nn.Module):
             dead_window_tokens: a latent that has not fired for this many tokens is dead. None:
                 10M tokens (Gao et al. 2024), or a tenth of the run when the run is shorter than
                 100M tokens (`dead_window_for`), set when training starts.
-            init_scale_from_data: at the data-dependent initialisation, scale the encoder so the
-                first reconstructions have about the target's norm (see `scale_to_data`). Off by
-                default: it rescues short runs (`dictlearn compare` turns it on) but lowered
+            init_scale_from_data: at the data-dependent initialisation, scale the encoder by s so
+                the first reconstructions have about the target's norm (see `scale_to_data`). Off
+                by default: it rescues short runs (`dictlearn compare` turns it on) but lowered
                 long-run feature recovery (BatchTopK MMCS 0.92 -> 0.85, benchmarks/RESULTS.md).
             init_sample_rows: rows sampled from the data for b_dec initialisation.
             sparse_path: "auto" (decode and encoder backward over the active latents only when
@@ -454,10 +454,17 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def scale_encoder(self, scale: float) -> None:
-        """Multiply every pre-activation by `scale` > 0: W_enc, b_enc (and a mechanism's
-        thresholds and extra biases, which override this) by `scale`."""
-        self.W_enc.mul_(scale)
-        self.b_enc.mul_(scale)
+        """Multiply every pre-activation by `scale` > 0: each of `encoder_parameters()` by
+        `scale` (a mechanism's thresholds, which override this, follow)."""
+        for parameter in self.encoder_parameters():
+            parameter.mul_(scale)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters that `scale_encoder` multiplies: W_enc, b_enc (and a mechanism's extra
+        encoder biases). Adam moves each by about lr per step whatever its size, so after a scale
+        s < 1 they move 1/s times faster relative to their size (benchmarks/RESULTS.md, session
+        of 2026-12-02: the cause of the scaling's cost to feature recovery)."""
+        return [self.W_enc, self.b_enc]
 
     @property
     def device(self) -> torch.device:

@@ -122,8 +122,8 @@ class SparsityCalibration(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # global_step already counts the step just taken
         total = _total_steps(trainer)
-        if not self.start_fraction * total < trainer.global_step <= self.control_fraction * total:
-            return
+        if not self.targets or not self.start_fraction * total < trainer.global_step <= self.control_fraction * total:
+            return  # nothing to calibrate (every member has a k), or outside the control window
         names = list(self.targets)
         l0 = torch.stack([pl_module.last_step_l0[name].detach().float().reshape(()) for name in names])
         if trainer.world_size > 1:
