@@ -28,7 +28,7 @@ PARETO_STYLE = dict(linestyle="none", marker="o", markersize=12, markerfacecolor
 class MetricSpec:
     """One panel: the metric key, its axis label (with units), which way is better (None: no
     Pareto marking), and display options. `percent` shows a fraction as %; `reference` draws a
-    dashed horizontal line (e.g. 1 for l2_ratio)."""
+    dashed horizontal line (e.g. 1 for l2_ratio), named in the legend by `reference_label`."""
 
     metric: str
     label: str
@@ -36,6 +36,7 @@ class MetricSpec:
     log_y: bool = False
     percent: bool = False
     reference: float | None = None
+    reference_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def draw_metric_axis(ax, lines: list[dict], spec: MetricSpec) -> dict[Series, li
         best = pareto(everything, higher_is_better=spec.better == "higher")
         ax.plot([p.l0 for p in best], [p.y for p in best], label="Pareto-optimal", gid="pareto", **PARETO_STYLE)
     if spec.reference is not None:
-        ax.axhline(spec.reference, color="0.35", linestyle="--", linewidth=0.9, zorder=1, gid="reference")
+        ax.axhline(spec.reference, color="0.35", linestyle="--", linewidth=0.9, zorder=1, gid="reference",
+                   label=spec.reference_label)
     if everything:
         l0_axis(ax, [p.l0_min for p in everything] + [p.l0_max for p in everything])
     if spec.log_y:

@@ -57,6 +57,13 @@ class Code:
     summary: str  # the HTML shows it folded under this line
 
 
+@dataclass(frozen=True)
+class Links:
+    """A list of links to files beside the report (e.g. the dashboards): (text, relative path)."""
+
+    items: tuple[tuple[str, str], ...]
+
+
 def markdown(blocks: list, base: Path) -> str:
     """Markdown; image links are relative to `base` (the report's folder)."""
     out = []
@@ -78,6 +85,8 @@ def markdown(blocks: list, base: Path) -> str:
             out.append("Markers: " + ", ".join(f"{GLYPHS.get(m, '●')} {a}" for a, _, m in block.items))
         elif isinstance(block, Code):
             out.append(f"{block.summary}\n\n```\n{block.text.rstrip()}\n```")
+        elif isinstance(block, Links):
+            out.append("\n".join(f"- [{text}]({href})" for text, href in block.items))
     return "\n\n".join(out) + "\n"
 
 
@@ -167,6 +176,9 @@ def html_page(blocks: list, title: str) -> str:
         elif isinstance(block, Code):
             body.append(f"<details><summary>{inline_html(block.summary)}</summary>"
                         f"<pre>{html.escape(block.text)}</pre></details>")
+        elif isinstance(block, Links):
+            body.append("<ul>" + "".join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>'
+                                         for text, href in block.items) + "</ul>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>\n'
             f"<body>\n" + "\n".join(body) + "\n</body></html>\n")

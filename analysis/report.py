@@ -11,16 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-from analysis import curves, density, frontier, recovery, shrinkage, sparsity
+from analysis import curves, density, frontier, probing, recovery, shrinkage, sparsity, splitting
 from analysis.cli import draw_groups, print_notes
-from analysis.render import Bullets, Code, Heading, Image, Legend, Paragraph, Table, html_page, markdown
+from analysis.render import Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page, markdown
 from analysis.results import from_records, group_by_site, load_results, series_label, value
 from analysis.style import Drawn, architecture_style, series_order
 from analysis.summary import L0_SHOWN, frontier_table, summarise
 from dictlearn.io import atomic_write_text
 
 #: every figure family, in report order; each has draw(lines, out_dir, notes, site) -> [Drawn]
-FAMILIES = (frontier, sparsity, shrinkage, recovery, density, curves)
+FAMILIES = (frontier, sparsity, shrinkage, recovery, probing, density, curves, splitting)
 
 #: (key, column title, format); a column shows only when some line has the key
 COLUMNS = (
@@ -28,7 +28,9 @@ COLUMNS = (
     ("fvu", "FVU", ".4f"), ("cos_sim", "cos sim", ".4f"), ("l2_ratio", "L2 ratio", ".3f"),
     ("rel_reconstruction_bias", "γ", ".3f"), ("dead_fraction", "dead", "%"), ("dense_fraction", "dense", "%"),
     ("ce_loss_recovered", "CE recovered", ".4f"), ("kl_div", "KL", ".4f"), ("delta_ce", "ΔCE", ".4f"),
-    ("mmcs", "MMCS", ".3f"), ("train_seconds", "train s", ".0f"),
+    ("jacobian_cos", "Jacobian cos", ".3f"),
+    ("mmcs", "MMCS", ".3f"), ("probe_auc_k1", "probe AUC k=1", ".3f"), ("probe_auc_k16", "probe AUC k=16", ".3f"),
+    ("concept_coverage", "concept coverage", "%"), ("train_seconds", "train s", ".0f"),
 )
 
 
@@ -58,7 +60,7 @@ def _write(lines: list[dict], out_dir: Path, echo: bool) -> Path:
         notes.append(f"the results hold {len(sites)} (model, hook) sites: "
                      + "; ".join(f"{model}, {hook}" for model, hook in sites) + "; each is drawn and summarised apart")
     drawn = draw_all(lines, out_dir / "figures", notes)
-    blocks = report_blocks(lines, drawn, notes)
+    blocks = report_blocks(lines, drawn, notes) + dashboard_blocks(out_dir)
     if echo:
         print_notes(notes)
     title = "dictlearn comparison: " + ", ".join(sorted({str(line["_run"]) for line in lines}))
@@ -89,6 +91,18 @@ def report_blocks(lines: list[dict], drawn: list[Drawn], notes: list[str]) -> li
     return blocks
 
 
+def dashboard_blocks(out_dir: Path) -> list:
+    """Links to the feature dashboards `dictlearn compare` wrote into `out_dir/dashboards/`."""
+    pages = sorted((out_dir / "dashboards").glob("*.html"), key=lambda p: series_order((p.stem, "")))
+    if not pages:
+        return []
+    return [Heading(2, "Feature dashboards"),
+            Paragraph("One `dictlearn inspect` page per architecture (its middle L0 target, first seed): every alive "
+                      "latent's density and maximum, and cards with top and interval contexts, histogram, logit lens "
+                      "and nearest latents."),
+            Links(tuple((p.stem, f"dashboards/{p.name}") for p in pages))]
+
+
 FIGURE_KEY = ("In the figures against L0, a marker is the mean over seeds and its bars span the seeds' range "
               "(min to max) in both L0 and the metric; black rings mark the Pareto-optimal settings over all "
               "architectures. The L0 axis is logarithmic, as SAEBench draws it (Karvonen et al. 2025).")
@@ -101,7 +115,7 @@ def summary_blocks(lines: list[dict]) -> list:
         blocks += [Paragraph("At each L0 target, the best seed mean against the runner-up; **separable** when their "
                              "seed ranges (min–max) do not overlap. An L0 in brackets: the measured L0, more than "
                              f"{L0_SHOWN:.0%} off the target."), Table(tuple(header), tuple(map(tuple, rows)))]
-    return blocks
+    return blocks + probing.summary_blocks(lines)
 
 
 def table_blocks(lines: list[dict]) -> list:

@@ -15,6 +15,7 @@ _PUBLIC = {
     "DictionaryTraining": "dictlearn.training",
     "GatedSAE": "dictlearn.dictionaries",
     "JumpReLUSAE": "dictlearn.dictionaries",
+    "MatryoshkaBatchTopKSAE": "dictlearn.dictionaries",
     "Member": "dictlearn.training",
     "ReLUL1SAE": "dictlearn.dictionaries",
     "TopKSAE": "dictlearn.dictionaries",

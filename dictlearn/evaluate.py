@@ -12,7 +12,11 @@ For each export (or dictlearn checkpoint, or an `Entry`: a loaded dictionary and
 - `mmcs` when the file holds the true features (`dictlearn synth`);
 - downstream metrics (`dictlearn.downstream`) when a model is known (`model`, else the export's
   `metadata.model_name`, else the file's `model_name`): the dictionary spliced into the model on
-  held-out corpus windows. Without a model they are null, with a note on stderr.
+  held-out corpus windows. Without a model they are null, with a note on stderr;
+- probe and concept-coverage keys (`dictlearn.interpret.record`) when the file carries concept
+  labels (`dictlearn harvest` on a Python corpus): sparse probes on the dictionary's top latents
+  against a linear probe on the activation (computed once per file and input, `ProbeCache`),
+  and each concept's best latent by F1. Without labels they are null, with a note on stderr.
 Every key of a record, with its formula, is in docs/evaluate.md.
 """
 
@@ -34,16 +38,21 @@ from dictlearn.dictionaries.model import Dictionary
 from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, prepare
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.export import export_config, load, read_config
-from dictlearn.metrics import RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs
+from dictlearn.metrics import (
+    INTERPRETATION_NAMES, RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs,
+)  # fmt: skip
 from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
+from dictlearn.metrics.jacobian import FAITHFULNESS_KEYS, jacobian_cosines, sample_rows
 
-METRIC_KEYS = RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + DOWNSTREAM_KEYS
+METRIC_KEYS = (RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + DOWNSTREAM_KEYS + FAITHFULNESS_KEYS
+               + INTERPRETATION_NAMES)
+INTERPRETATION_DETAIL_KEYS = ("probes", "concepts", "interpret")  # per concept and k; rows used
 CONFIG_KEYS = (
     "export", "architecture", "class_path", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out",
     "model_name", "hyper_parameters", "data", "input_key", "target_key", "n_rows",
     "model", "corpus", "context_size", "n_contexts", "n_tokens",
 )  # fmt: skip
-RECORD_KEYS = CONFIG_KEYS + METRIC_KEYS
+RECORD_KEYS = CONFIG_KEYS + METRIC_KEYS + INTERPRETATION_DETAIL_KEYS
 ROWS_PER_READ = 8192
 DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE = 64, 8
 
@@ -56,7 +65,8 @@ class EvaluateOptions:
     else the file's). input_key/target_key: the datasets (None: the export's). contexts: held-out
     corpus windows to splice, batch_size of them per forward pass. val_rows/block_size: the
     held-out split, as `--data.val_rows`/`--data.block_size` in training. device "auto": cuda if
-    available. downstream=False skips the spliced runs (their keys are null).
+    available. downstream=False skips the spliced runs (their keys are null); interpret=False
+    skips the probes and concept coverage (theirs are null).
     """
 
     model: str | None = None
@@ -70,6 +80,7 @@ class EvaluateOptions:
     block_size: int = 512
     device: str = "auto"
     downstream: bool = True
+    interpret: bool = True
 
     def __post_init__(self) -> None:
         for name in ("contexts", "batch_size", "context", "block_size"):
@@ -287,7 +298,28 @@ def run_downstream(
                      context=options.context or entry.meta.get("context_size"), cache=cache)
     inputs.check_widths(entry.dictionary.d_in, entry.dictionary.d_out, entry.name)
     metrics, n_tokens = inputs.run(entry.dictionary)
+    if entry.dictionary.transcoder:
+        metrics["jacobian_cos"] = transcoder_jacobian_cos(lm.model, site, entry.dictionary, data)
     return Downstream(metrics, lm.name, corpus_name(inputs.corpus), inputs.context, inputs.n_contexts, n_tokens)
+
+
+def transcoder_jacobian_cos(model: torch.nn.Module, site: SpliceSite, dictionary: Dictionary,
+                            data: HeldOutData) -> float | None:
+    """jacobian_cos (dictlearn/metrics/jacobian.py) against the module the transcoder replaces, on
+    evenly spaced held-out input rows; None (with a note) when the transcoder does not read that
+    module's own input (e.g. the residual stream before the LayerNorm), so no module is its map."""
+    from dictlearn.models.hooks import HookPoint, resolve_module
+
+    write = HookPoint.parse(site.write)
+    if site.read is None or HookPoint.parse(site.read) != HookPoint(write.module, "input"):
+        print(f"dictlearn: note: transcoder reads {site.read!r}, not {write.module}:input; jacobian_cos skipped",
+              file=sys.stderr)
+        return None
+    first, n_rows = data.split.heldout
+    rows = (first + sample_rows(n_rows - first)).tolist()
+    device = next(model.parameters()).device
+    x = data.inputs.read_slices([(r, r + 1) for r in rows]).to(device)
+    return float(jacobian_cosines(dictionary, resolve_module(model, write.module), x).mean())
 
 
 # ----------------------------------------------------------------------------- records
@@ -297,23 +329,31 @@ def evaluate(
     *,
     options: EvaluateOptions | None = None,
     cache: DownstreamCache | None = None,
+    probes=None,
 ) -> list[dict]:
     """One record (keys `RECORD_KEYS`, JSON-able) per export folder, checkpoint or `Entry`.
 
     Language models and token windows are loaded once per call (pass a `DownstreamCache` to share
-    them across calls). Dictionaries are moved to the options' device and run in eval mode
-    without gradients; an `Entry`'s dictionary gets its train/eval mode back afterwards.
+    them across calls); so are the probe rows and linear baselines (pass a
+    `dictlearn.interpret.record.ProbeCache` as `probes` to share them). Dictionaries are moved to
+    the options' device and run in eval mode without gradients; an `Entry`'s dictionary gets its
+    train/eval mode back afterwards.
     """
     options = (options or EvaluateOptions()).resolved()
     data = str(data)
     if not Path(data).is_file():
         raise DataError(f"--data {data}: no such file; pass an HDF5 activation file")
     cache = cache or DownstreamCache(options.device)
+    if options.interpret and probes is None:
+        from dictlearn.interpret.record import ProbeCache
+
+        probes = ProbeCache()
     with torch.no_grad():
-        return [_evaluate_one(e if isinstance(e, Entry) else Entry.from_path(e), data, options, cache) for e in exports]
+        return [_evaluate_one(e if isinstance(e, Entry) else Entry.from_path(e), data, options, cache, probes)
+                for e in exports]
 
 
-def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache: DownstreamCache) -> dict:
+def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache: DownstreamCache, probes) -> dict:
     dictionary = entry.dictionary
     training = dictionary.training
     dictionary.to(options.device).eval()
@@ -324,13 +364,24 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
             metrics, n_rows = reconstruction_metrics(dictionary, data, options.device)
             metrics["mmcs"] = feature_mmcs(data_path, dictionary)
             downstream = run_downstream(entry, data, options, cache) if options.downstream else None
+            metrics.update(_interpretation(dictionary, data, options, probes))
         finally:
             data.close()
     finally:
         dictionary.train(training)
     if downstream is not None:
         metrics.update(downstream.metrics)
-    return _record(entry, data_path, keys, n_rows, downstream) | {k: _finite(metrics.get(k)) for k in METRIC_KEYS}
+    return (_record(entry, data_path, keys, n_rows, downstream) | {k: _finite(metrics.get(k)) for k in METRIC_KEYS}
+            | {k: metrics.get(k) for k in INTERPRETATION_DETAIL_KEYS})
+
+
+def _interpretation(dictionary: Dictionary, data: HeldOutData, options: EvaluateOptions, probes) -> dict:
+    """The probe and coverage keys (dictlearn.interpret.record); {} (null keys) when skipped."""
+    if not options.interpret:
+        return {}
+    from dictlearn.interpret.record import interpretation
+
+    return interpretation(dictionary, data.path, data.input_key, data.split, probes, options.device)
 
 
 def _record(entry: Entry, data_path: str, keys, n_rows: int, downstream: Downstream | None) -> dict:

@@ -35,7 +35,7 @@ from dictlearn.harvest import harvest
 from dictlearn.downstream import DownstreamCache
 from dictlearn.evaluate import METRIC_KEYS, RECORD_KEYS, Entry, EvaluateOptions, evaluate
 from dictlearn.export import export
-from dictlearn.metrics import mmcs
+from dictlearn.metrics import INTERPRETATION_NAMES, mmcs
 from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
 from dictlearn.models.loading import load_model
 from dictlearn.models.tiny import tiny_config
@@ -108,8 +108,12 @@ def test_one_line_per_export_with_the_documented_keys(setup, capsys):
     assert len(lines) == 2
     for line in lines:
         assert tuple(line) == RECORD_KEYS
-        assert all(isinstance(line[k], float) for k in METRIC_KEYS if k != "mmcs")
+        untyped = ("mmcs", *INTERPRETATION_NAMES, *(() if line["target_key"] else ("jacobian_cos",)))
+        assert all(isinstance(line[k], float) for k in METRIC_KEYS if k not in untyped)
+        assert (line["jacobian_cos"] is None) == (line["target_key"] is None)  # transcoders only
         assert line["mmcs"] is None  # a harvested file has no true features
+        # 4000 rows of two documents: too few to probe (tests/test_probes.py checks these keys)
+        assert all(line[k] is None or isinstance(line[k], float) for k in INTERPRETATION_NAMES)
         assert line["model"] == str(setup["model"].resolve()) and line["n_contexts"] == 6
     sae, transcoder = lines
     assert (sae["architecture"], sae["hook_name"], sae["input_key"], sae["target_key"]) == ("topk", RESID, RESID, None)
@@ -377,3 +381,26 @@ def test_trained_sae_on_the_embedded_model_recovers_most_of_the_loss(tmp_path, c
           f"KL {line['kl_div']:.4f}")
     assert line["ce_zero_ablation"] > line["ce_spliced"] > line["ce_clean"]
     assert 0 < line["ce_loss_recovered"] < 1
+
+
+def test_a_transcoders_jacobian_cos_is_the_mean_cosine_with_the_mlp_it_replaces(setup, capsys):
+    """Recomputed here per token from autograd Jacobians of the export and of the model's MLP on the
+    held-out input rows evaluate samples (256 evenly spaced rows of the tail)."""
+    from dictlearn.data.split import HeldOutSplit
+    from dictlearn.metrics.jacobian import sample_rows
+
+    code, (line,), err = _evaluate(capsys, setup["transcoder"], *_fast(setup))
+    assert code == 0, err
+    mlp = load_model(str(setup["model"])).model.transformer.h[0].mlp
+    dictionary = load(setup["transcoder"])
+    with h5py.File(setup["data"]) as f:
+        x_all = torch.from_numpy(f[MLP_IN][:]).float()
+    first, n_rows = HeldOutSplit(len(x_all), EvaluateOptions().block_size, EvaluateOptions().val_rows).heldout
+    x = x_all[first + sample_rows(n_rows - first)]
+    cosines = []
+    for row in x:
+        a = torch.autograd.functional.jacobian(lambda v: dictionary(v[None])[0], row).flatten().double()
+        b = torch.autograd.functional.jacobian(lambda v: mlp(v[None])[0], row).flatten().double()
+        cosines.append(float(a @ b / (a.norm() * b.norm())))
+    assert len(cosines) == 256
+    assert line["jacobian_cos"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)

@@ -81,8 +81,9 @@ def reference_windows(corpus: Path, context: int) -> tuple[torch.Tensor, torch.T
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
+    """The root datasets (the concepts/ group of this Python corpus: tests/test_labels.py)."""
     with h5py.File(path, "r") as f:
-        return {key: f[key][()] for key in f}
+        return {key: f[key][()] for key in f if isinstance(f[key], h5py.Dataset)}
 
 
 def _harvest(lm, corpus, out, tokens, **kwargs) -> Path:
@@ -310,7 +311,8 @@ def test_cli_writes_the_file_and_a_summary(capsys, model_dir, corpus, tmp_path):
     assert stdout.count("\n") == 1 and "wrote 300 rows x 3 hooks" in stdout and "tokens/s" in stdout
     with h5py.File(out, "r") as f:
         assert f.attrs["seed"] == 7 and f.attrs["tokens"] == 300 and f.attrs["dtype"] == "bfloat16"
-        assert sorted(f) == sorted([RESID, MLP_IN, MLP_OUT, "token_ids", "doc_index", "window_index", "position"])
+        assert sorted(f) == sorted([RESID, MLP_IN, MLP_OUT, "token_ids", "doc_index", "window_index", "position",
+                                    "concepts"])  # a Python corpus: concept labels (tests/test_labels.py)
         assert f.attrs["model_name"] == str(model_dir.resolve())
 
 

@@ -32,6 +32,8 @@ RECIPES = {
     "relu_l1": Recipe("standard", "relu_l1.ReLUL1SAE", {"l1_coefficient": 0.3}),
     "topk": Recipe("topk", "topk.TopKSAE", {"k": 4}),
     "batchtopk": Recipe("jumprelu", "batchtopk.BatchTopKSAE", {"k": 4}, frozenset(PLAIN | {"threshold"})),
+    "matryoshka": Recipe("jumprelu", "matryoshka.MatryoshkaBatchTopKSAE", {"k": 4, "prefix_loss": "sum"},
+                         frozenset(PLAIN | {"threshold"})),
     "gated": Recipe("gated", "gated.GatedSAE", {"l1_coefficient": 0.3},
                     frozenset({"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"})),
     "jumprelu": Recipe("jumprelu", "jumprelu.JumpReLUSAE", {"bandwidth": 0.1, "l0_coefficient": 0.5},

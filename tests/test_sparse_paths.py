@@ -14,7 +14,7 @@ import torch
 from conftest import assert_same_state, crash_and_resume, quiet_trainer
 from dictlearn.training import DictionaryTraining
 from dictlearn import ActivationDataModule
-from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
+from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import (
     Support, _gathered_dot, _sampled_dot, dense_affine, flat_topk_indices, sparse_affine, sparse_decode,
     topk_indices,
@@ -26,6 +26,7 @@ D_IN, D_SAE, D_OUT, BATCH = 16, 64, 24, 48
 MECHANISMS = {
     "topk": lambda **kw: TopKSAE(k=4, k_aux=6, **kw),
     "batchtopk": lambda **kw: BatchTopKSAE(k=4, k_aux=6, **kw),
+    "matryoshka": lambda **kw: MatryoshkaBatchTopKSAE(k=4, k_aux=6, **kw),
     "relu_l1": lambda **kw: ReLUL1SAE(l1_coefficient=0.7, **kw),
     "relu_l1_unit_norm": lambda **kw: ReLUL1SAE(l1_coefficient=0.7, decoder_constraint="unit_norm", **kw),
     "gated": lambda **kw: GatedSAE(l1_coefficient=0.7, **kw),
@@ -166,8 +167,10 @@ def test_sparse_step_equals_dense_step(mechanism, mode, dtype, tol):
     dense = _step(copy.deepcopy(model), x, y, sparse=False)
     sparse = _step(copy.deepcopy(model), x, y, sparse=True)
     assert dense[2].sum() > 0 and set(dense[1]) == set(sparse[1])
-    if mechanism in ("topk", "batchtopk"):
+    if mechanism in ("topk", "batchtopk", "matryoshka"):
         assert "auxk" in dense[1]
+    if mechanism == "matryoshka":
+        assert {"prefix_4", "prefix_8", "prefix_16", "prefix_32"} <= set(dense[1])
     assert_steps_agree(dense, sparse, tol)
 
 
@@ -215,7 +218,7 @@ def test_topk_sparse_step_matches_an_independent_float64_reference(mode):
         torch.testing.assert_close(grads[name].double(), e, rtol=0, atol=2e-5 * e.abs().max(), msg=name)
 
 
-@pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "relu_l1", "gated", "jumprelu"])
+@pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "matryoshka", "relu_l1", "gated", "jumprelu"])
 def test_sparse_step_runs_under_bf16_autocast(mechanism):
     """bf16 only chooses the support: every loss term stays float32 (a vector `@` would not)."""
     model, x, y = _randomised(mechanism, "sae", torch.float32)

@@ -20,9 +20,11 @@ COMMANDS = {
     **{name: "dictlearn.cli.lightning" for name in LIGHTNING_COMMANDS},
     "synth": "dictlearn.cli.synth",
     "export": "dictlearn.cli.export",
-    "harvest": "dictlearn.harvest.cli",
+    "harvest": "dictlearn.cli.harvest",
     "evaluate": "dictlearn.cli.evaluate",
     "compare": "dictlearn.cli.compare",
+    "inspect": "dictlearn.cli.inspect",
+    "steer": "dictlearn.cli.steer",
 }
 
 USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for tracebacks)
@@ -35,6 +37,8 @@ USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for 
   harvest   language-model activations -> HDF5: dictlearn harvest --out acts.h5 (embedded model, stdlib corpus)
   evaluate  export(s) + HDF5 (+ model) -> one JSON line per export: dictlearn evaluate EXPORT --data acts.h5
   compare   every architecture at matched L0, trained, evaluated, reported: dictlearn compare --out runs/cmp
+  inspect   feature dashboards, one HTML file: dictlearn inspect EXPORT --data acts.h5 --out topk.html
+  steer     generate with one latent clamped: dictlearn steer EXPORT --feature 12 --scale 10 --prompt "def "
 
 Recipes (--config NAME or a path): {recipes}.
 `dictlearn fit --help` lists every option; `dictlearn --version` prints the version."""

@@ -58,7 +58,8 @@ def build_parser() -> OneLineParser:
     add("--devices", type=int, default=None, help="processes/GPUs for DDP training (default: 1)")
     add("--no-downstream", dest="downstream", action="store_false", default=None,
         help="skip the spliced-model metrics")
-    add("--no-interpret", dest="interpret", action="store_false", default=None, help="skip the dashboards")
+    add("--no-interpret", dest="interpret", action="store_false", default=None,
+        help="skip the concept probes, coverage and dashboards")
     add("--quiet", action="store_true", default=None, help="no progress display")
     return p
 

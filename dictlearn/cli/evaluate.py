@@ -8,20 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from dictlearn.cli.parsing import OneLineParser, check_writable_file
+from dictlearn.cli.parsing import OneLineParser, check_writable_file, positive_int
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXTS, EvaluateOptions, evaluate
 from dictlearn.io import atomic_write_text
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,17 +21,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="model for downstream metrics (name or folder; default: the export's, else the file's)")
     p.add_argument("--out", default=None, help="write the JSON lines here (atomically) instead of stdout")
-    p.add_argument("--contexts", type=_positive, default=DEFAULT_CONTEXTS, help="held-out corpus windows to splice")
-    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
-    p.add_argument("--context", type=_positive, default=None,
+    p.add_argument("--contexts", type=positive_int, default=DEFAULT_CONTEXTS, help="held-out corpus windows to splice")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
+    p.add_argument("--context", type=positive_int, default=None,
                    help="window length (default: the export's context_size, else the file's)")
     p.add_argument("--corpus", default=None,
                    help="text file or folder (default: the corpus the file was harvested from)")
     p.add_argument("--input-key", default=None, help="input dataset (default: the export's)")
     p.add_argument("--target-key", default=None, help="transcoder target dataset (default: the export's)")
     p.add_argument("--val-rows", type=int, default=None, help="held-out tail rows, as --data.val_rows in training")
-    p.add_argument("--block-size", type=_positive, default=512, help="as --data.block_size in training")
+    p.add_argument("--block-size", type=positive_int, default=512, help="as --data.block_size in training")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-interpret", dest="interpret", action="store_false",
+                   help="skip the concept probes and coverage (computed when the file carries concept labels)")
     return p
 
 
@@ -50,7 +42,7 @@ def main(argv: list[str]) -> int:
     options = EvaluateOptions(
         model=args.model, corpus=args.corpus, input_key=args.input_key, target_key=args.target_key,
         contexts=args.contexts, batch_size=args.batch_size, context=args.context, val_rows=args.val_rows,
-        block_size=args.block_size, device=args.device,
+        block_size=args.block_size, device=args.device, interpret=args.interpret,
     )  # fmt: skip
     if not Path(args.data).is_file():
         raise DataError(f"--data {args.data}: no such file; pass an HDF5 activation file")

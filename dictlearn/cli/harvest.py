@@ -16,6 +16,7 @@ import time
 
 import h5py
 
+from dictlearn.cli.parsing import OneLineParser, count_or_all
 from dictlearn.errors import ConfigError
 from dictlearn.harvest.activations import (
     DEFAULT_BATCH_SIZE,
@@ -31,27 +32,8 @@ from dictlearn.models.loading import load_model
 from dictlearn.models.tiny import DEFAULT_CONTEXT
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line ConfigErrors (the CLI prints them, exit 2)."""
-
-    def error(self, message: str):
-        raise ConfigError(f"harvest: {message}; see dictlearn harvest --help")
-
-
-def _tokens_flag(text: str) -> int | str:
-    if text == "all":
-        return text
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:  # argparse turns this into "argument --tokens: ..." and then calls error()
-        raise argparse.ArgumentTypeError(f"expected a positive whole number (200000, 2e5) or 'all', got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dictlearn harvest", description="Language-model activations at named hooks -> one HDF5 file.")
+    p = OneLineParser(prog="dictlearn harvest", description="Language-model activations at named hooks -> one HDF5 file.")
     p.add_argument("--out", required=True, help="HDF5 file to write (atomically)")
     p.add_argument("--model", default=None, help="model name in the local HF cache, or a folder (default: embedded)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: the Python standard library)")
@@ -59,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hooks", default=None,
                    help="comma-separated hook names (default: residual stream, MLP input and output of --layer)")
     p.add_argument("--layer", type=int, default=None, help="block of the default hooks (default: the middle one)")
-    p.add_argument("--tokens", type=_tokens_flag, default=DEFAULT_TOKENS,
+    p.add_argument("--tokens", type=count_or_all, default=DEFAULT_TOKENS,
                    help=f"rows (tokens) to write, or 'all' (default: {DEFAULT_TOKENS}, about a minute on 2 CPUs)")
     p.add_argument("--context", type=int, default=None,
                    help=f"window length in tokens (default: {DEFAULT_CONTEXT}, or the model's maximum if shorter)")
@@ -72,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
     p.add_argument("--seed", type=int, default=0, help="recorded in the file (the corpus order is fixed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-concepts", dest="concepts", action="store_false", default=None,
+                   help="skip the concepts/ labels (default: written when the corpus holds Python files)")
     return p
 
 
@@ -101,7 +85,7 @@ def main(argv: list[str]) -> int:
         path = harvest(lm, hooks, args.out, args.tokens, context, corpus=args.corpus, split=args.split,
                        batch_size=args.batch_size, dtype=args.dtype, exclude_special=args.exclude_special,
                        device=args.device, progress=not args.quiet, seed=args.seed,
-                       should_stop=terminated.is_set)
+                       should_stop=terminated.is_set, concepts=args.concepts)
     except (KeyboardInterrupt, _Terminated) as stop:
         code = 128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)
         print(f"dictlearn: harvest interrupted; nothing written at {args.out}", file=sys.stderr)

@@ -10,6 +10,30 @@ from pathlib import Path
 from dictlearn.errors import ConfigError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def count_or_all(text: str) -> int | str:
+    """argparse type: a count > 0, written whole or as 2e5, or the word 'all'."""
+    if text == "all":
+        return text
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number (200000, 2e5) or 'all', got {text!r}")
+    return value
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one-line ConfigErrors (the CLI prints them, exit 2)."""
 

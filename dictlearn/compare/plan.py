@@ -19,9 +19,9 @@ from dictlearn.errors import ConfigError
 
 MECHANISMS = {  # architecture name -> dictlearn class
     "relu_l1": "ReLUL1SAE", "topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "gated": "GatedSAE",
-    "jumprelu": "JumpReLUSAE",
+    "jumprelu": "JumpReLUSAE", "matryoshka": "MatryoshkaBatchTopKSAE",
 }  # fmt: skip
-WITH_K = ("topk", "batchtopk")  # L0 set by k; the others are calibrated (dictlearn.training.calibration)
+WITH_K = ("topk", "batchtopk", "matryoshka")  # L0 set by k; the others are calibrated (dictlearn.training.calibration)
 MAPPINGS = {"": "sae", "_transcoder": "transcoder", "_skip_transcoder": "skip_transcoder"}
 DEFAULT_ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu", "topk_transcoder",
                          "topk_skip_transcoder")
@@ -47,6 +47,7 @@ DICTIONARY_DEFAULTS = {
     "relu_l1": _SHORT_RUN | {"decoder_constraint": "unit_norm", "l1_coefficient": 0.1},
     "topk": _SHORT_RUN,
     "batchtopk": _SHORT_RUN,
+    "matryoshka": _SHORT_RUN,
     "gated": _SHORT_RUN | {"l1_coefficient": 1.0},
     # θ is learned at about lr per step in log units: twice the LR lets it follow λ; a wider
     # kernel (θ starts at ~1-2 here, see SparsityCalibration) gives θ a gradient on most steps
@@ -235,7 +236,7 @@ def plan(config: CompareConfig) -> list[Planned]:
                         args |= {"transcoder": True, "b_dec_init": "mean", "skip_connection": mapping == "skip_transcoder"}
                     if mechanism in WITH_K:
                         args["k"] = target
-                    if mechanism == "batchtopk":  # its EMA threshold starts after a fifth of a short run
+                    if mechanism in ("batchtopk", "matryoshka"):  # the EMA threshold starts after a fifth of a short run
                         args.setdefault("threshold_start_step", max(1, config.steps // 5))
                     width = f"_d{d_sae}" if several_widths else ""
                     name = f"{architecture}{width}_l0-{target}_s{seed}"

@@ -44,7 +44,7 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
         **record,
         "name": p.name, "architecture": p.architecture, "mechanism": p.mechanism, "mapping": p.mapping,
         "l0_target": p.l0_target, "d_sae": p.d_sae, "seed": p.seed,
-        "k": hyper.get("k") if p.mechanism in ("topk", "batchtopk") else None,
+        "k": hyper.get("k") if p.mechanism in ("topk", "batchtopk", "matryoshka") else None,
         "train_tokens": config.steps * config.batch_size * config.devices, "train_seconds": seconds,
         "export": str((out / "exports" / p.name).resolve()),
         "log_dir": str(Path("train") / f"seed{p.seed}" / "version_0"), "member": p.name,

@@ -157,6 +157,8 @@ def compare(config: CompareConfig) -> Path:
         if rank != 0:
             return out
         records = _evaluate_all(config, source, planned, progress, stop)
+        if config.interpret:
+            _dashboards(config, planned, source, progress, stop)
     write_results(out, records)
     progress.stage("report", 1, unit="file")
     write_timings(out, progress, time.perf_counter() - started, config)
@@ -348,17 +350,58 @@ def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned],
                   stop: threading.Event) -> list[dict]:
     from dictlearn.downstream import DownstreamCache
     from dictlearn.evaluate import EvaluateOptions, evaluate
+    from dictlearn.interpret.record import ProbeCache
 
     out = Path(config.out)
-    options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream)
-    cache = DownstreamCache(config.device)
+    options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,
+                              interpret=config.interpret)
+    cache, probes = DownstreamCache(config.device), ProbeCache()  # probe rows and baselines: once per file
     todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
     progress.stage("evaluate", max(1, len(todo)), unit="dict")
     for i, p in enumerate(todo):
         _check_stop(stop)
-        record = evaluate([out / "exports" / p.name], source.path, options=options, cache=cache)[0]
+        record = evaluate([out / "exports" / p.name], source.path, options=options, cache=cache, probes=probes)[0]
         record["feature_density"] = feature_density(out / "exports" / p.name, source.path, record["input_key"],
                                                     config.device)
         atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record, default=str))
         progress.update(i + 1)
     return [results_line(config, p, out) for p in planned]
+
+
+# A dashboard per architecture on the default path must cost seconds: the first rows of the file and
+# a few cards (measured in docs/interpret.md); `dictlearn inspect` on an export draws the full page.
+DASHBOARD_ROWS, DASHBOARD_CARDS = 20_000, 12
+
+
+def dashboard_members(planned: list[Planned]) -> list[Planned]:
+    """One dictionary per architecture: its middle L0 target (of the sorted targets), the first
+    seed and the first width in the plan."""
+    chosen = {}
+    for architecture in dict.fromkeys(p.architecture for p in planned):
+        members = [p for p in planned if p.architecture == architecture]
+        targets = sorted({p.l0_target for p in members})
+        middle = targets[(len(targets) - 1) // 2]
+        chosen[architecture] = next(p for p in members if p.l0_target == middle)
+    return list(chosen.values())
+
+
+def _dashboards(config: CompareConfig, planned: list[Planned], source: Source, progress: Progress,
+                stop: threading.Event) -> None:
+    """DIR/dashboards/<architecture>.html, skipped where it exists (resume)."""
+    from dictlearn.interpret.dashboard import InspectOptions, inspect
+
+    out = Path(config.out)
+    todo = [p for p in dashboard_members(planned) if not (out / "dashboards" / f"{p.architecture}.html").is_file()]
+    progress.stage("interpret", max(1, len(todo)), unit="dict")
+    # record=False: a comparison never rewrites an export (steer measures the maximum from the file instead)
+    options = InspectOptions(rows=DASHBOARD_ROWS, cards=DASHBOARD_CARDS, device=config.device, record=False)
+    models: dict = {}
+    for i, p in enumerate(todo):
+        _check_stop(stop)
+        export = out / "exports" / p.name
+        name = json.loads((export / "cfg.json").read_text()).get("metadata", {}).get("model_name")
+        if name and name not in models:
+            models[name] = _load_model(name)
+        inspect(export, source.path, out / "dashboards" / f"{p.architecture}.html", options, echo=False,
+                lm=models.get(name))
+        progress.update(i + 1)

@@ -8,6 +8,7 @@ the entries the step needs: sparse.py). What a mechanism may ask of either:
     latents.full_pre         all pre-activations, no gradient (to choose further entries: AuxK)
     latents.at(p)            a per-latent parameter p [d_sae] aligned with the entries
     latents.decode(v, W)     Σ over each token's entries of v · W[latent]     -> [batch, d_out]
+    latents.decode_prefixes(v, W, widths)  the same over latents < w, each w -> [len(widths), batch, d_out]
     latents.column_sums(v)   Σ over each latent's entries                     -> [d_sae]
     latents.total(v)         Σ over all entries                               -> scalar
     latents.fire_counts(v)   entries with v != 0, per latent                  -> [d_sae] int32
@@ -40,6 +41,15 @@ class DenseLatents:
 
     def decode(self, values: Tensor, W: Tensor) -> Tensor:
         return values @ W
+
+    def decode_prefixes(self, values: Tensor, W: Tensor, widths: tuple[int, ...]) -> Tensor:
+        """values [batch, d_sae] -> [len(widths), batch, d_out]: Σ_{i < w} values_i W[i] per width
+        (strictly increasing), as running sums of disjoint blocks: one decode's work in all."""
+        sizes = [b - a for a, b in zip((0, *widths), widths)]
+        # split, not one slice per block: its backward is one concatenation, not a zero-filled
+        # [batch, d_sae] gradient per block
+        parts = zip(values[:, : widths[-1]].split(sizes, 1), W[: widths[-1]].split(sizes, 0))
+        return _running_sums([v @ w for v, w in parts])
 
     def column_sums(self, values: Tensor) -> Tensor:
         return values.sum(0, dtype=torch.promote_types(values.dtype, torch.float32))
@@ -79,6 +89,9 @@ class GatheredLatents(DenseLatents):
     def decode(self, values: Tensor, W: Tensor) -> Tensor:
         return self.to_dense(values) @ W
 
+    def decode_prefixes(self, values: Tensor, W: Tensor, widths: tuple[int, ...]) -> Tensor:
+        return super().decode_prefixes(self.to_dense(values), W, widths)
+
     def column_sums(self, values: Tensor) -> Tensor:
         return super().column_sums(self.to_dense(values))
 
@@ -104,6 +117,19 @@ class SparseLatents:
     def decode(self, values: Tensor, W: Tensor) -> Tensor:
         return sparse_decode(self.support, values, W)
 
+    def decode_prefixes(self, values: Tensor, W: Tensor, widths: tuple[int, ...]) -> Tensor:
+        """values [nnz] -> [len(widths), batch, d_out]. Each entry below the last width goes to the
+        bag (row, block), block = the first width above its latent; one sparse decode of that
+        [batch · blocks, d_sae] support, then running sums over the blocks."""
+        support, n_blocks = self.support, len(widths)
+        keep = (support.cols < widths[-1]).nonzero().squeeze(1)
+        cols = support.cols[keep]
+        block = torch.bucketize(cols, torch.tensor(widths, device=cols.device), right=True)
+        order = (support.rows[keep] * n_blocks + block).sort(stable=True)
+        bags = Support(order.values, cols[order.indices], support.n_rows * n_blocks, support.n_cols)
+        blocks = sparse_decode(bags, values[keep[order.indices]], W).view(support.n_rows, n_blocks, -1)
+        return _running_sums(blocks.unbind(1))
+
     def column_sums(self, values: Tensor) -> Tensor:
         return self.support.column_sums(values)
 
@@ -115,6 +141,15 @@ class SparseLatents:
 
     def at_rows(self, indices: Tensor) -> SparseLatents:
         return SparseLatents(Support.from_indices(indices, self.n_cols), self.full_pre, self.values_at)
+
+
+def _running_sums(blocks) -> Tensor:
+    """[a, b, c, …] -> stacked [a, a + b, a + b + c, …] (CPU cumsum over a short leading axis,
+    and its flipped backward, cost more than these adds)."""
+    sums = [blocks[0]]
+    for block in blocks[1:]:
+        sums.append(sums[-1] + block)
+    return torch.stack(sums)
 
 
 class Selection:

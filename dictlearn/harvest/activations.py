@@ -19,7 +19,7 @@ through the model `batch_size` at a time, each forward stopping after the deepes
 - **Bounded memory.** Datasets are created once at their final size (contiguous, uncompressed:
   the fastest layout to read, docs/data.md) at the first batch, then filled one batch at a time.
 - **No half files.** The file is written through `open_for_write`: a temp name beside `out`,
-  ``complete`` set last, fsync, rename. An exception, Ctrl-C or (through `dictlearn.harvest.cli`) SIGTERM leaves
+  ``complete`` set last, fsync, rename. An exception, Ctrl-C or (through `dictlearn.cli.harvest`) SIGTERM leaves
   nothing at `out` and no temp file. Non-finite activations (or float16 overflow) stop it too.
 
 Layout (docs/data.md, "Harvested files"): one ``[rows, d]`` dataset per hook, keyed by the hook
@@ -27,7 +27,8 @@ name exactly as given, with attribute ``hook_name``; ``token_ids``, ``doc_index`
 ``window_index`` int32 and ``position`` int16 (int32 past 32767) per row; root attributes
 ``model_name``, ``model_revision``, ``corpus``, ``split``, ``context_size``, ``tokens``,
 ``exclude_special``, ``seed``, ``dtype``, ``windows``, ``prepend_bos`` (+ ``dictlearn_version``,
-``complete``).
+``complete``). A Python corpus adds the ``concepts/`` group of per-row concept labels
+(`dictlearn.harvest.concepts`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch import nn
 
 from dictlearn.data.h5 import BF16_ATTR, open_for_write
 from dictlearn.errors import ConfigError, DataError
+from dictlearn.harvest.concepts import ConceptWriter, has_python, supports
 from dictlearn.models.corpus import SPLITS, corpus_name, iter_documents, iter_windows
 from dictlearn.models.hooks import HookPoint, capture, resolve_module, run_until_captured, standard_hooks
 from dictlearn.models.loading import LanguageModel
@@ -156,8 +158,10 @@ def _to_storage(acts: torch.Tensor, dtype: str, hook: str, first_window: int) ->
 class _Writer:
     """Fills an open file's datasets batch by batch, in row order, up to `rows` rows."""
 
-    def __init__(self, f: h5py.File, hooks: list[str], rows: int, dtype: str, exclude_special: bool):
+    def __init__(self, f: h5py.File, hooks: list[str], rows: int, dtype: str, exclude_special: bool,
+                 concepts: ConceptWriter | None = None):
         self.f, self.hooks, self.rows, self.dtype, self.exclude_special = f, hooks, rows, dtype, exclude_special
+        self.concepts = concepts  # the concepts/ group's writer, when the corpus is Python
         self.row = self.window = 0  # next row to write; index of the batch's first window
 
     def create(self, widths: list[int], context: int) -> None:
@@ -189,6 +193,8 @@ class _Writer:
         self.f["doc_index"][rows] = doc_index[keep][:n].numpy()
         self.f["window_index"][rows] = (windows[:n] + self.window).numpy()
         self.f["position"][rows] = positions[:n].numpy()
+        if self.concepts is not None:
+            self.concepts.write(rows, doc_index[keep][:n].numpy())
         self.row, self.window = self.row + n, self.window + len(tokens)
         return n
 
@@ -233,6 +239,7 @@ def harvest(
     progress: bool = True,
     seed: int = 0,
     should_stop: Callable[[], bool] = lambda: False,
+    concepts: bool | None = None,
 ) -> Path:
     """Write the activations of `lm` at `hooks` on `tokens` corpus tokens to `out`; -> its path.
 
@@ -240,6 +247,8 @@ def harvest(
     length (<= the model's maximum). `seed` is only recorded (the corpus order is fixed).
     `should_stop` is asked before each batch; True abandons the file (``_Terminated``).
     `lm.model` is moved to `device`. See the module docstring for the file layout.
+    concepts: write the ``concepts/`` labels (`dictlearn.harvest.concepts`); None: when the
+    split holds Python files and the tokenizer maps tokens to characters.
     """
     out = Path(out)
     _check_args(lm.model, hooks, out, tokens, context, split, batch_size, dtype)
@@ -252,13 +261,32 @@ def harvest(
         windows=windows, prepend_bos=lm.tokenizer.bos_token_id is not None,
     )
     batches = _batches(corpus, split, lm.tokenizer, context, windows, batch_size)
+    label = _wants_concepts(concepts, corpus, split, lm.tokenizer)
     with open_for_write(out, attrs) as f, _progress_bar(rows, progress) as bar:
-        writer = _Writer(f, hooks, rows, dtype, exclude_special)
+        labels = ConceptWriter(f, rows, iter_documents(corpus, split), lm.tokenizer) if label else None
+        writer = _Writer(f, hooks, rows, dtype, exclude_special, labels)
         _run(model, hooks, batches, writer, context, device, bar, should_stop)
+        if labels is not None:
+            labels.finish()
         if writer.row != rows:  # the corpus changed between the counting pass and this one
             raise DataError(f"corpus {corpus_name(corpus)}: yielded {writer.row} rows, {rows} counted before;"
                             " was it modified during the harvest? re-run")
     return out
+
+
+def _wants_concepts(concepts: bool | None, corpus, split: str, tokenizer) -> bool:
+    """Whether to label: as asked, or (None) when the split has Python files and the tokenizer
+    maps tokens to characters. Asking for labels that cannot be made is a one-line error."""
+    if concepts is False:
+        return False
+    if not supports(tokenizer):
+        if concepts:
+            raise ConfigError(f"concepts: the tokenizer {tokenizer!r} gives no character offsets; harvest without "
+                              "concept labels (--no-concepts) or use a fast (Rust) tokenizer")
+        return False
+    if concepts is None:
+        return has_python(iter_documents(corpus, split))
+    return True
 
 
 def _check_args(model: nn.Module, hooks: list[str], out: Path, tokens, context: int, split: str,

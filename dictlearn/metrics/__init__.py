@@ -1,6 +1,7 @@
 """Metrics shared by training logs, evaluation output and plots; `METRIC_NAMES` is the key contract."""
 
 from dictlearn.metrics.downstream import DOWNSTREAM_KEYS, DownstreamMetrics
+from dictlearn.metrics.jacobian import FAITHFULNESS_KEYS
 from dictlearn.metrics.recovery import max_cosine, mmcs, recovered_fraction
 from dictlearn.metrics.reconstruction import ReconstructionMetrics
 from dictlearn.metrics.sparsity import SparsityMetrics
@@ -9,13 +10,17 @@ RECONSTRUCTION_NAMES = ("mse", "fvu", "explained_variance", "cos_sim", "l2_ratio
 SPARSITY_NAMES = ("l0", "l1", "dead_fraction", "dense_fraction")
 RECOVERY_NAMES = ("mmcs",)
 DOWNSTREAM_NAMES = DOWNSTREAM_KEYS  # what `DownstreamMetrics.compute` returns
-# Keys reserved for the interpretability stage (concept probes, coverage): part of the results-key
-# contract, but nothing in dictlearn computes them yet, so no results line holds them.
-INTERPRETATION_NAMES = ("probe_auc_k1", "probe_auc_k16", "probe_auc_linear", "concept_coverage")
-METRIC_NAMES = RECONSTRUCTION_NAMES + SPARSITY_NAMES + RECOVERY_NAMES + DOWNSTREAM_NAMES + INTERPRETATION_NAMES
+# The interpretability stage's keys (dictlearn.interpret.record: concept probes, coverage); null
+# when the activation file carries no concept labels.
+INTERPRETATION_NAMES = ("probe_auc_k1", "probe_auc_k16", "probe_auc_linear", "concept_coverage", "concept_f1_mean")
+# Transcoder faithfulness (dictlearn.metrics.jacobian): null for SAEs and without a model.
+FAITHFULNESS_NAMES = FAITHFULNESS_KEYS
+METRIC_NAMES = (RECONSTRUCTION_NAMES + SPARSITY_NAMES + RECOVERY_NAMES + DOWNSTREAM_NAMES + FAITHFULNESS_NAMES
+                + INTERPRETATION_NAMES)
 
 __all__ = [
     "DOWNSTREAM_NAMES",
+    "FAITHFULNESS_NAMES",
     "INTERPRETATION_NAMES",
     "METRIC_NAMES",
     "RECONSTRUCTION_NAMES",

@@ -1,0 +1,16 @@
+"""Interpretation: what a dictionary's latents mean, measured against known concepts.
+
+- `labels`: per-byte concept labels of Python source from the stdlib `tokenize` module
+  (keyword, string, comment, bracket depth, ...), and `read_concept_labels` for the
+  ``concepts/`` group that `dictlearn harvest` stores row-aligned with the activations.
+- `probes`: sparse probes on a dictionary's top-k latents against logistic-regression probes on
+  the raw activation (Kantamneni et al. 2025; Karvonen et al. 2025, SAEBench).
+- `coverage`: a streaming count of "latent fires" against each label, giving every latent's best
+  concept by F1 and `concept_coverage` / `concept_f1_mean`.
+- `record`: the probe and coverage keys of one `dictlearn evaluate` record, with `ProbeCache`
+  (the rows and the linear baseline, once per file and input).
+- `dashboard`, `steer`, `splitting` and their helpers: feature dashboards, steering and feature
+  splitting (`dictlearn inspect`, `dictlearn steer`); see their docstrings.
+
+Nothing is imported here, so ``import dictlearn.interpret.labels`` stays light (no scikit-learn).
+"""

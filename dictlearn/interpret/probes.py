@@ -1,0 +1,263 @@
+"""Sparse probes on a dictionary's top-k latents against linear probes on the raw activation.
+
+The question (Kantamneni et al. 2025, "Are Sparse Autoencoders Useful? A Case Study in Sparse
+Probing"; Karvonen et al. 2025, SAEBench; k-sparse probing: Gurnee et al. 2023, "Finding Neurons
+in a Haystack"): for a known binary concept, how well does a logistic regression on the k
+latents that best separate it do, next to one on the full activation?
+
+    pool = ProbePool.draw("acts.h5", n_rows, HeldOutSplit(n_rows))    # once per file
+    baseline = linear_baseline(x, pool)                                  # once per input key
+    sparse = sparse_probes(z, pool)                                      # once per dictionary
+
+**Rows** (`ProbePool`). Up to `ProbeOptions.pool_rows` rows as seeded whole blocks of the
+file's held-out tail, or of the whole file when the tail spans fewer than `min_documents`
+documents (the default comparison holds out ~1 % of a 250k-row file, a part of one document;
+the dictionaries never saw the labels, only the activations); only labelled rows count. Only
+the rows some split uses, plus `coverage_rows` random ones for coverage, are read and encoded
+(a few thousand per concept at most, whatever the file's size). Rows are grouped
+by document (`doc_index`; a file without one uses blocks of 512 rows): a seeded share of the
+documents (`test_fraction` of the rows) is the test side, the rest the training side, so no
+document is on both. Per concept, positives and negatives are sampled in equal numbers on each
+side (at most `per_class_train` / `per_class_test` each, Kantamneni et al.'s 1024 training
+rows); a concept with fewer than `min_per_class` of either class on a side is skipped, with
+the reason.
+
+**Baseline** (`linear_baseline`): L2 logistic regression on the standardised activation; C
+from `BASELINE_CS` by ROC-AUC on a single stratified hold-out of min(20 %, 100) training rows,
+then refit on all of them (Kantamneni et al.'s `find_best_reg` for more than 128 rows).
+**Sparse probes** (`sparse_probes`): latents ranked by |mean(positives) - mean(negatives)| on
+the training rows (SAEBench; Kantamneni et al.), the top k standardised, L2 logistic regression
+at C = 1 (SAEBench's fixed C; with k <= 16 features and ~1000 rows regularisation barely
+matters, and a per-k search would cost a second per dictionary). Both report test ROC-AUC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dictlearn.data.split import HeldOutSplit
+from dictlearn.interpret.labels import ConceptLabels, read_concept_labels
+
+PROBE_KS = (1, 2, 4, 8, 16)
+BASELINE_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
+SPARSE_C = 1.0
+PSEUDO_DOCUMENT_ROWS = 512  # rows per stand-in document in files without doc_index
+MAX_ITER = 1000
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How many rows to probe on and how to split them (see the module docstring)."""
+
+    pool_rows: int = 262144  # the whole default comparison file: rare concepts (`import`, 0.05 %) get rows
+    coverage_rows: int = 16384
+    per_class_train: int = 512
+    per_class_test: int = 256
+    min_per_class: int = 20
+    test_fraction: float = 0.3
+    min_documents: int = 6
+    ks: tuple[int, ...] = PROBE_KS
+    seed: int = 0
+
+
+@dataclass
+class ConceptSplit:
+    """One concept's balanced rows: indices into the pool's rows and their labels."""
+
+    train: np.ndarray
+    test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+
+@dataclass
+class ProbePool:
+    """The rows of one file that probes and coverage use, and how they were drawn.
+
+    rows: int [n] file rows (ascending) that some concept's split or the coverage sample uses;
+    slices: the whole blocks they were drawn from (read block by block); documents: int [n];
+    labels: the rows' concept labels; coverage: indices of the coverage sample (random labelled
+    rows of the blocks, unbalanced); source: "heldout" or "all"; drawn_rows: labelled rows in
+    the blocks; test_documents: the documents of the test side; splits/skipped: per concept, its
+    balanced split or why it has none.
+    """
+
+    rows: np.ndarray
+    slices: list[tuple[int, int]]
+    documents: np.ndarray
+    labels: ConceptLabels
+    coverage: np.ndarray
+    source: str
+    drawn_rows: int
+    test_documents: np.ndarray
+    splits: dict[str, ConceptSplit] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def draw(cls, path: str | Path, split: HeldOutSplit, options: ProbeOptions = ProbeOptions()) -> ProbePool | None:
+        """None when the file has no concept labels or fewer than 2 labelled documents."""
+        if read_concept_labels(path, slice(0, 0)) is None:
+            return None
+        documents = _documents(path, split.n_rows)
+        first, last = split.heldout
+        source = "heldout"
+        if len(np.unique(documents[first:last])) < options.min_documents:
+            first, last, source = 0, split.n_rows, "all"
+        slices = _blocks(first, last, options.pool_rows, options.seed)
+        candidates = np.concatenate([np.arange(a, b) for a, b in slices])
+        labels = read_concept_labels(path, candidates)
+        candidates, values = candidates[labels.labelled], labels.values[labels.labelled]
+        if len(np.unique(documents[candidates])) < 2:
+            return None
+        test_documents = _test_documents(documents[candidates], options.test_fraction, options.seed)
+        is_test = np.isin(documents[candidates], test_documents)
+        splits, skipped = {}, {}
+        for j, name in enumerate(labels.names):
+            outcome = _balanced(values[:, j], is_test, options, j)
+            (skipped if isinstance(outcome, str) else splits)[name] = outcome
+        rng = np.random.default_rng([options.seed, 16])
+        coverage = np.sort(rng.permutation(len(candidates))[: options.coverage_rows])
+        used = np.unique(np.concatenate([coverage, *[np.concatenate([s.train, s.test]) for s in splits.values()]]))
+        for s in splits.values():  # indices into the used rows
+            s.train, s.test = np.searchsorted(used, s.train), np.searchsorted(used, s.test)
+        kept = ConceptLabels(labels.names, labels.parents, values[used], np.ones(len(used), bool), labels.attrs)
+        return cls(candidates[used], slices, documents[candidates[used]], kept, np.searchsorted(used, coverage),
+                   source, len(candidates), test_documents, splits, skipped)
+
+    def read(self, array) -> np.ndarray:
+        """float32 [n, d]: this pool's rows of an `H5Array`, read block by block."""
+        parts = []
+        for a, b in self.slices:
+            inside = self.rows[(self.rows >= a) & (self.rows < b)]
+            if len(inside):
+                parts.append(array.read(a, b).numpy()[inside - a])
+        return np.concatenate(parts)
+
+
+def _documents(path: str | Path, n_rows: int) -> np.ndarray:
+    """int [n_rows]: each row's document (`doc_index`), or its block of 512 rows without one."""
+    with h5py.File(path, "r") as f:
+        if "doc_index" in f and f["doc_index"].shape == (n_rows,):
+            return f["doc_index"][()].astype(np.int64)
+    return np.arange(n_rows, dtype=np.int64) // PSEUDO_DOCUMENT_ROWS
+
+
+def _blocks(first: int, last: int, n_rows: int, seed: int, block: int = 512) -> list[tuple[int, int]]:
+    """Up to `n_rows` rows of [first, last) as seeded whole blocks, in file order."""
+    starts = np.arange(first, last, block)
+    chosen = np.random.default_rng([seed, 13]).permutation(len(starts))[: math.ceil(n_rows / block)]
+    return [(int(s), int(min(s + block, last))) for s in np.sort(starts[chosen])]
+
+
+def _test_documents(documents: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """The first documents of a seeded order whose share of the rows is closest to
+    `test_fraction` (at least one document, never all)."""
+    ids, counts = np.unique(documents, return_counts=True)
+    order = np.random.default_rng([seed, 14]).permutation(len(ids))
+    share = np.cumsum(counts[order])[:-1] / counts.sum()  # test = the first 1 .. len - 1 documents
+    n_test = int(np.argmin(np.abs(share - test_fraction))) + 1
+    return np.sort(ids[order[:n_test]])
+
+
+def _balanced(y: np.ndarray, is_test: np.ndarray, options: ProbeOptions, stream: int) -> ConceptSplit | str:
+    """Equal positives and negatives on each side, or the reason there are too few."""
+    rng = np.random.default_rng([options.seed, 15, stream])
+    sides = []
+    for where, side, cap in (("training", ~is_test, options.per_class_train), ("test", is_test, options.per_class_test)):
+        positives, negatives = np.flatnonzero(side & y), np.flatnonzero(side & ~y)
+        n = min(len(positives), len(negatives), cap)
+        if n < options.min_per_class:
+            return (f"{len(positives)} positive and {len(negatives)} negative rows in the {where} documents, "
+                    f"fewer than {options.min_per_class} of one class")
+        chosen = np.concatenate([rng.choice(positives, n, replace=False), rng.choice(negatives, n, replace=False)])
+        sides.append(np.sort(chosen))
+    return ConceptSplit(sides[0], sides[1], y[sides[0]], y[sides[1]])
+
+
+# ----------------------------------------------------------------------------- the regressions
+def one_blas_thread():
+    """BLAS on one thread for the regressions: their matrices are ~1000 x 128, too small to gain
+    from threads, and OpenBLAS threads spinning on a loaded 2-core machine made the baseline
+    12x slower (measured: 44 s against 3.6 s for 16 concepts)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(0), train.std(0)
+    std = np.where(std > 0, std, 1.0)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=MAX_ITER).fit(x, y)
+
+
+def _auc(model, x: np.ndarray, y: np.ndarray) -> float:
+    return roc_auc(model.decision_function(x), y)
+
+
+def roc_auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """ROC-AUC as the Mann-Whitney statistic with average ranks for ties (what
+    `sklearn.metrics.roc_auc_score` computes, without its ~20 ms of input checks per call)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def select_c(x: np.ndarray, y: np.ndarray, cs: tuple[float, ...], seed: int) -> float:
+    """C of best ROC-AUC on a stratified hold-out of min(20 %, 100) rows (Kantamneni et al.)."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(2, min(int(0.2 * len(y)), 100))
+    fit_x, val_x, fit_y, val_y = train_test_split(x, y, test_size=n_val, stratify=y, random_state=seed)
+    scores = [_auc(_fit(fit_x, fit_y, c), val_x, val_y) for c in cs]
+    return cs[int(np.argmax(scores))]
+
+
+def probe_auc(features: np.ndarray, split: ConceptSplit, cs: tuple[float, ...], seed: int = 0) -> tuple[float, float]:
+    """Test ROC-AUC of a logistic probe on `features` [pool rows, f] -> (auc, C used)."""
+    train, test = _standardise(features[split.train].astype(np.float64), features[split.test].astype(np.float64))
+    c = cs[0] if len(cs) == 1 else select_c(train, split.y_train, cs, seed)
+    return _auc(_fit(train, split.y_train, c), test, split.y_test), c
+
+
+def linear_baseline(x: np.ndarray, pool: ProbePool, seed: int = 0) -> dict[str, dict]:
+    """x: [pool rows, d] raw activations -> {concept: {"auc", "C"}} of the full-width probe."""
+    out = {}
+    with one_blas_thread():
+        for name, split in pool.splits.items():
+            auc, c = probe_auc(x, split, BASELINE_CS, seed)
+            out[name] = {"auc": auc, "C": c}
+    return out
+
+
+def rank_latents(z: np.ndarray, split: ConceptSplit) -> np.ndarray:
+    """Latents by |mean(positives) - mean(negatives)| on the training rows, largest first."""
+    train, y = z[split.train], split.y_train
+    difference = np.abs(train[y].mean(0) - train[~y].mean(0))
+    return np.argsort(-difference, kind="stable")
+
+
+def sparse_probes(z: np.ndarray, pool: ProbePool, ks: tuple[int, ...] = PROBE_KS) -> dict[str, dict]:
+    """z: [pool rows, d_sae] latents -> {concept: {"k1": auc, ..., "latents": top max(k) ids}}.
+    k larger than d_sae is left out."""
+    ks = tuple(k for k in ks if k <= z.shape[1])
+    out = {}
+    with one_blas_thread():
+        for name, split in pool.splits.items():
+            order = rank_latents(z, split)[: max(ks)]
+            out[name] = {f"k{k}": probe_auc(z[:, order[:k]], split, (SPARSE_C,))[0] for k in ks}
+            out[name]["latents"] = order.tolist()
+    return out

@@ -1,0 +1,69 @@
+"""Ground truth: Matryoshka BatchTopK on `dictlearn synth --hierarchy` data recovers the parents in
+its first prefixes and the children after them, and its parent latents keep firing when a child
+fires (little absorption).
+
+Data: 64 true features in d = 32, mean 3 active per row, Zipf exponent 0.6 (so a child fires in
+~20-40 % of its parent's rows), uniform magnitudes; features 0-7 are parents, each owning 4
+children (features 8-39) that fire only with it. Dictionary: d_sae 128, k 6, prefixes 8, 16, 32,
+64, 128 (the first prefix holds exactly the 8 parents), lr 3e-3, 1000 steps of 1024 rows.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from conftest import quiet_trainer
+from dictlearn import ActivationDataModule, MatryoshkaBatchTopKSAE
+from dictlearn.data import write_synth_file
+from dictlearn.data.synth import synthesize
+from dictlearn.training import DictionaryTraining
+
+SETTING = dict(d=32, n_features=64, mean_active=3.0, zipf_exponent=0.6, hierarchy=8, children_per_parent=4,
+               magnitude="uniform", seed=0)
+PARENTS, CHILDREN = range(8), range(8, 40)
+# Measured (CPU, this setting): parents MMCS 0.748, children 0.666, parent latents
+# [4, 0, 1, 3, 6, 7, 19, 2], a parent latent fires on 0.871 of its rows that also hold a child.
+# BatchTopK on the same data and steps: parents 0.939, children 0.897 (its latents are not
+# ordered: parent latents [71, 61, 1, 5, ...]). In this short run the first prefix's 8 latents
+# also carry the children's mean direction and part of the independent features, which lowers
+# their cosine with the bare parent (the price Bussmann et al. report as Matryoshka's
+# reconstruction gap); the bounds below sit just under the measured values.
+PARENT_MMCS, CHILD_MMCS, FIRES_WITH_CHILD = 0.7, 0.6, 0.8
+STEPS = 1000
+
+
+def _best_matches(features: torch.Tensor, W_dec: torch.Tensor):
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    cos = (features / features.norm(dim=-1, keepdim=True)) @ unit.T
+    return cos.max(1)
+
+
+@pytest.mark.slow
+def test_matryoshka_recovers_parents_first_and_children_after(tmp_path):
+    path = tmp_path / "hierarchy.h5"
+    write_synth_file(path, n_rows=200_000, **SETTING)
+    L.seed_everything(0)
+    model = MatryoshkaBatchTopKSAE(d_in=32, d_sae=128, k=6, lr=3e-3, lr_decay_fraction=0.2,
+                                   threshold_start_step=STEPS // 5)
+    quiet_trainer(max_steps=STEPS).fit(DictionaryTraining(model), ActivationDataModule(str(path), batch_size=1024))
+    held = synthesize(20_000, **SETTING, return_codes=True)
+    features = torch.from_numpy(held.features)
+    best = _best_matches(features, model.W_dec.detach())
+    parents, children = best.values[list(PARENTS)], best.values[list(CHILDREN)]
+    parent_latents = best.indices[list(PARENTS)]
+    with torch.no_grad():
+        z = model.encode(torch.from_numpy(held.acts))
+    codes = torch.from_numpy(held.codes)
+    fires_with_child = []
+    for p in PARENTS:
+        rows = (codes[:, p] > 0) & (codes[:, 8 + 4 * p : 12 + 4 * p] > 0).any(1)
+        fires_with_child.append(float((z[rows, parent_latents[p]] > 0).float().mean()))
+    print(f"matryoshka: parents MMCS {parents.mean():.3f} (min {parents.min():.3f}), children {children.mean():.3f} "
+          f"(min {children.min():.3f}), parent latents {parent_latents.tolist()}, parent latent fires on "
+          f"{np.mean(fires_with_child):.3f} of its rows with a child")
+    assert (parent_latents < 16).sum() >= 7  # the broad features live in the first prefixes
+    assert parents.mean() >= PARENT_MMCS and children.mean() >= CHILD_MMCS
+    assert np.mean(fires_with_child) >= FIRES_WITH_CHILD
