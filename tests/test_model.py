@@ -37,3 +37,17 @@ def test_geometric_median_minimises_the_sum_of_distances():
     # Collinear odd set: the median is the middle point.
     line = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [10.0, 10.0]])
     torch.testing.assert_close(geometric_median(line), torch.tensor([2.0, 2.0]), atol=1e-3, rtol=0)
+
+
+def test_reset_parameters_gives_one_start_per_seed_and_width():
+    """Same seed and shape: the same start (mechanisms compared from one initialisation); another
+    width: no shared rows, or feature splitting across sizes would match the initialisation."""
+    from dictlearn import BatchTopKSAE, TopKSAE
+
+    small, same, wide = TopKSAE(d_in=8, d_sae=16, k=2), BatchTopKSAE(d_in=8, d_sae=16, k=2), TopKSAE(d_in=8, d_sae=32, k=2)
+    with torch.no_grad():
+        for model in (small, same, wide):
+            model.reset_parameters(3)
+    assert torch.equal(small.W_dec, same.W_dec) and torch.equal(small.W_enc, same.W_enc)
+    cosines = small.W_dec @ wide.W_dec.T  # unit rows
+    assert cosines.abs().max() < 0.99

@@ -198,9 +198,12 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Redraw the random initial weights from `seed` alone (a sweep member's own seed), so the
-        start does not depend on what the process drew before."""
-        W_enc, W_dec = self._initial_weights(torch.Generator().manual_seed(seed))
+        """Redraw the random initial weights from `seed` and the width alone (a sweep member's own
+        seed), so the start does not depend on what the process drew before. Members of one seed
+        and shape start equal (a fair comparison of mechanisms); the width picks its own stream,
+        or a 1024-wide dictionary would start with the 512-wide one's rows as its first half and
+        matching latents across sizes (feature splitting) would find the initialisation."""
+        W_enc, W_dec = self._initial_weights(torch.Generator().manual_seed(seed * 1_000_003 + self.d_sae))
         self.W_enc.copy_(W_enc)
         self.W_dec.copy_(W_dec)
 
