@@ -156,9 +156,12 @@ def compare(config: CompareConfig) -> Path:
         _leave_process_group()  # evaluation runs on rank 0 alone; its metrics must not try to sync
         if rank != 0:
             return out
-        records = _evaluate_all(config, source, planned, progress, stop)
+        from dictlearn.downstream import DownstreamCache
+
+        cache = DownstreamCache(config.device)  # the language model, loaded once for evaluation and dashboards
+        records = _evaluate_all(config, source, planned, cache, progress, stop)
         if config.interpret:
-            _dashboards(config, planned, source, progress, stop)
+            _dashboards(config, planned, source, cache, progress, stop)
     write_results(out, records)
     progress.stage("report", 1, unit="file")
     write_timings(out, progress, time.perf_counter() - started, config)
@@ -346,16 +349,15 @@ def _export_from(checkpoint: Path, pending: list[Planned], out: Path, source: So
 
 
 # ----------------------------------------------------------------------------- evaluation and results
-def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned], progress: Progress,
+def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned], cache, progress: Progress,
                   stop: threading.Event) -> list[dict]:
-    from dictlearn.downstream import DownstreamCache
     from dictlearn.evaluate import EvaluateOptions, evaluate
     from dictlearn.interpret.record import ProbeCache
 
     out = Path(config.out)
     options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,
                               interpret=config.interpret)
-    cache, probes = DownstreamCache(config.device), ProbeCache()  # probe rows and baselines: once per file
+    probes = ProbeCache()  # probe rows and baselines: once per file
     todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
     progress.stage("evaluate", max(1, len(todo)), unit="dict")
     for i, p in enumerate(todo):
@@ -385,7 +387,7 @@ def dashboard_members(planned: list[Planned]) -> list[Planned]:
     return list(chosen.values())
 
 
-def _dashboards(config: CompareConfig, planned: list[Planned], source: Source, progress: Progress,
+def _dashboards(config: CompareConfig, planned: list[Planned], source: Source, cache, progress: Progress,
                 stop: threading.Event) -> None:
     """DIR/dashboards/<architecture>.html, skipped where it exists (resume)."""
     from dictlearn.interpret.dashboard import InspectOptions, inspect
@@ -395,13 +397,10 @@ def _dashboards(config: CompareConfig, planned: list[Planned], source: Source, p
     progress.stage("interpret", max(1, len(todo)), unit="dict")
     # record=False: a comparison never rewrites an export (steer measures the maximum from the file instead)
     options = InspectOptions(rows=DASHBOARD_ROWS, cards=DASHBOARD_CARDS, device=config.device, record=False)
-    models: dict = {}
     for i, p in enumerate(todo):
         _check_stop(stop)
         export = out / "exports" / p.name
         name = json.loads((export / "cfg.json").read_text()).get("metadata", {}).get("model_name")
-        if name and name not in models:
-            models[name] = _load_model(name)
         inspect(export, source.path, out / "dashboards" / f"{p.architecture}.html", options, echo=False,
-                lm=models.get(name))
+                lm=cache.model(name) if name else None)
         progress.update(i + 1)
