@@ -66,7 +66,8 @@ class EvaluateOptions:
     corpus windows to splice, batch_size of them per forward pass. val_rows/block_size: the
     held-out split, as `--data.val_rows`/`--data.block_size` in training. device "auto": cuda if
     available. downstream=False skips the spliced runs (their keys are null); interpret=False
-    skips the probes and concept coverage (theirs are null).
+    skips the probes and concept coverage (theirs are null). feature_density=True adds each
+    latent's firing frequency on the held-out rows (a list of d_sae numbers) as `feature_density`.
     """
 
     model: str | None = None
@@ -81,6 +82,7 @@ class EvaluateOptions:
     device: str = "auto"
     downstream: bool = True
     interpret: bool = True
+    feature_density: bool = False
 
     def __post_init__(self) -> None:
         for name in ("contexts", "batch_size", "context", "block_size"):
@@ -224,7 +226,8 @@ def _check_provenance(entry: Entry, data: HeldOutData) -> None:
 
 
 def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: str) -> tuple[dict, int]:
-    """Reconstruction + sparsity metrics on the held-out tail rows. -> (metrics, rows)."""
+    """Reconstruction + sparsity metrics on the held-out tail rows (and `feature_density`, the
+    firing frequency of each latent on them, a list). -> (metrics, rows)."""
     recon, sparsity = ReconstructionMetrics(dictionary.d_out).to(device), SparsityMetrics(dictionary.d_sae).to(device)
     first, n_rows = data.split.heldout
     for start in range(first, n_rows, ROWS_PER_READ):
@@ -235,7 +238,8 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
         recon.update(y, dictionary.decode(z, x))
         sparsity.update(z)
     values = {**recon.compute(), **sparsity.compute()}
-    return {k: float(v) for k, v in values.items()}, n_rows - first
+    return {k: float(v) for k, v in values.items()} | {"feature_density": sparsity.feature_density().tolist()}, \
+        n_rows - first
 
 
 def feature_mmcs(path: str, dictionary: Dictionary) -> float | None:
@@ -371,8 +375,9 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
         dictionary.train(training)
     if downstream is not None:
         metrics.update(downstream.metrics)
+    density = {"feature_density": metrics["feature_density"]} if options.feature_density else {}
     return (_record(entry, data_path, keys, n_rows, downstream) | {k: _finite(metrics.get(k)) for k in METRIC_KEYS}
-            | {k: metrics.get(k) for k in INTERPRETATION_DETAIL_KEYS})
+            | {k: metrics.get(k) for k in INTERPRETATION_DETAIL_KEYS} | density)
 
 
 def _interpretation(dictionary: Dictionary, data: HeldOutData, options: EvaluateOptions, probes) -> dict:

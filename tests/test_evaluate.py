@@ -142,6 +142,10 @@ def test_reconstruction_uses_the_validation_tail(setup, capsys):
     assert line["mse"] == pytest.approx(err / len(y), rel=1e-6)
     assert line["fvu"] == pytest.approx(err / ((y - y.mean(0)) ** 2).sum(), rel=1e-6)
     assert line["l0"] == pytest.approx((z != 0).sum(1).double().mean().item(), rel=1e-12)
+    assert "feature_density" not in line  # only when asked: one number per latent
+    (record,) = evaluate([setup["transcoder"]], setup["data"],
+                         options=EvaluateOptions(downstream=False, interpret=False, feature_density=True))
+    np.testing.assert_allclose(record["feature_density"], (z != 0).double().mean(0).numpy(), rtol=1e-15)
 
 
 def test_downstream_windows_are_heldout_windows(setup, capsys):

@@ -14,25 +14,6 @@ from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.io import atomic_write_text
 
 
-def feature_density(export: Path, data: Path, input_key: str, device: str) -> list[float]:
-    """Per latent, the fraction of the held-out rows (evaluate's split) on which it fires: the
-    optional `feature_density` key the report's density histogram reads."""
-    import torch
-
-    from dictlearn.data.h5 import H5Array
-    from dictlearn.data.split import HeldOutSplit
-    from dictlearn.export import load
-
-    dictionary, inputs = load(export).to(device), H5Array(data, input_key)
-    first, last = HeldOutSplit(inputs.n_rows).heldout
-    fired = torch.zeros(dictionary.d_sae, dtype=torch.int64, device=device)
-    with torch.no_grad():
-        for start in range(first, last, 8192):
-            fired += (dictionary.encode(inputs.read(start, min(start + 8192, last)).to(device)) != 0).sum(0)
-    inputs.close()
-    return (fired.double() / max(1, last - first)).tolist()
-
-
 def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
     """evaluate's record + what the comparison knows about the dictionary (DESIGN.md's keys)."""
     record = json.loads((out / "evaluations" / f"{p.name}.json").read_text())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
-from dictlearn.compare.results import feature_density, results_line, write_results, write_timings
+from dictlearn.compare.results import results_line, write_results, write_timings
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.io import atomic_write_text
 from dictlearn.runtime import quiet_lightning
@@ -356,15 +356,13 @@ def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned],
 
     out = Path(config.out)
     options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,
-                              interpret=config.interpret)
+                              interpret=config.interpret, feature_density=True)  # the density figure reads it
     probes = ProbeCache()  # probe rows and baselines: once per file
     todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
     progress.stage("evaluate", max(1, len(todo)), unit="dict")
     for i, p in enumerate(todo):
         _check_stop(stop)
         record = evaluate([out / "exports" / p.name], source.path, options=options, cache=cache, probes=probes)[0]
-        record["feature_density"] = feature_density(out / "exports" / p.name, source.path, record["input_key"],
-                                                    config.device)
         atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record, default=str))
         progress.update(i + 1)
     return [results_line(config, p, out) for p in planned]
