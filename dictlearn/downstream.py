@@ -256,14 +256,20 @@ class SplicedInputs:
 
     def check_widths(self, d_in: int, d_out: int, what: object) -> None:
         """The model's activations at the site have widths `d_in`/`d_out` (else: another model)."""
-        read = self.site.read or self.site.write
-        with torch.no_grad(), capture(self.lm.model, [read, self.site.write], stop_after=True) as acts:
-            run_until_captured(self.lm.model, self.batches[0][0][:1], use_cache=False)
-        for hook, expected, role in ((read, d_in, "d_in"), (self.site.write, d_out, "d_out")):
-            width = acts[str(HookPoint.parse(hook))].shape[-1]
-            if width != expected:
-                raise ConfigError(f"model {self.lm.name}: hook {hook!r} has width {width} but {what} has "
-                                  f"{role}={expected}; it was trained on another model — pass --model")
+        check_site_widths(self.lm, self.site, self.batches[0][0][:1], d_in, d_out, what)
+
+
+def check_site_widths(lm: LanguageModel, site: SpliceSite, tokens: Tensor, d_in: int, d_out: int, what: object) -> None:
+    """One forward of `tokens` [1, n] up to the site: its read and write activations have widths
+    `d_in`/`d_out`, or a one-line ConfigError (the dictionary was trained on another model)."""
+    read = site.read or site.write
+    with torch.no_grad(), capture(lm.model, [read, site.write], stop_after=True) as acts:
+        run_until_captured(lm.model, tokens, use_cache=False)
+    for hook, expected, role in ((read, d_in, "d_in"), (site.write, d_out, "d_out")):
+        width = acts[str(HookPoint.parse(hook))].shape[-1]
+        if width != expected:
+            raise ConfigError(f"model {lm.name}: hook {hook!r} has width {width} but {what} has "
+                              f"{role}={expected}; it was trained on another model — pass --model")
 
 
 def prepare(

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dictlearn.downstream import Replacement, SpliceSite, run_replaced
+from dictlearn.downstream import Replacement, SpliceSite, check_site_widths, run_replaced
 from dictlearn.errors import ConfigError
 from dictlearn.interpret.directions import decoder_direction, top_tokens, unembedding
 
@@ -182,7 +182,8 @@ def steer_export(export, feature: int, scale: float, prompt: str, *, tokens: int
     lm = load_checked_model(entry, name)
     lm.model.to(device)
     site = SpliceSite.from_metadata(entry.meta.get("hook_name"), entry.meta.get("hook_name_out"), dictionary.transcoder)
-    _check_width(lm, site, dictionary, entry.name)
+    check_site_widths(lm, site, torch.zeros(1, 2, dtype=torch.long, device=device), dictionary.d_in,
+                      dictionary.d_out, entry.name)  # the model is on `device` now
     top, source, data_used = max_activation(entry, feature, data, input_key, device)
     allowed = _seen_tokens(data_used, lm)
     return steer(dictionary, lm, site, feature, scale, prompt, max_activation=top, max_source=source, tokens=tokens,
@@ -221,20 +222,6 @@ def measured_max(entry, feature: int, data: str, input_key: str | None, device: 
             top = max(top, float(z[:, feature].max()))
     inputs.close()
     return top, f"{data}['{inputs.key}'], first {n_rows:,} rows (measured now)"
-
-
-def _check_width(lm, site: SpliceSite, dictionary, name: str) -> None:
-    from dictlearn.models.hooks import HookPoint, capture, run_until_captured
-
-    read = site.read or site.write
-    device = next(lm.model.parameters()).device
-    with torch.no_grad(), capture(lm.model, [read, site.write], stop_after=True) as acts:
-        run_until_captured(lm.model, torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
-    for hook, expected, role in ((read, dictionary.d_in, "d_in"), (site.write, dictionary.d_out, "d_out")):
-        width = acts[str(HookPoint.parse(hook))].shape[-1]
-        if width != expected:
-            raise ConfigError(f"model {lm.name}: hook {hook!r} has width {width} but {name} has {role}={expected}; "
-                              "pass the --model it was trained on")
 
 
 def _seen_tokens(data: str | None, lm) -> Tensor | None:
