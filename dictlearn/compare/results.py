@@ -48,11 +48,12 @@ def write_results(out: Path, records: list[dict]) -> None:
     atomic_write_text(out / "results.csv", buffer.getvalue())
 
 
-def write_timings(out: Path, progress, total: float, config: CompareConfig) -> None:
-    """DIR/timings.json: `progress`'s seconds per stage of this invocation and the machine it ran on."""
+def write_timings(out: Path, progress, total: float, host: dict) -> None:
+    """DIR/timings.json: `progress`'s seconds per stage of this invocation and the machine it ran
+    on (`machine()`, measured once per invocation: the report and the file show the same rate)."""
     stages = {k: round(v, 1) for k, v in progress.seconds.items()}
     atomic_write_text(out / "timings.json", json.dumps(
-        {"stages": stages | {"total": round(total, 1)}, "machine": machine(config.device)}, indent=2))
+        {"stages": stages | {"total": round(total, 1)}, "machine": host}, indent=2))
 
 
 def machine(device: str) -> dict:
