@@ -6,8 +6,9 @@ pair, the distribution of each small latent's best cosine in the next larger dic
 the legend). Right: one family, a small latent and its children in the next size (the large
 latents whose best small match it is, cosine >= 0.5), each with its best concept label by F1
 (when the activation file carries concept labels) and the bytes its decoder row promotes (logit
-lens, when the model loads). The family shown is the labelled parent with the most children,
-else the parent with the most children. Matching: dictlearn/interpret/splitting.py.
+lens, when the model loads). The family shown is the one its labels name best (a labelled parent
+with two or more children, by its F1 plus its labelled children's F1s), else the parent with the
+most children (`splitting.rank_parents`). Matching: dictlearn/interpret/splitting.py.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ class Member:
     concept: tuple[str, float] | None = None
     promoted: list[str] = field(default_factory=list)
 
-    def text(self) -> str:
+    def text(self, indent: str = "") -> str:
+        """`#latent  concept (F1 ..)`, and on a second line the bytes it promotes."""
         label = f"{self.concept[0]} (F1 {self.concept[1]:.2f})" if self.concept and self.concept[1] >= MIN_F1 else "—"
         bytes_ = " ".join(self.promoted[:4])
-        return f"#{self.latent}  {label}" + (f"   promotes {bytes_}" if bytes_ else "")
+        return f"#{self.latent}  {label}" + (f"\n{indent}promotes {bytes_}" if bytes_ else "")
 
 
 @dataclass
@@ -63,32 +65,6 @@ def ladder_lines(lines: list[dict]) -> tuple[str, dict[int, dict]] | None:
             by_arch[arch].setdefault(int(d_sae), line)
     arch = max(by_arch, key=lambda a: len(by_arch[a]), default=None)
     return (arch, by_arch[arch]) if arch is not None and len(by_arch[arch]) >= 2 else None
-
-
-def _labels(dictionaries: dict, data: str | None, input_key: str | None):
-    """{d_sae: [(concept, F1)] per latent} from the file's first rows, or None without labels."""
-    import torch
-
-    from dictlearn.data.h5 import H5Array
-    from dictlearn.interpret.labels import read_concept_labels
-    from dictlearn.interpret.splitting import latent_concepts
-
-    if not data or not input_key or not Path(data).is_file():
-        return None
-    labels = read_concept_labels(data, slice(0, LABEL_ROWS))
-    if labels is None:
-        return None
-    array = H5Array(data, input_key)
-    x = array.read(0, min(LABEL_ROWS, array.n_rows))
-    array.close()
-    known = torch.from_numpy(labels.labelled[: len(x)])
-    values = torch.from_numpy(labels.values[: len(x)])[known]
-    found = {}
-    with torch.no_grad():
-        for d_sae, dictionary in dictionaries.items():
-            fires = torch.cat([dictionary.encode(part) != 0 for part in x.split(4096)])[known]
-            found[d_sae] = latent_concepts(fires, values, labels.names)
-    return found
 
 
 def _lens(line: dict):
@@ -115,21 +91,19 @@ def _lens(line: dict):
 def find_family(lines_by_size: dict[int, dict]) -> tuple[list, Family]:
     """Load the ladder's exports, match them, pick and label a family. -> (SizePairs, Family)."""
     from dictlearn.export import load
-    from dictlearn.interpret.splitting import size_ladder
+    from dictlearn.interpret.splitting import rank_parents, rows_pass, size_ladder
 
     dictionaries = {d: load(line["export"]) for d, line in lines_by_size.items()}
-    pairs = size_ladder({d: m.W_dec for d, m in dictionaries.items()})
+    line = lines_by_size[min(lines_by_size)]
+    seen = None  # without the activation file every latent takes part and nothing is labelled
+    if line.get("data") and line.get("input_key") and Path(line["data"]).is_file():
+        seen = rows_pass(dictionaries, line["data"], line["input_key"], LABEL_ROWS)
+    pairs = size_ladder({d: m.W_dec for d, m in dictionaries.items()}, alive=seen.alive if seen else None)
     first = pairs[0]
-    line = lines_by_size[first.small]
-    labels = _labels({first.small: dictionaries[first.small], first.large: dictionaries[first.large]},
-                     line.get("data"), line.get("input_key"))
-    sizes = first.family_sizes(MIN_COS).double()
-    if labels is not None:  # prefer a parent that is labelled, then the larger family
-        f1 = np.array([v for _, v in labels[first.small]])
-        score = sizes.numpy() * (1.0 + 10.0 * ((sizes.numpy() >= 2) & (f1 >= MIN_F1)) * f1)
-    else:
-        score = sizes.numpy()
-    parent = int(np.argmax(score))
+    labels = seen.concepts if seen else None
+    ranked = rank_parents(first, *((labels[first.small], labels[first.large]) if labels is not None else ()),
+                          min_cos=MIN_COS, min_f1=MIN_F1)
+    parent = ranked[0] if ranked else 0
     children = first.children(parent, MIN_COS)
     members = [Member(parent)] + [Member(i, c) for i, c in children]
     promoted = _lens(line)
@@ -148,9 +122,11 @@ def draw_figure(pairs, family: Family | None, architecture: str, site=None):
     fig, (left, right) = new_figure(ncols=2, height_in=3.6)
     bins = np.linspace(0, 1, 41)
     for pair in pairs:
-        left.hist(pair.max_cos.numpy(), bins=bins, histtype="step", density=True, linewidth=1.4,
-                  label=f"{pair.small} → {pair.large}: MMCS {pair.mmcs:.3f}")
-    left.set_xlabel("best decoder cosine of a small latent in the next size")
+        alive = pair.summary()
+        left.hist(pair.matched_cos.numpy(), bins=bins, histtype="step", density=True, linewidth=1.4,
+                  label=f"{pair.small} → {pair.large}: MMCS {pair.mmcs:.3f} ({alive['alive_small']} → "
+                        f"{alive['alive_large']} alive)")
+    left.set_xlabel("best decoder cosine in the next size")
     left.set_ylabel("density")
     left.set_title(f"{architecture}: best match in the next size"
                    + (f"\n{site_title(site)}" if site is not None else ""))
@@ -158,8 +134,9 @@ def draw_figure(pairs, family: Family | None, architecture: str, site=None):
     left.legend(frameon=False, loc="upper right", fontsize=7.5)
     right.axis("off")
     if family is not None:
-        rows = [f"d_sae {family.small}  parent  {family.parent.text()}", f"d_sae {family.large}  children (cosine):"]
-        rows += [f"   {m.cos:.2f}  {m.text()}" for m in family.children[:10]]
+        rows = [f"d_sae {family.small}  parent  {family.parent.text(' ' * 23)}",
+                f"d_sae {family.large}  children (cosine):"]
+        rows += [f"   {m.cos:.2f}  {m.text(' ' * 9)}" for m in family.children[:10]]
         if len(family.children) > 10:
             rows.append(f"   … {len(family.children) - 10} more")
         right.set_title(f"latent {family.parent.latent} and its children")
@@ -202,8 +179,9 @@ def draw(lines: list[dict], out_dir: Path, notes: list[str], site=None) -> list[
     fig = draw_figure(pairs, family, architecture, site)
     stem = f"splitting{site_suffix(site)}"
     widths = " → ".join(str(p.small) for p in pairs) + f" → {pairs[-1].large}"
-    caption = (f"Feature splitting of {architecture} across d_sae {widths}: each small latent's best decoder "
-               f"cosine in the next size, and latent {family.parent.latent} of d_sae {family.small} with its "
+    caption = (f"Feature splitting of {architecture} across d_sae {widths}: each alive small latent's best decoder "
+               f"cosine among the next size's alive latents (alive: fired on the activation file's first "
+               f"{LABEL_ROWS:,} rows), and latent {family.parent.latent} of d_sae {family.small} with its "
                f"{len(family.children)} children at cosine ≥ {MIN_COS}.")
     return [Drawn(stem, caption, tuple(save(fig, out_dir, stem)), site)]
 

@@ -147,3 +147,41 @@ def test_widths_that_share_their_initial_rows_are_flagged():
     assert same_index_fraction(size_pair(small, large)) == 1.0
     shifted = torch.cat([large[:8].roll(1, 0), large[8:]])  # the same rows, each at another index
     assert same_index_fraction(size_pair(small, shifted)) == 0.0
+
+
+def test_rank_parents_puts_the_family_the_labels_name_first():
+    """Small latents 0 (3 unlabelled children), 1 (2 children, both labelled), 2 (2 children, the
+    parent unlabelled), 3 (one child); large latent 7 matches 0 below the cosine bar."""
+    from dictlearn.interpret.splitting import SizePair, rank_parents
+
+    parent = torch.tensor([0, 0, 0, 1, 1, 2, 2, 0, 3])
+    parent_cos = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.9, 0.9, 0.9, 0.4, 0.9])
+    pair = SizePair(4, 9, torch.ones(4), parent, parent_cos)
+    small = [("a", 0.5), ("b", 0.3), ("c", 0.1), ("d", 0.9)]
+    large = [("x", 0.0)] * 3 + [("y", 0.4), ("y", 0.25), ("z", 0.6), ("z", 0.6), ("x", 0.9), ("w", 0.9)]
+    assert rank_parents(pair) == [0, 1, 2, 3]  # by number of children
+    # 0: F1 0.5, no labelled child -> 0.5; 1: 0.3 + 0.4 + 0.25 -> 0.95; 2: parent below 0.2 -> 0; 3: one child -> 0
+    assert rank_parents(pair, small, large) == [1, 0, 2, 3]
+    assert rank_parents(pair, small) == [0, 1, 2, 3]  # parent F1 alone: 0.5 > 0.3
+    assert rank_parents(pair, small, large, min_f1=0.35) == [0, 1, 2, 3]  # 1: 0.3 < 0.35 -> unnamed
+
+
+def test_dead_latents_take_part_in_no_match():
+    """A dead large latent (never fired) is nobody's child even where it is the best match; a dead
+    small latent has no best match, and MMCS is the mean over the alive ones (brute force)."""
+    P, C, O = _hierarchy()
+    small, large = torch.cat([P, O]), torch.cat([C.reshape(24, -1), O])
+    small_alive, large_alive = torch.ones(16, dtype=torch.bool), torch.ones(34, dtype=torch.bool)
+    small_alive[[3, 9]] = False
+    large_alive[[0, 5]] = False  # the first child of parents 0 and 1
+    pair = size_pair(small, large, chunk=4, small_alive=small_alive, large_alive=large_alive)
+    unit = lambda W: W / W.norm(dim=1, keepdim=True)
+    cos = unit(small) @ unit(large).T
+    cos_alive = cos[small_alive][:, large_alive]
+    assert pair.mmcs == pytest.approx(float(cos_alive.max(1).values.mean()), abs=1e-6)
+    assert pair.max_cos[[3, 9]].isnan().all() and len(pair.matched_cos) == 14
+    assert sorted(i for i, _ in pair.children(0)) == [1, 2, 3] and sorted(i for i, _ in pair.children(1)) == [4, 6, 7]
+    assert pair.children(3) == [] and pair.parent[[0, 5]].tolist() == [-1, -1]
+    expected_parent = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15])[cos_alive.argmax(0)]
+    assert torch.equal(pair.parent[large_alive], expected_parent)
+    assert pair.summary()["alive_small"] == 14 and pair.summary()["alive_large"] == 32

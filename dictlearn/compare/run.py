@@ -386,20 +386,43 @@ def dashboard_members(planned: list[Planned]) -> list[Planned]:
     return list(chosen.values())
 
 
+def dashboard_pages(planned: list[Planned], chosen: Planned) -> dict[int, Planned]:
+    """{d_sae: member} of the chosen member's page(s): its architecture, L0 target and seed at every
+    width of the plan (a size sweep: one page per width, each card with its family across sizes)."""
+    same = {p.d_sae: p for p in planned
+            if (p.architecture, p.l0_target, p.seed) == (chosen.architecture, chosen.l0_target, chosen.seed)}
+    return {d: same[d] for d in sorted(same)}
+
+
+def _page_names(architecture: str, members: dict[int, Planned]) -> dict[int, str]:
+    if len(members) == 1:
+        return {d: f"{architecture}.html" for d in members}
+    return {d: f"{architecture}_d{d}.html" for d in members}
+
+
 def _dashboards(config: CompareConfig, planned: list[Planned], source: Source, cache, progress: Progress,
                 stop: threading.Event) -> None:
-    """DIR/dashboards/<architecture>.html, skipped where it exists (resume)."""
+    """DIR/dashboards/<architecture>.html, or <architecture>_d<d_sae>.html per width of a size sweep
+    (interpret/families.py), skipped where they exist (resume)."""
     from dictlearn.interpret.dashboard import InspectOptions, inspect
+    from dictlearn.interpret.families import ladder_dashboards
 
     out = Path(config.out)
-    todo = [p for p in dashboard_members(planned) if not (out / "dashboards" / f"{p.architecture}.html").is_file()]
+    boards = [(p, dashboard_pages(planned, p)) for p in dashboard_members(planned)]
+    todo = [(p, members) for p, members in boards
+            if not all((out / "dashboards" / name).is_file() for name in _page_names(p.architecture, members).values())]
     progress.stage("interpret", max(1, len(todo)), unit="dict")
     # record=False: a comparison never rewrites an export (steer measures the maximum from the file instead)
     options = InspectOptions(rows=DASHBOARD_ROWS, cards=DASHBOARD_CARDS, device=config.device, record=False)
-    for i, p in enumerate(todo):
+    for i, (p, members) in enumerate(todo):
         _check_stop(stop)
         export = out / "exports" / p.name
         name = json.loads((export / "cfg.json").read_text()).get("metadata", {}).get("model_name")
-        inspect(export, source.path, out / "dashboards" / f"{p.architecture}.html", options, echo=False,
-                lm=cache.model(name) if name else None)
+        lm = cache.model(name) if name else None
+        pages = {d: out / "dashboards" / page for d, page in _page_names(p.architecture, members).items()}
+        if len(members) > 1:
+            ladder_dashboards({d: out / "exports" / m.name for d, m in members.items()}, source.path, pages, options,
+                              lm=lm)
+        else:
+            inspect(export, source.path, pages[p.d_sae], options, echo=False, lm=lm)
         progress.update(i + 1)

@@ -10,7 +10,8 @@
 - `record`: the probe and coverage keys of one `dictlearn evaluate` record, with `ProbeCache`
   (the rows and the linear baseline, once per file and input).
 - `dashboard`, `steer`, `splitting` and their helpers: feature dashboards, steering and feature
-  splitting (`dictlearn inspect`, `dictlearn steer`); see their docstrings.
+  splitting (`dictlearn inspect`, `dictlearn steer`); `families`: a size sweep's dashboards, one
+  page per width, each card with its parent and children across sizes; see their docstrings.
 
 Nothing is imported here, so ``import dictlearn.interpret.labels`` stays light (no scikit-learn).
 """

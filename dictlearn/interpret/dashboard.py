@@ -11,8 +11,9 @@ direction promotes and suppresses (directions.py), its nearest latents by decode
 best concept. The statistics come from two streaming passes over the first `rows` rows of the
 file (statistics.py); contexts are the file's token ids around each row (contexts.py).
 
-Extra card sections (e.g. a latent's family across dictionary sizes) are `SectionMaker`s:
-callables `(card) -> Section | None` passed to `build_dashboard`; each adds one titled block.
+Extra card sections are `SectionMaker`s: callables `(card) -> Section | None` passed to
+`build_dashboard`; each adds one titled block. A latent's family across dictionary sizes is one
+(families.py: one page per width of a size sweep, each card listing its parent and children).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Interval:
 @dataclass
 class Card:
     latent: int
-    role: str  # "densest", "rarest", "sample" or "chosen"
+    role: str  # "densest", "rarest", "sample", "chosen" or "family"
     density: float
     max_activation: float
     mean_activation: float
@@ -155,11 +156,12 @@ def input_array(entry, data: str, input_key: str | None) -> H5Array:
 
 
 def build_dashboard(entry, data: str, options: InspectOptions = InspectOptions(), lm=None,
-                    sections: Sequence[SectionMaker] = ()) -> Dashboard:
+                    sections: Sequence[SectionMaker] = (), also: Sequence[int] = ()) -> Dashboard:
     """The dashboard of `entry` (a dictlearn.evaluate.Entry) on the file `data`.
 
     lm: a loaded LanguageModel for the logit lens and the token text (None: neither). When the
     file holds concept labels, each latent's best concept and F1 on the rows inspected are shown.
+    also: latents that get a card besides the chosen ones (role "family": families.py).
     """
     dictionary = entry.dictionary.to(options.device).eval()
     if options.features is not None:
@@ -176,6 +178,10 @@ def build_dashboard(entry, data: str, options: InspectOptions = InspectOptions()
         chosen = [(f, "chosen") for f in dict.fromkeys(options.features)]
     else:
         chosen = choose_latents(stats, options.cards, options.extremes, options.seed)
+    if also:
+        check_features(also, dictionary.d_sae, entry.name)
+        taken = {latent for latent, _ in chosen}
+        chosen += [(latent, "family") for latent in dict.fromkeys(also) if latent not in taken]
     lens = unembedding(lm.model) if lm is not None else None
     show = token_display(lm.tokenizer if lm is not None else None)
     tokens = TokenRows(data)

@@ -36,6 +36,9 @@ text-overflow:ellipsis;border-bottom:1px solid #f0f1f3}
 .ctx .l{display:inline-flex;justify-content:flex-end;overflow:hidden;vertical-align:bottom}
 .ctx .f{outline:1.5px solid #9a3412;font-weight:700}.ctx .r{color:#8c959f}
 .lens td{padding:0 8px 0 0;font-variant-numeric:tabular-nums}.lens code{background:#f6f8fa;padding:0 3px}
+.family td,.family th{padding:1px 14px 1px 0;text-align:left;font-variant-numeric:tabular-nums}
+.family th{color:#57606a;font-weight:600}.family tr.parent td:first-child{color:#8250df}
+.family tr.child td:first-child{color:#0969da}
 .up{color:#1a7f37}.down{color:#cf222e}.muted{color:#57606a}.nb{margin:0;padding-left:18px}
 """ + _SHADES
 

@@ -12,6 +12,10 @@ et al. 2024, "Scaling Monosemanticity", feature neighbourhoods):
   the small latents is this one, with cosine >= `min_cos` ("children"): a broad feature split
   into finer ones, e.g. a keyword latent into `def`, `return`, ...
 
+Only latents that fire take part (`rows_pass` finds them on a file's first rows): a dead latent
+keeps (near) its random initial row, whose best cosine is chance, not a match. `rank_parents`
+orders the families to show (the figure and the dashboards' family cards, families.py).
+
 Every cosine matrix is computed in [chunk, chunk] blocks with a running top-k, so memory stays
 O(chunk² + n·k) whatever the widths (never an n_small x n_large matrix).
 """
@@ -62,17 +66,22 @@ class SizePair:
 
     small: int  # d_sae of the small dictionary
     large: int
-    max_cos: Tensor  # [small]: each small latent's best cosine in the large dictionary
-    parent: Tensor  # [large]: each large latent's best-matching small latent
-    parent_cos: Tensor  # [large]: that cosine
+    max_cos: Tensor  # [small]: each small latent's best cosine in the large dictionary (NaN: dead)
+    parent: Tensor  # [large]: each large latent's best-matching small latent (-1: dead)
+    parent_cos: Tensor  # [large]: that cosine (NaN: dead)
+
+    @property
+    def matched_cos(self) -> Tensor:
+        """The best cosines of the small latents that take part (alive), [n <= small]."""
+        return self.max_cos[~self.max_cos.isnan()]
 
     @property
     def mmcs(self) -> float:
-        """Mean over small latents of their best cosine in the large dictionary."""
-        return float(self.max_cos.mean())
+        """Mean over the (alive) small latents of their best cosine in the large dictionary."""
+        return float(self.matched_cos.mean())
 
     def quantiles(self, q=(0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[float, float]:
-        return {p: float(v) for p, v in zip(q, torch.quantile(self.max_cos, torch.tensor(q)))}
+        return {p: float(v) for p, v in zip(q, torch.quantile(self.matched_cos, torch.tensor(q)))}
 
     def children(self, latent: int, min_cos: float = 0.5) -> list[tuple[int, float]]:
         """The large latents whose best small match is `latent`, with cosine >= min_cos, best first."""
@@ -89,23 +98,38 @@ class SizePair:
         sizes = self.family_sizes(min_cos)
         return {"small": self.small, "large": self.large, "mmcs": self.mmcs,
                 "max_cos_quantiles": {str(p): v for p, v in self.quantiles().items()},
-                "split_fraction": float((sizes >= 2).float().mean()), "min_cos": min_cos}
+                "split_fraction": float((sizes >= 2).float()[~self.max_cos.isnan()].mean()), "min_cos": min_cos,
+                "alive_small": len(self.matched_cos), "alive_large": int((self.parent >= 0).sum())}
 
 
-def size_pair(small_W_dec: Tensor, large_W_dec: Tensor, chunk: int = 2048) -> SizePair:
-    """Decoder rows of a small [n_s, d] and a larger [n_l, d] dictionary -> their `SizePair`."""
-    max_cos, _ = top_cosines(small_W_dec, large_W_dec, 1, chunk)
-    parent_cos, parent = top_cosines(large_W_dec, small_W_dec, 1, chunk)
-    return SizePair(len(small_W_dec), len(large_W_dec), max_cos[:, 0], parent[:, 0], parent_cos[:, 0])
+def size_pair(small_W_dec: Tensor, large_W_dec: Tensor, chunk: int = 2048, small_alive: Tensor | None = None,
+              large_alive: Tensor | None = None) -> SizePair:
+    """Decoder rows of a small [n_s, d] and a larger [n_l, d] dictionary -> their `SizePair`.
+
+    small_alive, large_alive: bool [n] (None: all), the latents that fired on the data looked at.
+    A dead latent keeps (near) its random initial decoder row; it takes part in no match, so its
+    best cosine, at chance level (~0.3 in d_in 128), does not enter MMCS or a family."""
+    s_ids, l_ids = (torch.arange(len(W)) if alive is None else alive.nonzero().squeeze(1)
+                    for W, alive in ((small_W_dec, small_alive), (large_W_dec, large_alive)))
+    max_cos = torch.full((len(small_W_dec),), float("nan"))
+    parent, parent_cos = torch.full((len(large_W_dec),), -1), torch.full((len(large_W_dec),), float("nan"))
+    if len(s_ids) and len(l_ids):
+        best, _ = top_cosines(small_W_dec[s_ids], large_W_dec[l_ids], 1, chunk)
+        back_cos, back = top_cosines(large_W_dec[l_ids], small_W_dec[s_ids], 1, chunk)
+        max_cos[s_ids], parent[l_ids], parent_cos[l_ids] = best[:, 0], s_ids[back[:, 0]], back_cos[:, 0]
+    return SizePair(len(small_W_dec), len(large_W_dec), max_cos, parent, parent_cos)
 
 
-def size_ladder(decoders: dict[int, Tensor], chunk: int = 2048) -> list[SizePair]:
-    """{d_sae: W_dec} of one architecture -> a SizePair for each size and the next larger one."""
+def size_ladder(decoders: dict[int, Tensor], chunk: int = 2048,
+                alive: dict[int, Tensor] | None = None) -> list[SizePair]:
+    """{d_sae: W_dec} of one architecture -> a SizePair for each size and the next larger one
+    (alive: {d_sae: bool [d_sae]}, the latents that take part; None: all)."""
     sizes = sorted(decoders)
     if len(sizes) < 2:
         raise ConfigError(f"feature splitting needs dictionaries of at least two sizes; got d_sae {sizes} "
                           "(run dictlearn compare --d-sae 512,1024,2048,4096)")
-    return [size_pair(decoders[a], decoders[b], chunk) for a, b in zip(sizes, sizes[1:])]
+    alive = alive or {}
+    return [size_pair(decoders[a], decoders[b], chunk, alive.get(a), alive.get(b)) for a, b in zip(sizes, sizes[1:])]
 
 
 def latent_concepts(fires: Tensor, labels: Tensor, names: list[str]) -> list[tuple[str, float]]:
@@ -116,3 +140,58 @@ def latent_concepts(fires: Tensor, labels: Tensor, names: list[str]) -> list[tup
     f1 = 2 * tp / (f.sum(0)[:, None] + lab.sum(0)[None, :]).clamp_min(1.0)
     best = f1.max(1)
     return [(names[int(c)], float(v)) for v, c in zip(best.values, best.indices)]
+
+
+@dataclass
+class RowsPass:
+    """What a ladder's dictionaries do on the first rows of their file: which latents fire, and
+    (when the file holds concept labels) each latent's best (concept, F1) on the labelled rows."""
+
+    alive: dict[int, Tensor]  # {d_sae: bool [d_sae]}
+    concepts: dict[int, list[tuple[str, float]]] | None
+
+
+def rows_pass(dictionaries: dict, data: str, input_key: str, rows: int, device: str = "cpu") -> RowsPass:
+    """{d_sae: Dictionary} encoded on rows [0, rows) of `data`['input_key'] -> their `RowsPass`
+    (concepts by `latent_concepts`, the F1 a dashboard card shows; None without labels)."""
+    from dictlearn.data.h5 import H5Array
+    from dictlearn.interpret.labels import read_concept_labels
+
+    array = H5Array(data, input_key)
+    x = array.read(0, min(rows, array.n_rows))
+    array.close()
+    labels = read_concept_labels(data, slice(0, len(x)))
+    if labels is not None and not labels.names:
+        labels = None
+    alive, concepts = {}, ({} if labels is not None else None)
+    with torch.no_grad():
+        for d_sae, dictionary in dictionaries.items():
+            fires = torch.cat([(dictionary.encode(part.to(device)) != 0).cpu() for part in x.split(4096)])
+            alive[d_sae] = fires.any(0)
+            if labels is not None:
+                known = torch.from_numpy(labels.labelled[: len(x)])
+                concepts[d_sae] = latent_concepts(fires[known], torch.from_numpy(labels.values[: len(x)])[known],
+                                                  labels.names)
+    return RowsPass(alive, concepts)
+
+
+def rank_parents(pair: SizePair, small: list[tuple[str, float]] | None = None,
+                 large: list[tuple[str, float]] | None = None, min_cos: float = 0.5,
+                 min_f1: float = 0.2) -> list[int]:
+    """The small latents that have children in `pair`, the family best to show first. With concept
+    labels (`small`, `large`: each latent's best (concept, F1)), first the families that the labels
+    name: a parent with two or more children and F1 >= min_f1, by its F1 plus the F1s of its
+    children labelled at >= min_f1; then (and without labels) by number of children."""
+    sizes = pair.family_sizes(min_cos)
+    named = torch.zeros(pair.small, dtype=torch.float64)
+    if small is not None:
+        parent_f1 = torch.tensor([v for _, v in small], dtype=torch.float64)
+        named = parent_f1.clone()
+        if large is not None:
+            child_f1 = torch.tensor([v for _, v in large], dtype=torch.float64)
+            keep = (pair.parent_cos >= min_cos) & (child_f1 >= min_f1)
+            named.index_add_(0, pair.parent[keep], child_f1[keep])
+        named = torch.where((sizes >= 2) & (parent_f1 >= min_f1), named, 0.0)
+    score = named * (pair.large + 1) + sizes.double()  # by `named`, ties by number of children
+    order = score.argsort(descending=True, stable=True)
+    return [int(i) for i in order if sizes[i] > 0]
