@@ -144,8 +144,31 @@ def test_reconstruction_uses_the_validation_tail(setup, capsys):
     assert line["l0"] == pytest.approx((z != 0).sum(1).double().mean().item(), rel=1e-12)
     assert "feature_density" not in line  # only when asked: one number per latent
     (record,) = evaluate([setup["transcoder"]], setup["data"],
-                         options=EvaluateOptions(downstream=False, interpret=False, feature_density=True))
+                         options=EvaluateOptions(downstream=False, interpret=False, feature_density=True,
+                                                 density_rows=0))
+    assert record["density_rows"] == 512
     np.testing.assert_allclose(record["feature_density"], (z != 0).double().mean(0).numpy(), rtol=1e-15)
+
+
+def test_dead_fraction_counts_over_more_rows_than_the_tail(setup):
+    """dead/dense fractions and feature densities over the tail plus seeded training blocks: a
+    brute-force count over the same rows (the whole file when it is smaller than density_rows)."""
+    dictionary = load(setup["transcoder"])
+    with h5py.File(setup["data"]) as f:
+        x_all = torch.from_numpy(f[MLP_IN][:])
+    split = ActivationDataModule(str(setup["data"]), MLP_IN, MLP_OUT, batch_size=1).split
+    picked = split.sample_slices(512, seed=0)  # the one training block a 1024-row census adds to the tail
+    for density_rows, rows in ((10**6, x_all), (1024, torch.cat([x_all[split.n_train:]] + [x_all[a:b] for a, b in picked]))):
+        (record,) = evaluate([setup["transcoder"]], setup["data"],
+                             options=EvaluateOptions(downstream=False, interpret=False, feature_density=True,
+                                                     density_rows=density_rows))
+        with torch.no_grad():
+            fired = (dictionary.encode(rows) != 0).double()
+        assert record["density_rows"] == len(rows)
+        np.testing.assert_allclose(record["feature_density"], fired.mean(0).numpy(), rtol=1e-12)
+        assert record["dead_fraction"] == pytest.approx((fired.sum(0) == 0).double().mean().item(), abs=1e-12)
+        assert record["dense_fraction"] == pytest.approx((fired.mean(0) > 0.1).double().mean().item(), abs=1e-12)
+        assert record["n_rows"] == 512  # reconstruction and l0 stay on the held-out tail
 
 
 def test_downstream_windows_are_heldout_windows(setup, capsys):

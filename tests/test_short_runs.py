@@ -74,9 +74,9 @@ def test_scaling_the_encoder_scales_every_mechanisms_latents_exactly():
         torch.testing.assert_close(after, 2.5 * before, rtol=1e-5, atol=1e-5)
 
 
-def test_the_dead_window_is_a_tenth_of_a_short_run_and_10m_tokens_of_a_long_one():
-    assert dead_window_for(614_400) == 61_440
-    assert dead_window_for(10 * DEAD_WINDOW_TOKENS) == DEAD_WINDOW_TOKENS
+def test_the_dead_window_is_a_third_of_a_short_run_and_10m_tokens_of_a_long_one():
+    assert dead_window_for(614_400) == 204_800
+    assert dead_window_for(3 * DEAD_WINDOW_TOKENS) == DEAD_WINDOW_TOKENS
     assert dead_window_for(10**12) == DEAD_WINDOW_TOKENS
     assert TopKSAE(d_in=4, d_sae=8, k=2).dead_window_tokens == DEAD_WINDOW_TOKENS  # until training sets it
     assert TopKSAE(d_in=4, d_sae=8, k=2, dead_window_tokens=500).dead_window_follows_run is False
@@ -104,10 +104,10 @@ def _evaluated_dead_fraction(path: str, dead_window_tokens: int | None) -> tuple
 @pytest.mark.slow
 def test_auxk_lowers_the_dead_fraction_of_a_short_topk_run(independent_file):
     """With the 10M-token window no latent of a 307k-token run is ever declared dead and AuxK
-    never runs; with the window following the run (30,720 tokens) AuxK revives them. Same rows."""
+    never runs; with the window following the run (102,400 tokens) AuxK revives them. Same rows."""
     fixed, fixed_window = _evaluated_dead_fraction(independent_file, DEAD_WINDOW_TOKENS)
     follows, window = _evaluated_dead_fraction(independent_file, None)
-    assert (fixed_window, window) == (DEAD_WINDOW_TOKENS, 30_720)
+    assert (fixed_window, window) == (DEAD_WINDOW_TOKENS, 102_400)
     assert fixed >= 0.2, fixed  # the forced-dead quarter (nearly all of it) stays dead without AuxK
     assert follows < fixed - 0.1, (follows, fixed)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dictlearn.cli.parsing import OneLineParser, check_writable_file, positive_int
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXTS, EvaluateOptions, evaluate
+from dictlearn.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXTS, DENSITY_ROWS, EvaluateOptions, evaluate
 from dictlearn.io import atomic_write_text
 
 
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-key", default=None, help="input dataset (default: the export's)")
     p.add_argument("--target-key", default=None, help="transcoder target dataset (default: the export's)")
     p.add_argument("--val-rows", type=int, default=None, help="held-out tail rows, as --data.val_rows in training")
+    p.add_argument("--density-rows", type=int, default=DENSITY_ROWS,
+                   help=f"rows dead_fraction, dense_fraction and feature_density count over: the held-out tail, "
+                        f"then seeded training rows (default {DENSITY_ROWS:,}; 0: the tail only)")
     p.add_argument("--block-size", type=positive_int, default=512, help="as --data.block_size in training")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-interpret", dest="interpret", action="store_false",
@@ -42,7 +45,7 @@ def main(argv: list[str]) -> int:
     options = EvaluateOptions(
         model=args.model, corpus=args.corpus, input_key=args.input_key, target_key=args.target_key,
         contexts=args.contexts, batch_size=args.batch_size, context=args.context, val_rows=args.val_rows,
-        block_size=args.block_size, device=args.device, interpret=args.interpret,
+        block_size=args.block_size, device=args.device, interpret=args.interpret, density_rows=args.density_rows,
     )  # fmt: skip
     if not Path(args.data).is_file():
         raise DataError(f"--data {args.data}: no such file; pass an HDF5 activation file")
