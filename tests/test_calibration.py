@@ -13,7 +13,7 @@ from dictlearn import GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.data import ActivationDataModule
 from dictlearn.errors import ConfigError
 from dictlearn.training import DictionaryTraining, Member
-from dictlearn.training.calibration import SparsityCalibration, coefficient_attribute
+from dictlearn.training.calibration import SparsityCalibration, coefficient_attribute, start_at_target
 
 
 class FakeSweep:
@@ -59,7 +59,9 @@ def test_controller_reaches_the_closed_form_coefficient_and_freezes():
     # L0 = c / λ: the coefficient that gives target t is exactly c / t.
     constants, targets = {"relu": 40.0, "gated": 3.0, "jump": 500.0}, {"relu": 8.0, "gated": 16.0, "jump": 32.0}
     sweep = FakeSweep(_members(), constants)
-    callback = SparsityCalibration(targets, start_fraction=0.1, control_fraction=0.5, gain=0.2, horizon=0.0)
+    # a short average (8 steps): the frozen value is then the converged one, not the approach's mean
+    callback = SparsityCalibration(targets, start_fraction=0.1, control_fraction=0.5, gain=0.2, horizon=0.0,
+                                   average_fraction=0.02)
     callback.on_fit_start(_trainer(0, 400), sweep)
     history = _drive(callback, sweep, 0, 400, 400)
     assert history[39] == {name: 1.0 for name in targets}  # untouched for the first 10% of steps
@@ -121,6 +123,67 @@ def test_one_step_is_bounded_and_scale_free():
     before = math.log(callback.coefficients()["a"])
     _drive(callback, sweep, 1, 2, 100)
     assert math.log(callback.coefficients()["a"]) - before == pytest.approx(0.1)
+
+
+class SwingingSweep(FakeSweep):
+    """L0 = c / λ times a factor that alternates ×2, ×½ every 10 steps: λ swings around c / t."""
+
+    def step(self) -> None:
+        super().step()
+        self.calls = getattr(self, "calls", 0) + 1
+        swing = 2.0 if (self.calls // 10) % 2 else 0.5
+        self.last_step_l0 = {name: value * swing for name, value in self.last_step_l0.items()}
+
+
+def test_the_frozen_coefficient_is_the_average_not_the_last_value():
+    total, control = 200, 0.8
+    sweep = SwingingSweep({"relu": ReLUL1SAE(d_in=8, d_sae=16, l1_coefficient=1.0)}, {"relu": 40.0})
+    callback = SparsityCalibration({"relu": 8.0}, start_fraction=0.0, control_fraction=control, gain=0.2,
+                                   horizon=0.0, average_fraction=0.1)
+    callback.on_fit_start(_trainer(0, total), sweep)
+    logs, average = [], None
+    for step in range(int(control * total)):  # the controller's own steps, then the EMA by hand
+        callback.on_train_batch_start(_trainer(step, total), sweep, None, step)
+        sweep.step()
+        callback.on_train_batch_end(_trainer(step + 1, total), sweep, None, None, step)
+        logs.append(math.log(callback.coefficients()["relu"]))
+    controlled = [math.log(h["relu"]) for h in _drive(callback, sweep, int(control * total), total, total)]
+    # replay: the EMA of the unfrozen values (the last step's is the one replaced by the average)
+    replay = SparsityCalibration({"relu": 8.0}, start_fraction=0.0, control_fraction=1.0, gain=0.2, horizon=0.0)
+    replay_sweep = SwingingSweep({"relu": ReLUL1SAE(d_in=8, d_sae=16, l1_coefficient=1.0)}, {"relu": 40.0})
+    replay.on_fit_start(_trainer(0, total), replay_sweep)
+    raw = [math.log(h["relu"]) for h in _drive(replay, replay_sweep, 0, int(control * total), total)]
+    for value in raw:
+        average = value if average is None else average + (value - average) / (0.1 * total)
+    assert logs[-1] == pytest.approx(average, abs=1e-12) and controlled == [logs[-1]] * len(controlled)
+    assert max(raw[-40:]) - min(raw[-40:]) > 0.3  # it did swing, and the last raw value is off the average
+    assert abs(raw[-1] - average) > 0.05 and average == pytest.approx(math.log(40.0 / 8.0), abs=0.15)
+
+
+def test_start_at_target_sets_the_starting_l0(small_file):
+    """ReLU-L1: each latent fires on target/d_sae of the sample; JumpReLU: one θ where the sample's
+    L0 is the target; gated and TopK are left alone."""
+    data = ActivationDataModule(small_file, batch_size=256)
+    data.setup("fit")
+    members = {"relu": ReLUL1SAE(d_in=16, d_sae=64, decoder_constraint="unit_norm"),
+               "jump": JumpReLUSAE(d_in=16, d_sae=64), "gated": GatedSAE(d_in=16, d_sae=64),
+               "topk": TopKSAE(d_in=16, d_sae=64, k=4)}
+    for member in members.values():
+        member.initialise_from_data(data)
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in members.items()}
+    for member in members.values():
+        start_at_target(member, 6.0, data, ("acts", None))
+    x = data.view("acts", None).sample_rows(8192)[0] * members["relu"].input_scale
+    with torch.no_grad():
+        fired = (members["relu"].activate(members["relu"].pre_acts(x)) > 0).double()
+        assert fired.sum(1).mean().item() == pytest.approx(6.0, rel=0.02)
+        assert fired.mean(0).numpy() == pytest.approx(6.0 / 64, abs=1.0 / 8192 + 1e-12)  # every latent alike
+        jump = members["jump"]
+        jump_fired = (jump.pre_acts(x * jump.input_scale / members["relu"].input_scale) > jump.threshold).double()
+        assert jump_fired.sum(1).mean().item() == pytest.approx(6.0, rel=0.02)
+        assert len(set(jump.log_threshold.tolist())) == 1
+    for name in ("gated", "topk"):
+        assert all(torch.equal(v, before[name][k]) for k, v in members[name].state_dict().items()), name
 
 
 def test_state_dict_round_trip_continues_identically():

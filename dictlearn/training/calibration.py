@@ -23,10 +23,16 @@ SAEs fell to L0 < 1 at a target of 8, then took a hundred steps to come back). S
 predicted L0 stops pushing once L0 is heading for the target at the rate it can.
 
 Freezing λ for the last part of the run (where the LR decays) lets the weights settle under one
-fixed λ, so the export is an ordinary fixed-coefficient dictionary whose λ was chosen for it.
+fixed λ, so the export is an ordinary fixed-coefficient dictionary whose λ was chosen for it. The
+frozen value is the average of log λ over about the last `average_fraction` (10 %) of the steps
+(an EMA), not its last value: λ swings around the value that holds L0 with the period of L0's
+lag, and the last value is wherever the swing happened to be (measured on synthetic data:
+ReLU-L1 at target 4 landed at L0 7.1 frozen at its last λ, 4.1 at the average).
 
-A JumpReLU member's thresholds also start where its L0 is the target (`_start_threshold`): its
-θ is learned slowly by Adam and would not get there in a short run from the default θ_init.
+A JumpReLU member's thresholds and a ReLU-L1 member's encoder biases start where its L0 is the
+target (`start_at_target`): both are learned slowly by Adam (about lr per step), so from the
+default start L0 takes most of a short run to get anywhere near the target, and the controller,
+seeing no response, winds λ far past the value it needs.
 
 The members' own sparsity warm-up is switched off (`sparsity_warmup_fraction = 0`): the
 controller starts from `initial` λ (the mechanism's default) and moves it at once, which is a
@@ -69,24 +75,30 @@ class SparsityCalibration(L.Callback):
         gain: step size on log λ per unit of log error.
         max_log_step: bound on one step's change of log λ (0.1: at most ×1.105 per step).
         horizon: look-ahead of the error, as a fraction of the run's steps.
+        average_fraction: the frozen λ is the EMA of log λ with this time constant (a fraction
+            of the run's steps), taken at the end of the control window.
         bounds: (lowest, highest) λ allowed.
-        start_thresholds: a JumpReLU member starts with every θ at the quantile of its
-            pre-activations on a data sample where L0 = target (see `_start_threshold`).
+        start_at_target: a JumpReLU member's thresholds and a ReLU-L1 member's encoder biases
+            start where its L0 on a data sample is the target (`start_at_target`).
     """
 
     def __init__(self, targets: Mapping[str, float], start_fraction: float = 0.05, control_fraction: float = 0.8,
                  gain: float = 0.03, max_log_step: float = 0.1, horizon: float = 0.15,
-                 bounds: tuple[float, float] = (1e-6, 1e6), start_thresholds: bool = True) -> None:
+                 average_fraction: float = 0.1, bounds: tuple[float, float] = (1e-6, 1e6),
+                 start_at_target: bool = True) -> None:
         for name, target in targets.items():
             if not target > 0:
                 raise ConfigError(f"calibration target of {name!r} must be > 0 (got {target})")
+        if not average_fraction > 0:
+            raise ConfigError(f"calibration average_fraction must be > 0 (got {average_fraction})")
         if not 0.0 <= start_fraction < control_fraction <= 1.0:
             raise ConfigError(f"need 0 <= start_fraction < control_fraction <= 1 (got {start_fraction}, {control_fraction})")
         self.targets = {str(k): float(v) for k, v in targets.items()}
         self.start_fraction, self.control_fraction = start_fraction, control_fraction
         self.gain, self.max_log_step, self.horizon = gain, max_log_step, horizon
-        self.bounds, self.start_thresholds = bounds, start_thresholds
+        self.average_fraction, self.bounds, self.start_at_target = average_fraction, bounds, start_at_target
         self.log_coefficient: dict[str, float] = {}  # the controller's state, set at fit start
+        self.averaged: dict[str, float] = {}  # name -> EMA of log λ, the value frozen at the end
         self.smoothed: dict[str, tuple[float, float]] = {}  # name -> (EMA of log L0, EMA of its slope)
 
     @property
@@ -111,10 +123,9 @@ class SparsityCalibration(L.Callback):
         self._apply(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.start_thresholds and trainer.global_step == 0:  # a fresh run, after the data init
+        if self.start_at_target and trainer.global_step == 0:  # a fresh run, after the data init
             for name, target in self.targets.items():
-                if hasattr(pl_module.members[name], "log_threshold"):
-                    _start_threshold(pl_module.members[name], target, trainer.datamodule, pl_module.data_keys(name, trainer.datamodule))
+                start_at_target(pl_module.members[name], target, trainer.datamodule, pl_module.data_keys(name, trainer.datamodule))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._apply(pl_module)
@@ -138,6 +149,10 @@ class SparsityCalibration(L.Callback):
             error = new_mean - math.log(self.targets[name]) + self.horizon * total * slope
             step = max(-self.max_log_step, min(self.max_log_step, self.gain * error))
             self.log_coefficient[name] = min(high, max(low, self.log_coefficient[name] + step))
+            average = self.averaged.get(name, self.log_coefficient[name])
+            self.averaged[name] = average + (self.log_coefficient[name] - average) / max(1.0, self.average_fraction * total)
+            if trainer.global_step >= int(self.control_fraction * total):  # the last controlled step
+                self.log_coefficient[name] = self.averaged[name]
         self._apply(pl_module)
 
     def _apply(self, pl_module) -> None:
@@ -151,30 +166,46 @@ class SparsityCalibration(L.Callback):
 
     def state_dict(self) -> dict:
         return {"log_coefficient": dict(self.log_coefficient), "targets": dict(self.targets),
-                "smoothed": {k: list(v) for k, v in self.smoothed.items()}}
+                "smoothed": {k: list(v) for k, v in self.smoothed.items()}, "averaged": dict(self.averaged)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("targets", self.targets) != self.targets:
             raise ConfigError("the checkpoint's calibration targets differ from this run's; resume with the same sweep")
         self.log_coefficient = {str(k): float(v) for k, v in state_dict["log_coefficient"].items()}
         self.smoothed = {str(k): (float(v[0]), float(v[1])) for k, v in state_dict.get("smoothed", {}).items()}
+        self.averaged = {str(k): float(v) for k, v in state_dict.get("averaged", {}).items()}
 
 
 @torch.no_grad()
-def _start_threshold(member, target: float, datamodule, keys, rows: int = 8192) -> None:
-    """θ of every latent := the (1 − target/d_sae) quantile of the member's pre-activations on
-    `rows` sampled training rows, so its L0 starts at the target.
+def start_at_target(member, target: float, datamodule, keys, rows: int = 8192) -> None:
+    """Move a JumpReLU member's thresholds, or a ReLU-L1 member's encoder biases, to where its L0
+    on `rows` sampled training rows is `target`; other mechanisms are left as they are.
 
-    Why: θ is learned through Adam, so log θ moves by about lr per step whatever λ is; from the
-    default θ_init (0.05) a few hundred steps cannot reach L0 8 of 512 (measured: L0 stayed at
-    ~137 with λ at its upper bound). A Gaussian guess, Φ⁻¹(1 − t/d_sae), undershot L0 by 1.5-2x
-    on the embedded model's residual stream. The sample is seeded (the data module's), so every
-    DDP rank computes the same θ."""
-    x = datamodule.view(*keys).sample_rows(rows)[0].to(member.log_threshold.device)
-    pre = member.pre_acts(x * member.input_scale).flatten()
-    kept = max(1, int(round(pre.numel() * target / member.d_sae)))
-    theta = float(pre.float().topk(kept).values[-1])
-    member.log_threshold.fill_(math.log(max(theta, 1e-3)))
+    JumpReLU: every θ := the (1 − target/d_sae) quantile of all the sample's pre-activations. θ is
+    learned through Adam, so log θ moves by about lr per step whatever λ is; from the default
+    θ_init (0.05) a few hundred steps cannot reach L0 8 of 512 (measured: L0 stayed at ~137 with
+    λ at its upper bound). A Gaussian guess, Φ⁻¹(1 − t/d_sae), undershot L0 by 1.5-2x on the
+    embedded model's residual stream.
+
+    ReLU-L1: b_i −= the (1 − target/d_sae) quantile of latent i's pre-activations, so each latent
+    fires on target/d_sae of the sample. At initialisation about half the latents fire; the
+    encoder biases then need ~150 steps to come down, during which the controller saw L0 stay
+    high and raised λ 100×, and L0 collapsed once they did (measured on synthetic data: L0 0.35
+    and 1.85 at targets 4 and 12; 4.1 and 12.0 with this start).
+
+    The sample is seeded (the data module's), so every DDP rank computes the same values."""
+    mechanisms = {klass.__name__ for klass in type(member).__mro__}
+    if not mechanisms & {"JumpReLUSAE", "ReLUL1SAE"}:
+        return  # gated lands on its target without it; TopK and BatchTopK fix L0 by k
+    x = datamodule.view(*keys).sample_rows(rows)[0].to(member.b_enc.device)
+    pre = member.pre_acts(x * member.input_scale)
+    if "JumpReLUSAE" in mechanisms:  # z fires where π > θ: θ is the (kept + 1)-th largest value
+        kept = min(pre.numel() - 1, max(1, round(pre.numel() * target / member.d_sae)))
+        theta = float(pre.flatten().float().topk(kept + 1).values[-1])
+        member.log_threshold.fill_(math.log(max(theta, 1e-3)))
+    else:
+        kept = min(pre.shape[0] - 1, max(1, round(pre.shape[0] * target / member.d_sae)))
+        member.b_enc.sub_(pre.topk(kept + 1, dim=0).values[-1])
 
 
 def _total_steps(trainer: L.Trainer) -> int:

@@ -27,6 +27,7 @@ from dictlearn.dictionaries.init import warmup_decay_factor
 from dictlearn.dictionaries.model import Dictionary, dead_window_for
 from dictlearn.errors import ConfigError, DataError, NonFiniteError
 from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
+from dictlearn.training.calibration import coefficient_attribute
 from dictlearn.training.guards import check_batch_finite, check_gradients_finite
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -182,6 +183,9 @@ class DictionaryTraining(L.LightningModule):
             self.log(f"{prefix}train/loss_{term}", value)
         if (self.global_step + 1) % max(1, getattr(self._trainer, "log_every_n_steps", 1)) == 0:
             self._log_metrics(f"{prefix}train", metrics.train_reconstruction, metrics.train_sparsity, dense=False)
+            attribute = coefficient_attribute(member)
+            if attribute is not None:  # λ, which calibration moves and a warm-up scales
+                self.log(f"{prefix}train/{attribute}", float(getattr(member, attribute)) * member.sparsity_coefficient_scale)
         if metrics.train_density.n_tokens >= member.dead_window_tokens:
             density = metrics.train_density.compute()
             self.log(f"{prefix}train/dead_fraction", density["dead_fraction"])
