@@ -98,6 +98,7 @@ def _callbacks(warmup: int, k: int, trained_sparsity: bool):
 
         def __init__(self):
             self.sparse_steps = self.steps = 0
+            self.l0_sum = 0.0  # the training steps' own L0 (the density metric resets every dead window)
 
         def on_train_start(self, trainer, pl_module):
             model = pl_module.dictionary
@@ -114,6 +115,7 @@ def _callbacks(warmup: int, k: int, trained_sparsity: bool):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.steps += 1
+            self.l0_sum += float(pl_module.last_step_l0["model"])
 
     return StepTimer(), SparsityProbe()
 
@@ -158,11 +160,10 @@ def worker(args) -> dict:
     training = DictionaryTraining(build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path))
     with PeakMemory(args.device) as memory:
         trainer.fit(training, data)
-    density = training.metrics["model"].train_density
     return {
         "step": statistics.median(timer.times),
         "memory": memory.bytes,
-        "l0": float(density.fire_counts.sum() / density.n_tokens.clamp_min(1)),
+        "l0": probe.l0_sum / max(1, probe.steps),
         "sparse_fraction": probe.sparse_steps / max(1, probe.steps),
     }
 
