@@ -162,6 +162,7 @@ def worker(args) -> dict:
         trainer.fit(training, data)
     return {
         "step": statistics.median(timer.times),
+        "mean_step": statistics.fmean(timer.times),  # the whole run's (a dense warm-up included)
         "memory": memory.bytes,
         "l0": probe.l0_sum / max(1, probe.steps),
         "sparse_fraction": probe.sparse_steps / max(1, probe.steps),
@@ -358,7 +359,7 @@ def format_row(args, name: str, label: str, r: dict, dense: dict | None, peak: f
            f"{100 * gflops / peak:>8.0f}{r['memory'] / 2**20:>9.0f}{r['l0']:>8.1f}")
     if dense is None:
         return row
-    return row + f"{r['sparse_fraction']:>8.0%}{dense['step'] / r['step']:>8.2f}x"
+    return row + f"{r['sparse_fraction']:>8.0%}{dense['step'] / r['step']:>8.2f}x   mean step {r['mean_step'] * 1e3:.1f} ms"
 
 
 if __name__ == "__main__":
