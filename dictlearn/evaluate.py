@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from dictlearn.data.h5 import H5Array
+from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.data.split import HeldOutSplit
 from dictlearn.dictionaries.model import Dictionary
 from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, prepare
@@ -371,9 +371,7 @@ def evaluate(
     train/eval mode back afterwards.
     """
     options = (options or EvaluateOptions()).resolved()
-    data = str(data)
-    if not Path(data).is_file():
-        raise DataError(f"--data {data}: no such file; pass an HDF5 activation file")
+    data = check_activation_file(data)
     cache = cache or DownstreamCache(options.device)
     if options.interpret and probes is None:
         from dictlearn.interpret.record import ProbeCache

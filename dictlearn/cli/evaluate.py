@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from dictlearn.cli.parsing import OneLineParser, check_writable_file, positive_int
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError
+from dictlearn.data.h5 import check_activation_file
 from dictlearn.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXTS, DENSITY_ROWS, EvaluateOptions, evaluate
 from dictlearn.io import atomic_write_text
 
@@ -47,8 +48,7 @@ def main(argv: list[str]) -> int:
         contexts=args.contexts, batch_size=args.batch_size, context=args.context, val_rows=args.val_rows,
         block_size=args.block_size, device=args.device, interpret=args.interpret, density_rows=args.density_rows,
     )  # fmt: skip
-    if not Path(args.data).is_file():
-        raise DataError(f"--data {args.data}: no such file; pass an HDF5 activation file")
+    check_activation_file(args.data)
     if args.out is not None:  # before any work: a folder in the way, or no permission
         if Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out}: is a folder; pass a file path such as "

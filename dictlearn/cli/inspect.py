@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from dictlearn.cli.parsing import OneLineParser, check_writable_file, count_or_all
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError
 
 
 def _features(text: str) -> tuple[int, ...]:
@@ -51,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from dictlearn.data.h5 import check_activation_file
     from dictlearn.interpret.dashboard import InspectOptions, inspect
 
     args = build_parser().parse_args(argv)
     options = InspectOptions(features=args.features, cards=args.cards, rows=args.rows, model=args.model,
                              input_key=args.input_key, device=args.device, record=args.record)
-    if not Path(args.data).is_file():
-        raise DataError(f"--data {args.data}: no such file; pass an HDF5 activation file")
+    check_activation_file(args.data)
     out = Path(args.out) if args.out else Path(f"{Path(args.export).resolve().name}.html")
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; pass a file path such as {out / 'dashboard.html'}")

@@ -65,10 +65,9 @@ def _rank() -> int:
 def check_source(config: CompareConfig, out: Path):
     """-> (Source, the loaded language model or None); every bad input a one-line error, nothing written."""
     if config.data is not None:
-        path = Path(config.data)
-        if not path.is_file():
-            raise DataError(f"--data {config.data}: no such file; pass an HDF5 activation file")
-        from dictlearn.data.h5 import H5Array
+        from dictlearn.data.h5 import H5Array, check_activation_file
+
+        path = Path(check_activation_file(config.data))
 
         for flag, key in (("--input-key", config.input_key), ("--target-key", config.target_key)):
             if key is not None:

@@ -69,6 +69,15 @@ def _list_2d_datasets(f: h5py.File, limit: int = 20) -> str:
     return "2-D datasets in the file: " + ", ".join(repr(n) for n in names[:limit]) + more
 
 
+def check_activation_file(path, flag: str = "--data") -> str:
+    """`path` as a string, or a one-line DataError naming `flag` when there is no such file (every
+    command that reads an activation file checks this before any work)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{flag} {path}: no such file; pass an HDF5 activation file")
+    return path
+
+
 def _open_checked(path: str, key: str) -> h5py.File:
     """Open `path` read-only, turning h5py's OSError into a one-line DataError."""
     if not os.path.exists(path):

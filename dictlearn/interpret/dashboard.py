@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dictlearn.data.h5 import H5Array
+from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.interpret.contexts import Context, TokenRows, latent_column, read_contexts, token_display
 from dictlearn.interpret.directions import Unembedding, decoder_direction, nearest_latents, top_tokens, unembedding
@@ -259,9 +259,7 @@ def inspect(export, data: str | Path, out: str | Path, options: InspectOptions =
     from dictlearn.interpret.dashboard_html import render
     from dictlearn.io import atomic_write_text
 
-    data = str(data)
-    if not Path(data).is_file():
-        raise DataError(f"--data {data}: no such file; pass an HDF5 activation file")
+    data = check_activation_file(data)
     entry = export if isinstance(export, Entry) else Entry.from_path(export)
     if lm is None:
         file_model = input_array(entry, data, options.input_key).attrs().get("model_name")
