@@ -56,16 +56,17 @@ PATHS = ("never", "auto")  # dense reference, then what a user gets
 
 
 # --------------------------------------------------------------------- one run (in a subprocess)
-def build(name: str, d_in: int, d_sae: int, k: int, sparse_path: str):
+def build(name: str, d_in: int, d_sae: int, k: int, sparse_path: str, initial_l0: float | None = None):
     from dictlearn import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 
     common = dict(d_in=d_in, d_sae=d_sae, sparse_path=sparse_path)
+    start = dict(initial_l0=initial_l0)  # threshold mechanisms only: k sets TopK's L0
     return {
-        "relu_l1": lambda: ReLUL1SAE(**common),
+        "relu_l1": lambda: ReLUL1SAE(**common, **start),
         "topk": lambda: TopKSAE(k=k, **common),
         "batchtopk": lambda: BatchTopKSAE(k=k, **common),
-        "gated": lambda: GatedSAE(**common),
-        "jumprelu": lambda: JumpReLUSAE(**common),
+        "gated": lambda: GatedSAE(**common, **start),
+        "jumprelu": lambda: JumpReLUSAE(**common, **start),
     }[name]()
 
 
@@ -157,7 +158,7 @@ def worker(args) -> dict:
         callbacks=[timer, probe, KeepFreedMemory()],  # as `dictlearn fit` (dictlearn/runtime.py); peers run without
     )
     data = ActivationDataModule(args.path, batch_size=args.batch, val_rows=0)
-    training = DictionaryTraining(build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path))
+    training = DictionaryTraining(build(args.worker, args.d_in, args.d_sae, args.k, args.sparse_path, args.initial_l0))
     with PeakMemory(args.device) as memory:
         trainer.fit(training, data)
     return {
@@ -176,6 +177,7 @@ def run_worker(args, name: str, sparse_path: str) -> dict:
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
         "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k),
         "--trained-sparsity" if args.trained_sparsity else "--no-trained-sparsity",
+        *(["--initial-l0", str(args.initial_l0)] if args.initial_l0 is not None else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -275,6 +277,8 @@ def parse_args(argv=None):
     parser.add_argument("--peers", default="all",
                         help=f"all (those installed), none, or a comma list of {', '.join(peers.ROWS)}")
     parser.add_argument("--trained-sparsity", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--initial-l0", type=float, default=None,
+                        help="threshold mechanisms start at this L0 (--model.initial_l0; with --no-trained-sparsity)")
     parser.add_argument("--smoke", action="store_true", help="2 timed steps, 1 warm-up: checks, not numbers")
     parser.add_argument("--check-cli", action="store_true", help="time `dictlearn fit` with a recipe instead")
     parser.add_argument("--cli-recipe", default="topk")

@@ -51,3 +51,44 @@ def test_reset_parameters_gives_one_start_per_seed_and_width():
     assert torch.equal(small.W_dec, same.W_dec) and torch.equal(small.W_enc, same.W_enc)
     cosines = small.W_dec @ wide.W_dec.T  # unit rows
     assert cosines.abs().max() < 0.99
+
+
+@pytest.mark.parametrize("name", ["relu_l1", "gated", "jumprelu"])
+def test_initial_l0_starts_the_run_at_that_many_latents(small_file, name):
+    """`initial_l0`: the data-dependent start fires that many latents per token on the data
+    (ReLU-L1 and gated: every latent on the same fraction; JumpReLU: one shared θ). Gated's
+    magnitude path is untouched, so a latent that fires keeps the value it had."""
+    from dictlearn import GatedSAE, JumpReLUSAE
+    from dictlearn.data import ActivationDataModule
+
+    make = {"relu_l1": ReLUL1SAE, "gated": GatedSAE, "jumprelu": JumpReLUSAE}[name]
+    data = ActivationDataModule(small_file, batch_size=256)
+    data.setup("fit")
+    plain, started = make(d_in=16, d_sae=64), make(d_in=16, d_sae=64, initial_l0=6.0)
+    started.load_state_dict(plain.state_dict())
+    plain.initialise_from_data(data)
+    started.initialise_from_data(data)
+    x = data.sample_rows(8192)[0] * started.input_scale
+    with torch.no_grad():
+        z, z_plain = started.activate(started.pre_acts(x)), plain.activate(plain.pre_acts(x))
+    fired = (z > 0).double()
+    assert (z_plain > 0).double().sum(1).mean() > 20  # the plain start is dense (about half of 64)
+    assert fired.sum(1).mean().item() == pytest.approx(6.0, rel=0.05)
+    if name == "jumprelu":
+        assert len(set(started.log_threshold.tolist())) == 1
+    else:
+        assert fired.mean(0).numpy() == pytest.approx(6.0 / 64, abs=0.01)  # every latent alike
+    if name == "gated":
+        assert torch.equal(started.b_mag, plain.b_mag)
+        both = (z > 0) & (z_plain > 0)
+        assert torch.allclose(z[both], z_plain[both])
+
+
+def test_initial_l0_is_refused_where_k_sets_the_l0():
+    from dictlearn import TopKSAE
+
+    with pytest.raises(ConfigError, match="initial_l0: TopKSAE sets its L0 by k"):
+        TopKSAE(d_in=8, d_sae=32, k=4, initial_l0=4.0)
+    for bad in (0.0, 32.0):
+        with pytest.raises(ConfigError, match="initial_l0 must be in"):
+            ReLUL1SAE(d_in=8, d_sae=32, initial_l0=bad)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
-from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.model import Dictionary, firing_quantile
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("unit_norm", "norm_weighted_l1")
@@ -142,10 +142,15 @@ class GatedSAE(Dictionary):
         return [*super().encoder_parameters(), self.b_mag]  # W_gate, b_gate; W_mag = exp(r_mag) W_gate follows
 
     @torch.no_grad()
-    def initialise_from_data(self, datamodule) -> None:
-        super().initialise_from_data(datamodule)
+    def initialise_from_sample(self, x: Tensor, y: Tensor) -> None:
         if self.transcoder:  # the base centres π_gate via b_gate; centre π_mag alike (r_mag = 0 here)
             self.b_mag.copy_(self.b_gate * self.r_mag.exp())
+
+    @torch.no_grad()
+    def start_at_l0(self, x: Tensor, l0: float) -> None:
+        """Each gate opens on a fraction l0 / d_sae of the sample (b_gate shifted per latent);
+        the magnitude path is left alone, so the latents that fire keep their values."""
+        self.b_enc.sub_(firing_quantile(self.gate_pre_acts(self.pre_acts(x)), l0))
 
     # ----------------------------------------------------------------- export (SAELens `gated`)
     def adapt_export_tensors(self, tensors: dict[str, Tensor], latent_scale: Tensor) -> dict[str, Tensor]:

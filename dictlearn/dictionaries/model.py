@@ -106,6 +106,7 @@ class Dictionary(nn.Module):
         init_sample_rows: int = 32_768,
         sparse_path: str = "auto",
         init_scale_from_data: bool = False,
+        initial_l0: float | None = None,
     ):
         """
         Args:
@@ -132,6 +133,11 @@ class Dictionary(nn.Module):
                 the first reconstructions have about the target's norm (see `scale_to_data`). Off
                 by default: it rescues short runs (`dictlearn compare` turns it on) but lowered
                 long-run feature recovery (BatchTopK MMCS 0.92 -> 0.85, benchmarks/RESULTS.md).
+            initial_l0: at the data-dependent initialisation, move the thresholds (ReLU-L1's and
+                gated's encoder biases, JumpReLU's θ) so that this many latents fire per token on
+                the sample (`start_at_l0`); None keeps the papers' start, where about half of the
+                latents fire and the run is dense until the sparsity penalty has moved them.
+                Mechanisms whose L0 is set by k refuse it.
             init_sample_rows: rows sampled from the data for b_dec initialisation.
             sparse_path: "auto" (decode and encoder backward over the active latents only when
                 the mechanism's L0 is small enough to gain; docs/performance.md), "always" or
@@ -158,6 +164,10 @@ class Dictionary(nn.Module):
             raise ConfigError(f"--model.sparse_path must be auto, always or never, got {sparse_path!r}")
         if skip_connection and not transcoder:
             raise ConfigError("--model.skip_connection needs --model.transcoder true (an autoencoder's skip would learn the identity)")
+        if initial_l0 is not None and not 0 < initial_l0 < d_sae:
+            raise ConfigError(f"--model.initial_l0 must be in (0, d_sae = {d_sae}), got {initial_l0}")
+        if initial_l0 is not None and type(self).start_at_l0 is Dictionary.start_at_l0:
+            raise ConfigError(f"--model.initial_l0: {type(self).__name__} sets its L0 by k; drop the flag")
         if d_in < 0 or d_out < 0:
             raise ConfigError(f"--model.d_in/d_out must be positive, got {d_in}/{d_out}")
         # hparams hold the raw constructor arguments (of the subclass too) so `load` can rebuild
@@ -174,7 +184,7 @@ class Dictionary(nn.Module):
         self.dead_window_tokens = dead_window_tokens or DEAD_WINDOW_TOKENS
         self.dead_window_follows_run = dead_window_tokens is None
         self.init_sample_rows, self.init_scale_from_data = init_sample_rows, init_scale_from_data
-        self.sparse_path = sparse_path
+        self.sparse_path, self.initial_l0 = sparse_path, initial_l0
         self._build_parameters(decoder_init_norm)
         self._build_state()
 
@@ -432,16 +442,28 @@ class Dictionary(nn.Module):
         self.input_scale.fill_(input_scale)
         self.target_scale.fill_(target_scale)
         x, y = datamodule.sample_rows(self.init_sample_rows)
-        y = y.to(self.device) * self.target_scale
+        x, y = x.to(self.device) * self.input_scale, y.to(self.device) * self.target_scale
         if self.transcoder:  # centre the pre-activations: no b_dec is subtracted (as sparsify does)
-            self.b_enc.data.copy_(-(x.to(self.device) * self.input_scale).mean(0) @ self.W_enc)
+            self.b_enc.data.copy_(-x.mean(0) @ self.W_enc)
         if self.b_dec_init == "geometric_median":
             self.b_dec.data.copy_(geometric_median(y))
         elif self.b_dec_init == "mean":
             self.b_dec.data.copy_(y.mean(0))
+        self.initialise_from_sample(x, y)
+        if self.initial_l0 is not None:  # a [rows, d_sae] pre-activation sample of at most 256 MiB
+            self.start_at_l0(x[: max(1024, 2**26 // self.d_sae)], self.initial_l0)
         if self.init_scale_from_data:
-            self.scale_to_data(x.to(self.device) * self.input_scale, y)
+            self.scale_to_data(x, y)
         self.data_initialised.fill_(True)
+
+    def initialise_from_sample(self, x: Tensor, y: Tensor) -> None:
+        """A mechanism's own data-dependent initialisation on the scaled sample x [n, d_in],
+        y [n, d_out], after b_dec and before `initial_l0` and the encoder scaling (none here)."""
+
+    def start_at_l0(self, x: Tensor, l0: float) -> None:
+        """Move the thresholds so that `l0` latents fire per token on the scaled sample x [n, d_in].
+        Mechanisms with a threshold (ReLU-L1, gated, JumpReLU) override this."""
+        raise ConfigError(f"{type(self).__name__} sets its L0 by k, not by a threshold")
 
     @torch.no_grad()
     def scale_to_data(self, x: Tensor, y: Tensor) -> float:
@@ -507,6 +529,13 @@ class Dictionary(nn.Module):
         self.data_initialised.fill_(True)
 
 # --------------------------------------------------------------------- helpers
+def firing_quantile(values: Tensor, l0: float) -> Tensor:
+    """values [n, d_sae] -> [d_sae]: per latent, the value its column exceeds on a fraction
+    l0 / d_sae of the rows (its (m + 1)-th largest, m = that many rows, at least one)."""
+    kept = min(values.shape[0] - 1, max(1, round(values.shape[0] * l0 / values.shape[1])))
+    return values.topk(kept + 1, dim=0).values[-1]
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
-from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.model import Dictionary, firing_quantile
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("norm_weighted_l1", "unit_norm")
@@ -72,6 +72,11 @@ class ReLUL1SAE(Dictionary):
 
     def activate_entries(self, entries, training: bool) -> Tensor:
         return entries.pre.relu()
+
+    @torch.no_grad()
+    def start_at_l0(self, x: Tensor, l0: float) -> None:
+        """Each latent fires on a fraction l0 / d_sae of the sample (b_enc shifted per latent)."""
+        self.b_enc.sub_(firing_quantile(self.pre_acts(x), l0))
 
     def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
         latents = latents if latents is not None else DenseLatents(pre)

@@ -198,14 +198,7 @@ def start_at_target(member, target: float, datamodule, keys, rows: int = 8192) -
     if not mechanisms & {"JumpReLUSAE", "ReLUL1SAE"}:
         return  # gated lands on its target without it; TopK and BatchTopK fix L0 by k
     x = datamodule.view(*keys).sample_rows(rows)[0].to(member.b_enc.device)
-    pre = member.pre_acts(x * member.input_scale)
-    if "JumpReLUSAE" in mechanisms:  # z fires where π > θ: θ is the (kept + 1)-th largest value
-        kept = min(pre.numel() - 1, max(1, round(pre.numel() * target / member.d_sae)))
-        theta = float(pre.flatten().float().topk(kept + 1).values[-1])
-        member.log_threshold.fill_(math.log(max(theta, 1e-3)))
-    else:
-        kept = min(pre.shape[0] - 1, max(1, round(pre.shape[0] * target / member.d_sae)))
-        member.b_enc.sub_(pre.topk(kept + 1, dim=0).values[-1])
+    member.start_at_l0(x * member.input_scale, target)
 
 
 def _total_steps(trainer: L.Trainer) -> int:
