@@ -28,6 +28,7 @@ from dictlearn.export import export
         (dict(bandwidth=0.0), "--model.bandwidth"),
         (dict(bandwidth=float("inf")), "--model.bandwidth"),
         (dict(threshold_init=-0.1), "--model.threshold_init"),
+        (dict(pre_act_coefficient=-1e-3), "--model.pre_act_coefficient"),
         (dict(lr=0.0), "--model.lr"),
     ],
 )
@@ -161,6 +162,32 @@ def test_l0_pseudo_gradient_estimates_the_true_derivative():
 
     StepFunction.apply(pre, theta, 0.05).mean().backward()
     assert theta.grad.item() == pytest.approx(-0.5, rel=0.02)
+
+
+def test_pre_act_loss_pulls_only_dead_latents_toward_their_threshold():
+    """Anthropic's pre-act loss: λ_P mean_t Σ_{i dead} ReLU(θ_i − π_ti) ‖d_i‖ (float64 reference),
+    with gradient to the dead latents' encoder columns, biases and θ, none to live latents or the
+    decoder; off (no term) at λ_P = 0."""
+    model = _random_model()
+    model.pre_act_coefficient = 0.4
+    with torch.no_grad():
+        model.tokens_since_fired[[1, 4, 7]] = model.dead_window_tokens  # latents 1, 4, 7 dead
+    x = torch.randn(64, 6) * 2.5
+    pre = model.pre_acts(x)
+    z = model.activate(pre)
+    loss = model.sparsity_losses(x, x, pre, z, model.decode_scaled(z, x))["pre_act"]
+    W_enc, b_enc, W_dec, log_t = (p.detach().double() for p in (model.W_enc, model.b_enc, model.W_dec, model.log_threshold))
+    dead = torch.tensor([1, 4, 7])
+    gap = (log_t.exp()[dead] - (x.double() @ W_enc + b_enc)[:, dead]).relu()
+    reference = 0.4 * (gap * W_dec.norm(dim=1)[dead]).sum(1).mean()
+    assert reference > 0.1 and loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    loss.backward()
+    live = torch.tensor([i for i in range(10) if i not in (1, 4, 7)])
+    assert (model.b_enc.grad[live] == 0).all() and (model.W_enc.grad[:, live] == 0).all()
+    assert (model.b_enc.grad[dead] < 0).all() and (model.log_threshold.grad[dead] > 0).all()
+    assert model.W_dec.grad is None or (model.W_dec.grad == 0).all()
+    model.pre_act_coefficient = 0.0
+    assert "pre_act" not in model.sparsity_losses(x, x, pre, z, model.decode_scaled(z, x))
 
 
 # ------------------------------------------------------------------ export

@@ -81,3 +81,31 @@ def test_recipe_trains_through_the_cli_and_exports_what_sae_lens_reads(name, sma
     assert 0 < (z != 0).float().mean() < 1  # neither dead nor dense: the comparison sees the selection
     torch.testing.assert_close(z_ref, z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_the_cli_builds_the_model_the_recipe_names(name, capsys):
+    """LightningCLI fills every argument a class leaves to **kwargs with the base class's default;
+    a mechanism that sets its own default there (no pre-encoder bias for JumpReLU, rows of norm 0.1
+    for ReLU-L1) would silently lose it through `dictlearn fit`. The model the CLI resolves must be
+    the model the recipe's class and arguments build directly."""
+    import importlib
+
+    import yaml
+
+    from dictlearn.cli import main
+
+    recipe_path = RECIPES_DIR / f"{name}.yaml"
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(recipe_path), "--print_config"])
+    assert stop.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)["model"]
+    declared = yaml.safe_load(recipe_path.read_text())["model"]
+    assert resolved["class_path"] == declared["class_path"]
+    module, _, class_name = declared["class_path"].rpartition(".")
+    klass = getattr(importlib.import_module(module), class_name)
+    through_cli = klass(**{**resolved["init_args"], "d_in": 8})
+    direct = klass(**{**declared.get("init_args", {}), "d_in": 8})
+    for key in direct.hparams:
+        if hasattr(direct, key) and key != "hparams":
+            assert getattr(through_cli, key) == getattr(direct, key), key

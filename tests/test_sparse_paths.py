@@ -32,6 +32,8 @@ MECHANISMS = {
     "gated": lambda **kw: GatedSAE(l1_coefficient=0.7, **kw),
     "gated_norm_weighted": lambda **kw: GatedSAE(l1_coefficient=0.7, decoder_constraint="norm_weighted_l1", **kw),
     "jumprelu": lambda **kw: JumpReLUSAE(l0_coefficient=0.3, bandwidth=0.4, threshold_init=0.6, **kw),
+    "jumprelu_pre_act": lambda **kw: JumpReLUSAE(l0_coefficient=0.3, bandwidth=0.4, threshold_init=0.6,
+                                                 pre_act_coefficient=0.2, **kw),
 }
 MODES = {
     "sae": dict(d_in=D_IN, d_sae=D_SAE),
@@ -169,6 +171,8 @@ def test_sparse_step_equals_dense_step(mechanism, mode, dtype, tol):
     assert dense[2].sum() > 0 and set(dense[1]) == set(sparse[1])
     if mechanism in ("topk", "batchtopk", "matryoshka"):
         assert "auxk" in dense[1]
+    if mechanism == "jumprelu_pre_act":
+        assert dense[1]["pre_act"] > 0
     if mechanism == "matryoshka":
         assert {"prefix_4", "prefix_8", "prefix_16", "prefix_32"} <= set(dense[1])
     assert_steps_agree(dense, sparse, tol)

@@ -22,7 +22,12 @@ d_in = 2304 — and SAELens' defaults on sqrt(d)-normalised data are ε = 0.05, 
 Which variant each default follows (checked against SAELens `saes/jumprelu_sae.py` and
 dictionary_learning `trainers/jumprelu.py`):
 - λ·L0 penalty with the rectangle-kernel STE (paper; SAELens "step" mode) — not dictionary_learning's
-  target-L0 loss λ(L0/target − 1)², nor Anthropic's tanh penalty / pre-act loss.
+  target-L0 loss λ(L0/target − 1)², nor Anthropic's tanh penalty.
+- Anthropic's pre-act loss (Circuits Updates, January 2025) is available and off by default
+  (`pre_act_coefficient`): λ_P Σ_i ReLU(θ_i − π_i) ‖d_i‖ over the dead latents only, as SAELens
+  applies it. The L0 term reaches θ only through the kernel window, so a latent whose
+  pre-activations all lie below θ − ε/2 gets no gradient at all and stays dead; this term pulls
+  its pre-activations up (and its θ down) until it fires again.
 - θ stored in log space (SAELens); dictionary_learning stores θ directly.
 - strict H(0) = 0: a latent fires when π > θ (both references).
 - Adam β = (0, 0.999), ε_Adam = 1e-8, lr 7e-5, b_dec = 0 (paper App. I via dictionary_learning;
@@ -109,6 +114,9 @@ class JumpReLUSAE(Dictionary):
         adam_betas: tuple[float, float] = (0.0, 0.999),
         lr_warmup_fraction: float = 0.01,
         sparsity_warmup_fraction: float = 0.1,
+        pre_act_coefficient: float = 0.0,
+        apply_b_dec_to_input: bool = False,
+        b_dec_init: str = "zeros",
         **kwargs,
     ):
         """
@@ -121,14 +129,16 @@ class JumpReLUSAE(Dictionary):
             lr, adam_betas: 7e-5 and (0, 0.999) (paper App. I; dictionary_learning).
             lr_warmup_fraction, sparsity_warmup_fraction: 1 % and 10 % of the run (the paper's
                 1,000 / 10,000 steps, as fractions).
-            **kwargs: the shared `Dictionary` arguments. Defaults changed here: no pre-encoder
-                bias (`apply_b_dec_to_input=False`) and `b_dec_init="zeros"` (Gemma Scope).
+            pre_act_coefficient: λ_P of the pre-act loss on dead latents (0: off, the paper;
+                SAELens recommends 3e-6 with its tanh penalty). Not warmed up.
+            apply_b_dec_to_input, b_dec_init: no pre-encoder bias and a zero b_dec (Gemma Scope);
+                in the signature so that LightningCLI does not pass the base class's defaults.
+            **kwargs: the shared `Dictionary` arguments.
         """
-        kwargs.setdefault("apply_b_dec_to_input", False)
-        kwargs.setdefault("b_dec_init", "zeros")
         super().__init__(
             lr=lr, adam_betas=adam_betas, lr_warmup_fraction=lr_warmup_fraction,
-            sparsity_warmup_fraction=sparsity_warmup_fraction, **kwargs,
+            sparsity_warmup_fraction=sparsity_warmup_fraction, apply_b_dec_to_input=apply_b_dec_to_input,
+            b_dec_init=b_dec_init, **kwargs,
         )
         if not l0_coefficient >= 0:
             raise ConfigError(f"--model.l0_coefficient must be >= 0, got {l0_coefficient}")
@@ -136,7 +146,10 @@ class JumpReLUSAE(Dictionary):
             raise ConfigError(f"--model.bandwidth must be a finite number > 0, got {bandwidth}")
         if not (threshold_init > 0 and math.isfinite(threshold_init)):
             raise ConfigError(f"--model.threshold_init must be a finite number > 0, got {threshold_init}")
+        if not (pre_act_coefficient >= 0 and math.isfinite(pre_act_coefficient)):
+            raise ConfigError(f"--model.pre_act_coefficient must be a finite number >= 0, got {pre_act_coefficient}")
         self.l0_coefficient = l0_coefficient
+        self.pre_act_coefficient = pre_act_coefficient
         self.bandwidth = bandwidth
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(threshold_init)))
 
@@ -157,7 +170,16 @@ class JumpReLUSAE(Dictionary):
     def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
         latents = latents if latents is not None else DenseLatents(pre)
         fired = StepFunction.apply(latents.pre, latents.at(self.threshold), self.bandwidth)
-        return {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * latents.total(fired) / latents.n_rows}
+        losses = {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * latents.total(fired) / latents.n_rows}
+        dead = self.dead_mask.nonzero().squeeze(1)
+        if self.pre_act_coefficient > 0 and len(dead) > 0:
+            # every token's pre-activation of every dead latent, with gradient to W_enc, b_enc, θ
+            entries = latents.at_rows(dead.expand(latents.n_rows, -1).contiguous())
+            # the decoder norm only weighs the term (unit rows here): it pulls the encoder, not the decoder
+            norms = entries.at(self.W_dec.detach().norm(dim=1))
+            gap = (entries.at(self.threshold) - entries.pre).relu()
+            losses["pre_act"] = self.pre_act_coefficient * entries.total(gap * norms) / latents.n_rows
+        return losses
 
     @torch.no_grad()
     def start_at_l0(self, x: Tensor, l0: float) -> None:

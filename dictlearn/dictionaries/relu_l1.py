@@ -35,6 +35,9 @@ class ReLUL1SAE(Dictionary):
         lr: float = 5e-5,
         sparsity_warmup_fraction: float = 0.05,
         lr_decay_fraction: float = 0.2,
+        apply_b_dec_to_input: bool | None = None,
+        b_dec_init: str | None = None,
+        decoder_init_norm: float | None = None,
         **kwargs,
     ):
         """
@@ -45,18 +48,23 @@ class ReLUL1SAE(Dictionary):
             resample_encoder_scale: resampled encoder column norm, × mean alive encoder norm
                 (0.2, Bricken et al. appendix).
             lr, sparsity_warmup_fraction, lr_decay_fraction: April-2024 defaults (Conerly et al.; SAELens' tutorial).
+            apply_b_dec_to_input, b_dec_init, decoder_init_norm: None means the constraint's own:
+                no pre-encoder bias, zero b_dec and rows of norm 0.1 (April 2024); a pre-encoder
+                bias at the geometric median and unit rows (Bricken 2023). In the signature, not
+                left to **kwargs, so that LightningCLI passes None rather than the base class's
+                defaults.
             **kwargs: the shared `Dictionary` arguments.
         """
         if decoder_constraint not in _CONSTRAINTS:
             raise ConfigError(f"--model.decoder_constraint must be one of {_CONSTRAINTS}, got {decoder_constraint!r}")
         unit_norm = decoder_constraint == "unit_norm"
         # The April recipe has no pre-encoder bias and zero b_dec; Bricken's ties and centres it.
-        kwargs.setdefault("apply_b_dec_to_input", unit_norm)
-        kwargs.setdefault("b_dec_init", "geometric_median" if unit_norm else "zeros")
-        kwargs.setdefault("decoder_init_norm", 1.0 if unit_norm else 0.1)
         super().__init__(
-            lr=lr, sparsity_warmup_fraction=sparsity_warmup_fraction,
-            lr_decay_fraction=lr_decay_fraction, **kwargs,
+            lr=lr, sparsity_warmup_fraction=sparsity_warmup_fraction, lr_decay_fraction=lr_decay_fraction,
+            apply_b_dec_to_input=unit_norm if apply_b_dec_to_input is None else apply_b_dec_to_input,
+            b_dec_init=("geometric_median" if unit_norm else "zeros") if b_dec_init is None else b_dec_init,
+            decoder_init_norm=(1.0 if unit_norm else 0.1) if decoder_init_norm is None else decoder_init_norm,
+            **kwargs,
         )
         if l1_coefficient < 0:
             raise ConfigError(f"--model.l1_coefficient must be >= 0, got {l1_coefficient}")
