@@ -186,6 +186,25 @@ def test_start_at_target_sets_the_starting_l0(small_file):
         assert all(torch.equal(v, before[name][k]) for k, v in members[name].state_dict().items()), name
 
 
+
+def test_the_controlled_start_puts_jumprelu_above_its_target(small_file):
+    """The callback's start: ReLU-L1 at its target, JumpReLU at 1.25× (its controller can only lower L0)."""
+    data = ActivationDataModule(small_file, batch_size=256)
+    data.setup("fit")
+    members = {"relu": ReLUL1SAE(d_in=16, d_sae=64, decoder_constraint="unit_norm"),
+               "jump": JumpReLUSAE(d_in=16, d_sae=64)}
+    for member in members.values():
+        member.initialise_from_data(data)
+    sweep = SimpleNamespace(members=members, data_keys=lambda name, datamodule: ("acts", None))
+    trainer = SimpleNamespace(global_step=0, datamodule=data)
+    SparsityCalibration({"relu": 6.0, "jump": 6.0}).on_train_start(trainer, sweep)
+    x = data.view("acts", None).sample_rows(8192)[0]
+    with torch.no_grad():
+        l0 = {name: (m.activate(m.pre_acts(x * m.input_scale)) != 0).double().sum(1).mean().item()
+              for name, m in members.items()}
+    assert l0["relu"] == pytest.approx(6.0, rel=0.02)
+    assert l0["jump"] == pytest.approx(7.5, rel=0.02)
+
 def test_state_dict_round_trip_continues_identically():
     constants, targets = {"relu": 40.0, "gated": 3.0, "jump": 500.0}, {"relu": 8.0, "gated": 16.0, "jump": 32.0}
     whole = SparsityCalibration(targets, control_fraction=0.8)

@@ -34,6 +34,15 @@ target (`start_at_target`): both are learned slowly by Adam (about lr per step),
 default start L0 takes most of a short run to get anywhere near the target, and the controller,
 seeing no response, winds λ far past the value it needs.
 
+JumpReLU starts above its target (`START_ABOVE_TARGET`, 1.25×): the controller can only lower
+its L0. Without the L0 term the reconstruction alone lowers it (a firing entry's pre-activation
+moves toward its least-squares value, and where that lies below θ the entry stops firing; only the
+kernel window lowers θ), so from the target itself λ ran down to near zero while L0 kept falling:
+25.0 / 24.9 at a target of 32 (embedded model, default budget, seeds 0 / 1). From 1.25× the target
+λ stays positive longer: 26.7 / 26.5 at 32, 15.5 / 15.9 at 16, 7.7 / 7.5 at 8, and 3.5 / 12.0 at 4 /
+12 on synthetic data (tests/test_compare.py). A larger factor trades one end for the other: 1.5×
+landed at 28.2 at 32 but 3.2 at 4 (synthetic); 3× at 24.8 at 32 (λ overshoots on the way down).
+
 The members' own sparsity warm-up is switched off (`sparsity_warmup_fraction = 0`): the
 controller starts from `initial` λ (the mechanism's default) and moves it at once, which is a
 warm-up of its own; a warm-up factor multiplying λ would hide the true coefficient from it.
@@ -54,6 +63,8 @@ from dictlearn.errors import ConfigError
 
 #: the coefficient attribute each calibrated mechanism's loss reads at every step
 COEFFICIENT_ATTRIBUTES = {"ReLUL1SAE": "l1_coefficient", "GatedSAE": "l1_coefficient", "JumpReLUSAE": "l0_coefficient"}
+#: the starting L0 as a multiple of the target, by mechanism (1 if absent; see the module docstring)
+START_ABOVE_TARGET = {"JumpReLUSAE": 1.25}
 
 
 def coefficient_attribute(dictionary) -> str | None:
@@ -79,7 +90,8 @@ class SparsityCalibration(L.Callback):
             of the run's steps), taken at the end of the control window.
         bounds: (lowest, highest) λ allowed.
         start_at_target: a JumpReLU member's thresholds and a ReLU-L1 member's encoder biases
-            start where its L0 on a data sample is the target (`start_at_target`).
+            start where its L0 on a data sample is the target (JumpReLU: 1.25× the target,
+            `START_ABOVE_TARGET`), by `start_at_target`.
     """
 
     def __init__(self, targets: Mapping[str, float], start_fraction: float = 0.05, control_fraction: float = 0.8,
@@ -125,7 +137,9 @@ class SparsityCalibration(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.start_at_target and trainer.global_step == 0:  # a fresh run, after the data init
             for name, target in self.targets.items():
-                start_at_target(pl_module.members[name], target, trainer.datamodule, pl_module.data_keys(name, trainer.datamodule))
+                member = pl_module.members[name]
+                start = target * _start_above_target(member)  # θ > 0 keeps JumpReLU below ~d_sae / 2
+                start_at_target(member, start, trainer.datamodule, pl_module.data_keys(name, trainer.datamodule))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._apply(pl_module)
@@ -199,6 +213,13 @@ def start_at_target(member, target: float, datamodule, keys, rows: int = 8192) -
         return  # gated lands on its target without it; TopK and BatchTopK fix L0 by k
     x = datamodule.view(*keys).sample_rows(rows)[0].to(member.b_enc.device)
     member.start_at_l0(x * member.input_scale, target)
+
+
+def _start_above_target(member) -> float:
+    for klass in type(member).__mro__:
+        if klass.__name__ in START_ABOVE_TARGET:
+            return START_ABOVE_TARGET[klass.__name__]
+    return 1.0
 
 
 def _total_steps(trainer: L.Trainer) -> int:
