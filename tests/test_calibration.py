@@ -186,7 +186,6 @@ def test_start_at_target_sets_the_starting_l0(small_file):
         assert all(torch.equal(v, before[name][k]) for k, v in members[name].state_dict().items()), name
 
 
-
 def test_the_controlled_start_puts_jumprelu_above_its_target(small_file):
     """The callback's start: ReLU-L1 at its target, JumpReLU at 1.25× (its controller can only lower L0)."""
     data = ActivationDataModule(small_file, batch_size=256)
@@ -204,6 +203,7 @@ def test_the_controlled_start_puts_jumprelu_above_its_target(small_file):
               for name, m in members.items()}
     assert l0["relu"] == pytest.approx(6.0, rel=0.02)
     assert l0["jump"] == pytest.approx(7.5, rel=0.02)
+
 
 def test_state_dict_round_trip_continues_identically():
     constants, targets = {"relu": 40.0, "gated": 3.0, "jump": 500.0}, {"relu": 8.0, "gated": 16.0, "jump": 32.0}
