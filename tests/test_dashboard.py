@@ -314,6 +314,20 @@ def test_dashboard_without_model_or_tokens_still_renders(small, tmp_path):
     assert text.count("<tr>") >= int((z != 0).any(0).sum())  # one index row per alive latent
 
 
+
+def test_the_header_names_the_trained_class_not_only_the_saved_format(small):
+    """A BatchTopK export is stored as a SAELens 'jumprelu'; the page must still say BatchTopK."""
+    from dictlearn import BatchTopKSAE
+    from dictlearn.evaluate import Entry
+
+    _, path, _ = small
+    torch.manual_seed(0)
+    dictionary = BatchTopKSAE(d_in=16, d_sae=48, k=4)
+    entry = Entry(dictionary, {"architecture": "jumprelu", "metadata": {}}, None)
+    board = build_dashboard(entry, path, InspectOptions(features=(2, 2, 5), input_key="acts", rows=None))
+    described = dict(board.facts)["dictionary"]
+    assert "BatchTopKSAE, SAE, saved as SAELens 'jumprelu'; d_in 16, d_sae 48" in described
+
 # ----------------------------------------------------------------------------- bad input
 def _run(args: list[str], capsys) -> tuple[int, str]:
     code = main(args)

@@ -236,8 +236,9 @@ def _facts(entry, data: str, key: str, stats: LatentStatistics, lm, tokens: Toke
     d = entry.dictionary
     alive = int(stats.alive.sum())
     kind = "transcoder" if d.transcoder else "SAE"
-    facts = [("dictionary", f"{entry.name} ({entry.cfg.get('architecture', type(d).__name__)} {kind}, "
-                            f"d_in {d.d_in}, d_sae {d.d_sae})"),
+    # the class says what was trained; the SAELens name only how it is stored (BatchTopK as "jumprelu")
+    saved = f", saved as SAELens '{entry.cfg['architecture']}'" if entry.cfg.get("architecture") else ""
+    facts = [("dictionary", f"{entry.name} ({type(d).__name__}, {kind}{saved}; d_in {d.d_in}, d_sae {d.d_sae})"),
              ("data", f"{data}['{key}'], rows 0–{stats.n_rows - 1:,} ({stats.n_rows:,} rows; statistics in "
                       f"{seconds:.1f} s)"),
              ("alive", f"{alive:,} of {d.d_sae:,} latents fired on these rows ({d.d_sae - alive:,} never)"),
