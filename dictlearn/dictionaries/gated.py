@@ -150,7 +150,7 @@ class GatedSAE(Dictionary):
     def start_at_l0(self, x: Tensor, l0: float) -> None:
         """Each gate opens on a fraction l0 / d_sae of the sample (b_gate shifted per latent);
         the magnitude path is left alone, so the latents that fire keep their values."""
-        self.b_enc.sub_(firing_quantile(self.gate_pre_acts(self.pre_acts(x)), l0))
+        self.b_enc.sub_(firing_quantile(self.gate_pre_acts(self.pre_acts(x)), l0 / self.d_sae))
 
     # ----------------------------------------------------------------- export (SAELens `gated`)
     def adapt_export_tensors(self, tensors: dict[str, Tensor], latent_scale: Tensor) -> dict[str, Tensor]:

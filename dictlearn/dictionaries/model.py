@@ -529,11 +529,13 @@ class Dictionary(nn.Module):
         self.data_initialised.fill_(True)
 
 # --------------------------------------------------------------------- helpers
-def firing_quantile(values: Tensor, l0: float) -> Tensor:
-    """values [n, d_sae] -> [d_sae]: per latent, the value its column exceeds on a fraction
-    l0 / d_sae of the rows (its (m + 1)-th largest, m = that many rows, at least one)."""
-    kept = min(values.shape[0] - 1, max(1, round(values.shape[0] * l0 / values.shape[1])))
-    return values.topk(kept + 1, dim=0).values[-1]
+def firing_quantile(values: Tensor, fraction: float) -> Tensor:
+    """values [n, m] -> [m]: per column, the value it exceeds on `fraction` of the rows (its
+    (r + 1)-th largest, r = that many rows, at least one). kthvalue, not topk: a JumpReLU start
+    passes every entry of the sample as one column (67M rows), where topk's output would not fit."""
+    n = values.shape[0]
+    kept = min(n - 1, max(1, round(n * fraction)))
+    return values.kthvalue(n - kept, dim=0).values
 
 
 def _check_positive(**values: float) -> None:

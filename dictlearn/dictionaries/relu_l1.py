@@ -84,7 +84,7 @@ class ReLUL1SAE(Dictionary):
     @torch.no_grad()
     def start_at_l0(self, x: Tensor, l0: float) -> None:
         """Each latent fires on a fraction l0 / d_sae of the sample (b_enc shifted per latent)."""
-        self.b_enc.sub_(firing_quantile(self.pre_acts(x), l0))
+        self.b_enc.sub_(firing_quantile(self.pre_acts(x), l0 / self.d_sae))
 
     def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
         latents = latents if latents is not None else DenseLatents(pre)

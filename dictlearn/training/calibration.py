@@ -69,10 +69,15 @@ START_ABOVE_TARGET = {"JumpReLUSAE": 1.25}
 
 def coefficient_attribute(dictionary) -> str | None:
     """The name of `dictionary`'s sparsity coefficient (None: its L0 is set by k)."""
+    return _by_mechanism(dictionary, COEFFICIENT_ATTRIBUTES, None)
+
+
+def _by_mechanism(dictionary, table: Mapping[str, object], default):
+    """`table`'s entry for the first class in `dictionary`'s MRO that it names (subclasses inherit)."""
     for klass in type(dictionary).__mro__:
-        if klass.__name__ in COEFFICIENT_ATTRIBUTES:
-            return COEFFICIENT_ATTRIBUTES[klass.__name__]
-    return None
+        if klass.__name__ in table:
+            return table[klass.__name__]
+    return default
 
 
 class SparsityCalibration(L.Callback):
@@ -138,7 +143,7 @@ class SparsityCalibration(L.Callback):
         if self.start_at_target and trainer.global_step == 0:  # a fresh run, after the data init
             for name, target in self.targets.items():
                 member = pl_module.members[name]
-                start = target * _start_above_target(member)  # θ > 0 keeps JumpReLU below ~d_sae / 2
+                start = target * _by_mechanism(member, START_ABOVE_TARGET, 1.0)  # θ > 0 keeps JumpReLU below ~d_sae / 2
                 start_at_target(member, start, trainer.datamodule, pl_module.data_keys(name, trainer.datamodule))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -213,13 +218,6 @@ def start_at_target(member, target: float, datamodule, keys, rows: int = 8192) -
         return  # gated lands on its target without it; TopK and BatchTopK fix L0 by k
     x = datamodule.view(*keys).sample_rows(rows)[0].to(member.b_enc.device)
     member.start_at_l0(x * member.input_scale, target)
-
-
-def _start_above_target(member) -> float:
-    for klass in type(member).__mro__:
-        if klass.__name__ in START_ABOVE_TARGET:
-            return START_ABOVE_TARGET[klass.__name__]
-    return 1.0
 
 
 def _total_steps(trainer: L.Trainer) -> int:
