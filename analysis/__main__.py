@@ -1,4 +1,5 @@
-"""`python -m analysis RESULTS.jsonl [RESULTS2.jsonl ...] --out DIR`: every figure and the report.
+"""`python -m dictlearn.analysis RESULTS.jsonl [RESULTS2.jsonl ...] --out DIR`: every figure and
+the report.
 
 Writes DIR/figures/*.png|svg, DIR/report.md and DIR/report.html; notes go to stderr, bad input
 is one `analysis: error: ...` line and exit status 2. See docs/analysis.md.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from analysis.cli import out_dir, parser, run
-from analysis.report import analyse
+from dictlearn.analysis.cli import out_dir, parser, run
+from dictlearn.analysis.report import analyse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from analysis.results import Series, setting, value
+from dictlearn.analysis.results import Series, setting, value
 
 
 @dataclass(frozen=True)

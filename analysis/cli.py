@@ -1,7 +1,7 @@
-"""The command-line front of every figure module and of `python -m analysis`.
+"""The command-line front of every figure module and of `python -m dictlearn.analysis`.
 
-`python -m analysis.<module> RESULTS.jsonl [RESULTS2.jsonl ...] --out DIR` draws that module's
-figures into DIR; notes (skipped figures, lines left out) go to stderr; bad input is one
+`python -m dictlearn.analysis.<module> RESULTS.jsonl [RESULTS2.jsonl ...] --out DIR` draws that
+module's figures into DIR; notes (skipped figures, lines left out) go to stderr; bad input is one
 `analysis: error: ...` line and exit status 2.
 """
 
@@ -13,16 +13,16 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from dictlearn.analysis.results import group_by_site, load_results
 from dictlearn.errors import DictLearnError
-
-from analysis.results import group_by_site, load_results
 
 #: draw(lines, out_dir, notes, site) -> list[Drawn]; `site` is None unless groups are several
 DrawFunction = Callable
 
 
 def _prog() -> str | None:
-    """"python -m analysis.frontier" when run so, for the usage line (argparse would say __main__.py)."""
+    """"python -m dictlearn.analysis.frontier" when run so, for the usage line (argparse would say
+    __main__.py)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else None
 
@@ -65,7 +65,7 @@ def run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 
 
 def module_main(draw: DrawFunction, description: str, argv: list[str] | None = None) -> int:
-    """The `python -m analysis.<module>` entry: load, draw into --out, print notes and files."""
+    """The `python -m dictlearn.analysis.<module>` entry: load, draw into --out, print notes and files."""
     args = parser(description).parse_args(argv)
 
     def main(args) -> int:

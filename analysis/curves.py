@@ -17,11 +17,11 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from analysis.cli import module_main
-from analysis.metric_plot import site_suffix, site_title
-from analysis.results import value
-from analysis.style import (DPI, WIDTH_IN, Drawn, legend_outside, log_y_axis, save, series_order, series_style,
-                            share_x_label, styled)
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import site_suffix, site_title
+from dictlearn.analysis.results import value
+from dictlearn.analysis.style import (DPI, WIDTH_IN, Drawn, legend_outside, log_y_axis, save, series_order,
+                                      series_style, share_x_label, styled)
 
 PANELS_PER_ROW = 4
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.cli import module_main
-from analysis.metric_plot import site_suffix, site_title
-from analysis.results import Series, series_label
-from analysis.style import Drawn, legend_outside, new_figure, save, series_order, series_style, styled
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import site_suffix, site_title
+from dictlearn.analysis.results import Series, series_label
+from dictlearn.analysis.style import Drawn, legend_outside, new_figure, save, series_order, series_style, styled
 
 KEY = "feature_density"
 BIN_WIDTH = 0.2  # decades

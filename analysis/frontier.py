@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import module_main
-from analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
-from analysis.style import Drawn
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
+from dictlearn.analysis.style import Drawn
 
 FVU = MetricSpec("fvu", "FVU (fraction of variance unexplained)", better="lower")
 CE_RECOVERED = MetricSpec("ce_loss_recovered", "CE loss recovered (fraction)", better="higher")

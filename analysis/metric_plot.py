@@ -15,10 +15,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from analysis.aggregate import Point, aggregate, pareto
-from analysis.results import Series, missing, value
-from analysis.style import (Drawn, l0_axis, legend_outside, log_y_axis, new_figure, save, series_order, series_style,
-                            share_x_label, styled)
+from dictlearn.analysis.aggregate import Point, aggregate, pareto
+from dictlearn.analysis.results import Series, missing, value
+from dictlearn.analysis.style import (Drawn, l0_axis, legend_outside, log_y_axis, new_figure, save, series_order,
+                                      series_style, share_x_label, styled)
 
 PARETO_STYLE = dict(linestyle="none", marker="o", markersize=12, markerfacecolor="none",
                     markeredgecolor="black", markeredgewidth=1.0, zorder=4)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import module_main
-from analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
-from analysis.render import Bullets, Paragraph, Table
-from analysis.results import series_label, value
-from analysis.style import Drawn
-from analysis.summary import targets
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
+from dictlearn.analysis.render import Bullets, Paragraph, Table
+from dictlearn.analysis.results import series_label, value
+from dictlearn.analysis.style import Drawn
+from dictlearn.analysis.summary import targets
 
 MATCH_MARGIN = 0.02  # a sparse probe within this AUC of the linear one "matches" it
 KS = (1, 16)

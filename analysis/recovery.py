@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import module_main
-from analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
-from analysis.results import value
-from analysis.style import Drawn
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
+from dictlearn.analysis.results import value
+from dictlearn.analysis.style import Drawn
 
 MMCS = MetricSpec("mmcs", "MMCS (mean max cosine similarity)", better="higher")
 

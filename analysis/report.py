@@ -1,7 +1,7 @@
 """The run report: figures into `OUT/figures/`, then `OUT/report.md` and `OUT/report.html`.
 
-`analyse(paths, out)` is what `python -m analysis` runs; `write_report(run_dir, results)` is
-the same for lines already in memory (as `dictlearn compare` holds them at its end). Sections:
+`analyse(paths, out)` is what `python -m dictlearn.analysis` runs; `write_report(run_dir, results)`
+is the same for lines already in memory (as `dictlearn compare` holds them at its end). Sections:
 setup, summary (analysis.summary), figures, every dictionary's metrics, notes.
 """
 
@@ -11,12 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-from analysis import curves, density, frontier, probing, recovery, shrinkage, sparsity, splitting
-from analysis.cli import draw_groups, print_notes
-from analysis.render import Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page, markdown
-from analysis.results import from_records, group_by_site, load_results, series_label, value
-from analysis.style import Drawn, architecture_style, series_order
-from analysis.summary import L0_SHOWN, frontier_table, summarise
+from dictlearn.analysis import curves, density, frontier, probing, recovery, shrinkage, sparsity, splitting
+from dictlearn.analysis.cli import draw_groups, print_notes
+from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
+                                       markdown)
+from dictlearn.analysis.results import from_records, group_by_site, load_results, series_label, value
+from dictlearn.analysis.style import Drawn, architecture_style, series_order
+from dictlearn.analysis.summary import L0_SHOWN, frontier_table, summarise
 from dictlearn.io import atomic_write_text
 
 #: every figure family, in report order; each has draw(lines, out_dir, notes, site) -> [Drawn]
@@ -212,6 +213,6 @@ def read_timings(folder: Path, notes: list[str]) -> tuple[str | None, dict[str, 
 
 
 if __name__ == "__main__":
-    from analysis.__main__ import main
+    from dictlearn.analysis.__main__ import main
 
     sys.exit(main())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import module_main
-from analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
-from analysis.style import Drawn
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
+from dictlearn.analysis.style import Drawn
 
 L2_RATIO = MetricSpec("l2_ratio", "L2 ratio ‖x̂‖ / ‖x‖", reference=1.0)
 GAMMA = MetricSpec("rel_reconstruction_bias", "relative reconstruction bias γ", reference=1.0)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.cli import module_main
-from analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
-from analysis.style import Drawn
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import MetricFigure, MetricSpec, draw_specs
+from dictlearn.analysis.style import Drawn
 
 DEAD = MetricSpec("dead_fraction", "dead latents (% of d_sae)", percent=True)
 DENSE = MetricSpec("dense_fraction", "dense latents (% of d_sae)", percent=True)

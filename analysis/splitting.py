@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.cli import module_main
-from analysis.metric_plot import site_suffix, site_title
-from analysis.style import Drawn, new_figure, save, styled
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import site_suffix, site_title
+from dictlearn.analysis.style import Drawn, new_figure, save, styled
 
 MIN_COS = 0.5  # a child's cosine with its parent
 LABEL_ROWS = 20_000  # first rows of the activation file used to label latents (seconds on a CPU)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
 
-from analysis.results import Series, series_label
+from dictlearn.analysis.results import Series, series_label
 from dictlearn.io import atomic_path
 
 #: architecture -> (colour, marker). Okabe-Ito colours (distinguishable with colour-blindness);

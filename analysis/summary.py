@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis.aggregate import Point, aggregate, ranges_overlap
-from analysis.results import series_label, value
+from dictlearn.analysis.aggregate import Point, aggregate, ranges_overlap
+from dictlearn.analysis.results import series_label, value
 
 #: (metric, name in sentences, True when higher is better)
 FRONTIER_METRICS = (("fvu", "FVU", False), ("ce_loss_recovered", "CE loss recovered", True), ("kl_div", "KL", False))

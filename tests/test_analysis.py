@@ -1,5 +1,5 @@
-"""analysis/: figures read back from their artists, seed aggregation, Pareto marking, the report's
-table and summary, and bad input, all on hand-written results lines."""
+"""analysis/ (installed as dictlearn.analysis): figures read back from their artists, seed aggregation,
+Pareto marking, the report's table and summary, and bad input, all on hand-written results lines."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import curves, density
-from analysis.aggregate import aggregate, pareto
-from analysis.cli import module_main
-from analysis.frontier import FIGURES, FVU
-from analysis.metric_plot import MetricSpec, plot_metric_vs_l0, plot_metrics_vs_l0
-from analysis.report import analyse, write_report
-from analysis.results import AnalysisError, from_records, load_results
-from analysis.style import ARCHITECTURES, DPI, WIDTH_IN
-from analysis.summary import frontier_table, summarise
-from analysis.__main__ import main as analysis_main
+from dictlearn.analysis import curves, density
+from dictlearn.analysis.aggregate import aggregate, pareto
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.frontier import FIGURES, FVU
+from dictlearn.analysis.metric_plot import MetricSpec, plot_metric_vs_l0, plot_metrics_vs_l0
+from dictlearn.analysis.report import analyse, write_report
+from dictlearn.analysis.results import AnalysisError, from_records, load_results
+from dictlearn.analysis.style import ARCHITECTURES, DPI, WIDTH_IN
+from dictlearn.analysis.summary import frontier_table, summarise
+from dictlearn.analysis.__main__ import main as analysis_main
 
 MODEL, HOOK = "dictlearn/tiny-stdlib", "transformer.h.2"
 
@@ -267,10 +267,10 @@ def test_module_entry_points(tmp_path, monkeypatch, capsys):
     path = write(tmp_path / "results.jsonl", WINNER_CHANGES)
     assert module_main(curves.draw, "curves", [str(path), "--out", str(tmp_path / "c")]) == 0
     assert "no line has `log_dir`" in capsys.readouterr().err  # nothing to draw is a note, not an error
-    monkeypatch.setattr(sys, "argv", ["analysis.shrinkage", str(path), "--out", str(tmp_path / "s")])
+    monkeypatch.setattr(sys, "argv", ["dictlearn.analysis.shrinkage", str(path), "--out", str(tmp_path / "s")])
     with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # in-process, the module was imported before
-        runpy.run_module("analysis.shrinkage", run_name="__main__")
+        runpy.run_module("dictlearn.analysis.shrinkage", run_name="__main__")
     assert exit_.value.code == 0 and (tmp_path / "s" / "l0_shrinkage.svg").stat().st_size > 0
 
 

@@ -391,8 +391,8 @@ def test_best_concept_is_the_brute_force_best_f1(small, tmp_path):
 
 
 def test_compare_draws_one_dashboard_per_architecture_and_the_report_links_them(tmp_path):
-    from analysis.render import html_page, markdown
-    from analysis.report import dashboard_blocks
+    from dictlearn.analysis.render import html_page, markdown
+    from dictlearn.analysis.report import dashboard_blocks
     from dictlearn.compare.plan import CompareConfig, plan
     from dictlearn.compare.run import dashboard_members
 

@@ -158,9 +158,9 @@ def _line(architecture: str, target: int, seed: int, k1: dict, k16: dict, linear
 
 
 def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_gaps(tmp_path):
-    from analysis.metric_plot import plot_metrics_vs_l0
-    from analysis.probing import draw, figures, probe_sentences
-    from analysis.results import from_records
+    from dictlearn.analysis.metric_plot import plot_metrics_vs_l0
+    from dictlearn.analysis.probing import draw, figures, probe_sentences
+    from dictlearn.analysis.results import from_records
 
     linear = {"number": 0.99, "string": 0.90}
     lines = from_records([

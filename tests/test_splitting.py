@@ -118,7 +118,7 @@ def test_trained_small_and_large_dictionaries_split_a_parent_into_its_children(t
 def test_the_analysis_figure_draws_the_ladder_and_the_largest_family(tmp_path):
     """Exports whose decoders are the constructed hierarchy: the figure's family is a parent with
     its 4 children, its histograms hold each pair's max cosines, and one width draws nothing."""
-    from analysis import splitting as figure
+    from dictlearn.analysis import splitting as figure
     from dictlearn.export import export
 
     P, C, O = _hierarchy()
@@ -140,7 +140,7 @@ def test_the_analysis_figure_draws_the_ladder_and_the_largest_family(tmp_path):
 
 
 def test_widths_that_share_their_initial_rows_are_flagged():
-    from analysis.splitting import same_index_fraction
+    from dictlearn.analysis.splitting import same_index_fraction
 
     small = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
     large = torch.cat([small + 0.01 * torch.randn(8, 16), torch.randn(8, 16)])  # one seed's first rows

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+import dictlearn.recipes
+
+# the repository's recipes/ folder, installed as dictlearn.recipes (pyproject.toml package-dir)
+RECIPES_DIR = Path(dictlearn.recipes.__file__).resolve().parent
 BASE_RECIPE = RECIPES_DIR / "base.yaml"
 
 

@@ -182,8 +182,8 @@ def _leave_process_group(barrier: bool = True) -> None:
 
 
 def _import_analysis():
-    """`analysis.report` (figures and the report), the last stage, imported when it is reached."""
-    from analysis import report
+    """`dictlearn.analysis.report` (figures and the report), the last stage, imported when it is reached."""
+    from dictlearn.analysis import report
 
     return report
 
