@@ -3,8 +3,8 @@
 This folder sits at the repository root and is installed as `dictlearn.analysis` (pyproject.toml
 `package-dir`), so no package named `analysis` lands in site-packages. One figure family per module
 (frontier, sparsity, shrinkage, recovery, density, curves), each runnable as
-`python -m dictlearn.analysis.<module> RESULTS.jsonl --out DIR`; `python -m dictlearn.analysis`
-draws all of them and writes the report. The package's top level stays empty of imports so that
+`python -m dictlearn.analysis.<module> RESULTS.jsonl --out DIR`; `dictlearn analyse` draws all
+of them and writes the report. The package's top level stays empty of imports so that
 `python -m dictlearn.analysis.<module>` runs that module once, as __main__.
 """
 

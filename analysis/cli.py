@@ -1,4 +1,5 @@
-"""The command-line front of every figure module and of `python -m dictlearn.analysis`.
+"""The command-line front of every figure module; `dictlearn analyse` (dictlearn/cli/analyse.py)
+draws them all and writes the report.
 
 `python -m dictlearn.analysis.<module> RESULTS.jsonl [RESULTS2.jsonl ...] --out DIR` draws that
 module's figures into DIR; notes (skipped figures, lines left out) go to stderr; bad input is one
@@ -13,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from dictlearn.analysis.results import group_by_site, load_results
+from dictlearn.analysis.results import AnalysisError, group_by_site, load_results
 from dictlearn.errors import DictLearnError
 
 #: draw(lines, out_dir, notes, site) -> list[Drawn]; `site` is None unless groups are several
@@ -43,6 +44,17 @@ def out_dir(args) -> Path:
     return args.results[0].parent
 
 
+def checked_folder(out: Path) -> Path:
+    """`out`, or one line naming it when it, or the nearest folder above it that exists, is a file
+    (figures/ would fail to be made in it after the results were read)."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AnalysisError(f"{out}: {existing} is a file, not a folder; name a folder for the figures and report")
+    return out
+
+
 def draw_groups(lines: list[dict], draw: DrawFunction, out: Path, notes: list[str]) -> list:
     """Draw every (model, hook) group apart; file names carry the group when there are several."""
     groups = group_by_site(lines)
@@ -70,7 +82,7 @@ def module_main(draw: DrawFunction, description: str, argv: list[str] | None = N
 
     def main(args) -> int:
         lines, notes = load_results(args.results), []
-        drawn = draw_groups(lines, draw, out_dir(args), notes)
+        drawn = draw_groups(lines, draw, checked_folder(out_dir(args)), notes)
         print_notes(notes)
         for figure in drawn:
             print(figure.png)

@@ -1,6 +1,6 @@
 """The run report: figures into `OUT/figures/`, then `OUT/report.md` and `OUT/report.html`.
 
-`analyse(paths, out)` is what `python -m dictlearn.analysis` runs; `write_report(run_dir, results)`
+`analyse(paths, out)` is what `dictlearn analyse` runs; `write_report(run_dir, results)`
 is the same for lines already in memory (as `dictlearn compare` holds them at its end). Sections:
 setup, summary (analysis.summary), figures, every dictionary's metrics, notes.
 """
@@ -8,11 +8,10 @@ setup, summary (analysis.summary), figures, every dictionary's metrics, notes.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from dictlearn.analysis import curves, density, frontier, probing, recovery, shrinkage, sparsity, splitting
-from dictlearn.analysis.cli import draw_groups, print_notes
+from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
 from dictlearn.analysis.results import from_records, group_by_site, load_results, series_label, value
@@ -44,7 +43,8 @@ def draw_all(lines: list[dict], figures_dir: Path, notes: list[str]) -> list[Dra
 
 def analyse(paths: list[str | Path], out_dir: str | Path, echo: bool = True) -> Path:
     """Results files -> figures and report under `out_dir`; -> the report.md path."""
-    return _write(load_results(paths), Path(out_dir), echo)
+    out_dir = checked_folder(Path(out_dir))
+    return _write(load_results(paths), out_dir, echo)
 
 
 def write_report(run_dir: str | Path, results: list[dict], out_dir: str | Path | None = None, echo: bool = True) -> Path:
@@ -211,8 +211,3 @@ def read_timings(folder: Path, notes: list[str]) -> tuple[str | None, dict[str, 
     stages = {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return (str(machine) if machine else None), stages
 
-
-if __name__ == "__main__":
-    from dictlearn.analysis.__main__ import main
-
-    sys.exit(main())

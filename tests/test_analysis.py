@@ -24,7 +24,12 @@ from dictlearn.analysis.report import analyse, write_report
 from dictlearn.analysis.results import AnalysisError, from_records, load_results
 from dictlearn.analysis.style import ARCHITECTURES, DPI, WIDTH_IN
 from dictlearn.analysis.summary import frontier_table, summarise
-from dictlearn.analysis.__main__ import main as analysis_main
+from dictlearn.cli import main as dictlearn_main
+
+
+def analyse_command(*args) -> int:
+    """`dictlearn analyse ARGS...` in-process -> its exit status."""
+    return dictlearn_main(["analyse", *map(str, args)])
 
 MODEL, HOOK = "dictlearn/tiny-stdlib", "transformer.h.2"
 
@@ -239,15 +244,47 @@ def test_mixed_models_are_grouped_and_said(tmp_path, capsys):
     ([json.dumps(line("topk", 8, 0)), "{not json"], "{path}:2: not a JSON object"),
     (["[1, 2]"], "{path}:1: not a JSON object (a list)"),
     ([json.dumps({"fvu": 0.3})], "{path}:1: no 'architecture'"),
+    (None, "{path}: cannot read (No such file or directory)"),
 ])
 def test_bad_input_is_one_line_naming_file_and_line(tmp_path, capsys, content, message):
-    path = write(tmp_path / "results.jsonl", content)
+    path = tmp_path / "results.jsonl" if content is None else write(tmp_path / "results.jsonl", content)
     with pytest.raises(AnalysisError, match=re.escape(message.format(path=path))):
         load_results([path])
-    assert analysis_main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert analyse_command(path, "--out", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"analysis: error: {message.format(path=path)}") and "\n" not in err
-    assert not (tmp_path / "out" / "report.md").exists()
+    assert err.startswith(f"dictlearn: error: {message.format(path=path)}") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["taken.md", "taken.md/sub"])
+def test_out_naming_a_file_is_one_line_and_the_file_is_kept(tmp_path, capsys, out):
+    results = write(tmp_path / "run" / "results.jsonl", WINNER_CHANGES)
+    (tmp_path / "taken.md").write_text("mine")
+    assert analyse_command(results, "--out", tmp_path / out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dictlearn: error: --out {tmp_path / out}: {tmp_path / 'taken.md'} is a file, not a folder")
+    assert "\n" not in err and (tmp_path / "taken.md").read_text() == "mine"
+    with pytest.raises(AnalysisError, match="is a file, not a folder"):  # the library says it too
+        analyse([results], tmp_path / out, echo=False)
+    assert module_main(curves.draw, "curves", [str(results), "--out", str(tmp_path / out)]) == 2
+    assert capsys.readouterr().err.startswith(f"analysis: error: {tmp_path / out}: ")
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    assert analyse_command() == 2
+    assert capsys.readouterr().err.strip() == ("dictlearn: error: analyse: the following arguments are required: "
+                                              "results; see dictlearn analyse --help")
+    assert analyse_command(tmp_path, "--out", tmp_path / "out") == 2  # a folder is not a results file
+    assert capsys.readouterr().err.strip().startswith(f"dictlearn: error: {tmp_path}: cannot read")
+
+
+def test_analyse_writes_figures_and_report_into_out(tmp_path, capsys):
+    results = write(tmp_path / "run" / "results.jsonl", WINNER_CHANGES)
+    assert analyse_command(results, "--out", tmp_path / "out") == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.md")
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "figures" / "l0_fvu.png").is_file()
+    assert analyse_command(results) == 0  # one results file: its own folder, as compare wrote it
+    assert (tmp_path / "run" / "report.md").is_file()
 
 
 def test_several_runs_compare_as_distinct_series(tmp_path):
@@ -258,7 +295,7 @@ def test_several_runs_compare_as_distinct_series(tmp_path):
     np.testing.assert_allclose(xy(series_container(fig, "topk (b)").lines[0])[1], [0.31])
     styles = {label: series_container(fig, label).lines[0].get_linestyle() for label in ("topk (a)", "topk (b)")}
     assert styles["topk (a)"] != styles["topk (b)"]
-    assert analysis_main([str(a), str(b)]) == 2  # several runs need --out
+    assert analyse_command(a, b) == 2  # several runs need --out
     text = analyse([a, b], tmp_path / "both", echo=False).read_text()
     assert "### Run `a`" in text and "### Run `b`" in text and "| topk_l0-8_seed0 | topk (b) | b |" in text
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "harvest": "dictlearn.cli.harvest",
     "evaluate": "dictlearn.cli.evaluate",
     "compare": "dictlearn.cli.compare",
+    "analyse": "dictlearn.cli.analyse",
     "inspect": "dictlearn.cli.inspect",
     "steer": "dictlearn.cli.steer",
 }
@@ -37,6 +38,7 @@ USAGE = """usage: dictlearn COMMAND [options]   (add --debug to any command for 
   harvest   language-model activations -> HDF5: dictlearn harvest --out acts.h5 (embedded model, stdlib corpus)
   evaluate  export(s) + HDF5 (+ model) -> one JSON line per export: dictlearn evaluate EXPORT --data acts.h5
   compare   every architecture at matched L0, trained, evaluated, reported: dictlearn compare --out runs/cmp
+  analyse   results file(s) -> figures and report: dictlearn analyse runs/a/results.jsonl runs/b/results.jsonl --out DIR
   inspect   feature dashboards, one HTML file: dictlearn inspect EXPORT --data acts.h5 --out topk.html
   steer     generate with one latent clamped: dictlearn steer EXPORT --feature 12 --scale 10 --prompt "def "
 
