@@ -55,6 +55,37 @@ def test_architecture_names_and_plan():
     assert "k" not in jump.init_args and jump.calibrated
 
 
+def test_every_architecture_gets_the_same_optimiser():
+    """Equal treatment: the mechanisms' own papers differ (JumpReLU and gated: beta1 0 and a warm-up),
+    a comparison does not; an `optimizer:` override applies to every architecture at once."""
+    config = CompareConfig(architectures=["relu_l1", "topk", "batchtopk", "gated", "jumprelu", "topk_transcoder"],
+                           l0=[8], d_sae=[64], seeds=[0], device="cpu", optimizer={"lr": 3e-3}).resolved()
+    settings = set()
+    for p in plan(config):
+        model = p.build(16, 16)
+        settings.add((model.lr, tuple(model.adam_betas), model.adam_eps, model.lr_warmup_fraction,
+                      model.lr_decay_fraction))
+    assert settings == {(3e-3, (0.9, 0.999), 1e-8, 0.0, 0.3)}
+    with pytest.raises(dictlearn.errors.ConfigError, match="optimizer: unknown key 'beta'"):
+        CompareConfig(l0=[8], optimizer={"beta": 0.9}, device="cpu").resolved()
+
+
+def test_a_seed_sets_the_data_order(synth_file):
+    """Same seed: the same batches for every architecture (paired differences); another seed: others."""
+    from dictlearn.compare.run import Source, sweep_data
+
+    config = CompareConfig(data=synth_file, input_key="acts", l0=[4], d_sae=[32], device="cpu").resolved()
+    source = Source(Path(synth_file), ("acts", None), None)
+
+    def first_batch(seed: int):
+        data = sweep_data(config, source, seed)
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))[0]
+
+    a, b = first_batch(0), first_batch(0)
+    assert a.equal(b) and not a.equal(first_batch(1))
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
 @pytest.mark.parametrize("flags, words", [
     (["--architectures", "topk,sparsemax"], ["--architectures sparsemax", "use one of"]),
@@ -153,6 +184,7 @@ def test_compare_writes_the_run_folder_and_resumes_after_a_kill(tmp_path):
         assert (Path(line["export"]) / "sae_weights.safetensors").is_file()
         assert line["ce_loss_recovered"] is not None and line["fvu"] is not None
         assert line["train_tokens"] == 40 * 256
+        assert line["optimizer"]["lr"] == 1e-3 and line["lr_tuned"] is False
         if line["mechanism"] == "topk":
             assert line["k"] == line["l0_target"] and 0.5 * line["k"] < line["l0"] <= line["k"]  # ReLU may zero a few
         else:

@@ -33,12 +33,19 @@ DEFAULTS = {
     "cuda": dict(tokens=2_000_000, train_tokens=8_000_000, d_sae=(2048,), l0=(8, 16, 32, 64), batch_size=4096,
                  contexts=64),
 }
-# Short-run optimiser settings per mechanism (the recipes' are tuned for 10^8+ tokens): a larger
-# LR so a few hundred steps train the dictionary, and one schedule for all: the LR decays to 0
-# over the last 30 % of steps, which begins before the calibrated coefficients freeze (at 80 %,
-# SparsityCalibration), so L0 barely drifts after. Starting coefficients: near the ones the
-# controller reached on the embedded model and on synthetic data. The rest are the recipes'.
-_SHORT_RUN = {"lr": 1e-3, "lr_decay_fraction": 0.3, "init_scale_from_data": True}  # first ŷ at the input's norm
+# One optimiser and schedule for every architecture of a comparison (equal treatment: a verdict
+# between two architectures must not be a verdict between two learning rates). The recipes' own
+# settings are tuned for 10^8+ tokens and differ per paper (JumpReLU and gated: beta1 0 and a
+# warm-up; the rest plain Adam); a short run needs a larger LR so a few hundred steps train the
+# dictionary. The LR decays to 0 over the last 30 % of steps, which begins before the calibrated
+# coefficients freeze (at 80 %, SparsityCalibration), so L0 barely drifts after. `optimizer:` in
+# the YAML changes it for every architecture at once; results lines record what each dictionary got.
+OPTIMIZER = {"lr": 1e-3, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_warmup_fraction": 0.0,
+             "lr_decay_fraction": 0.3}
+# What the short run changes per mechanism besides the optimiser: the first reconstructions at the
+# input's norm, and starting coefficients near the ones the controller reached on the embedded model
+# and on synthetic data. The rest are the recipes'.
+_SHORT_RUN = {"init_scale_from_data": True}
 DICTIONARY_DEFAULTS = {
     # Bricken et al. 2023's unit-norm decoder, not the April-2024 norm-weighted L1: in a short run
     # the latter lowers its penalty by shrinking every decoder row (init norm 0.1, ~100 steps at
@@ -49,9 +56,8 @@ DICTIONARY_DEFAULTS = {
     "batchtopk": _SHORT_RUN,
     "matryoshka": _SHORT_RUN,
     "gated": _SHORT_RUN | {"l1_coefficient": 1.0},
-    # θ is learned at about lr per step in log units: twice the LR lets it follow λ; a wider
-    # kernel (θ starts at ~1-2 here, see SparsityCalibration) gives θ a gradient on most steps
-    "jumprelu": _SHORT_RUN | {"lr": 2e-3, "l0_coefficient": 0.1, "bandwidth": 0.1},
+    # a wider kernel (θ starts at ~1-2 here, see SparsityCalibration) gives θ a gradient on most steps
+    "jumprelu": _SHORT_RUN | {"l0_coefficient": 0.1, "bandwidth": 0.1},
 }
 RUNTIME_FIELDS = ("out", "device", "quiet")
 
@@ -78,6 +84,7 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     train_tokens: int | None = None
     batch_size: int | None = None
+    optimizer: dict = field(default_factory=dict)  # OPTIMIZER keys, the same for every architecture
     dictionary: dict[str, dict] = field(default_factory=dict)  # mechanism -> constructor overrides
     calibration: dict = field(default_factory=dict)  # SparsityCalibration arguments
     # evaluation
@@ -173,6 +180,9 @@ class CompareConfig:
         unknown = sorted(set(self.dictionary) - set(MECHANISMS))
         if unknown:
             raise ConfigError(f"dictionary: {unknown[0]!r} is not a mechanism; use one of {', '.join(MECHANISMS)}")
+        unknown = sorted(set(self.optimizer) - set(OPTIMIZER))
+        if unknown:
+            raise ConfigError(f"optimizer: unknown key {unknown[0]!r}; known: {', '.join(OPTIMIZER)}")
 
     @property
     def steps(self) -> int:
@@ -231,7 +241,8 @@ def plan(config: CompareConfig) -> list[Planned]:
             mechanism, mapping = parse_architecture(architecture)
             for d_sae in config.d_sae:
                 for target in config.l0:
-                    args = {"d_sae": d_sae, **DICTIONARY_DEFAULTS[mechanism], **config.dictionary.get(mechanism, {})}
+                    args = {"d_sae": d_sae, **OPTIMIZER, **config.optimizer, **DICTIONARY_DEFAULTS[mechanism],
+                            **config.dictionary.get(mechanism, {})}
                     if mapping != "sae":
                         args |= {"transcoder": True, "b_dec_init": "mean", "skip_connection": mapping == "skip_transcoder"}
                     if mechanism in WITH_K:

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from dictlearn.compare.plan import CompareConfig, Planned, plan
+from dictlearn.compare.plan import OPTIMIZER, CompareConfig, Planned, plan
 from dictlearn.io import atomic_write_text
 
 
@@ -31,6 +31,9 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
         "log_dir": str(Path("train") / f"seed{p.seed}" / "version_0"), "member": p.name,
         "batch_size": config.batch_size,
     }  # fmt: skip
+    # what it trained with (the same for every architecture unless a search or an override chose otherwise)
+    line["optimizer"] = {key: hyper[key] for key in OPTIMIZER if key in hyper}
+    line["lr_tuned"] = False
     for coefficient in ("l1_coefficient", "l0_coefficient"):
         if p.calibrated and coefficient in hyper:
             line[coefficient] = hyper[coefficient]

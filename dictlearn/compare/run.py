@@ -266,7 +266,6 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     from lightning.pytorch.loggers import CSVLogger
 
     from dictlearn.callbacks import KeepFreedMemory, RunGuard
-    from dictlearn.data import ActivationDataModule
     from dictlearn.data.h5 import H5Array
     from dictlearn.training import DictionaryTraining, Member
     from dictlearn.training.calibration import SparsityCalibration
@@ -280,7 +279,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
         d_out = d_in if target_key is None else H5Array(source.path, target_key).d
         members[p.name] = Member(p.build(d_in, d_out), input_key, target_key, seed=p.seed)
     module = DictionaryTraining(members)
-    data = ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size)
+    data = sweep_data(config, source, group[0].seed)
     calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated},
                                       **config.calibration)
     guard = RunGuard()
@@ -314,6 +313,16 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     if trainer.interrupted:
         raise Stopped(guard.exit_code)
     trainer.save_checkpoint(folder / "final.ckpt")  # atomic (RunGuard's checkpoint IO), all ranks join
+
+
+def sweep_data(config: CompareConfig, source: Source, seed: int):
+    """The data module of one seed's sweep. The seed sets the data order as well as the initial
+    weights: every architecture of a seed reads the same batches (so differences pair by seed), and
+    the spread over seeds includes the data's, not only the initialisation's."""
+    from dictlearn.data import ActivationDataModule
+
+    return ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size,
+                                seed=seed)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
