@@ -18,7 +18,7 @@ from dictlearn.analysis.results import series_label, value
 FRONTIER_METRICS = (("fvu", "FVU", False), ("ce_loss_recovered", "CE loss recovered", True), ("kl_div", "KL", False))
 DEAD_THRESHOLD = 0.10  # dead fraction worth a sentence
 DENSE_THRESHOLD = 0.01  # dense fraction worth a sentence
-SHRINK_THRESHOLD = 0.90  # l2_ratio "well below 1"
+SHRINK_THRESHOLD = 0.90  # γ (rel_reconstruction_bias) "well below 1"
 L0_MISS = 0.20  # achieved L0 this far (relative) from its target: compare with care
 L0_SHOWN = 0.05  # ... this far: the frontier table shows the achieved L0 beside the value
 
@@ -146,7 +146,9 @@ def _targets_with(points: list[Point]) -> str:
 
 
 def shrinkage_sentence(lines: list[dict]) -> list[str]:
-    points = per_setting(lines, "l2_ratio")
+    """Settings whose mean γ (`rel_reconstruction_bias`, Σ‖ŷ‖² / Σ⟨y, ŷ⟩) is below SHRINK_THRESHOLD:
+    γ < 1 is the systematic underestimate of magnitudes; `l2_ratio` < 1 can also be angular error."""
+    points = per_setting(lines, "rel_reconstruction_bias")
     if not points:
         return []
     shrinking: dict[str, list[Point]] = {}
@@ -154,10 +156,10 @@ def shrinkage_sentence(lines: list[dict]) -> list[str]:
         if p.y < SHRINK_THRESHOLD:
             shrinking.setdefault(series_label(p.series), []).append(p)
     if not shrinking:
-        return [f"No architecture shrinks: every mean `l2_ratio` is at least {SHRINK_THRESHOLD:g}."]
-    items = [f"**{label}** (`l2_ratio` {_number(min(p.y for p in pts))}–{_number(max(p.y for p in pts))} "
+        return [f"No architecture shrinks: every mean γ (`rel_reconstruction_bias`) is at least {SHRINK_THRESHOLD:g}."]
+    items = [f"**{label}** (γ {_number(min(p.y for p in pts))}–{_number(max(p.y for p in pts))} "
              f"at L0 {', '.join(_at(p) for p in pts)})" for label, pts in shrinking.items()]
-    return [f"Shrinkage (mean `l2_ratio` below {SHRINK_THRESHOLD:g}): " + ", ".join(items) + "."]
+    return [f"Shrinkage (mean γ, `rel_reconstruction_bias`, below {SHRINK_THRESHOLD:g}): " + ", ".join(items) + "."]
 
 
 def mapping_sentence(lines: list[dict]) -> list[str]:

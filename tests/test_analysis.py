@@ -171,7 +171,8 @@ def run_dir(tmp_path_factory):
     lines = [{**l, "feature_density": list(10 ** rng.uniform(-3, -1, 32)), "log_dir": "log", "batch_size": 64}
              for l in WINNER_CHANGES]
     lines[0]["dead_fraction"], lines[1]["dead_fraction"] = 0.2, 0.3  # topk at 8: 25% dead
-    lines[2]["l2_ratio"], lines[3]["l2_ratio"] = 0.80, 0.82  # batchtopk at 8 shrinks
+    lines[2]["rel_reconstruction_bias"], lines[3]["rel_reconstruction_bias"] = 0.80, 0.82  # batchtopk at 8 shrinks
+    lines[0]["l2_ratio"] = 0.5  # an l2_ratio below 1 alone (angular error) is not shrinkage
     write(folder / "results.jsonl", lines)
     (folder / "compare.yaml").write_text("architectures: [topk, batchtopk]\nl0: [8, 16]\n")
     (folder / "timings.json").write_text(json.dumps({"stages": {"harvest": 12.5, "train": 300.0}, "machine": "2 CPUs"}))
@@ -201,7 +202,8 @@ def test_report_table_and_summary_agree_with_the_lines(run_dir):
     assert "| 8 | FVU (lower is better) | **topk** 0.410 | batchtopk 0.460 | separable |" in text
     assert "| 16 | FVU (lower is better) | **batchtopk** 0.320 | topk 0.340 | not separable |" in text
     assert "Dead latents (more than 10% never fire): topk at L0 8 (25%)." in text
-    assert "Shrinkage (mean `l2_ratio` below 0.9): **batchtopk** (`l2_ratio` 0.810–0.810 at L0 8)." in text
+    assert ("Shrinkage (mean γ, `rel_reconstruction_bias`, below 0.9): **batchtopk** (γ 0.810–0.810 at L0 8)."
+            in text)
     assert "Machine: 2 CPUs" in text and "| train | 300.0 |" in text and "l0: [8, 16]" in text
     html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 7 and 'src="figures' not in html  # self-contained
