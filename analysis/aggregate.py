@@ -1,22 +1,29 @@
 """Seeds -> one point per (series, setting); the Pareto frontier over points.
 
 A point is the mean over the seeds of one dictionary setting (same series, same L0 target), with
-the seeds' full range (min to max) as its spread. With two or three seeds the range is the
-honest summary; a standard deviation of two numbers says little. Two points whose ranges overlap
-are called "not separable" by the summary.
+the 95 % confidence interval of that mean (Student t over seeds: mean ± t(0.975, n−1)·s/√n) as
+its spread, in L0 and in the metric. With one seed there is no interval (the bar is the point).
+Whether two series differ is not read off these bars: the summary's verdicts pair the seeds
+(dictlearn.compare.verdicts).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from scipy import stats
+
 from dictlearn.analysis.results import Series, setting, value
+
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
 class Point:
-    """One dictionary setting, seeds aggregated: means and min..max of the measured L0 and metric."""
+    """One dictionary setting, seeds aggregated: means, min..max and the 95 % interval of the
+    mean (`*_lo`, `*_hi`) of the measured L0 and the metric."""
 
     series: Series
     setting: object
@@ -27,10 +34,25 @@ class Point:
     y_min: float
     y_max: float
     names: tuple[str, ...]
+    l0_lo: float = math.nan
+    l0_hi: float = math.nan
+    y_lo: float = math.nan
+    y_hi: float = math.nan
 
     @property
     def n_seeds(self) -> int:
         return len(self.names)
+
+
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t interval of the mean; low = high = mean for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def aggregate(lines: list[dict], metric: str, x: str = "l0") -> dict[Series, list[Point]]:
@@ -44,12 +66,10 @@ def aggregate(lines: list[dict], metric: str, x: str = "l0") -> dict[Series, lis
         xs = [value(line, x) for line in members]
         ys = [value(line, metric) for line in members]
         names = tuple(str(line.get("name") or line["_source"]) for line in members)
-        points[series].append(Point(series, key, _mean(xs), min(xs), max(xs), _mean(ys), min(ys), max(ys), names))
+        (l0, l0_lo, l0_hi), (y, y_lo, y_hi) = mean_interval(xs), mean_interval(ys)
+        points[series].append(Point(series, key, l0, min(xs), max(xs), y, min(ys), max(ys), names,
+                                    l0_lo, l0_hi, y_lo, y_hi))
     return {series: sorted(pts, key=lambda p: p.l0) for series, pts in sorted(points.items())}
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _hashable(key):
@@ -66,8 +86,3 @@ def pareto(points: list[Point], higher_is_better: bool = False) -> list[Point]:
         return no_worse and (a.l0 < b.l0 or sign * a.y < sign * b.y)
 
     return [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
-
-
-def ranges_overlap(a: Point, b: Point) -> bool:
-    """Whether the seeds' min..max of the metric of two points overlap (ends touching count)."""
-    return a.y_min <= b.y_max and b.y_min <= a.y_max

@@ -56,8 +56,10 @@ def draw_metric_axis(ax, lines: list[dict], spec: MetricSpec) -> dict[Series, li
         pts = points[series]
         container = ax.errorbar(
             [p.l0 for p in pts], [p.y for p in pts],
+            # the metric: the 95 % interval of the seed mean; L0, the position: the seeds' range (a
+            # t-interval of two L0s can reach below 0, which a log axis cannot draw)
             xerr=[[p.l0 - p.l0_min for p in pts], [p.l0_max - p.l0 for p in pts]],
-            yerr=[[p.y - p.y_min for p in pts], [p.y_max - p.y for p in pts]],
+            yerr=[[p.y - p.y_lo for p in pts], [p.y_hi - p.y for p in pts]],
             capsize=2.0, elinewidth=0.8, zorder=3, **series_style(series, variants))
         container.lines[0].set_gid(f"{spec.metric}:{container.get_label()}")
     everything = [p for pts in points.values() for p in pts]

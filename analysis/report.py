@@ -16,7 +16,7 @@ from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Li
                                        markdown)
 from dictlearn.analysis.results import from_records, group_by_site, load_results, series_label, value
 from dictlearn.analysis.style import Drawn, architecture_style, series_order
-from dictlearn.analysis.summary import L0_SHOWN, frontier_table, summarise
+from dictlearn.analysis.summary import L0_SHOWN, frontier_table, record_group, summarise, verdicts
 from dictlearn.io import atomic_write_text
 
 #: every figure family, in report order; each has draw(lines, out_dir, notes, site) -> [Drawn]
@@ -61,7 +61,9 @@ def _write(lines: list[dict], out_dir: Path, echo: bool) -> Path:
         notes.append(f"the results hold {len(sites)} (model, hook) sites: "
                      + "; ".join(f"{model}, {hook}" for model, hook in sites) + "; each is drawn and summarised apart")
     drawn = draw_all(lines, out_dir / "figures", notes)
-    blocks = report_blocks(lines, drawn, notes) + dashboard_blocks(out_dir)
+    document = verdicts(lines)  # every claim of the report comes from here
+    atomic_write_text(out_dir / "verdicts.json", json.dumps(document, indent=1) + "\n")
+    blocks = report_blocks(lines, drawn, notes, document) + dashboard_blocks(out_dir)
     if echo:
         print_notes(notes)
     title = "dictlearn comparison: " + ", ".join(sorted({str(line["_run"]) for line in lines}))
@@ -70,7 +72,8 @@ def _write(lines: list[dict], out_dir: Path, echo: bool) -> Path:
     return out_dir / "report.md"
 
 
-def report_blocks(lines: list[dict], drawn: list[Drawn], notes: list[str]) -> list:
+def report_blocks(lines: list[dict], drawn: list[Drawn], notes: list[str], document: dict | None = None) -> list:
+    document = verdicts(lines) if document is None else document
     groups = group_by_site(lines)
     several = len(groups) > 1
     blocks = setup_blocks(lines, notes)
@@ -85,8 +88,12 @@ def report_blocks(lines: list[dict], drawn: list[Drawn], notes: list[str]) -> li
         for site, members in groups.items():
             if several:
                 blocks.append(Heading(3, f"{site[0]}, `{site[1]}`"))
-            blocks += make(members) if make else [Image(d.png, d.caption, numbered[d.png])
-                                                  for d in drawn if d.site == (site if several else None)]
+            if make is summary_blocks:
+                blocks += summary_blocks(members, _site_document(document, site))
+            elif make is not None:
+                blocks += make(members)
+            else:
+                blocks += [Image(d.png, d.caption, numbered[d.png]) for d in drawn if d.site == (site if several else None)]
     if notes:
         blocks += [Heading(2, "Notes"), Bullets(tuple(notes))]
     return blocks
@@ -104,18 +111,33 @@ def dashboard_blocks(out_dir: Path) -> list:
             Links(tuple((p.stem, f"dashboards/{p.name}") for p in pages))]
 
 
-FIGURE_KEY = ("In the figures against L0, a marker is the mean over seeds and its bars span the seeds' range "
-              "(min to max) in both L0 and the metric; black rings mark the Pareto-optimal settings over all "
-              "architectures. The L0 axis is logarithmic, as SAEBench draws it (Karvonen et al. 2025).")
+FIGURE_KEY = ("In the figures against L0, a marker is the mean over seeds; its vertical bar is the 95 % confidence "
+              "interval of the metric's seed mean (Student t over seeds; one seed draws none) and its horizontal bar "
+              "the seeds' range of measured L0. Black "
+              "rings mark the Pareto-optimal settings over all architectures. The L0 axis is logarithmic, as SAEBench "
+              "draws it (Karvonen et al. 2025).")
+
+VERDICT_KEY = ("At each L0 every series is read at that same L0, interpolated along log L0 between its own measured "
+               "points seed by seed (never extrapolated), and the best seed mean leads. **better**: a paired t-test "
+               "over seeds (seed s of one series against seed s of the other: same initial-weight seed, same batches) "
+               "rejects equality after Holm's correction over every cell of this report (family-wise α = 0.05); "
+               "Δ is leader minus runner-up with its 95 % interval, at the L0 the pair is compared at. Otherwise "
+               "the two are **not distinguishable** with these seeds, whatever the gap between the means. "
+               "docs/compare.md, \"How to read a verdict\".")
 
 
-def summary_blocks(lines: list[dict]) -> list:
-    blocks: list = [Bullets(tuple(summarise(lines)))]
-    header, rows = frontier_table(lines)
+def _site_document(document: dict, site: tuple[str, str]) -> dict:
+    """The verdicts.json document restricted to one (model, hook) site."""
+    records = [r for r in document.get("records", []) if record_group(r)[:2] == list(site)]
+    return {**document, "records": records}
+
+
+def summary_blocks(lines: list[dict], document: dict | None = None) -> list:
+    document = verdicts(lines) if document is None else document
+    blocks: list = [Bullets(tuple(summarise(lines, document)))]
+    header, rows = frontier_table(lines, document.get("records", []))
     if rows:
-        blocks += [Paragraph("At each L0 target, the best seed mean against the runner-up; **separable** when their "
-                             "seed ranges (min–max) do not overlap. An L0 in brackets: the measured L0, more than "
-                             f"{L0_SHOWN:.0%} off the target."), Table(tuple(header), tuple(map(tuple, rows)))]
+        blocks += [Paragraph(VERDICT_KEY), Table(tuple(header), tuple(map(tuple, rows)))]
     return blocks + probing.summary_blocks(lines)
 
 
@@ -129,8 +151,18 @@ def table_blocks(lines: list[dict]) -> list:
     rows = []
     for line in ordered:
         cells = [str(line.get("name") or "–"), series_label(line["_series"])] + ([str(line["_run"])] if runs else [])
-        rows.append(tuple(cells + [_cell(value(line, key), fmt) for key, _, fmt in columns]))
+        values = [_cell(value(line, key), fmt) + (" †" if key == "l0" and _off_target(line) else "")
+                  for key, _, fmt in columns]
+        rows.append(tuple(cells + values))
+    if any(_off_target(line) for line in lines):
+        return [Table(header, tuple(rows), swatch_column=1),
+                Paragraph(f"†: measured L0 more than {L0_SHOWN:.0%} off its target.")]
     return [Table(header, tuple(rows), swatch_column=1)]
+
+
+def _off_target(line: dict) -> bool:
+    l0, target = value(line, "l0"), value(line, "l0_target")
+    return l0 is not None and bool(target) and abs(l0 - target) > L0_SHOWN * target
 
 
 def _cell(x: float | None, fmt: str) -> str:

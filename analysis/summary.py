@@ -1,104 +1,227 @@
 """The report's automatic summary, written from the numbers of one (model, hook) group.
 
-At each L0 target, for each frontier metric, the architecture with the best seed mean wins;
-the lead is "separable" when the winner's seed range (min..max) does not overlap the runner-up's,
-"not separable" when it does, and unknown with a single seed. Then: settings that missed their
-L0 target, where dead latents appear, which architectures shrink. Thresholds are module
-constants, so the docs and the sentences cannot drift apart.
+Who leads is decided at equal *measured* L0, never at a nominal target: at each L0 target every
+series' metric is interpolated along log L0 between its own measured points, seed by seed
+(nothing is extrapolated: a curve that does not reach the target is not ranked there), and the
+best seed mean leads. Whether the lead is real comes from `verdicts.json`
+(dictlearn.compare.verdicts): every pair of series of a mapping (SAEs, transcoders), metric and L0
+target, a paired t-test over seeds, Holm-corrected over every cell of the report. Then: settings
+off their L0 target, dead and dense latents, shrinkage. Thresholds are module constants, so the
+docs and the sentences cannot drift apart.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
-from dictlearn.analysis.aggregate import Point, aggregate, ranges_overlap
-from dictlearn.analysis.results import series_label, value
+from dictlearn.analysis.aggregate import Point, aggregate
+from dictlearn.analysis.results import series_label, site, value
+from dictlearn.compare.verdicts import L0_TOLERANCE, build_verdicts, interpolate_at_l0
 
 #: (metric, name in sentences, True when higher is better)
 FRONTIER_METRICS = (("fvu", "FVU", False), ("ce_loss_recovered", "CE loss recovered", True), ("kl_div", "KL", False))
 DEAD_THRESHOLD = 0.10  # dead fraction worth a sentence
 DENSE_THRESHOLD = 0.01  # dense fraction worth a sentence
 SHRINK_THRESHOLD = 0.90  # γ (rel_reconstruction_bias) "well below 1"
-L0_MISS = 0.20  # achieved L0 this far (relative) from its target: compare with care
-L0_SHOWN = 0.05  # ... this far: the frontier table shows the achieved L0 beside the value
+L0_SHOWN = L0_TOLERANCE  # a measured L0 this far (relative) from its target is marked wherever it is shown
+
+
+def mapping_group(line: dict) -> str:
+    """What a line is compared within: SAEs reconstruct their input, transcoders (plain or skip)
+    predict the MLP output, so their FVUs measure different targets."""
+    return "SAEs" if line.get("mapping") in (None, "sae") else "transcoders"
+
+
+def verdicts(lines: list[dict]) -> dict:
+    """The verdicts.json document of a report's lines (every site): each pair of series within a
+    (site, mapping group), on each frontier metric and L0 target; Holm over all of them."""
+    directions = {metric: "higher" if higher else "lower" for metric, _, higher in FRONTIER_METRICS}
+    return build_verdicts(lines, directions, series=lambda line: series_label(line["_series"]), group=group_key)
+
+
+def group_key(line: dict) -> str:
+    """The verdicts' group of a line, as JSON text: `["model", "hook", "SAEs"]`."""
+    return json.dumps([*site(line), mapping_group(line)])
+
+
+def record_group(record: dict) -> list:
+    """A verdicts.json record's group key back as [model, hook, mapping group]."""
+    return json.loads(record["group"]) if isinstance(record.get("group"), str) else []
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One series at one L0 target: its seed mean interpolated at that L0, over `n_seeds` seeds."""
+
+    label: str
+    y: float
+    n_seeds: int
 
 
 @dataclass(frozen=True)
 class Lead:
-    """The best point at one target for one metric, the runner-up, and whether seeds separate them."""
+    """The ranking of one (target, metric, mapping group), and the verdict on leader vs runner-up."""
 
-    winner: Point
-    runner_up: Point | None
-    separable: bool | None  # None: a single point or a single seed
+    target: float
+    group: str
+    ranked: tuple[Ranked, ...]  # best first
+    unreached: tuple[str, ...]  # series whose curves do not reach the target
+    record: dict | None  # the verdicts.json record of the leader and the runner-up
+    claim: str | None  # the leader's claim against the runner-up: better | not distinguishable | ...
 
     def cells(self) -> list[str]:
         """[best, runner-up, verdict] for the frontier table."""
-        best = f"**{series_label(self.winner.series)}** {_number(self.winner.y)}{_off_target(self.winner)}"
-        if self.runner_up is None:
-            return [best, "–", "only one architecture"]
-        runner_up = f"{series_label(self.runner_up.series)} {_number(self.runner_up.y)}{_off_target(self.runner_up)}"
-        verdict = {True: "separable", False: "not separable", None: "one seed: spread unknown"}[self.separable]
-        return [best, runner_up, verdict]
+        best = f"**{self.ranked[0].label}** {_number(self.ranked[0].y)}"
+        if len(self.ranked) < 2:
+            return [best, "–", "only one series reaches this L0"]
+        return [best, f"{self.ranked[1].label} {_number(self.ranked[1].y)}", self.verdict()]
 
-
-def _off_target(p: Point) -> str:
-    """" (L0 36.1)" when the measured L0 is more than L0_SHOWN off the target, else ""."""
-    if isinstance(p.setting, (int, float)) and abs(p.l0 - p.setting) > L0_SHOWN * p.setting:
-        return f" (L0 {p.l0:.1f})"
-    return ""
+    def verdict(self) -> str:
+        record = self.record
+        if record is None or record.get("l0") is None or not record.get("seeds"):
+            return f"not compared: {record.get('reason') if record else 'no record'}"
+        n = record.get("n_seeds") or 0
+        if record.get("p_holm") is None:
+            return f"not distinguishable with {n} seed{'s' * (n != 1)} ({record.get('reason')})"
+        sign = 1.0 if record["a"] == self.ranked[0].label else -1.0
+        low, high = sorted(sign * x for x in record["interval"])
+        difference = (f"Δ {_signed(sign * record['mean_difference'])} [{_signed(low)}, {_signed(high)}] at L0 "
+                      f"{record['l0']:.3g}, Holm p {_p(record['p_holm'])}")
+        if self.claim == "better":
+            return f"**better**: {difference}"
+        return f"not distinguishable with {n} seeds: {difference}"
 
 
 def _number(x: float) -> str:
     return f"{x:#.3g}" if 1e-3 <= abs(x) < 1000 else f"{x:.3g}"
 
 
+def _signed(x: float) -> str:
+    return f"{x:.3g}".replace("-", "−")
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+
+
 def targets(lines: list[dict]) -> list:
     return sorted({line["l0_target"] for line in lines if isinstance(value(line, "l0_target"), float)})
 
 
-def lead_at(lines: list[dict], target, metric: str, higher_is_better: bool) -> Lead | None:
-    """The ranking of the series' seed means at one L0 target; None when no series has the metric."""
-    points = [p for pts in aggregate([l for l in lines if l.get("l0_target") == target], metric).values() for p in pts]
-    if not points:
+def ranked_at(lines: list[dict], target: float, metric: str, higher_is_better: bool) -> tuple[list[Ranked], list[str]]:
+    """Every series' seed mean of `metric` interpolated at L0 = target (best first), and the series
+    whose seeds' curves do not reach it."""
+    curves: dict[str, dict] = {}
+    for line in lines:
+        l0, y = value(line, "l0"), value(line, metric)
+        if l0 is not None and y is not None and value(line, "l0_target") is not None:
+            curves.setdefault(series_label(line["_series"]), {}).setdefault(line.get("seed"), []).append((l0, y))
+    ranked, unreached = [], []
+    for label, seeds in curves.items():
+        at = [interpolate_at_l0([p[0] for p in pts], [p[1] for p in pts], target)[0] for pts in seeds.values()]
+        at = [y for y in at if math.isfinite(y)]
+        if at:
+            ranked.append(Ranked(label, sum(at) / len(at), len(at)))
+        else:
+            unreached.append(label)
+    ranked.sort(key=lambda r: -r.y if higher_is_better else r.y)
+    return ranked, sorted(unreached)
+
+
+def _record(records: list[dict], metric: str, target: float, a: str, b: str) -> dict | None:
+    for record in records:
+        if record["metric"] == metric and record.get("l0_target") == target and {record["a"], record["b"]} == {a, b}:
+            return record
+    return None
+
+
+def _claim(record: dict | None, leader: str) -> str | None:
+    """The leader's claim against the other series of `record` (records are oriented a vs b)."""
+    if record is None or record.get("claim") is None:
         return None
-    points.sort(key=lambda p: -p.y if higher_is_better else p.y)
-    winner, runner_up = points[0], points[1] if len(points) > 1 else None
-    if runner_up is None or min(winner.n_seeds, runner_up.n_seeds) < 2:
-        return Lead(winner, runner_up, None)
-    return Lead(winner, runner_up, not ranges_overlap(winner, runner_up))
+    if record["a"] == leader or record["claim"] == "not distinguishable":
+        return record["claim"]
+    return {"better": "worse", "worse": "better"}[record["claim"]]
 
 
-def frontier_table(lines: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per L0 target and frontier metric that any line has."""
-    header = ["L0 target", "metric", "best (seed mean)", "runner-up", "seed ranges"]
+def leads(lines: list[dict], records: list[dict], metric: str, higher_is_better: bool) -> list[Lead]:
+    """One Lead per (L0 target, mapping group) that has a series with the metric."""
+    out = []
+    for group in sorted({mapping_group(line) for line in lines}):
+        members = [line for line in lines if mapping_group(line) == group]
+        grouped = [r for r in records if record_group(r)[-1:] == [group]]
+        for target in targets(members):
+            ranked, unreached = ranked_at(members, target, metric, higher_is_better)
+            if not ranked:
+                continue
+            record = _record(grouped, metric, target, ranked[0].label, ranked[1].label) if len(ranked) > 1 else None
+            out.append(Lead(target, group, tuple(ranked), tuple(unreached), record, _claim(record, ranked[0].label)))
+    return out
+
+
+def frontier_table(lines: list[dict], records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per L0 target, frontier metric and mapping group."""
+    several = len({mapping_group(line) for line in lines}) > 1
+    header = ["L0", "metric"] + (["among"] if several else []) + ["best (seed mean at this L0)", "runner-up",
+                                                                  "leader vs runner-up"]
     rows = []
-    for target in targets(lines):
-        for metric, name, higher in FRONTIER_METRICS:
-            lead = lead_at(lines, target, metric, higher)
-            if lead is not None:
-                rows.append([f"{target:g}", f"{name} ({'higher' if higher else 'lower'} is better)"] + lead.cells())
+    for metric, name, higher in FRONTIER_METRICS:
+        for lead in leads(lines, records, metric, higher):
+            rows.append([f"{lead.target:g}", f"{name} ({'higher' if higher else 'lower'} is better)"]
+                        + ([lead.group] if several else []) + lead.cells())
+    rows.sort(key=lambda row: float(row[0]))
     return header, rows
 
 
-def leader_sentences(lines: list[dict]) -> list[str]:
-    """One sentence per frontier metric: who leads at which targets, and where it is within noise."""
+def leader_sentences(lines: list[dict], records: list[dict]) -> list[str]:
+    """Per frontier metric and mapping group: who leads at which L0, and whether a paired,
+    Holm-corrected test separates the leader from the runner-up there."""
     sentences = []
+    several = len({mapping_group(line) for line in lines}) > 1
     for metric, name, higher in FRONTIER_METRICS:
-        leads = {t: lead_at(lines, t, metric, higher) for t in targets(lines)}
-        leads = {t: lead for t, lead in leads.items() if lead is not None}
-        if not leads:
-            continue
-        by_winner: dict[str, list] = {}
-        for target, lead in leads.items():
-            by_winner.setdefault(series_label(lead.winner.series), []).append(target)
-        parts = [f"**{label}** at L0 {_targets(ts)}" for label, ts in by_winner.items()]
-        close = [t for t, lead in leads.items() if lead.separable is False]
-        tail = f"; within the seeds' spread (not separable) at L0 {_targets(close)}" if close else ""
-        off = [t for t, lead in leads.items() if _off_target(lead.winner)]
-        if off:
-            tail += f"; the winner's measured L0 is more than {L0_SHOWN:.0%} off the target at L0 {_targets(off)}"
-        sentences.append(f"Best {name}: {', '.join(parts)}{tail}.")
+        by_group: dict[str, list[Lead]] = {}
+        for lead in leads(lines, records, metric, higher):
+            by_group.setdefault(lead.group, []).append(lead)
+        for group, found in by_group.items():
+            by_winner: dict[str, list] = {}
+            alone: dict[str, list] = {}
+            for lead in found:
+                (by_winner if len(lead.ranked) > 1 else alone).setdefault(lead.ranked[0].label, []).append(lead.target)
+            parts = [f"**{label}** at L0 {_targets(ts)}" for label, ts in by_winner.items()]
+            parts += [f"{label} alone at L0 {_targets(ts)} (no other series reaches it)" for label, ts in alone.items()]
+            ahead = [lead.target for lead in found if lead.claim == "better"]
+            tied = [lead.target for lead in found if len(lead.ranked) > 1 and lead.claim != "better"]
+            tail = []
+            if ahead:
+                tail.append(f"ahead of the runner-up by a paired test over seeds (Holm-corrected) at L0 {_targets(ahead)}")
+            if tied:
+                n = min((r.n_seeds for lead in found for r in lead.ranked[:2]), default=0)
+                tail.append(f"not distinguishable from the runner-up with {n} seed{'s' * (n != 1)} at L0 {_targets(tied)}")
+            among = f" among {group}" if several else ""
+            sentences.append(f"Best {name}{among} at equal L0: {', '.join(parts)}"
+                             + (f"; {'; '.join(tail)}" if tail else "") + ".")
+            unreached = {label: [] for lead in found for label in lead.unreached}
+            for lead in found:
+                for label in lead.unreached:
+                    unreached[label].append(lead.target)
+            if unreached and metric == "fvu":
+                sentences.append("Not ranked where their measured L0s do not reach the target (no extrapolation): "
+                                 + "; ".join(f"{label} at L0 {_targets(ts)}" for label, ts in unreached.items()) + ".")
     return sentences
+
+
+def claims_sentence(document: dict) -> list[str]:
+    """How many cells the report tested and how many it claims (every record is in verdicts.json)."""
+    records = document.get("records", [])
+    tested = [r for r in records if r.get("p_holm") is not None]
+    if not records:
+        return []
+    claimed = [r for r in tested if r.get("claim") in ("better", "worse")]
+    return [f"Of {len(records)} pairwise cells (pairs of series × metrics × L0 targets), {len(tested)} could be tested "
+            f"and {len(claimed)} differ at a family-wise α = {document.get('alpha', 0.05):g} (paired t over seeds, "
+            "Holm); the others are not distinguishable with these seeds. Every cell is in `verdicts.json`."]
 
 
 def _targets(values: list) -> str:
@@ -116,13 +239,15 @@ def per_setting(lines: list[dict], metric: str) -> list[Point]:
 
 
 def missed_targets(lines: list[dict]) -> list[str]:
-    """Settings whose mean achieved L0 is more than L0_MISS (relative) from their target."""
+    """Settings whose mean measured L0 is more than L0_SHOWN (relative) from their target: they are
+    compared at the L0 they reached (interpolated), not at the target's name."""
     missed = [p for p in per_setting([l for l in lines if value(l, "l0_target")], "l0_target")
-              if abs(p.l0 - p.y) > L0_MISS * p.y]
+              if abs(p.l0 - p.y) > L0_SHOWN * p.y]
     if not missed:
         return []
     items = ", ".join(f"{series_label(p.series)} {_number(p.l0)} for {p.y:g}" for p in missed)
-    return [f"Off their L0 target by more than {L0_MISS:.0%} (compare these with care): {items}."]
+    return [f"Measured L0 more than {L0_SHOWN:.0%} off the target (marked † in the table; the rankings above "
+            f"interpolate every series to the same L0 instead): {items}."]
 
 
 def threshold_sentence(lines: list[dict], metric: str, threshold: float, found: str, none: str) -> list[str]:
@@ -168,12 +293,16 @@ def mapping_sentence(lines: list[dict]) -> list[str]:
     if len(mappings) < 2:
         return []
     return [f"Mappings differ ({', '.join(mappings)}): an SAE's FVU is measured on its input, a transcoder's on the "
-            "MLP output, so compare FVU within a mapping; CE loss recovered and KL compare across them."]
+            "MLP output, so the rankings and tests above stay within SAEs and within transcoders (plain and skip); "
+            "CE loss recovered and KL can be read across them in the figures."]
 
 
-def summarise(lines: list[dict]) -> list[str]:
-    """The summary's sentences for one (model, hook) group, in reading order."""
-    sentences = leader_sentences(lines) + mapping_sentence(lines)
+def summarise(lines: list[dict], document: dict | None = None) -> list[str]:
+    """The summary's sentences for one (model, hook) group, in reading order; `document` is the
+    report's verdicts.json (computed from `lines` alone when not given)."""
+    document = verdicts(lines) if document is None else document
+    records = document.get("records", [])
+    sentences = leader_sentences(lines, records) + claims_sentence(document) + mapping_sentence(lines)
     if not targets(lines):
         sentences.append("No line has an `l0_target`: no per-target comparison "
                          "(the figures still ring the Pareto-optimal points).")
