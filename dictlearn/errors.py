@@ -19,3 +19,7 @@ class ConfigError(DictLearnError, ValueError):
 
 class NonFiniteError(DictLearnError, FloatingPointError):
     """NaN or Inf met in a batch, a loss or a gradient; training stops before the bad step."""
+
+
+class InputError(DictLearnError, ValueError):
+    """A tensor handed to a dictionary's encode/decode/forward of the wrong shape, dtype or device."""

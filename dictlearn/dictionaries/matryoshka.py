@@ -47,6 +47,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
+from dictlearn.dictionaries.inputs import as_rows
 from dictlearn.dictionaries.latents import DenseLatents
 from dictlearn.dictionaries.topk import _normalised_mse
 from dictlearn.errors import ConfigError
@@ -101,13 +102,14 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return losses
 
     def prefix_reconstructions(self, x: Tensor) -> Tensor:
-        """Raw x: [batch, d_in] -> raw ŷ_m of every prefix at inference: [M, batch, d_out]
-        (the last is `forward(x)`), for inspecting how much each prefix explains."""
-        z = self.activate(self.pre_acts(x * self.input_scale))
-        x_scaled = x * self.input_scale
+        """Raw x: [..., d_in] -> raw ŷ_m of every prefix at inference: [M, ..., d_out] in x's
+        dtype (the last is `forward(x)`), for inspecting how much each prefix explains."""
+        rows = as_rows(x, self.d_in, "x", self._where("prefix_reconstructions"), self.W_enc)
+        x_scaled = rows.rows * self.input_scale
+        z = self.activate(self.pre_acts(x_scaled))
         partial = DenseLatents(z).decode_prefixes(z, self.W_dec, self.prefix_widths)
         base = self.b_dec if self.W_skip is None else self.b_dec + x_scaled @ self.W_skip.T
-        return (partial + base) / self.target_scale
+        return rows.restore((partial + base) / self.target_scale)
 
 
 def prefix_widths(fractions, d_sae: int) -> tuple[int, ...]:

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.init import geometric_median, warmup_decay_factor
+from dictlearn.dictionaries.inputs import as_rows
 from dictlearn.dictionaries.latents import DenseLatents, Selection, SparseLatents
 from dictlearn.dictionaries.sparse import Support, dense_affine, sparse_affine
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError, DataError, InputError
 
 
 #: the dead-latent window of long runs (Gao et al. 2024; sparsify, OpenAI)
@@ -277,18 +278,52 @@ class Dictionary(nn.Module):
         """
         return self.W_dec.norm(dim=-1).clamp_min(1e-12) / self.target_scale
 
+    # The public entry points take a user's tensor: [..., d] or one vector [d], any floating dtype
+    # (computed in the parameters' dtype, returned in the input's), on the dictionary's device;
+    # an InputError line otherwise (inputs.py). Training calls `training_losses`, never these.
     def encode(self, x: Tensor) -> Tensor:
-        """Raw activations x: [batch, d_in] -> reported latents z: [batch, d_sae]."""
-        return self.activate(self.pre_acts(x * self.input_scale)) * self.latent_scale()
+        """Raw activations x: [..., d_in] -> reported latents z: [..., d_sae], in x's dtype."""
+        rows = as_rows(x, self.d_in, "x", self._where("encode"), self.W_enc)
+        return rows.restore(self._encode_rows(rows.rows))
 
     def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
-        """Reported latents z: [batch, d_sae] (+ raw x for a skip) -> raw output ŷ: [batch, d_out]."""
+        """Reported latents z: [..., d_sae] (+ the raw input x: [..., d_in] it came from, which a
+        skip transcoder needs and other dictionaries ignore) -> raw output ŷ: [..., d_out], in z's
+        dtype."""
+        where = self._where("decode")
+        latents = as_rows(z, self.d_sae, "z", where, self.W_dec)
+        return latents.restore(self._decode_rows(latents.rows, self._skip_rows(x, latents.lead, where)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Raw x: [..., d_in] -> raw ŷ: [..., d_out], in x's dtype."""
+        rows = as_rows(x, self.d_in, "x", self._where("forward"), self.W_enc)
+        return rows.restore(self._decode_rows(self._encode_rows(rows.rows), rows.rows))
+
+    def _encode_rows(self, x: Tensor) -> Tensor:
+        """Raw x: [batch, d_in] (checked) -> reported latents [batch, d_sae]."""
+        return self.activate(self.pre_acts(x * self.input_scale)) * self.latent_scale()
+
+    def _decode_rows(self, z: Tensor, x: Tensor | None) -> Tensor:
+        """Reported z: [batch, d_sae], raw x: [batch, d_in] or None (checked) -> raw ŷ [batch, d_out]."""
         x_scaled = None if x is None else x * self.input_scale
         return self.decode_scaled(z / self.latent_scale(), x_scaled) / self.target_scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Raw x: [batch, d_in] -> raw ŷ: [batch, d_out]."""
-        return self.decode(self.encode(x), x)
+    def _skip_rows(self, x: Tensor | None, lead: tuple[int, ...], where: str) -> Tensor | None:
+        """decode's x as [batch, d_in] rows when the skip uses it (None otherwise), matching z's
+        leading dims `lead`."""
+        if self.W_skip is None:
+            return None
+        if x is None:
+            raise InputError(f"{where}: a skip transcoder's output needs its input; pass decode(z, x) with x "
+                             f"[..., d_in] with d_in={self.d_in}, the x that z was encoded from")
+        rows = as_rows(x, self.d_in, "x", where, self.W_enc)
+        if rows.lead != lead:
+            raise InputError(f"{where}: x has shape {tuple(x.shape)} but z has leading dims {lead}; "
+                             "pass the x that z was encoded from")
+        return rows.rows
+
+    def _where(self, method: str) -> str:
+        return f"{type(self).__name__}.{method}"
 
     # ----------------------------------------------------------------- losses
     def reconstruction_loss(self, y: Tensor, y_hat: Tensor) -> Tensor:
