@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -22,9 +23,9 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from dictlearn.errors import DictLearnError
+from dictlearn.errors import ConfigError, DictLearnError
 from dictlearn.io import atomic_path
 from dictlearn.runtime import keep_freed_memory
 
@@ -83,7 +84,7 @@ class RunGuard(L.Callback):
                 self.signal_received = signal.SIGTERM if isinstance(exception, SIGTERMException) else signal.SIGINT
             if trainer.state.fn == "fit":
                 trainer.save_checkpoint(self.interrupt_checkpoint_path(trainer))
-        elif isinstance(exception, DictLearnError):
+        elif user_error(exception) is not None:
             _remove_fresh_run_folder(trainer, self._created_folders)
 
     @staticmethod
@@ -97,6 +98,36 @@ class RunGuard(L.Callback):
     def exit_code(self) -> int:
         """128 + signal number, the shell's convention for a process stopped by a signal."""
         return 128 + int(self.signal_received or signal.SIGTERM)
+
+
+def user_error(exception: BaseException) -> DictLearnError | None:
+    """The one-line error to report for `exception`: itself when it is a DictLearnError; a
+    ConfigError when memory ran out (torch's CPU allocator raises a RuntimeError, CUDA an
+    OutOfMemoryError) or when Lightning refuses a --trainer setting once the run starts (its
+    sentence, e.g. "`val_check_interval` (500) must be less than or equal to the number of the
+    training batches (76)"); else None (a bug: the traceback is the report)."""
+    if isinstance(exception, DictLearnError):
+        return exception
+    if isinstance(exception, MisconfigurationException) or (
+        isinstance(exception, ValueError) and _raised_in(exception, f"{os.sep}lightning{os.sep}")
+    ):
+        return ConfigError(f"--trainer: {' '.join(str(exception).split())}")
+    text = str(exception)
+    if isinstance(exception, MemoryError) or (
+        isinstance(exception, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    ):
+        asked = re.search(r"tried to allocate ([\d.]+ ?\w+)", text, re.IGNORECASE)
+        size = f" (an allocation of {asked.group(1)} failed)" if asked else ""
+        return ConfigError(f"out of memory{size}; lower --model.d_sae or --data.batch_size")
+    return None
+
+
+def _raised_in(exception: BaseException, path_part: str) -> bool:
+    """Whether the innermost frame of `exception`'s traceback is in a file whose path has `path_part`."""
+    tb = exception.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and path_part in tb.tb_frame.f_code.co_filename
 
 
 def _log_dir(trainer: L.Trainer) -> str | None:
@@ -136,12 +167,20 @@ def _remove_fresh_run_folder(trainer: L.Trainer, created_folders: Iterable[Path]
 
 
 class RunProgress(ProgressBar):
-    """One bar over the whole run (rank 0): step / max_steps, tokens/s and, for one dictionary,
-    the latest logged train fvu and l0 (every `log_every_n_steps`). Validation draws no bar."""
+    """Progress over the whole run (rank 0): step / max_steps, tokens/s and, for one dictionary,
+    the latest logged train fvu and l0 (every `log_every_n_steps`). Validation shows none.
 
-    def __init__(self) -> None:
+    On a terminal: one tqdm bar. Otherwise (stderr sent to a file or a pipe) a bar would write a
+    redraw every step (157 KB for a 600-step quickstart), so a plain line is printed every 10 % of
+    the run or every 30 s, whichever comes first."""
+
+    PLAIN_FRACTION, PLAIN_SECONDS = 0.1, 30.0
+
+    def __init__(self, terminal: bool | None = None) -> None:
+        """terminal: draw a bar (True) or print plain lines (False); None: a bar when stderr is a TTY."""
         super().__init__()
-        self._bar, self._enabled = None, True
+        self._bar, self._enabled, self._terminal = None, True, terminal
+        self._plain = False
 
     def disable(self) -> None:
         self._enabled = False
@@ -152,34 +191,62 @@ class RunProgress(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self._enabled and trainer.is_global_zero):
             return
+        self._total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+        terminal = sys.stderr.isatty() if self._terminal is None else self._terminal
+        if not terminal:
+            self._plain, self._printed_step, self._printed_at = True, trainer.global_step, self._start
+            return
         from tqdm import tqdm
 
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self._bar = tqdm(total=total, initial=trainer.global_step, unit="step", desc="dictlearn fit",
+        self._bar = tqdm(total=self._total, initial=trainer.global_step, unit="step", desc="dictlearn fit",
                          dynamic_ncols=True, file=sys.stderr, leave=True)
-        self._start, self._start_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._bar is None:
+        if self._bar is None and not self._plain:
             return
-        self._bar.update(trainer.global_step - self._bar.n)
-        steps, seconds = trainer.global_step - self._start_step, time.perf_counter() - self._start
-        postfix = {"tokens/s": f"{steps * len(batch[0]) * trainer.world_size / max(seconds, 1e-9):,.0f}"}
+        step, now = trainer.global_step, time.perf_counter()
+        postfix = self._postfix(trainer, pl_module, len(batch[0]), step, now)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(postfix, refresh=False)
+        elif self._plain_line_due(step, now):
+            self._printed_step, self._printed_at = step, now
+            total = f"/{self._total:,} ({100 * step / self._total:.0f} %)" if self._total else ""
+            fields = ", ".join(f"{key} {value}" for key, value in postfix.items())
+            print(f"dictlearn fit: step {step:,}{total}, {fields}", file=sys.stderr, flush=True)
+
+    def _plain_line_due(self, step: int, now: float) -> bool:
+        """True at the last step, every PLAIN_FRACTION of max_steps and every PLAIN_SECONDS."""
+        if self._total and (step >= self._total or step - self._printed_step >= self.PLAIN_FRACTION * self._total):
+            return True
+        return now - self._printed_at >= self.PLAIN_SECONDS
+
+    def _postfix(self, trainer, pl_module, batch_rows: int, step: int, now: float) -> dict[str, str]:
+        steps, seconds = step - self._start_step, now - self._start
+        postfix = {"tokens/s": f"{steps * batch_rows * trainer.world_size / max(seconds, 1e-9):,.0f}"}
         members = getattr(pl_module, "members", {})
         if len(members) == 1:
             for key in ("train/fvu", "train/l0"):
                 if key in trainer.callback_metrics:
                     postfix[key[6:]] = f"{float(trainer.callback_metrics[key]):.3g}"
         else:
-            postfix["dictionaries"] = len(members)
-        self._bar.set_postfix(postfix, refresh=False)
+            postfix["dictionaries"] = str(len(members))
+        return postfix
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Only close the display: the exception itself is reported by the CLI (one line) or
+        # handled by RunGuard (a signal); a hook with the wrong signature here once hid both.
+        self._close()
+
+    def _close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-    on_exception = on_train_end
+        self._plain = False
 
 
 class KeepFreedMemory(L.Callback):

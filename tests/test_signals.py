@@ -1,14 +1,24 @@
 """SIGTERM/SIGINT during `dictlearn fit`: exit 128 + signal, an `interrupted-step=N.ckpt` that loads,
 and a resume from it that finishes and exports (Lightning alone exits 0: docs/conventions.md#reliability).
+Ctrl-C before the run starts (while torch and Lightning import) exits 130 without a traceback.
+
+The runs keep the progress display on, as users get it: SIGINT's run draws its bar on a
+pseudo-terminal, SIGTERM's writes plain progress lines to a file (a progress callback with a
+wrong hook signature once turned both signals into a TypeError traceback and exit 1).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +38,7 @@ def _fit_command(data: Path, root: Path, max_steps: int, *extra: str) -> list[st
         sys.executable, "-m", "dictlearn.cli", "fit", "--config", str(RECIPES_DIR / "topk.yaml"),
         "--data.path", str(data), "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", str(root),
         "--model.d_sae", "64", "--model.k", "4", "--data.batch_size", "256",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", *extra,
+        "--trainer.log_every_n_steps", "1", *extra,
     ]  # fmt: skip
 
 
@@ -46,14 +56,52 @@ def _wait_for_rows(proc: subprocess.Popen, metrics_csv: Path, stderr_path: Path)
         time.sleep(0.2)
 
 
-def _run_all(commands: dict, cwd: Path, signal_when_logged: dict | None = None) -> dict:
+class _Terminal:
+    """A pseudo-terminal (120 columns) for a child's stderr, drained into `path` by a thread
+    (a full pty buffer would stall the child)."""
+
+    def __init__(self, path: Path) -> None:
+        self.master, self.slave = pty.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.path, self.chunks = path, []
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            self.chunks.append(chunk)
+
+    def started(self) -> None:
+        os.close(self.slave)  # the child holds its copy; EOF reaches the thread when it exits
+        self.thread.start()
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        os.close(self.master)
+        self.path.write_bytes(b"".join(self.chunks))
+
+
+def _run_all(commands: dict, cwd: Path, signal_when_logged: dict | None = None, terminal: tuple = ()) -> dict:
     """Run the commands concurrently (2 cores: halves the wall time); each stderr goes to a file, not
-    a pipe, which could fill and stall a run. `signal_when_logged[name] = (signum, metrics_csv)`
-    sends `signum` once that run has logged steps. -> {name: (exit code, stderr)}."""
-    procs, stderr_paths = {}, {}
+    a pipe, which could fill and stall a run, or for the names in `terminal` to a pseudo-terminal.
+    `signal_when_logged[name] = (signum, metrics_csv)` sends `signum` once that run has logged steps.
+    -> {name: (exit code, stderr)}."""
+    procs, stderr_paths, terminals = {}, {}, {}
     try:
         for name, command in commands.items():
             stderr_paths[name] = cwd / f"{name}.stderr"
+            if name in terminal:
+                terminals[name] = _Terminal(stderr_paths[name])
+                procs[name] = subprocess.Popen(
+                    command, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=terminals[name].slave
+                )
+                terminals[name].started()
+                continue
             with open(stderr_paths[name], "w") as stderr:
                 procs[name] = subprocess.Popen(
                     command, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr
@@ -67,7 +115,9 @@ def _run_all(commands: dict, cwd: Path, signal_when_logged: dict | None = None) 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return {name: (codes[name], stderr_paths[name].read_text()) for name in procs}
+        for term in terminals.values():
+            term.close()
+    return {name: (codes[name], stderr_paths[name].read_text(errors="replace")) for name in procs}
 
 
 def _logged_steps(metrics_csv: Path) -> list[int]:
@@ -99,6 +149,7 @@ def interrupted_and_resumed(tmp_path_factory):
         {name: _fit_command(data, tmp / name, 100_000) for name in SIGNALS},
         tmp,
         {name: (signum, runs[name] / "version_0" / "metrics.csv") for name, signum in SIGNALS.items()},
+        terminal=("SIGINT",),
     )
     checkpoints = {}
     for name in SIGNALS:
@@ -123,6 +174,9 @@ def test_signal_checkpoints_and_resumes(interrupted_and_resumed, name):
 
     assert code == 128 + signum, err
     assert f"exiting {128 + signum}" in err and "Traceback" not in err, err
+    if name == "SIGINT":  # the bar was on the terminal, and closed before the last line
+        assert "dictlearn fit:" in err and "step/s" in err, err
+        assert err.rstrip().splitlines()[-1] == "dictlearn: stopped by signal; checkpoint saved, exiting 130"
     step = int(re.fullmatch(r"interrupted-step=(\d+)\.ckpt", checkpoint.name).group(1))
     assert step > 0
     assert not (first / "export").exists()  # an interrupted run is not exported
@@ -143,3 +197,33 @@ def test_signal_checkpoints_and_resumes(interrupted_and_resumed, name):
     x = torch.randn(8, 16)
     assert ((exported.encode(x) != 0).sum(-1) <= 4).all()
     assert _temp_files(tmp) == []
+
+
+def test_ctrl_c_while_importing_exits_130_in_one_line():
+    """SIGINT while Lightning is still importing (seconds on a small machine): `-X importtime`
+    reports each import as it finishes, so the signal is sent once torch has imported and
+    before the command could have started."""
+    command = [sys.executable, "-X", "importtime", "-m", "dictlearn.cli", "fit", "--config", "topk", "--help"]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if re.search(r"\|\s+torch$", line.rstrip()):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=60)[1]
+    err = [line for line in (*lines, *rest.splitlines()) if not line.startswith("import time:")]
+    assert proc.returncode == 130, "".join(err)
+    assert not any("Traceback" in line for line in err), "".join(err)
+    assert [line.strip() for line in err if line.strip()] == ["dictlearn: interrupted; fit did not finish"]
+
+
+def test_ctrl_c_in_any_command_before_it_handles_signals(monkeypatch, capsys):
+    from dictlearn import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert cli.main(["harvest", "--out", "x.h5"]) == 130
+    assert capsys.readouterr().err == "dictlearn: interrupted; harvest did not finish\n"

@@ -77,3 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dictlearn: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before a run installs its own handler (torch and Lightning take seconds to
+        # import): 128 + SIGINT, as a shell reports a process stopped by it, and no traceback.
+        if debug:
+            traceback.print_exc()
+        print(f"dictlearn: interrupted; {command} did not finish", file=sys.stderr)
+        return 130

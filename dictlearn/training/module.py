@@ -337,8 +337,8 @@ class DictionaryTraining(L.LightningModule):
                     theirs = hyper.get("d_in")
                 if theirs != mine:
                     raise DataError(
-                        f"{self._label(name)}checkpoint was trained with {size}={theirs} but this run has "
-                        f"{size}={mine}; resume with the same data file and --model sizes"
+                        f"{self._label(name)}--ckpt_path: the checkpoint was trained with {size}={theirs} but this "
+                        f"run has {size}={mine}; use the data file and --model sizes it was trained with"
                     )
 
 
