@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Offline quickstart on 2 CPU cores, nothing downloaded; rerunnable (it replaces its own runs):
+# Offline quickstart on 2 CPU cores, nothing downloaded. Everything it writes (~360 MB) goes under
+# one scratch folder, runs/quickstart/ by default (git ignores runs/), or the folder given as $1:
 #  1. activations of the embedded default model (a byte-level GPT-2 trained on the Python standard
 #     library, shipped in the package) at its middle layer: residual stream + MLP input/output;
 #  2. one sweep, one pass over the data: a TopK SAE on the residual stream and a TopK transcoder
 #     on the MLP (input -> output);
 #  3. `dictlearn evaluate`: reconstruction, sparsity and the model's loss with each spliced in;
 #  4. ground truth: an SAE on synthetic data recovers the true features.
+# Rerunnable: it replaces only what an earlier quickstart wrote there (the folder holds its
+# marker file); a folder that holds anything else is refused, and nothing in it is touched.
 set -euo pipefail
-out=${1:-quickstart}
+out=${1:-runs/quickstart}
+marker="$out/.dictlearn-quickstart"
+if [ -e "$out" ] && [ ! -e "$marker" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "quickstart: $out already holds files that a quickstart did not write; give another folder: $0 DIR" >&2
+  exit 2
+fi
 mkdir -p "$out"
-rm -rf "$out/sweep" "$out/synth_topk" "$out/results.jsonl"
+touch "$marker"
+rm -rf "$out/sweep" "$out/synth_topk" "$out/results.jsonl" "$out/acts.h5" "$out/synth.h5" "$out/sweep.yaml"
+echo "quickstart: writing under $out/" >&2
 
 dictlearn harvest --tokens 200000 --out "$out/acts.h5"
 

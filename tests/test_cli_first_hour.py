@@ -5,6 +5,8 @@ summary, and `dictlearn` itself answers at once."""
 from __future__ import annotations
 
 import csv
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +73,6 @@ def test_nan_in_a_held_out_row_is_found_before_training_and_names_the_file_row(t
 def test_a_short_run_validates_its_final_model_shows_progress_and_ends_with_a_summary(tmp_path, capsys):
     data = _synth(tmp_path / "acts.h5")
     args = _fit_args(tmp_path, data)
-    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
     assert main(args + ["--trainer.val_check_interval", "500"]) == 0  # 5 steps: no scheduled validation
     err = capsys.readouterr().err
     assert "dictlearn fit" in err and "5/5" in err  # one bar over the run: step / max_steps
@@ -116,3 +117,56 @@ def test_a_loaded_dictionary_builds_no_graph_unless_the_input_asks(tmp_path):
     x.requires_grad_()
     loaded(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_tenth_of_the_run(tmp_path, capsys, monkeypatch, recwarn):
+    """stderr to a file: a tqdm bar redrew every step (157 KB for the quickstart's 600 steps).
+    2,048-row batches: 9 per epoch, fewer than the base recipe's log_every_n_steps 50, which made
+    Lightning warn although dictlearn logs by global step (rows at 50 and 100 below)."""
+    monkeypatch.chdir(tmp_path)
+    args = _fit_args(tmp_path, _synth(tmp_path / "acts.h5"), "--data.batch_size", "2048", "--trainer.max_steps", "100",
+                     "--trainer.log_every_n_steps", "50")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dictlearn fit: step ")]
+    assert [int(re.match(r"dictlearn fit: step (\d+)/100 \((\d+) %\)", line).group(1)) for line in lines] == list(
+        range(10, 101, 10)), err
+    assert "\r" not in err and len(err) < 2_000, err
+    assert not [w for w in recwarn if "logging interval" in str(w.message)]
+    run = next((tmp_path / "runs" / "one").rglob("metrics.csv"))
+    with open(run, newline="") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row.get("train/fvu")] == [49, 99]
+
+
+def test_the_summary_counts_dead_latents_over_the_training_tokens_it_names(tmp_path, capsys, monkeypatch):
+    """The held-out tail (512 rows here, 2,048 in the quickstart) is too short a census: the
+    quickstart's summary said 26.6 % dead where `dictlearn evaluate` counts 0.2 % over 65,536 rows."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    args = _fit_args(tmp_path, _synth(tmp_path / "acts.h5"), "--trainer.max_steps", "30", "--model.d_sae", "256")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    found = re.search(r"dead (\d+\.\d) % of latents \(none fired in the last ([\d,]+) training tokens\)", err)
+    assert found, err
+    window = int(found.group(2).replace(",", ""))
+    assert window == 30 * 256 // 3  # a third of the run's 7,680 tokens (dead_window_for)
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    since = checkpoint["state_dict"]["members.model.tokens_since_fired"]
+    assert float(found.group(1)) == round(100 * (since >= window).double().mean().item(), 1)
+    assert since.max() <= 30 * 256 and (since < window).any()
+
+
+def test_the_quickstart_writes_under_runs_and_refuses_a_folder_it_did_not_write(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.sh"
+    text = script.read_text()
+    assert "out=${1:-runs/quickstart}" in text
+    user = tmp_path / "mine"
+    (user / "sweep").mkdir(parents=True)
+    (user / "sweep" / "notes.txt").write_text("the user's")
+    done = subprocess.run(["bash", str(script), str(user)], capture_output=True, text=True,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"})  # no dictlearn: nothing may run
+    assert done.returncode == 2, done.stderr
+    assert "already holds files that a quickstart did not write" in done.stderr
+    assert (user / "sweep" / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in user.rglob("*")) == ["notes.txt", "sweep"]
