@@ -6,7 +6,8 @@ zero-ablated; mean-ablated. `DownstreamMetrics` (dictlearn.metrics.downstream) t
 of logits into `ce_loss_recovered`, `kl_div`, ... (definitions: docs/evaluate.md).
 
 `prepare` builds what every dictionary at one site shares — the loaded model, the site, the
-held-out token batches on the model's device and the mean-ablation vector — for both
+held-out token batches on the model's device (windows drawn at random from the activation file's
+held-out documents, `heldout_batches`) and the mean-ablation vector — for both
 `dictlearn evaluate` and `DownstreamMetricsCallback`:
 
     lm = load_model("runs/model")
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # loading imports transformers: only where a model is loaded
 # The mean-ablation vector is the site's mean over this many training rows of the activation file
 # (seeded whole blocks): within ~1e-2 σ of the full mean, and the same for every dictionary.
 MEAN_SAMPLE_ROWS = 65_536
+DOWNSTREAM_STREAM = 17  # seed stream of the windows drawn from held-out documents
 
 TokenBatch = tuple[Tensor, Tensor]  # (tokens [batch, context], special [batch, context] bool)
 Replacement = Callable[[Tensor, Tensor], Tensor]
@@ -179,21 +182,31 @@ def recorded_corpus(recorded: str | None) -> str | None:
 
 
 def heldout_batches(
-    tokenizer, corpus: str | None, context: int, count: int, exclude_special: bool, batch_size: int
+    tokenizer, corpus: str | None, context: int, count: int, exclude_special: bool, batch_size: int,
+    data: str | None = None, seed: int = 0,
 ) -> list[TokenBatch]:
-    """The first `count` held-out windows of `corpus` as (tokens [B, context], special [B, context]).
+    """`count` held-out windows as (tokens [B, context], special [B, context]).
 
-    special: the BOS positions (first token, document separators: the rows harvest drops) when
-    `exclude_special`, else all False.
+    When the activation file `data` records held-out documents (`dictlearn harvest`): `count`
+    windows drawn at random (seeded by `seed`, kept in order) from the windows of those documents'
+    excerpts, packed as harvest packed them. Otherwise: the first `count` windows of the corpus's
+    ``heldout`` split. special: the BOS positions (first token, document separators: the rows
+    harvest drops) when `exclude_special`, else all False.
     """
     from dictlearn.models.corpus import corpus_name, iter_documents, iter_windows
 
-    windows = list(itertools.islice(iter_windows(iter_documents(corpus, "heldout"), tokenizer, context), count))
+    excerpts = _heldout_excerpts(data)
+    if excerpts is not None:
+        windows = _drawn_windows(excerpts, tokenizer, corpus, context, count, seed)
+        where = f"the held-out documents of {data}"
+    else:
+        windows = list(itertools.islice(iter_windows(iter_documents(corpus, "heldout"), tokenizer, context), count))
+        where = "the held-out corpus"
     if not windows:
-        raise DataError(f"corpus {corpus_name(corpus)}: no whole held-out window of {context} tokens; "
+        raise DataError(f"corpus {corpus_name(corpus)}: no whole held-out window of {context} tokens in {where}; "
                         "lower --context or pass a larger --corpus")
     if len(windows) < count:
-        print(f"dictlearn: note: the held-out corpus holds {len(windows)} windows of {context} tokens, "
+        print(f"dictlearn: note: {where} hold {len(windows)} windows of {context} tokens, "
               f"fewer than the {count} asked for", file=sys.stderr)
     batches = []
     for i in range(0, len(windows), batch_size):
@@ -201,6 +214,40 @@ def heldout_batches(
         special = torch.stack([w.doc_index for w in group]) < 0
         batches.append((torch.stack([w.tokens for w in group]), special & exclude_special))
     return batches
+
+
+def _heldout_excerpts(data: str | None) -> list[tuple[int, str, int, int]] | None:
+    """(doc_index, name, start, stop) of the held-out documents `data` records, in file order;
+    None when there is no file or it records none (docs/data.md, "Which documents")."""
+    if not data or not Path(data).is_file():
+        return None
+    import h5py
+
+    with h5py.File(data, "r") as f:
+        group = f.get("documents")
+        if not isinstance(group, h5py.Group) or "heldout_start" not in group.attrs:
+            return None
+        heldout = group["heldout"][()]
+        columns = (group["index"][()], group["name"].asstr()[()], group["start"][()], group["stop"][()])
+    return [(int(i), str(n), int(a), int(b)) for i, n, a, b, h in zip(*columns, heldout) if h]
+
+
+def _drawn_windows(excerpts, tokenizer, corpus: str | None, context: int, count: int, seed: int) -> list:
+    """`count` of the held-out excerpts' windows at random (seeded), in order; the excerpts are
+    re-read from `corpus`, whose files must be the ones harvested."""
+    from dictlearn.models.corpus import Document, corpus_name, document_tokens, pack_windows, split_files
+
+    files = {name: path for name, path in split_files(corpus, "all")}
+    pieces = []
+    for index, name, start, stop in excerpts:
+        ids = document_tokens(Document(name, files[name].read_bytes()), tokenizer) if name in files else None
+        if ids is None or len(ids) < stop:
+            raise ConfigError(f"corpus {corpus_name(corpus)}: held-out document {name!r} is missing or shorter than "
+                              "when it was harvested; pass the harvested --corpus (and its tokenizer's model)")
+        pieces.append((index, ids[start:stop]))
+    windows = list(pack_windows(pieces, tokenizer.bos_token_id, context))
+    chosen = np.random.default_rng([seed, DOWNSTREAM_STREAM]).permutation(len(windows))[:count]
+    return [windows[i] for i in np.sort(chosen)]
 
 
 @dataclass
@@ -221,12 +268,12 @@ class DownstreamCache:
         return self.models[name]
 
     def batches(self, lm: LanguageModel, corpus: str | None, context: int, count: int, exclude_special: bool,
-                batch_size: int) -> list[TokenBatch]:
+                batch_size: int, data: str | None = None, seed: int = 0) -> list[TokenBatch]:
         """`heldout_batches` on the model's device, built on first use."""
         device = _device(lm)
-        key = (lm.name, corpus, context, count, exclude_special, batch_size, str(device))
+        key = (lm.name, corpus, context, count, exclude_special, batch_size, str(device), data, seed)
         if key not in self.windows:
-            batches = heldout_batches(lm.tokenizer, corpus, context, count, exclude_special, batch_size)
+            batches = heldout_batches(lm.tokenizer, corpus, context, count, exclude_special, batch_size, data, seed)
             self.windows[key] = [(tokens.to(device), special.to(device)) for tokens, special in batches]
         return self.windows[key]
 
@@ -283,13 +330,18 @@ def prepare(
     corpus: str | None = None,
     context: int | None = None,
     cache: DownstreamCache | None = None,
+    data: str | None = None,
+    seed: int = 0,
 ) -> SplicedInputs:
     """The spliced runs' inputs on `lm`'s device.
 
-    provenance: the activation file's attributes (`corpus`, `context_size`, `exclude_special`).
-    ablation_rows [n, d_out]: sampled training rows of the site's activation (the target, for a
-    transcoder), whose mean is the mean-ablation vector. `corpus`/`context` override the file's;
-    the windows are the first `contexts` held-out windows, `batch_size` per forward pass.
+    provenance: the activation file's attributes (`corpus`, `context_size`, `exclude_special`;
+    a data module's also `path`, the file). ablation_rows [n, d_out]: sampled training rows of
+    the site's activation (the target, for a transcoder), whose mean is the mean-ablation vector.
+    `corpus`/`context` override the file's. data: the activation file (default: provenance's
+    `path`); when it records held-out documents, the windows are `contexts` of theirs drawn at
+    random with `seed`, else the first `contexts` windows of the corpus's held-out split
+    (`heldout_batches`); `batch_size` per forward pass.
     """
     context = int(context or provenance.get("context_size") or DEFAULT_CONTEXT)
     limit = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
@@ -297,6 +349,8 @@ def prepare(
         raise ConfigError(f"--context {context}: model {lm.name} takes at most {limit} tokens")
     corpus = corpus or recorded_corpus(provenance.get("corpus"))
     exclude_special = bool(provenance.get("exclude_special", True))
-    batches = (cache or DownstreamCache()).batches(lm, corpus, context, contexts, exclude_special, batch_size)
+    data = data or provenance.get("path")
+    batches = (cache or DownstreamCache()).batches(lm, corpus, context, contexts, exclude_special, batch_size,
+                                                   None if data is None else str(data), seed)
     mean = ablation_mean(ablation_rows).to(_device(lm))
     return SplicedInputs(lm, site, batches, mean, corpus, context)

@@ -1,8 +1,10 @@
 """`dictlearn harvest`: the file holds exactly the model's activations, row by row, and nothing else.
 
-References are computed independently here: the windows from the corpus bytes by hand (stream =
-doc0 BOS doc1 BOS ..., window = BOS + the next context - 1 bytes) and the activations from
-`output_hidden_states` / the MLP module itself, never through dictlearn's capture.
+References are computed independently here: the windows from the corpus bytes by hand, following
+the file's documents/ record (stream = excerpt0 BOS excerpt1 BOS ..., training excerpts first, then
+the held-out ones; window = BOS + the next context - 1 bytes), and the activations from
+`output_hidden_states` / the MLP module itself, never through dictlearn's capture. Which documents
+and excerpts the record names is tested against the rules in tests/test_heldout_documents.py.
 """
 
 from __future__ import annotations
@@ -66,18 +68,33 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def reference_windows(corpus: Path, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, doc_index) [n_windows, context] built by hand from the files' bytes."""
-    tokens, docs = [], []
-    for index, path in enumerate(sorted(corpus.iterdir())):
-        data = list(path.read_bytes())
-        tokens += ([BOS] if index else []) + data
-        docs += ([-1] if index else []) + [index] * len(data)
-    take = context - 1
-    n = len(tokens) // take
-    rows = [[BOS] + tokens[i * take:(i + 1) * take] for i in range(n)]
-    doc_rows = [[-1] + docs[i * take:(i + 1) * take] for i in range(n)]
+def reference_windows(corpus: Path, path: Path, context: int = CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, doc_index) [n_windows, context] built by hand from the files' bytes and the file's
+    documents/ record: the training excerpts in order, separated by BOS, cut into windows of BOS +
+    the next context - 1 bytes; then the held-out excerpts the same way. A last partial window is
+    padded (causal: the padding changes no row before it)."""
+    names = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*") if p.is_file())
+    with h5py.File(path, "r") as f:
+        g = f["documents"]
+        record = list(zip(g["name"].asstr()[()], g["start"][()], g["stop"][()], g["heldout"][()]))
+    take, rows, doc_rows = context - 1, [], []
+    for side in (False, True):
+        tokens, docs = [], []
+        for name, start, stop, heldout in record:
+            if heldout == side:
+                data = list((corpus / name).read_bytes()[start:stop])
+                tokens += ([BOS] if tokens else []) + data
+                docs += ([-1] if docs else []) + [names.index(name)] * len(data)
+        n = -(-len(tokens) // take)
+        tokens, docs = tokens + [BOS] * (n * take - len(tokens)), docs + [-1] * (n * take - len(docs))
+        rows += [[BOS] + tokens[i * take:(i + 1) * take] for i in range(n)]
+        doc_rows += [[-1] + docs[i * take:(i + 1) * take] for i in range(n)]
     return torch.tensor(rows), torch.tensor(doc_rows)
+
+
+def f_windows(path: Path) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["windows"])
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -101,7 +118,7 @@ def kept_file(lm, corpus, tmp_path_factory) -> Path:
 def test_rows_are_the_models_residual_stream_row_by_row(lm, corpus, tmp_path):
     path = _harvest(lm, corpus, tmp_path / "acts.h5", 500)  # not a multiple of 31 rows per window
     data = _read(path)
-    windows, doc_index = reference_windows(corpus, CONTEXT)
+    windows, doc_index = reference_windows(corpus, path)
     with torch.no_grad():
         hidden = lm.model(windows, output_hidden_states=True).hidden_states[LAYER + 1]  # after block 1
     w, p = data["window_index"].astype(np.int64), data["position"].astype(np.int64)
@@ -132,13 +149,17 @@ def test_transcoder_pair_aligns_row_by_row(lm, kept_file):
 
 def test_exclude_special_drops_exactly_the_bos_rows(lm, corpus, kept_file, tmp_path):
     kept = _read(kept_file)
-    windows, doc_index = reference_windows(corpus, CONTEXT)
+    windows, doc_index = reference_windows(corpus, kept_file)
+    with h5py.File(kept_file) as f:
+        heldout = f["documents/heldout"][()]
     # keep_special: every position of every whole window
-    assert len(kept["token_ids"]) == windows.numel()
+    assert len(kept["token_ids"]) == f_windows(kept_file) * CONTEXT <= windows.numel()
     is_bos = kept["token_ids"] == BOS
     np.testing.assert_array_equal(is_bos, kept["doc_index"] == -1)
-    n_separators = len(list(corpus.iterdir())) - 1  # between documents; at most one cut by the last window
-    assert windows.shape[0] + n_separators - 1 <= is_bos.sum() <= windows.shape[0] + n_separators
+    # separators between documents of each side; at most one per side cut by its last window
+    n_separators = (~heldout).sum() - 1 + max(heldout.sum() - 1, 0)
+    n_windows = f_windows(kept_file)
+    assert n_windows + n_separators - 2 <= is_bos.sum() <= n_windows + n_separators
     excluded = _read(_harvest(lm, corpus, tmp_path / "ex.h5", "all"))
     assert len(excluded["token_ids"]) == (~is_bos).sum() and (excluded["token_ids"] != BOS).all()
     for key in ("token_ids", "doc_index", "window_index", "position"):
@@ -225,7 +246,7 @@ def test_other_families_same_code(corpus, tmp_path, config_class):
     hooks = default_hooks(model)
     path = harvest(lm, hooks, tmp_path / "a.h5", 200, CONTEXT, corpus=corpus, split="all", progress=False)
     data = _read(path)
-    windows, _ = reference_windows(corpus, CONTEXT)
+    windows, _ = reference_windows(corpus, path)
     w, p = data["window_index"].astype(np.int64), data["position"].astype(np.int64)
     with torch.no_grad():
         hidden = model(windows[: w.max() + 1], output_hidden_states=True).hidden_states[LAYER + 1]
@@ -307,12 +328,13 @@ def test_cli_writes_the_file_and_a_summary(capsys, model_dir, corpus, tmp_path):
     code, stdout, stderr = _cli(capsys, "--model", str(model_dir), "--corpus", str(corpus), "--split", "all",
                                 "--tokens", "300", "--context", str(CONTEXT), "--dtype", "bfloat16", "--seed", "7",
                                 "--out", str(out))
-    assert code == 0 and stderr == ""  # no progress bar when stderr is not a terminal
+    # no progress bar when stderr is not a terminal; 300 rows read too few documents to hold any out
+    assert code == 0 and stderr.count("\n") == 1 and "too few to hold out whole ones" in stderr
     assert stdout.count("\n") == 1 and "wrote 300 rows x 3 hooks" in stdout and "tokens/s" in stdout
     with h5py.File(out, "r") as f:
         assert f.attrs["seed"] == 7 and f.attrs["tokens"] == 300 and f.attrs["dtype"] == "bfloat16"
         assert sorted(f) == sorted([RESID, MLP_IN, MLP_OUT, "token_ids", "doc_index", "window_index", "position",
-                                    "concepts"])  # a Python corpus: concept labels (tests/test_labels.py)
+                                    "concepts", "documents"])  # a Python corpus: concept labels (tests/test_labels.py)
         assert f.attrs["model_name"] == str(model_dir.resolve())
 
 

@@ -2,13 +2,19 @@
 
 Rules (all functions of the file's row count, `block_size`, `batch_size`, `val_rows` and `seed`):
 
-- **Split.** Validation is the *tail* of the file: the last ``ceil(val_rows / block_size)``
-  whole blocks' worth of rows, counted from the end. ``val_rows=None`` holds out
-  ``max(1, round(1% of rows / block_size))`` blocks; ``val_rows=0`` holds out nothing and sets
-  the ``val_dataloader``/``test_dataloader`` attributes to None, so Lightning skips validation.
-  The tail does not depend on `seed`, so every run in a comparison validates on the same rows.
+- **Split** (`dictlearn.data.split.HeldOutSplit.from_file`; `heldout_summary()` says which).
+  A file from `dictlearn harvest` records held-out *documents* and stores their rows after every
+  training row: rows ``[0, heldout_start)`` train, validation is the first `val_rows` rows of the
+  held-out documents (None: all of them). Any other file (plain h5py, or harvested before
+  documents were recorded) holds out its *tail*: the last ``ceil(val_rows / block_size)`` whole
+  blocks' worth of rows; ``val_rows=None`` holds out ``max(1, round(1% of rows / block_size))``
+  blocks. ``val_rows=0`` validates on nothing (training still never reads held-out documents)
+  and sets the ``val_dataloader``/``test_dataloader`` attributes to None, so Lightning skips
+  validation. The split does not depend on `seed`, so every run in a comparison validates on
+  the same rows.
 - **Training blocks.** Rows ``[0, n_train)`` are cut into blocks of `block_size` from the start;
-  the last block may be partial and is shuffled like any other, so every training row is used.
+  the last block may be partial and is shuffled like any other, so every training row is used
+  and no block reaches past ``n_train`` into held-out rows.
 - **Epoch order.** Per epoch the blocks are permuted (generator seeded by ``(seed, epoch)``) and
   concatenated into a virtual row order; batch ``b`` is virtual rows ``[b*B, (b+1)*B)``, read as a
   few contiguous slices, then its rows are permuted in memory (seeded by ``(seed, epoch, b)``).
@@ -203,8 +209,9 @@ class ActivationDataModule(L.LightningDataModule):
         input_key: dataset of inputs `[n_rows, d_in]`.
         target_key: dataset of targets `[n_rows, d_out]` for a transcoder; None for an SAE.
         batch_size: rows per training (and at most per validation) batch.
-        block_size: rows per contiguous block read; the unit of shuffling and of the val split.
-        val_rows: held-out tail rows, rounded up to whole blocks; None = about 1%, 0 = none.
+        block_size: rows per contiguous block read; the unit of shuffling and of the tail split.
+        val_rows: validation rows: of the held-out documents (None = all), or of the tail,
+            rounded up to whole blocks (None = about 1%); 0 = none.
         normalize: "mean_norm_sqrt_d" scales rows so that E||s*x|| = sqrt(d); "none" = 1.
         norm_sample_rows: rows (from random training blocks) used to estimate the scales.
         num_workers: DataLoader worker processes; 0 is fastest on few cores (benchmarks/RESULTS.md).
@@ -235,7 +242,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.d_in = self.inputs.d
         self.d_out = self.d_in if self.targets is None else self.targets.d
         self._check_rows()
-        self.split = HeldOutSplit(self.inputs.n_rows, block_size, val_rows)
+        self.split = HeldOutSplit.from_file(path, self.inputs.n_rows, block_size, val_rows)
         self.n_val, self.n_train = self.split.n_val, self.split.n_train
         self._check_enough_rows()
         if self.n_val == 0:
@@ -257,11 +264,18 @@ class ActivationDataModule(L.LightningDataModule):
     def _check_enough_rows(self) -> None:
         # Lightning alone would warn and silently run 0 steps (docs/conventions.md#reliability).
         if self.n_train < self.batch_size:
+            held = (f"{self.inputs.n_rows - self.n_train} of held-out documents" if self.split.kind == "documents"
+                    else f"{self.n_val} held out for validation")
             raise DataError(
-                f"{self.path}: '{self.input_key}' has {self.inputs.n_rows} rows, {self.n_val} held out"
-                f" for validation, leaving {self.n_train} training rows < --data.batch_size"
-                f" {self.batch_size}; use a smaller --data.batch_size or --data.val_rows, or more rows"
+                f"{self.path}: '{self.input_key}' has {self.inputs.n_rows} rows, {held}, leaving {self.n_train}"
+                f" training rows < --data.batch_size {self.batch_size}; use a smaller --data.batch_size or"
+                " --data.val_rows, or more rows"
             )
+
+    def heldout_summary(self) -> dict[str, object]:
+        """Which rows validate, for results: ``heldout`` (``documents`` | ``tail``), ``heldout_rows``,
+        ``heldout_documents``, ``train_rows``, ``train_documents`` (`HeldOutSplit.summary`)."""
+        return self.split.summary()
 
     # ----- several datasets of one file (sweeps) -----
 

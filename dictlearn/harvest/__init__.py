@@ -5,8 +5,9 @@
     lm = load_model(None)                                   # the embedded model
     harvest(lm, default_hooks(lm.model), "acts.h5", tokens=200_000, context=256)
 
-`activations` holds the library (planning, writing, `harvest`), `cli` the `dictlearn harvest`
-command. The file layout is in docs/data.md ("Harvested files").
+`plan` chooses the text (documents in a seeded order, a capped excerpt of each, held-out
+documents), `activations` runs the model and writes the file (`harvest`), `dictlearn.cli.harvest`
+is the `dictlearn harvest` command. The file layout is in docs/data.md ("Harvested files").
 """
 
 from dictlearn.harvest.activations import (
@@ -18,17 +19,19 @@ from dictlearn.harvest.activations import (
     harvest,
     max_positions,
     n_layers,
-    plan_windows,
 )
+from dictlearn.harvest.plan import HELDOUT_EVERY, WINDOWS_PER_DOCUMENT, plan_harvest
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_TOKENS",
     "DTYPES",
+    "HELDOUT_EVERY",
+    "WINDOWS_PER_DOCUMENT",
     "check_hooks",
     "default_hooks",
     "harvest",
     "max_positions",
     "n_layers",
-    "plan_windows",
+    "plan_harvest",
 ]

@@ -4,9 +4,11 @@
     hooks = default_hooks(lm.model)                         # resid, mlp:input, mlp of the middle layer
     harvest(lm, hooks, "acts.h5", tokens=200_000, context=256)
 
-Rows are tokens. The corpus (`dictlearn.models.corpus`) is cut into windows of `context` tokens,
-``[BOS] + the next context - 1 tokens`` of the document stream, in a fixed order; the windows go
-through the model `batch_size` at a time, each forward stopping after the deepest hook.
+Rows are tokens. `dictlearn.harvest.plan` picks the text: the split's documents in a seeded order,
+a capped excerpt of each, every 10th document held out; each side's excerpts are packed into
+windows of `context` tokens, ``[BOS] + the next context - 1 tokens`` of the stream, training
+windows first. The windows go through the model `batch_size` at a time, each forward stopping
+after the deepest hook.
 
 - **Rows.** Row ``r`` is token ``position[r]`` of window ``window_index[r]``; rows are in window
   order, then position order. ``exclude_special`` (default) drops every BOS position — the first
@@ -27,8 +29,9 @@ name exactly as given, with attribute ``hook_name``; ``token_ids``, ``doc_index`
 ``window_index`` int32 and ``position`` int16 (int32 past 32767) per row; root attributes
 ``model_name``, ``model_revision``, ``corpus``, ``split``, ``context_size``, ``tokens``,
 ``exclude_special``, ``seed``, ``dtype``, ``windows``, ``prepend_bos`` (+ ``dictlearn_version``,
-``complete``). A Python corpus adds the ``concepts/`` group of per-row concept labels
-(`dictlearn.harvest.concepts`).
+``complete``); the ``documents/`` group records every document read and which are held out
+(`dictlearn.harvest.plan.write_plan`). A Python corpus adds the ``concepts/`` group of per-row
+concept labels (`dictlearn.harvest.concepts`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ from torch import nn
 from dictlearn.data.h5 import BF16_ATTR, open_for_write
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.harvest.concepts import ConceptWriter, has_python, supports
-from dictlearn.models.corpus import SPLITS, corpus_name, iter_documents, iter_windows
+from dictlearn.harvest.plan import (
+    HELDOUT_EVERY, WINDOWS_PER_DOCUMENT, Plan, plan_harvest, planned_windows, write_plan,
+)  # fmt: skip
+from dictlearn.models.corpus import SPLITS, Document, corpus_name, split_files
 from dictlearn.models.hooks import HookPoint, capture, resolve_module, run_until_captured, standard_hooks
 from dictlearn.models.loading import LanguageModel
 
@@ -104,37 +110,10 @@ def _kept(doc_index: torch.Tensor, exclude_special: bool) -> torch.Tensor:
     return doc_index >= 0 if exclude_special else torch.ones_like(doc_index, dtype=torch.bool)
 
 
-def plan_windows(corpus, split: str, tokenizer, context: int, tokens: int | None,
-                 exclude_special: bool) -> tuple[int, int]:
-    """-> (windows to run, rows to write) for `tokens` rows (None: every whole window).
-
-    One pass over the tokenised corpus that keeps nothing but counts, so that the file is sized
-    exactly up front and a short corpus fails before any forward pass.
-    """
-    windows = rows = 0
-    for window in iter_windows(iter_documents(corpus, split), tokenizer, context):
-        if tokens is not None and rows >= tokens:
-            break
-        windows += 1
-        rows += int(_kept(window.doc_index, exclude_special).sum())
-    if tokens is None:
-        if rows == 0:
-            raise DataError(f"corpus {corpus_name(corpus)} ({split} split): no whole window of {context} tokens;"
-                            " lower --context or pass more text")
-        return windows, rows
-    if rows < tokens:
-        raise DataError(
-            f"corpus {corpus_name(corpus)} ({split} split) has {rows} tokens to harvest in {windows} whole"
-            f" windows of {context}, fewer than --tokens {tokens}; lower --tokens, use --split all, or pass"
-            " --tokens all"
-        )
-    return windows, tokens
-
-
-def _batches(corpus, split: str, tokenizer, context: int, windows: int,
+def _batches(plan: Plan, files, tokenizer, context: int,
              batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `windows` windows in groups: (tokens [B, context], doc_index [B, context])."""
-    stream = itertools.islice(iter_windows(iter_documents(corpus, split), tokenizer, context), windows)
+    """The plan's windows in file order, in groups: (tokens [B, context], doc_index [B, context])."""
+    stream = planned_windows(plan, files, tokenizer, context)
     while batch := list(itertools.islice(stream, batch_size)):
         yield torch.stack([w.tokens for w in batch]), torch.stack([w.doc_index for w in batch])
 
@@ -159,10 +138,11 @@ class _Writer:
     """Fills an open file's datasets batch by batch, in row order, up to `rows` rows."""
 
     def __init__(self, f: h5py.File, hooks: list[str], rows: int, dtype: str, exclude_special: bool,
-                 concepts: ConceptWriter | None = None):
+                 concepts: ConceptWriter | None = None, documents: int = 0):
         self.f, self.hooks, self.rows, self.dtype, self.exclude_special = f, hooks, rows, dtype, exclude_special
         self.concepts = concepts  # the concepts/ group's writer, when the corpus is Python
         self.row = self.window = 0  # next row to write; index of the batch's first window
+        self.document_rows = np.zeros(documents, np.int64)  # rows written per doc_index
 
     def create(self, widths: list[int], context: int) -> None:
         """Every dataset at its final size: contiguous, uncompressed (fastest to read; docs/data.md)."""
@@ -190,11 +170,13 @@ class _Writer:
             kept = captured[keep.to(captured.device)][:n].cpu()
             self.f[hook][rows] = _to_storage(kept, self.dtype, hook, self.window)
         self.f["token_ids"][rows] = tokens[keep][:n].numpy()
-        self.f["doc_index"][rows] = doc_index[keep][:n].numpy()
+        written = doc_index[keep][:n].numpy()
+        self.f["doc_index"][rows] = written
+        self.document_rows += np.bincount(written[written >= 0], minlength=len(self.document_rows))
         self.f["window_index"][rows] = (windows[:n] + self.window).numpy()
         self.f["position"][rows] = positions[:n].numpy()
         if self.concepts is not None:
-            self.concepts.write(rows, doc_index[keep][:n].numpy())
+            self.concepts.write(rows, written)
         self.row, self.window = self.row + n, self.window + len(tokens)
         return n
 
@@ -240,41 +222,51 @@ def harvest(
     seed: int = 0,
     should_stop: Callable[[], bool] = lambda: False,
     concepts: bool | None = None,
+    windows_per_document: int | None = WINDOWS_PER_DOCUMENT,
 ) -> Path:
     """Write the activations of `lm` at `hooks` on `tokens` corpus tokens to `out`; -> its path.
 
-    tokens: rows to write (> 0), or "all" for every whole window of the split. context: window
-    length (<= the model's maximum). `seed` is only recorded (the corpus order is fixed).
-    `should_stop` is asked before each batch; True abandons the file (``_Terminated``).
-    `lm.model` is moved to `device`. See the module docstring for the file layout.
+    tokens: rows to write (> 0), or "all" for every document of the split, whole. context:
+    window length (<= the model's maximum). `seed` orders the documents, places each excerpt and
+    picks the held-out documents; `windows_per_document` caps each document's excerpt (None or
+    0: no cap) — `dictlearn.harvest.plan`. `should_stop` is asked before each batch; True
+    abandons the file (``_Terminated``). `lm.model` is moved to `device`. See the module
+    docstring for the file layout.
     concepts: write the ``concepts/`` labels (`dictlearn.harvest.concepts`); None: when the
     split holds Python files and the tokenizer maps tokens to characters.
     """
     out = Path(out)
-    _check_args(lm.model, hooks, out, tokens, context, split, batch_size, dtype)
+    _check_args(lm.model, hooks, out, tokens, context, split, batch_size, dtype, windows_per_document)
     model = lm.model.to(device).eval()
-    budget = None if tokens == "all" else int(tokens)
-    windows, rows = plan_windows(corpus, split, lm.tokenizer, context, budget, exclude_special)
+    files = split_files(corpus, split)
+    where = f"corpus {corpus_name(corpus)} ({split} split)"
+    plan = plan_harvest(files, lm.tokenizer, context, None if tokens == "all" else int(tokens), exclude_special,
+                        seed, windows_per_document, where)
     attrs = dict(
         model_name=lm.name, model_revision=lm.revision or "", corpus=corpus_name(corpus), split=split,
-        context_size=context, tokens=rows, exclude_special=exclude_special, seed=seed, dtype=dtype,
-        windows=windows, prepend_bos=lm.tokenizer.bos_token_id is not None,
+        context_size=context, tokens=plan.rows, exclude_special=exclude_special, seed=seed, dtype=dtype,
+        windows=plan.windows, prepend_bos=lm.tokenizer.bos_token_id is not None,
     )
-    batches = _batches(corpus, split, lm.tokenizer, context, windows, batch_size)
-    label = _wants_concepts(concepts, corpus, split, lm.tokenizer)
-    with open_for_write(out, attrs) as f, _progress_bar(rows, progress) as bar:
-        labels = ConceptWriter(f, rows, iter_documents(corpus, split), lm.tokenizer) if label else None
-        writer = _Writer(f, hooks, rows, dtype, exclude_special, labels)
+    batches = _batches(plan, files, lm.tokenizer, context, batch_size)
+    label = _wants_concepts(concepts, files, lm.tokenizer)
+    with open_for_write(out, attrs) as f, _progress_bar(plan.rows, progress) as bar:
+        excerpts = ((e.index, e.name, files[e.index][1], e.start, e.stop) for e in plan.train + plan.heldout)
+        labels = ConceptWriter(f, plan.rows, excerpts, lm.tokenizer) if label else None
+        writer = _Writer(f, hooks, plan.rows, dtype, exclude_special, labels, len(files))
         _run(model, hooks, batches, writer, context, device, bar, should_stop)
         if labels is not None:
             labels.finish()
-        if writer.row != rows:  # the corpus changed between the counting pass and this one
-            raise DataError(f"corpus {corpus_name(corpus)}: yielded {writer.row} rows, {rows} counted before;"
+        if writer.row != plan.rows:  # the corpus changed between the counting pass and this one
+            raise DataError(f"corpus {corpus_name(corpus)}: yielded {writer.row} rows, {plan.rows} counted before;"
                             " was it modified during the harvest? re-run")
+        if not write_plan(f, plan, writer.document_rows):
+            print(f"dictlearn: note: {where}: the harvest read {len(plan.train) + len(plan.heldout)} documents, too "
+                  f"few to hold out whole ones (1 in {HELDOUT_EVERY}); readers hold out the file's tail",
+                  file=sys.stderr)
     return out
 
 
-def _wants_concepts(concepts: bool | None, corpus, split: str, tokenizer) -> bool:
+def _wants_concepts(concepts: bool | None, files: list[tuple[str, Path]], tokenizer) -> bool:
     """Whether to label: as asked, or (None) when the split has Python files and the tokenizer
     maps tokens to characters. Asking for labels that cannot be made is a one-line error."""
     if concepts is False:
@@ -285,15 +277,17 @@ def _wants_concepts(concepts: bool | None, corpus, split: str, tokenizer) -> boo
                               "concept labels (--no-concepts) or use a fast (Rust) tokenizer")
         return False
     if concepts is None:
-        return has_python(iter_documents(corpus, split))
+        return has_python(Document(name, b"") for name, _ in files)
     return True
 
 
 def _check_args(model: nn.Module, hooks: list[str], out: Path, tokens, context: int, split: str,
-                batch_size: int, dtype: str) -> None:
+                batch_size: int, dtype: str, windows_per_document: int | None) -> None:
     """Everything that can be checked before reading the corpus, each as a one-line error."""
     if tokens != "all" and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
         raise ConfigError(f"--tokens {tokens}: must be a positive number of tokens or 'all'")
+    if windows_per_document is not None and windows_per_document < 0:
+        raise ConfigError(f"--windows-per-document {windows_per_document}: must be >= 0 (0: whole documents)")
     limit = max_positions(model)
     if context < 2 or (limit is not None and context > limit):
         most = f"the model's maximum, {limit}" if limit is not None else "the model's maximum"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -62,16 +63,68 @@ def document_labels(document: Document, tokenizer) -> tuple[np.ndarray, np.ndarr
     return labels.values[last], labels.labelled[last] & (ends > 0), labels.error
 
 
+def excerpt_labels(document: Document, stop: int, tokenizer) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """`document_labels` exact for tokens `[0, stop)`, reading as little of the document as it can.
+
+    With a byte-level tokenizer the source is labelled up to a line start past byte `stop`: first
+    the next line that does not look like a continuation, then the next top-level statement. A
+    prefix that tokenizes cleanly ends outside every bracket, string and statement, so each of its
+    tokens, and their labels, are the whole file's (a harvest reads short excerpts of long files;
+    labelling them whole tripled the default harvest's labelling time). If neither prefix
+    tokenizes, and for other tokenizers, the whole document is labelled. Bytes past the prefix
+    come back unlabelled.
+    """
+    data = document.data
+    if getattr(tokenizer, "byte_level", False):
+        for cut in sorted({_line_start(data, stop), _statement_start(data, stop)}):
+            if cut >= len(data):
+                break
+            labels = label_source(data[:cut])
+            if labels.error is None:
+                values = np.zeros((len(data), len(CONCEPTS)), bool)
+                labelled = np.zeros(len(data), bool)
+                values[:cut], labelled[:cut] = labels.values, labels.labelled
+                return values, labelled, None
+    return document_labels(document, tokenizer)
+
+
+def _line_start(data: bytes, stop: int) -> int:
+    """The first non-blank line at or after `stop` whose previous line does not end in an open
+    bracket, a comma or a backslash (so it likely starts a statement); len(data) when none."""
+    position = max(stop, 1)
+    while (newline := data.find(b"\n", position - 1)) != -1:
+        line_start = newline + 1
+        previous = data[data.rfind(b"\n", 0, newline) + 1:newline].rstrip()
+        if data[line_start:line_start + 1].strip() and not previous.endswith((b",", b"(", b"[", b"{", b"\\")):
+            return line_start
+        position = newline + 2
+    return len(data)
+
+
+def _statement_start(data: bytes, stop: int) -> int:
+    """The offset of the first line at or after `stop` (a line start) whose first byte begins a
+    top-level statement; len(data) when there is none."""
+    position = max(stop, 1)
+    while (newline := data.find(b"\n", position - 1)) != -1:
+        following = data[newline + 1:newline + 2]
+        if following and following not in b" \t\r\n\f#":
+            return newline + 1
+        position = newline + 2
+    return len(data)
+
+
 class ConceptRows:
     """Labels for the harvested rows, in row order, one document at a time.
 
-    documents: the split's documents in the order `iter_windows` numbered them (doc_index).
-    `take(doc_index)` labels the next rows; rows of document d follow d's tokens in order, so a
-    cursor per current document is enough (rows never go back to an earlier document).
+    excerpts: (doc_index, name, path, first token, end token) of each document in the order its rows come
+    in the file (`dictlearn.harvest.plan`); each document appears once. `take(doc_index)` labels
+    the next rows; rows of document d follow d's tokens in order from its first token, so a
+    cursor per current document is enough. A document is read and labelled only when its rows
+    come.
     """
 
-    def __init__(self, documents: Iterator[Document], tokenizer) -> None:
-        self.documents, self.tokenizer = enumerate(documents), tokenizer
+    def __init__(self, excerpts: Iterator[tuple[int, str, Path, int, int]], tokenizer) -> None:
+        self.excerpts, self.tokenizer = excerpts, tokenizer
         self.index, self.cursor = -1, 0
         self.values = np.zeros((0, len(CONCEPTS)), bool)
         self.labelled = np.zeros(0, bool)
@@ -91,20 +144,26 @@ class ConceptRows:
         return values, labelled
 
     def _advance_to(self, doc: int) -> None:
-        while self.index < doc:
-            self.index, document = next(self.documents)
-            self.cursor, self.documents_seen = 0, self.documents_seen + 1
-            if document.name.endswith(PYTHON_SUFFIXES):
-                self.values, self.labelled, error = document_labels(document, self.tokenizer)
-                self.python_documents += 1
-                if error is not None:
-                    self.failed.append(document.name)
-            n = _token_count(document, self.tokenizer)
-            if not document.name.endswith(PYTHON_SUFFIXES):
-                self.values, self.labelled = np.zeros((n, len(CONCEPTS)), bool), np.zeros(n, bool)
-            elif len(self.labelled) != n:  # the offsets disagree with the tokenizer's encode
-                raise DataError(f"{document.name}: the tokenizer's offset mapping gives {len(self.labelled)} "
-                                f"tokens but encode gives {n}; harvest with concepts=False")
+        if self.index == doc:
+            return
+        for index, name, path, start, stop in self.excerpts:
+            if index == doc:
+                break
+        else:
+            raise DataError(f"document {doc}: its rows come after the documents planned; re-run the harvest")
+        document = Document(name, path.read_bytes())
+        self.index, self.cursor, self.documents_seen = doc, start, self.documents_seen + 1
+        if document.name.endswith(PYTHON_SUFFIXES):
+            self.values, self.labelled, error = excerpt_labels(document, stop, self.tokenizer)
+            self.python_documents += 1
+            if error is not None:
+                self.failed.append(document.name)
+        n = _token_count(document, self.tokenizer)
+        if not document.name.endswith(PYTHON_SUFFIXES):
+            self.values, self.labelled = np.zeros((n, len(CONCEPTS)), bool), np.zeros(n, bool)
+        elif len(self.labelled) != n:  # the offsets disagree with the tokenizer's encode
+            raise DataError(f"{document.name}: the tokenizer's offset mapping gives {len(self.labelled)} "
+                            f"tokens but encode gives {n}; harvest with concepts=False")
 
 
 def _token_count(document: Document, tokenizer) -> int:
@@ -127,7 +186,8 @@ def _runs(doc_index: np.ndarray) -> Iterator[tuple[int, int, int]]:
 class ConceptWriter:
     """Creates the ``concepts/`` group of an open file and fills it batch by batch."""
 
-    def __init__(self, f: h5py.File, rows: int, documents: Iterator[Document], tokenizer) -> None:
+    def __init__(self, f: h5py.File, rows: int, documents: Iterator[tuple[int, str, Path, int, int]],
+                 tokenizer) -> None:
         self.group = f.create_group(GROUP)
         self.group.create_dataset("values", shape=(rows, len(CONCEPTS)), dtype=bool)
         self.group.create_dataset("labelled", shape=(rows,), dtype=bool)

@@ -9,15 +9,20 @@ latents that best separate it do, next to one on the full activation?
     baseline = linear_baseline(x, pool)                                  # once per input key
     sparse = sparse_probes(z, pool)                                      # once per dictionary
 
-**Rows** (`ProbePool`). Up to `ProbeOptions.pool_rows` rows as seeded whole blocks of the
-file's held-out tail, or of the whole file when the tail spans fewer than `min_documents`
-documents (the default comparison holds out ~1 % of a 250k-row file, a part of one document;
-the dictionaries never saw the labels, only the activations); only labelled rows count. Only
-the rows some split uses, plus `coverage_rows` random ones for coverage, are read and encoded
-(a few thousand per concept at most, whatever the file's size). Rows are grouped
-by document (`doc_index`; a file without one uses blocks of 512 rows): a seeded share of the
-documents (`test_fraction` of the rows) is the test side, the rest the training side, so no
-document is on both. Per concept, positives and negatives are sampled in equal numbers on each
+**Rows** (`ProbePool`). Up to `ProbeOptions.pool_rows` rows as seeded whole blocks; only
+labelled rows count. Only the rows some split uses, plus `coverage_rows` random ones for
+coverage, are read and encoded (a few thousand per concept at most, whatever the file's size).
+- A file that records held-out documents (`HeldOutSplit.kind == "documents"`, every harvested
+  file): the blocks come from the training rows and the held-out rows; the **test side is the
+  held-out documents' rows** and the training side the training documents' rows, so no document
+  is on both and no test row was a dictionary's training row (source ``documents``).
+- Otherwise (the tail split): the blocks come from the held-out tail, or from the whole file
+  when the tail spans fewer than `min_documents` documents (the dictionaries never saw the
+  labels, only the activations). Rows are grouped by document (`doc_index`; a file without one
+  uses blocks of 512 rows): a seeded share of the documents (`test_fraction` of the rows) is the
+  test side, the rest the training side, so no document is on both.
+
+Per concept, positives and negatives are sampled in equal numbers on each
 side (at most `per_class_train` / `per_class_test` each, Kantamneni et al.'s 1024 training
 rows); a concept with fewer than `min_per_class` of either class on a side is skipped, with
 the reason.
@@ -82,7 +87,7 @@ class ProbePool:
     rows: int [n] file rows (ascending) that some concept's split or the coverage sample uses;
     slices: the whole blocks they were drawn from (read block by block); documents: int [n];
     labels: the rows' concept labels; coverage: indices of the coverage sample (random labelled
-    rows of the blocks, unbalanced); source: "heldout" or "all"; drawn_rows: labelled rows in
+    rows of the blocks, unbalanced); source: "documents", "heldout" or "all"; drawn_rows: labelled rows in
     the blocks; test_documents: the documents of the test side; splits/skipped: per concept, its
     balanced split or why it has none.
     """
@@ -106,7 +111,9 @@ class ProbePool:
         documents = _documents(path, split.n_rows)
         first, last = split.heldout
         source = "heldout"
-        if len(np.unique(documents[first:last])) < options.min_documents:
+        if split.kind == "documents":  # training rows, then the held-out documents' rows
+            first, source = 0, "documents"
+        elif len(np.unique(documents[first:last])) < options.min_documents:
             first, last, source = 0, split.n_rows, "all"
         slices = _blocks(first, last, options.pool_rows, options.seed)
         candidates = np.concatenate([np.arange(a, b) for a, b in slices])
@@ -114,8 +121,14 @@ class ProbePool:
         candidates, values = candidates[labels.labelled], labels.values[labels.labelled]
         if len(np.unique(documents[candidates])) < 2:
             return None
-        test_documents = _test_documents(documents[candidates], options.test_fraction, options.seed)
-        is_test = np.isin(documents[candidates], test_documents)
+        if source == "documents":
+            is_test = candidates >= split.n_train
+            if is_test.all() or not is_test.any():
+                return None
+            test_documents = np.unique(documents[candidates[is_test]])
+        else:
+            test_documents = _test_documents(documents[candidates], options.test_fraction, options.seed)
+            is_test = np.isin(documents[candidates], test_documents)
         splits, skipped = {}, {}
         for j, name in enumerate(labels.names):
             outcome = _balanced(values[:, j], is_test, options, j)

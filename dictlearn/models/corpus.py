@@ -8,12 +8,18 @@ evaluation). It lives with the models, not with the HDF5 data: it is the text th
 read, and the embedded model's training, harvest and evaluation all import it from here without
 the data stage ever importing a model.
 
+This split (the corpus's ``train`` / ``heldout`` files) is the *language model's*: the embedded
+model never read the ``heldout`` files. The *dictionaries'* held-out documents are another, seeded
+choice that harvest makes among the documents it reads and records in the activation file
+(`dictlearn.harvest.plan`, docs/data.md).
+
 Windows follow the SAELens convention: the documents' tokens are concatenated into one stream,
 separated by the BOS token, and each window is ``[BOS] + the next context - 1 tokens``.
 
     docs = iter_documents(None, "heldout")
     for window in iter_windows(docs, ByteTokenizer(), context=256):
         window.tokens, window.doc_index   # [256] each; doc_index is -1 at BOS positions
+    pack_windows([(7, ids_a), (3, ids_b)], bos=256, context=256)   # excerpts: (doc_index, token ids)
 """
 
 from __future__ import annotations
@@ -98,6 +104,12 @@ def iter_documents(corpus: str | os.PathLike | None = None, split: Split = "all"
     skipped). Files are listed and split now, so a missing or empty corpus fails here, not at the
     first read; their contents are read lazily.
     """
+    return (Document(name, path.read_bytes()) for name, path in split_files(corpus, split))
+
+
+def split_files(corpus: str | os.PathLike | None = None, split: Split = "all") -> list[tuple[str, Path]]:
+    """The split's files as (relative posix name, path), sorted by name: entry i is the document
+    `iter_documents` yields i-th, whose rows a harvested file marks ``doc_index = i``."""
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     root, paths = _list_files(corpus)
@@ -106,7 +118,7 @@ def iter_documents(corpus: str | os.PathLike | None = None, split: Split = "all"
         where = corpus_name(corpus) if corpus is None else str(corpus)
         raise DataError(f"corpus {where}: its {split!r} split holds no files (the split is by file, "
                         f"1 in 20 held out); pass a folder with more files or use split 'all'")
-    return (Document(name, path.read_bytes()) for name, path in chosen)
+    return chosen
 
 
 def _list_files(corpus: str | os.PathLike | None) -> tuple[Path, list[tuple[str, Path]]]:
@@ -155,13 +167,31 @@ def iter_windows(documents: Iterable[Document], tokenizer: Tokenizer, context: i
     that are not UTF-8); any other tokenizer receives the text decoded as UTF-8 (invalid bytes
     replaced).
     """
+    pieces = ((index, document_tokens(document, tokenizer)) for index, document in enumerate(documents))
+    return pack_windows(pieces, tokenizer.bos_token_id, context)
+
+
+def document_tokens(document: Document, tokenizer: Tokenizer) -> torch.LongTensor:
+    """A document's token ids [n] as windows hold them (raw bytes for a ``byte_level`` tokenizer,
+    else its text decoded as UTF-8 with invalid bytes replaced)."""
+    text = document.data if getattr(tokenizer, "byte_level", False) else document.data.decode("utf-8", "replace")
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+def pack_windows(pieces: Iterable[tuple[int, torch.Tensor]], bos: int | None, context: int) -> Iterator[Window]:
+    """Pack (doc_index, token ids [n]) pieces into windows, in order (see `iter_windows`): the
+    stream is piece0 BOS piece1 BOS ..., each window [BOS] + the next context - 1 stream tokens;
+    empty pieces are skipped and the last partial window is dropped."""
     if context < 2:
         raise ConfigError(f"context {context}: must be at least 2 tokens")
-    bos = tokenizer.bos_token_id
     take = context - 1 if bos is not None else context
     tokens, docs = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    for index, document in enumerate(documents):
-        segment, segment_docs = _segment(document, index, tokenizer, separate=index > 0)
+    first = True
+    for index, ids in pieces:
+        if len(ids) == 0:
+            continue
+        segment, segment_docs = _segment(ids, index, bos, separate=not first)
+        first = False
         tokens, docs = torch.cat([tokens, segment]), torch.cat([docs, segment_docs])
         n_full = len(tokens) // take
         for start in range(0, n_full * take, take):
@@ -169,13 +199,10 @@ def iter_windows(documents: Iterable[Document], tokenizer: Tokenizer, context: i
         tokens, docs = tokens[n_full * take:], docs[n_full * take:]
 
 
-def _segment(document: Document, index: int, tokenizer: Tokenizer, separate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One document's stream tokens, preceded by the BOS separator unless it is the first.
+def _segment(ids: torch.Tensor, index: int, bos: int | None, separate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece's stream tokens, preceded by the BOS separator unless it is the first.
     -> (tokens [n], doc_index [n]) with doc_index -1 at the separator."""
-    text = document.data if getattr(tokenizer, "byte_level", False) else document.data.decode("utf-8", "replace")
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     docs = torch.full_like(ids, index)
-    bos = tokenizer.bos_token_id
     if separate and bos is not None:
         ids = torch.cat([torch.tensor([bos]), ids])
         docs = torch.cat([torch.tensor([-1]), docs])
