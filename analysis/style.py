@@ -21,8 +21,11 @@ from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocat
 from dictlearn.analysis.results import Series, series_label
 from dictlearn.io import atomic_path
 
-#: architecture -> (colour, marker). Okabe-Ito colours (distinguishable with colour-blindness);
-#: the TopK family shares blues. Every figure and the report use this table.
+#: architecture -> (colour, marker), keyed by the mechanisms' registry names
+#: (dictlearn.dictionaries.registry; tests/test_registry.py checks every shipped one has a row) and
+#: compare's `<name>_transcoder` variants. Okabe-Ito colours (distinguishable with colour-blindness);
+#: the TopK family shares blues. Every figure and the report use this table; an architecture
+#: without a row (a new mechanism) gets a fixed colour and marker from its name.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "relu_l1": ("#D55E00", "^"),
     "topk": ("#0072B2", "o"),

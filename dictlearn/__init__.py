@@ -1,27 +1,29 @@
 """dictlearn: train, evaluate and compare sparse dictionaries on neural-network activations.
 
 The public names load on first use (PEP 562), so `dictlearn --help` and `import dictlearn.cli`
-do not pay for torch, Lightning and h5py.
+do not pay for torch, Lightning and h5py. The architectures (`dictlearn.TopKSAE`, ...) are the
+shipped mechanisms of the registry (`dictlearn.dictionaries.SHIPPED`), listed nowhere else.
 """
 
 from __future__ import annotations
+
+import importlib
 
 from dictlearn.lazy import lazy_attributes
 
 _PUBLIC = {
     "ActivationDataModule": "dictlearn.data",
-    "BatchTopKSAE": "dictlearn.dictionaries",
     "Dictionary": "dictlearn.dictionaries",
     "DictionaryTraining": "dictlearn.training",
-    "GatedSAE": "dictlearn.dictionaries",
-    "JumpReLUSAE": "dictlearn.dictionaries",
-    "MatryoshkaBatchTopKSAE": "dictlearn.dictionaries",
     "Member": "dictlearn.training",
-    "ReLUL1SAE": "dictlearn.dictionaries",
-    "TopKSAE": "dictlearn.dictionaries",
     "load": "dictlearn.export",
 }
-__all__ = sorted(_PUBLIC)
 
 
-__getattr__, __dir__ = lazy_attributes(__name__, _PUBLIC)
+def _architectures() -> dict[str, type]:
+    """{class name: class} of the shipped mechanisms (imports torch: only when one is asked for)."""
+    return importlib.import_module("dictlearn.dictionaries").SHIPPED
+
+
+# `__all__` too is answered on first use: it holds the architectures' names
+__getattr__, __dir__ = lazy_attributes(__name__, _PUBLIC, _architectures)

@@ -17,11 +17,6 @@ import yaml
 
 from dictlearn.errors import ConfigError
 
-MECHANISMS = {  # architecture name -> dictlearn class
-    "relu_l1": "ReLUL1SAE", "topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "gated": "GatedSAE",
-    "jumprelu": "JumpReLUSAE", "matryoshka": "MatryoshkaBatchTopKSAE",
-}  # fmt: skip
-WITH_K = ("topk", "batchtopk", "matryoshka")  # L0 set by k; the others are calibrated (dictlearn.training.calibration)
 MAPPINGS = {"": "sae", "_transcoder": "transcoder", "_skip_transcoder": "skip_transcoder"}
 DEFAULT_ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu", "topk_transcoder",
                          "topk_skip_transcoder")
@@ -42,23 +37,11 @@ DEFAULTS = {
 # the YAML changes it for every architecture at once; results lines record what each dictionary got.
 OPTIMIZER = {"lr": 1e-3, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_warmup_fraction": 0.0,
              "lr_decay_fraction": 0.3}
-# What the short run changes per mechanism besides the optimiser: the first reconstructions at the
-# input's norm, and starting coefficients near the ones the controller reached on the embedded model
-# and on synthetic data. The rest are the recipes'.
-_SHORT_RUN = {"init_scale_from_data": True}
-DICTIONARY_DEFAULTS = {
-    # Bricken et al. 2023's unit-norm decoder, not the April-2024 norm-weighted L1: in a short run
-    # the latter lowers its penalty by shrinking every decoder row (init norm 0.1, ~100 steps at
-    # lr 1e-3) long before the encoder biases can switch latents off, so no λ brings L0 down
-    # (measured on synthetic data: L0 60 of 128 at λ up to 1e5, FVU 1.03).
-    "relu_l1": _SHORT_RUN | {"decoder_constraint": "unit_norm", "l1_coefficient": 0.1},
-    "topk": _SHORT_RUN,
-    "batchtopk": _SHORT_RUN,
-    "matryoshka": _SHORT_RUN,
-    "gated": _SHORT_RUN | {"l1_coefficient": 1.0},
-    # a wider kernel (θ starts at ~1-2 here, see SparsityCalibration) gives θ a gradient on most steps
-    "jumprelu": _SHORT_RUN | {"l0_coefficient": 0.1, "bandwidth": 0.1},
-}
+# What the short run changes for every mechanism besides the optimiser: the first reconstructions
+# at the input's norm. Each mechanism adds its own (`Mechanism.short_run`, `.short_run_steps`,
+# declared on its class in dictlearn/dictionaries/): starting coefficients near the ones the
+# controller reached on the embedded model and on synthetic data. The rest are the recipes'.
+SHORT_RUN = {"init_scale_from_data": True}
 RUNTIME_FIELDS = ("out", "device", "quiet")
 
 
@@ -177,9 +160,10 @@ class CompareConfig:
             if needing:
                 raise ConfigError(f"--architectures {needing[0]} is a transcoder: give --target-key K2 (the dataset "
                                   "it predicts) or drop it from --architectures")
-        unknown = sorted(set(self.dictionary) - set(MECHANISMS))
+        known = mechanisms()
+        unknown = sorted(set(self.dictionary) - set(known))
         if unknown:
-            raise ConfigError(f"dictionary: {unknown[0]!r} is not a mechanism; use one of {', '.join(MECHANISMS)}")
+            raise ConfigError(f"dictionary: {unknown[0]!r} is not a mechanism; use one of {', '.join(known)}")
         unknown = sorted(set(self.optimizer) - set(OPTIMIZER))
         if unknown:
             raise ConfigError(f"optimizer: unknown key {unknown[0]!r}; known: {', '.join(OPTIMIZER)}")
@@ -190,17 +174,34 @@ class CompareConfig:
         return self.train_tokens // (self.batch_size * self.devices)
 
 
+def mechanisms() -> dict:
+    """The registry's {name: mechanism class} (dictlearn/dictionaries/registry.py)."""
+    # imported here, not at the top: `dictlearn compare --help` reads this module and would pay
+    # for torch, which the mechanism classes import
+    from dictlearn.dictionaries.registry import mechanisms as registered
+
+    return registered()
+
+
+def mechanism_class(name: str):
+    """The class registered as `name` (a ConfigError listing the known names otherwise)."""
+    from dictlearn.dictionaries.registry import mechanism_class as registered  # as in `mechanisms`
+
+    return registered(name)
+
+
 def _join(values) -> str:
     return ",".join(str(v) for v in values) if isinstance(values, (list, tuple)) else str(values)
 
 
 def parse_architecture(name: str) -> tuple[str, str]:
     """`topk_skip_transcoder` -> ("topk", "skip_transcoder"); an unknown name is a ConfigError."""
+    known = mechanisms()
     for suffix in ("_skip_transcoder", "_transcoder", ""):
         mechanism = name[: len(name) - len(suffix)] if suffix and name.endswith(suffix) else name
-        if (not suffix or name.endswith(suffix)) and mechanism in MECHANISMS:
+        if (not suffix or name.endswith(suffix)) and mechanism in known:
             return mechanism, MAPPINGS[suffix]
-    names = ", ".join(list(MECHANISMS) + ["<mechanism>_transcoder", "<mechanism>_skip_transcoder"])
+    names = ", ".join(list(known) + ["<mechanism>_transcoder", "<mechanism>_skip_transcoder"])
     raise ConfigError(f"--architectures {name}: unknown architecture; use one of {names}")
 
 
@@ -218,18 +219,13 @@ class Planned:
     init_args: dict
 
     @property
-    def class_name(self) -> str:
-        return MECHANISMS[self.mechanism]
-
-    @property
     def calibrated(self) -> bool:
-        return self.mechanism not in WITH_K
+        """True when a coefficient, calibrated to `l0_target`, sets L0 (False: `k` does)."""
+        return mechanism_class(self.mechanism).mechanism.calibrated
 
     def build(self, d_in: int, d_out: int):
         """The untrained dictionary (seeded by DictionaryTraining from `seed`)."""
-        import dictlearn
-
-        return getattr(dictlearn, self.class_name)(d_in=d_in, d_out=d_out, **self.init_args)
+        return mechanism_class(self.mechanism)(d_in=d_in, d_out=d_out, **self.init_args)
 
 
 def plan(config: CompareConfig) -> list[Planned]:
@@ -241,15 +237,23 @@ def plan(config: CompareConfig) -> list[Planned]:
             mechanism, mapping = parse_architecture(architecture)
             for d_sae in config.d_sae:
                 for target in config.l0:
-                    args = {"d_sae": d_sae, **OPTIMIZER, **config.optimizer, **DICTIONARY_DEFAULTS[mechanism],
-                            **config.dictionary.get(mechanism, {})}
-                    if mapping != "sae":
-                        args |= {"transcoder": True, "b_dec_init": "mean", "skip_connection": mapping == "skip_transcoder"}
-                    if mechanism in WITH_K:
-                        args["k"] = target
-                    if mechanism in ("batchtopk", "matryoshka"):  # the EMA threshold starts after a fifth of a short run
-                        args.setdefault("threshold_start_step", max(1, config.steps // 5))
+                    args = _init_args(config, mechanism, mapping, d_sae, target)
                     width = f"_d{d_sae}" if several_widths else ""
                     name = f"{architecture}{width}_l0-{target}_s{seed}"
                     planned.append(Planned(name, architecture, mechanism, mapping, target, d_sae, seed, args))
     return planned
+
+
+def _init_args(config: CompareConfig, mechanism: str, mapping: str, d_sae: int, target: int) -> dict:
+    """One dictionary's constructor arguments: the optimiser, the short run's and the mechanism's
+    defaults, the YAML's `dictionary:` overrides, the mapping, and `k` = the L0 target."""
+    declared = mechanism_class(mechanism).mechanism
+    args = {"d_sae": d_sae, **OPTIMIZER, **config.optimizer, **SHORT_RUN, **declared.short_run,
+            **config.dictionary.get(mechanism, {})}
+    if mapping != "sae":
+        args |= {"transcoder": True, "b_dec_init": "mean", "skip_connection": mapping == "skip_transcoder"}
+    if not declared.calibrated:
+        args["k"] = target
+    for argument, fraction in declared.short_run_steps.items():
+        args.setdefault(argument, max(1, int(fraction * config.steps)))
+    return args

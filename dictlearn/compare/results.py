@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dictlearn.compare.plan import OPTIMIZER, CompareConfig, Planned, plan
+from dictlearn.dictionaries.registry import mechanism_class
 from dictlearn.io import atomic_write_text
 
 
@@ -18,6 +19,7 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
     """evaluate's record + what the comparison knows about the dictionary (DESIGN.md's keys)."""
     record = json.loads((out / "evaluations" / f"{p.name}.json").read_text())
     hyper = record.get("hyper_parameters") or {}
+    coefficient = mechanism_class(p.mechanism).mechanism.coefficient  # None: k sets L0
     seconds_file = out / "train" / f"seed{p.seed}" / "train_seconds.json"
     group = [q for q in plan(config) if q.seed == p.seed]
     seconds = json.loads(seconds_file.read_text())["seconds"] / len(group) if seconds_file.is_file() else None
@@ -25,7 +27,7 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
         **record,
         "name": p.name, "architecture": p.architecture, "mechanism": p.mechanism, "mapping": p.mapping,
         "l0_target": p.l0_target, "d_sae": p.d_sae, "seed": p.seed,
-        "k": hyper.get("k") if p.mechanism in ("topk", "batchtopk", "matryoshka") else None,
+        "k": hyper.get("k") if coefficient is None else None,
         "train_tokens": config.steps * config.batch_size * config.devices, "train_seconds": seconds,
         "export": str((out / "exports" / p.name).resolve()),
         "log_dir": str(Path("train") / f"seed{p.seed}" / "version_0"), "member": p.name,
@@ -34,9 +36,8 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
     # what it trained with (the same for every architecture unless a search or an override chose otherwise)
     line["optimizer"] = {key: hyper[key] for key in OPTIMIZER if key in hyper}
     line["lr_tuned"] = False
-    for coefficient in ("l1_coefficient", "l0_coefficient"):
-        if p.calibrated and coefficient in hyper:
-            line[coefficient] = hyper[coefficient]
+    if coefficient is not None and coefficient in hyper:  # the calibrated λ
+        line[coefficient] = hyper[coefficient]
     return line
 
 

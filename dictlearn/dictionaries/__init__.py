@@ -1,11 +1,20 @@
-"""Sparse dictionaries: one LightningModule base, one small class per sparsity mechanism."""
+"""Sparse dictionaries: one plain `Dictionary` base, one small class per sparsity mechanism, and
+the one registry of mechanisms (`registry.mechanisms()`: name -> class).
+
+Importing a mechanism's module here is what ships it: the registry lists every imported
+`Dictionary` subclass that declares a `mechanism`, and `SHIPPED` and `__all__` are read from it.
+"""
 
 from dictlearn.dictionaries.model import Dictionary
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.dictionaries.jumprelu import JumpReLUSAE
 from dictlearn.dictionaries.matryoshka import MatryoshkaBatchTopKSAE
+from dictlearn.dictionaries.registry import mechanisms
 from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
 from dictlearn.dictionaries.topk import TopKSAE
 
-__all__ = ["BatchTopKSAE", "Dictionary", "GatedSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "ReLUL1SAE", "TopKSAE"]
+#: the shipped mechanism classes by class name (`--model TopKSAE`, `dictlearn.TopKSAE`)
+SHIPPED = {cls.__name__: cls for cls in mechanisms().values() if cls.__module__.startswith(f"{__name__}.")}
+
+__all__ = ["Dictionary", *sorted(SHIPPED)]

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dictlearn.dictionaries.latents import Selection
+from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.dictionaries.sparse import flat_topk_indices
 from dictlearn.dictionaries.topk import TopKSAE
 from dictlearn.errors import ConfigError
@@ -56,6 +57,8 @@ class BatchTopKSAE(TopKSAE):
     """Keeps the B·k largest activations of a batch in training, a > θ at inference (paper §2)."""
 
     sae_lens_architecture = "jumprelu"
+    # in compare's short run θ's EMA starts after a fifth of it (1000 steps can be all of it)
+    mechanism = Mechanism("batchtopk", short_run_steps={"threshold_start_step": 0.2})
 
     def __init__(
         self,

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
 from dictlearn.dictionaries.model import Dictionary, firing_quantile
+from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.errors import ConfigError
 
 _CONSTRAINTS = ("unit_norm", "norm_weighted_l1")
@@ -58,6 +59,8 @@ class GatedSAE(Dictionary):
     """z = 1[π_gate > 0] · ReLU(π_mag) with W_mag = exp(r_mag) ⊙ W_gate (paper §3.1)."""
 
     sae_lens_architecture = "gated"
+    # calibrated from the start it is initialised at: it lands on its target without a moved one
+    mechanism = Mechanism("gated", coefficient="l1_coefficient", short_run={"l1_coefficient": 1.0})
     sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (model.py)
 
     def __init__(

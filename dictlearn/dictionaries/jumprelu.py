@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
 from dictlearn.dictionaries.model import Dictionary, firing_quantile
+from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.errors import ConfigError, DataError
 
 
@@ -103,6 +104,11 @@ class JumpReLUSAE(Dictionary):
     """z = π · H(π − θ) with a learned θ per latent; loss ‖y − ŷ‖² + λ‖z‖₀ (paper Eq. 9–10)."""
 
     sae_lens_architecture = "jumprelu"
+    # Calibration starts L0 at 1.25× the target (the controller can only lower it; training/
+    # calibration.py). A wider kernel in the short run (θ starts at ~1-2 there) gives θ a gradient
+    # on most steps.
+    mechanism = Mechanism("jumprelu", coefficient="l0_coefficient", calibration_start=1.25,
+                          short_run={"l0_coefficient": 0.1, "bandwidth": 0.1})
     sparse_beats_tensor_cores = True  # measured on an H100 under bf16 (model.py)
 
     def __init__(

@@ -49,6 +49,7 @@ from torch import Tensor
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.inputs import as_rows
 from dictlearn.dictionaries.latents import DenseLatents
+from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.dictionaries.topk import _normalised_mse
 from dictlearn.errors import ConfigError
 
@@ -58,6 +59,8 @@ DEFAULT_PREFIX_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """BatchTopK whose nested prefixes of latents each reconstruct the target (Bussmann et al. 2025 §3)."""
+
+    mechanism = Mechanism("matryoshka", short_run_steps={"threshold_start_step": 0.2})  # as BatchTopK
 
     def __init__(
         self,

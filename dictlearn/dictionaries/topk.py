@@ -12,6 +12,7 @@ from torch import Tensor
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
 from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.dictionaries.sparse import topk_indices
 from dictlearn.errors import ConfigError
 
@@ -20,6 +21,7 @@ class TopKSAE(Dictionary):
     """Keeps the k largest pre-activations per token (Gao et al. 2024 §2)."""
 
     sae_lens_architecture = "topk"
+    mechanism = Mechanism("topk")
 
     def __init__(
         self,

@@ -29,12 +29,16 @@ frozen value is the average of log λ over about the last `average_fraction` (10
 lag, and the last value is wherever the swing happened to be (measured on synthetic data:
 ReLU-L1 at target 4 landed at L0 7.1 frozen at its last λ, 4.1 at the average).
 
+Which mechanisms are calibrated, through which attribute, and where they start is what each
+mechanism class declares (`Mechanism.coefficient`, `.calibration_start`, dictlearn/dictionaries/
+registry.py); the reasons for the shipped ones follow.
+
 A JumpReLU member's thresholds and a ReLU-L1 member's encoder biases start where its L0 is the
 target (`start_at_target`): both are learned slowly by Adam (about lr per step), so from the
 default start L0 takes most of a short run to get anywhere near the target, and the controller,
 seeing no response, winds λ far past the value it needs.
 
-JumpReLU starts above its target (`START_ABOVE_TARGET`, 1.25×): the controller can only lower
+JumpReLU starts above its target (`calibration_start`, 1.25×): the controller can only lower
 its L0. Without the L0 term the reconstruction alone lowers it (a firing entry's pre-activation
 moves toward its least-squares value, and where that lies below θ the entry stops firing; only the
 kernel window lowers θ), so from the target itself λ ran down to near zero while L0 kept falling:
@@ -59,25 +63,21 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 
+from dictlearn.dictionaries.registry import mechanism_of
 from dictlearn.errors import ConfigError
 
-#: the coefficient attribute each calibrated mechanism's loss reads at every step
-COEFFICIENT_ATTRIBUTES = {"ReLUL1SAE": "l1_coefficient", "GatedSAE": "l1_coefficient", "JumpReLUSAE": "l0_coefficient"}
-#: the starting L0 as a multiple of the target, by mechanism (1 if absent; see the module docstring)
-START_ABOVE_TARGET = {"JumpReLUSAE": 1.25}
-
-
 def coefficient_attribute(dictionary) -> str | None:
-    """The name of `dictionary`'s sparsity coefficient (None: its L0 is set by k)."""
-    return _by_mechanism(dictionary, COEFFICIENT_ATTRIBUTES, None)
+    """The name of the sparsity coefficient `dictionary`'s loss reads at every step, as its class
+    declares (`Mechanism.coefficient`, inherited by subclasses); None: its L0 is set by k."""
+    declared = mechanism_of(dictionary)
+    return declared.coefficient if declared is not None else None
 
 
-def _by_mechanism(dictionary, table: Mapping[str, object], default):
-    """`table`'s entry for the first class in `dictionary`'s MRO that it names (subclasses inherit)."""
-    for klass in type(dictionary).__mro__:
-        if klass.__name__ in table:
-            return table[klass.__name__]
-    return default
+def calibration_start(dictionary) -> float | None:
+    """The starting L0 as a multiple of the target (`Mechanism.calibration_start`); None: the start
+    is left as initialised."""
+    declared = mechanism_of(dictionary)
+    return declared.calibration_start if declared is not None else None
 
 
 class SparsityCalibration(L.Callback):
@@ -94,9 +94,9 @@ class SparsityCalibration(L.Callback):
         average_fraction: the frozen λ is the EMA of log λ with this time constant (a fraction
             of the run's steps), taken at the end of the control window.
         bounds: (lowest, highest) λ allowed.
-        start_at_target: a JumpReLU member's thresholds and a ReLU-L1 member's encoder biases
-            start where its L0 on a data sample is the target (JumpReLU: 1.25× the target,
-            `START_ABOVE_TARGET`), by `start_at_target`.
+        start_at_target: a member whose mechanism declares a `calibration_start` (ReLU-L1 1,
+            JumpReLU 1.25) starts where its L0 on a data sample is that multiple of the target,
+            by `start_at_target`.
     """
 
     def __init__(self, targets: Mapping[str, float], start_fraction: float = 0.05, control_fraction: float = 0.8,
@@ -143,8 +143,10 @@ class SparsityCalibration(L.Callback):
         if self.start_at_target and trainer.global_step == 0:  # a fresh run, after the data init
             for name, target in self.targets.items():
                 member = pl_module.members[name]
-                start = target * _by_mechanism(member, START_ABOVE_TARGET, 1.0)  # θ > 0 keeps JumpReLU below ~d_sae / 2
-                start_at_target(member, start, trainer.datamodule, pl_module.data_keys(name, trainer.datamodule))
+                factor = calibration_start(member)  # None: the start stays as initialised
+                if factor is not None:  # θ > 0 keeps JumpReLU below ~d_sae / 2
+                    start_at_target(member, target * factor, trainer.datamodule,
+                                    pl_module.data_keys(name, trainer.datamodule))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._apply(pl_module)
@@ -198,7 +200,8 @@ class SparsityCalibration(L.Callback):
 @torch.no_grad()
 def start_at_target(member, target: float, datamodule, keys, rows: int = 8192) -> None:
     """Move a JumpReLU member's thresholds, or a ReLU-L1 member's encoder biases, to where its L0
-    on `rows` sampled training rows is `target`; other mechanisms are left as they are.
+    on `rows` sampled training rows is `target`; mechanisms that declare no `calibration_start`
+    are left as they are.
 
     JumpReLU: every θ := the (1 − target/d_sae) quantile of all the sample's pre-activations. θ is
     learned through Adam, so log θ moves by about lr per step whatever λ is; from the default
@@ -213,8 +216,7 @@ def start_at_target(member, target: float, datamodule, keys, rows: int = 8192) -
     and 1.85 at targets 4 and 12; 4.1 and 12.0 with this start).
 
     The sample is seeded (the data module's), so every DDP rank computes the same values."""
-    mechanisms = {klass.__name__ for klass in type(member).__mro__}
-    if not mechanisms & {"JumpReLUSAE", "ReLUL1SAE"}:
+    if calibration_start(member) is None:
         return  # gated lands on its target without it; TopK and BatchTopK fix L0 by k
     x = datamodule.view(*keys).sample_rows(rows)[0].to(member.b_enc.device)
     member.start_at_l0(x * member.input_scale, target)
