@@ -28,6 +28,7 @@ from dictlearn.io import atomic_dir
 from dictlearn.version import dictlearn_version
 
 CFG_NAME, WEIGHTS_NAME = "cfg.json", "sae_weights.safetensors"
+STATISTICS_NAME = "latent_statistics.safetensors"  # written beside the weights by dictlearn inspect
 SAE_LENS_VERSION = "6.54.12"  # the SAELens release whose loader this layout was checked against
 
 
@@ -105,11 +106,26 @@ def _architecture(model: Dictionary) -> str:
     return _SAE_LENS_TRANSCODERS.get((name, skip), f"{name}_{'skip_' if skip else ''}transcoder")
 
 
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is a dictlearn export and nothing else (only export files, a cfg.json with
+    metadata.dictlearn): the one kind of non-empty folder `export` may replace, so a person's files
+    (or another tool's SAE) are never deleted by an export written over them."""
+    if not {p.name for p in folder.iterdir()} <= {CFG_NAME, WEIGHTS_NAME, STATISTICS_NAME}:
+        return False
+    try:
+        return isinstance(read_config(folder).get("metadata", {}).get("dictlearn"), dict)
+    except (DataError, AttributeError):
+        return False
+
+
 def export(model: Dictionary, out: str | Path, data_attrs: dict | None = None) -> Path:
-    """Write `model` as an export folder at `out`, atomically. -> the folder."""
+    """Write `model` as an export folder at `out`, atomically. -> the folder.
+
+    An existing folder at `out` is replaced only when it is empty or a previous export (`is_export`);
+    anything else raises a one-line ConfigError before anything is written."""
     cfg = export_config(model, data_attrs)
     tensors = folded_tensors(model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, previous=is_export) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CFG_NAME).write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
     return Path(out)

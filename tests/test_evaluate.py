@@ -331,7 +331,7 @@ def test_unwritable_out_fails_before_any_work(setup, capsys, tmp_path, monkeypat
     def no_work(*args, **kwargs):
         raise AssertionError("evaluate ran before --out was checked")
 
-    monkeypatch.setattr("dictlearn.cli.evaluate.evaluate", no_work)
+    monkeypatch.setattr("dictlearn.evaluate.evaluate", no_work)  # the CLI imports it after its checks
     for out, expected in ((blocker / "r.jsonl", "is a file, not a folder"),
                           (blocker / "sub" / "r.jsonl", "is a file, not a folder"),
                           (tmp_path, "is a folder")):  # fmt: skip

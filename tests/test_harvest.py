@@ -318,7 +318,7 @@ def test_cli_unwritable_out_and_missing_out(capsys, model_dir, corpus, tmp_path)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code, _, stderr = _cli(capsys, "--model", str(model_dir), "--corpus", str(corpus), "--out", str(blocker / "x.h5"))
-    assert code == 2 and stderr.count("\n") == 1 and "not a writable folder" in stderr
+    assert code == 2 and stderr.count("\n") == 1 and "is a file, not a folder" in stderr  # checked before the model loads
     code, _, stderr = _cli(capsys, "--model", str(model_dir))
     assert code == 2 and stderr.count("\n") == 1 and "--out" in stderr
 

@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from dictlearn.io import atomic_dir, atomic_write_text
+from dictlearn.errors import ConfigError
+from dictlearn.io import atomic_dir, atomic_path, atomic_write_text
 
 
 def _mode(path) -> int:
@@ -32,3 +33,44 @@ def test_failed_writes_leave_nothing(tmp_path):
             (tmp / "f").write_text("y")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_only_empty_folders_and_previous_outputs(tmp_path):
+    """A person's folder is never deleted by a write over it: refused before the body runs."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    ran = []
+    with pytest.raises(ConfigError, match=r"mine: folder holds files this would delete \(notes.txt\)"):
+        with atomic_dir(mine) as tmp:
+            ran.append(tmp)
+    assert ran == [] and (mine / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    # the writer's own earlier output (here: it holds only out.txt) is replaced whole
+    with atomic_dir(mine, previous=lambda folder: (folder / "notes.txt").is_file()) as tmp:
+        (tmp / "out.txt").write_text("new")
+    assert [p.name for p in mine.iterdir()] == ["out.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no .old folder left
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(ConfigError, match="a file is in the way"):
+        with atomic_dir(tmp_path / "plain"):
+            pass
+    assert (tmp_path / "plain").read_text() == "x"
+
+
+def test_atomic_path_refuses_a_folder_before_the_write(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        with atomic_path(tmp_path / "folder"):
+            raise AssertionError("the body ran")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+@pytest.mark.parametrize("writer", ["file", "folder"])
+def test_failed_writes_remove_the_parent_folders_they_made(tmp_path, writer):
+    (tmp_path / "a").mkdir()
+    final = tmp_path / "a" / "b" / "c" / "out"
+    with pytest.raises(RuntimeError):
+        with (atomic_path(final) if writer == "file" else atomic_dir(final)):
+            raise RuntimeError("write failed")
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["a"]  # a existed before

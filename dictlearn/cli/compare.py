@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from dictlearn.cli.parsing import OneLineParser
+from dictlearn.cli.parsing import OneLineParser, path_text
 from dictlearn.compare.plan import DEFAULT_ARCHITECTURES, CompareConfig
 
 
@@ -36,14 +36,14 @@ def build_parser() -> OneLineParser:
         "Harvest one layer, train every architecture at matched L0 targets and several seeds in one "
         "sweep per seed, evaluate them (downstream loss included) and write results and a report into --out."))
     add = p.add_argument
-    add("--out", default=None, help="run folder (default: compare_run); rerun with the same --out to resume")
-    add("--config", default=None, help="YAML file of these options (e.g. a run's compare.yaml); flags override it")
-    add("--model", default=None, help="model to harvest (HF name or folder; default: the embedded model)")
-    add("--corpus", default=None, help="text file or folder (default: the Python standard library)")
+    add("--out", type=path_text, default=None, help="run folder (default: compare_run); rerun with the same --out to resume")
+    add("--config", type=path_text, default=None, help="YAML file of these options (e.g. a run's compare.yaml); flags override it")
+    add("--model", type=path_text, default=None, help="model to harvest (HF name or folder; default: the embedded model)")
+    add("--corpus", type=path_text, default=None, help="text file or folder (default: the Python standard library)")
     add("--layer", type=int, default=None, help="block to harvest (default: the middle one)")
     add("--tokens", type=_count, default=None, help="tokens to harvest (default: 250000 on CPU)")
     add("--context", type=int, default=None, help="harvest window length (default: 256)")
-    add("--data", default=None, help="train on this HDF5 file instead of harvesting")
+    add("--data", type=path_text, default=None, help="train on this HDF5 file instead of harvesting")
     add("--input-key", default=None, help="--data: the input dataset")
     add("--target-key", default=None, help="--data: the dataset transcoders predict")
     add("--architectures", type=_names, default=None,
@@ -73,9 +73,9 @@ def config_from_args(argv: list[str]) -> CompareConfig:
 
 
 def main(argv: list[str]) -> int:
+    config = config_from_args(argv)  # --help and usage errors answer before the training stack loads
     from dictlearn.compare.run import Stopped, _rank, compare
 
-    config = config_from_args(argv)
     try:
         out = compare(config)
     except Stopped as stop:

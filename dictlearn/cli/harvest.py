@@ -14,27 +14,20 @@ import sys
 import threading
 import time
 
-import h5py
-
-from dictlearn.cli.parsing import OneLineParser, count_or_all
+from dictlearn.cli.parsing import OneLineParser, check_device, check_writable_file, count_or_all, path_text, positive_int
 from dictlearn.errors import ConfigError
-from dictlearn.harvest.activations import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_TOKENS,
-    DTYPES,
-    _Terminated,
-    default_hooks,
-    harvest,
-    max_positions,
-)
-from dictlearn.models.corpus import SPLITS
-from dictlearn.models.loading import load_model
 from dictlearn.models.tiny import DEFAULT_CONTEXT
+
+# The library's defaults (dictlearn.harvest.activations, dictlearn.models.corpus), repeated so that
+# `dictlearn harvest --help` does not import torch; tests/test_cli_errors_commands.py checks they agree.
+DEFAULT_TOKENS, DEFAULT_BATCH_SIZE = 400_000, 16
+DTYPES = ("float32", "float16", "bfloat16")
+SPLITS = ("train", "heldout", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="dictlearn harvest", description="Language-model activations at named hooks -> one HDF5 file.")
-    p.add_argument("--out", required=True, help="HDF5 file to write (atomically)")
+    p.add_argument("--out", type=path_text, required=True, help="HDF5 file to write (atomically)")
     p.add_argument("--model", default=None, help="model name in the local HF cache, or a folder (default: embedded)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--split", default="train", choices=SPLITS, help="corpus files to use (default: train)")
@@ -45,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rows (tokens) to write, or 'all' (default: {DEFAULT_TOKENS}, about a minute on 2 CPUs)")
     p.add_argument("--context", type=int, default=None,
                    help=f"window length in tokens (default: {DEFAULT_CONTEXT}, or the model's maximum if shorter)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="stored dtype (bfloat16: uint16 bits)")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored dtype (bfloat16: uint16 bits)")
     special = p.add_mutually_exclusive_group()
     special.add_argument("--exclude-special", dest="exclude_special", action="store_true", default=True,
                          help="drop BOS positions (default)")
@@ -70,6 +63,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.hooks is not None and args.layer is not None:
         raise ConfigError("--layer picks the default hooks; drop it or drop --hooks")
+    check_writable_file(args.out, "--out", example="acts.h5")  # before loading the model
+    check_device(args.device)
+    import h5py
+
+    from dictlearn.harvest.activations import _Terminated, default_hooks, harvest, max_positions
+    from dictlearn.models.loading import load_model
+
     lm = load_model(args.model, device=args.device)  # quiet: no transformers progress bar
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()] if args.hooks is not None else \
         default_hooks(lm.model, args.layer)

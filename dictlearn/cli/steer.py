@@ -7,18 +7,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from dictlearn.cli.parsing import OneLineParser, positive_int
+from dictlearn.cli.parsing import OneLineParser, check_device, finite_float, path_text, positive_int
+
+DEFAULT_TOKENS = 48  # dictlearn.interpret.steer's, repeated so --help does not import torch (tests check)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dictlearn.interpret.steer import DEFAULT_TOKENS
-
     p = OneLineParser(prog="dictlearn steer", description=(
         "Generate greedily with latent I clamped to S x its maximum observed activation at every position "
         "(the reconstruction error kept), beside the clean generation."))
-    p.add_argument("export", metavar="EXPORT", help="export folder (or dictlearn checkpoint)")
+    p.add_argument("export", type=path_text, metavar="EXPORT", help="export folder (or dictlearn checkpoint)")
     p.add_argument("--feature", type=int, required=True, help="the latent to clamp")
-    p.add_argument("--scale", type=float, required=True,
+    p.add_argument("--scale", type=finite_float, required=True,
                    help="clamp value as a multiple of the latent's maximum activation (negative suppresses)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--tokens", type=positive_int, default=DEFAULT_TOKENS, help=f"tokens to generate ({DEFAULT_TOKENS})")
@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    check_device(args.device)
     from dictlearn.interpret.steer import steer_export
 
-    args = build_parser().parse_args(argv)
     result = steer_export(args.export, args.feature, args.scale, args.prompt, tokens=args.tokens, model=args.model,
                           data=args.data, input_key=args.input_key, device=args.device)
     if args.json:

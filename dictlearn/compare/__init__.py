@@ -5,7 +5,11 @@
     compare(CompareConfig(out="runs/cmp", architectures=["topk", "relu_l1"], l0=[8, 32]))
 """
 
-from dictlearn.compare.plan import CompareConfig, Planned, plan
-from dictlearn.compare.run import Stopped, compare
+from dictlearn.lazy import lazy_attributes
 
-__all__ = ["CompareConfig", "Planned", "Stopped", "compare", "plan"]
+# Loaded on first use: `dictlearn compare --help` imports dictlearn.compare.plan, and must not pay
+# for the training stack that dictlearn.compare.run imports.
+_PUBLIC = {"CompareConfig": "dictlearn.compare.plan", "Planned": "dictlearn.compare.plan",
+           "plan": "dictlearn.compare.plan", "Stopped": "dictlearn.compare.run", "compare": "dictlearn.compare.run"}
+__getattr__, __dir__ = lazy_attributes(__name__, _PUBLIC)
+__all__ = sorted(_PUBLIC)

@@ -130,6 +130,9 @@ def check_out(config: CompareConfig) -> Path:
 # ----------------------------------------------------------------------------- the run
 def compare(config: CompareConfig) -> Path:
     """Run (or resume) the comparison; -> the run folder. Raises `Stopped` on a signal."""
+    from dictlearn.cli.parsing import check_device
+
+    check_device(config.device, allow_auto=True)  # before anything is written (compare.yaml included)
     config = config.resolved()
     rank = _rank()
     out = check_out(config)

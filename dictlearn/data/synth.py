@@ -33,8 +33,9 @@ separate ``numpy.random.default_rng([seed, stream])`` streams, generated in chun
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -123,21 +124,34 @@ def sample_codes(n_rows: int, p: np.ndarray, parent: np.ndarray, rng: np.random.
     return codes
 
 
-def _check(d: int, n_features: int, noise_std: float, correlation: float, hierarchy: int,
-           children_per_parent: int, magnitude: str, magnitude_mean: float) -> None:
-    if magnitude not in ("exponential", "uniform", "lognormal"):
-        raise ConfigError(f"magnitude must be 'exponential', 'uniform' or 'lognormal' (got {magnitude!r})")
-    if d <= 0 or n_features <= 0:
-        raise ConfigError(f"d and n_features must be > 0 (got d={d}, n_features={n_features})")
-    if noise_std < 0 or magnitude_mean <= 0:
-        raise ConfigError(f"need noise_std >= 0 and magnitude_mean > 0 (got {noise_std}, {magnitude_mean})")
-    if not 0 <= correlation <= 1:
-        raise ConfigError(f"correlation must be in [0, 1] (got {correlation})")
-    if hierarchy < 0 or children_per_parent < 0 or hierarchy * (1 + children_per_parent) > n_features:
-        raise ConfigError(
-            f"hierarchy={hierarchy} parents with {children_per_parent} children each need"
-            f" {hierarchy * (1 + children_per_parent)} features; n_features is {n_features}"
-        )
+def check_parameters(names: Mapping[str, str] | None = None, **params) -> None:
+    """Raise a one-line ConfigError for the first generation parameter out of range (those given,
+    as keyword arguments of `write_synth_file`). Messages name each parameter by `names` (the CLI
+    passes its flags, e.g. {"n_rows": "--rows"}), else by its argument name."""
+    name = lambda field: (names or {}).get(field, field)
+    for field in ("n_rows", "d", "n_features"):
+        if field in params and not params[field] > 0:
+            raise ConfigError(f"{name(field)} must be > 0 (got {params[field]})")
+    for field in ("zipf_exponent", "noise_std", "correlation", "hierarchy", "children_per_parent", "seed", "d_out",
+                  "dense_linear"):  # `not >= 0` also refuses NaN
+        if field in params and not (params[field] >= 0 and math.isfinite(params[field])):
+            raise ConfigError(f"{name(field)} must be >= 0 and finite (got {params[field]})")
+    p = params  # the checks below read several parameters at once
+    if "magnitude" in p and p["magnitude"] not in ("exponential", "uniform", "lognormal"):
+        raise ConfigError(f"{name('magnitude')} must be 'exponential', 'uniform' or 'lognormal' (got {p['magnitude']!r})")
+    if "magnitude_mean" in p and not (0 < p["magnitude_mean"] < math.inf):
+        raise ConfigError(f"{name('magnitude_mean')} must be a finite number > 0 (got {p['magnitude_mean']})")
+    if "mean_active" in p and not 0 < p["mean_active"] <= p.get("n_features", math.inf):
+        raise ConfigError(f"{name('mean_active')} must be in (0, {name('n_features')}={p.get('n_features')}] "
+                          f"(got {p['mean_active']})")
+    if p.get("correlation", 0) > 1:
+        raise ConfigError(f"{name('correlation')} must be in [0, 1] (got {p['correlation']})")
+    hierarchy, children = p.get("hierarchy", 0), p.get("children_per_parent", 4)
+    if hierarchy * (1 + children) > p.get("n_features", math.inf):
+        raise ConfigError(f"{name('hierarchy')} {hierarchy} parents with {children} children each need "
+                          f"{hierarchy * (1 + children)} features; {name('n_features')} is {p['n_features']}")
+    if p.get("dense_linear", 0) > 0 and p.get("d_out", 0) == 0:
+        raise ConfigError(f"{name('dense_linear')} {p['dense_linear']} needs a target: give {name('d_out')} > 0")
 
 
 def iter_synth(n_rows: int, d: int = 64, n_features: int = 256, mean_active: float = 4.0,
@@ -146,7 +160,9 @@ def iter_synth(n_rows: int, d: int = 64, n_features: int = 256, mean_active: flo
                children_per_parent: int = 4, seed: int = 0,
                ) -> tuple[np.ndarray, np.ndarray, Iterator[tuple[np.ndarray, np.ndarray]]]:
     """`(features [F, d], p [F], chunks)`; chunks yields `(acts [<=CHUNK_ROWS, d], codes [.., F])`."""
-    _check(d, n_features, noise_std, correlation, hierarchy, children_per_parent, magnitude, magnitude_mean)
+    check_parameters(d=d, n_features=n_features, mean_active=mean_active, zipf_exponent=zipf_exponent,
+                     magnitude=magnitude, magnitude_mean=magnitude_mean, noise_std=noise_std, correlation=correlation,
+                     hierarchy=hierarchy, children_per_parent=children_per_parent, seed=seed)
     features = random_features(n_features, d, np.random.default_rng([seed, _FEATURE_STREAM]))
     p = feature_probabilities(n_features, mean_active, zipf_exponent)
     parent = _parents(n_features, hierarchy, children_per_parent)
@@ -202,10 +218,7 @@ def write_synth_file(path: str | os.PathLike, n_rows: int, d: int = 64, n_featur
                   zipf_exponent=zipf_exponent, magnitude=magnitude, magnitude_mean=magnitude_mean,
                   noise_std=noise_std, correlation=correlation, hierarchy=hierarchy,
                   children_per_parent=children_per_parent, seed=seed)
-    if n_rows <= 0:
-        raise ConfigError(f"n_rows must be > 0 (got {n_rows})")
-    if d_out < 0 or dense_linear < 0 or (dense_linear > 0 and d_out == 0):
-        raise ConfigError(f"need d_out >= 0 and dense_linear >= 0, dense_linear only with d_out (got {d_out}, {dense_linear})")
+    check_parameters(**params, d_out=d_out, dense_linear=dense_linear)
     features, p, chunks = iter_synth(**params)
     out_features, skip = _transcoder_parts(n_features, d, d_out, dense_linear, seed)
     attrs = {"kind": "synthetic_transcoder" if d_out else "synthetic", **params}

@@ -18,10 +18,8 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dictlearn.export import WEIGHTS_NAME
+from dictlearn.export import STATISTICS_NAME, WEIGHTS_NAME
 from dictlearn.io import atomic_path
-
-STATISTICS_NAME = "latent_statistics.safetensors"
 
 
 @dataclass

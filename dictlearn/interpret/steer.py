@@ -20,6 +20,7 @@ log-probability of the latent's top promoted tokens by the logit lens (direction
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,15 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the run
+def check_request(scale: float, prompt: str) -> None:
+    """One-line errors for a request that would run and print KL nan: a NaN/inf scale clamps the
+    latent to NaN/inf, and an empty prompt leaves the clean text without a position to compare."""
+    if not math.isfinite(scale):
+        raise ConfigError(f"--scale {scale}: must be a finite number (e.g. 10 to amplify, -2 to suppress)")
+    if not prompt:
+        raise ConfigError("--prompt is empty; give the text to continue, e.g. --prompt 'def '")
+
+
 @torch.no_grad()
 def steer(dictionary, lm, site: SpliceSite, feature: int, scale: float, prompt: str, *, max_activation: float,
           max_source: str = "the caller", tokens: int = DEFAULT_TOKENS, promoted: int = 5,
@@ -121,17 +131,18 @@ def steer(dictionary, lm, site: SpliceSite, feature: int, scale: float, prompt: 
     """Clean and steered greedy continuations of `prompt` with latent `feature` clamped to
     scale × max_activation, and the measured effect. `allowed` [vocab] bool: the tokens the
     promoted list is drawn from (None: all)."""
+    check_request(scale, prompt)
     if not 0 <= feature < dictionary.d_sae:
         raise ConfigError(f"--feature {feature}: the dictionary has latents 0..{dictionary.d_sae - 1}")
     model, tokenizer = lm.model, lm.tokenizer
     bos = getattr(tokenizer, "bos_token_id", None)
     ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt))
+    if not ids:
+        raise ConfigError(f"--prompt {prompt!r} gives no tokens and the tokenizer has no BOS token; give more text")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and len(ids) + tokens > limit:
         raise ConfigError(f"--tokens {tokens}: the prompt has {len(ids)} tokens and model {lm.name} takes at most "
                           f"{limit}; shorten the prompt or lower --tokens")
-    if not ids:
-        raise ConfigError("--prompt is empty and the tokenizer has no BOS token; give a prompt")
     value = scale * max_activation
     new = clamp_replacement(dictionary, feature, constant(value))
     keep = lambda t: (t == bos) if bos is not None else torch.zeros_like(t, dtype=torch.bool)
@@ -172,6 +183,7 @@ def steer_export(export, feature: int, scale: float, prompt: str, *, tokens: int
     from dictlearn.evaluate import Entry
     from dictlearn.interpret.dashboard import load_checked_model
 
+    check_request(scale, prompt)  # before loading anything
     entry = Entry.from_path(export)
     dictionary = entry.dictionary.to(device).eval()
     if not 0 <= feature < dictionary.d_sae:

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def save(model, record: dict, out: Path) -> None:
     """config.json + model.safetensors + training.json, all or nothing."""
-    with atomic_dir(out) as tmp:
+    # a folder this script wrote before (it holds training.json) may be replaced; nothing else
+    with atomic_dir(out, previous=lambda folder: (folder / "training.json").is_file()) as tmp:
         model.save_pretrained(tmp)
         (tmp / "generation_config.json").unlink(missing_ok=True)  # derived from config.json on load
         (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
