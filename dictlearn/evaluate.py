@@ -56,6 +56,7 @@ RECORD_KEYS = CONFIG_KEYS + METRIC_KEYS + INTERPRETATION_DETAIL_KEYS
 ROWS_PER_READ = 8192
 DENSITY_ROWS = 65_536  # rows the dead/dense fractions and feature densities count over (`reconstruction_metrics`)
 DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE = 64, 8
+MIN_HELDOUT_ROWS = 2  # fvu and explained_variance divide by a variance about the mean
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,36 @@ def open_data(entry: Entry, path: str, keys: tuple[str, str | None], options: Ev
                 "pass the file or --input-key/--target-key it was trained on"
             )
     split = HeldOutSplit(inputs.n_rows, options.block_size, options.val_rows)
-    if split.n_val == 0:
-        raise DataError(f"{path}: --val-rows 0 holds out no rows to measure; drop it or pass a positive count")
+    check_split(path, split)
     data = HeldOutData(path, keys[0], keys[1], inputs, targets, split)
     _check_provenance(entry, data)
     return data
+
+
+def check_split(path: str, split: HeldOutSplit) -> None:
+    """The held-out rows can give a meaningful answer: enough of them for a variance, and none
+    of the rows the dictionary may have trained on. A one-line DataError naming the flag, the
+    held-out row count and what fits, otherwise."""
+    default = dataclasses.replace(split, val_rows=None, block_size=HeldOutSplit.block_size)
+    if split.val_rows is not None and split.heldout_start is not None:  # held-out documents
+        available = split.n_rows - split.heldout_start
+        if split.val_rows > available:
+            raise DataError(f"--val-rows {split.val_rows}: {path} holds out {available:,} rows (its held-out "
+                            f"documents); pass at most {available} or drop --val-rows to use them all")
+    elif split.n_train == 0 and default.n_train > 0:  # the flags, not the file, leave no training rows
+        flags = [f"--val-rows {split.val_rows}"] if split.val_rows is not None else []
+        flags += [f"--block-size {split.block_size}"] if split.block_size != default.block_size else []
+        blocks = -(-split.n_rows // split.block_size)
+        fits = f"at most {(blocks - 1) * split.block_size:,} rows fit" if blocks > 1 else "no --val-rows fits"
+        raise DataError(f"{' '.join(flags)}: would hold out all {split.n_rows:,} rows of {path}, the rows the "
+                        f"dictionary trained on included ({fits} with blocks of {split.block_size}); drop "
+                        f"{'them' if len(flags) > 1 else 'it'} for the default {default.n_val:,} held-out rows")
+    if split.n_val == 0:
+        raise DataError(f"{path}: --val-rows 0 holds out no rows to measure; drop it or pass a positive count")
+    if split.n_val < MIN_HELDOUT_ROWS:
+        raise DataError(f"{path}: {split.n_val} held-out row; fvu and explained_variance need at least "
+                        f"{MIN_HELDOUT_ROWS} (a variance about their mean): pass a file with more rows"
+                        + (" or a larger --val-rows" if split.val_rows is not None else ""))
 
 
 def _check_provenance(entry: Entry, data: HeldOutData) -> None:
