@@ -209,7 +209,7 @@ def open_data(entry: Entry, path: str, keys: tuple[str, str | None], options: Ev
                 f"{path}: dataset '{array.key}' has width {array.d} but {entry.name} has {role}={expected}; "
                 "pass the file or --input-key/--target-key it was trained on"
             )
-    split = HeldOutSplit(inputs.n_rows, options.block_size, options.val_rows)
+    split = HeldOutSplit.from_file(path, inputs.n_rows, options.block_size, options.val_rows)
     check_split(path, split)
     data = HeldOutData(path, keys[0], keys[1], inputs, targets, split)
     _check_provenance(entry, data)
@@ -352,7 +352,7 @@ def run_downstream(
     lm = cache.model(name)
     inputs = prepare(lm, site, data.attrs, data.ablation_rows(MEAN_SAMPLE_ROWS), contexts=options.contexts,
                      batch_size=options.batch_size, corpus=options.corpus,
-                     context=options.context or entry.meta.get("context_size"), cache=cache)
+                     context=options.context or entry.meta.get("context_size"), cache=cache, data=data.path)
     inputs.check_widths(entry.dictionary.d_in, entry.dictionary.d_out, entry.name)
     metrics, n_tokens = inputs.run(entry.dictionary)
     if entry.dictionary.transcoder:
