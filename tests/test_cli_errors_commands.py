@@ -119,6 +119,8 @@ CASES = [
     ("synth-dense-linear-nan", lambda f, t: ["synth", "--out", "x.h5", "--d-out", "4", "--dense-linear", "nan"],
      "finite"),
     ("synth-seed-negative", lambda f, t: ["synth", "--out", "x.h5", "--seed", "-1"], "--seed"),
+    ("harvest-windows-zero", lambda f, t: ["harvest", "--out", "x.h5", "--windows-per-document", "0"],
+     "--windows-per-document"),
     # harvest (all refused before the model loads, but the last)
     ("harvest-out-unwritable", lambda f, t: ["harvest", "--out", f"{UNWRITABLE}/a.h5"], "cannot write"),
     ("harvest-out-folder", lambda f, t: ["harvest", "--out", t / "mine"], "is a folder"),
@@ -315,6 +317,7 @@ def test_help_defaults_are_the_librarys():
     assert (cli_harvest.DEFAULT_TOKENS, cli_harvest.DEFAULT_BATCH_SIZE) == (activations.DEFAULT_TOKENS,
                                                                             activations.DEFAULT_BATCH_SIZE)
     assert cli_harvest.DTYPES == tuple(activations.DTYPES) and cli_harvest.SPLITS == SPLITS
+    assert cli_harvest.WINDOWS_PER_DOCUMENT == activations.WINDOWS_PER_DOCUMENT
     assert (cli_evaluate.DEFAULT_CONTEXTS, cli_evaluate.DEFAULT_BATCH_SIZE, cli_evaluate.DENSITY_ROWS) == (
         DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE, DENSITY_ROWS)
     options = dashboard.InspectOptions()

@@ -21,6 +21,7 @@ from dictlearn.models.tiny import DEFAULT_CONTEXT
 # The library's defaults (dictlearn.harvest.activations, dictlearn.models.corpus), repeated so that
 # `dictlearn harvest --help` does not import torch; tests/test_cli_errors_commands.py checks they agree.
 DEFAULT_TOKENS, DEFAULT_BATCH_SIZE = 400_000, 16
+WINDOWS_PER_DOCUMENT = 2  # dictlearn.harvest.plan's; repeated so --help needs no torch (a test checks they agree)
 DTYPES = ("float32", "float16", "bfloat16")
 SPLITS = ("train", "heldout", "all")
 
@@ -45,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop BOS positions (default)")
     special.add_argument("--keep-special", dest="exclude_special", action="store_false", help="keep BOS positions")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--seed", type=int, default=0, help="recorded in the file (the corpus order is fixed)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="orders the documents, places each excerpt and picks the held-out documents (every 10th)")
+    p.add_argument("--windows-per-document", type=positive_int, default=WINDOWS_PER_DOCUMENT,
+                   help=f"windows of --context tokens taken from each document, at most (default: {WINDOWS_PER_DOCUMENT}; doubled when "
+                        "the corpus is too small for --tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-concepts", dest="concepts", action="store_false", default=None,
                    help="skip the concepts/ labels (default: written when the corpus holds Python files)")
@@ -85,7 +90,8 @@ def main(argv: list[str]) -> int:
         path = harvest(lm, hooks, args.out, args.tokens, context, corpus=args.corpus, split=args.split,
                        batch_size=args.batch_size, dtype=args.dtype, exclude_special=args.exclude_special,
                        device=args.device, progress=not args.quiet, seed=args.seed,
-                       should_stop=terminated.is_set, concepts=args.concepts)
+                       should_stop=terminated.is_set, concepts=args.concepts,
+                       windows_per_document=args.windows_per_document)
     except (KeyboardInterrupt, _Terminated) as stop:
         code = 128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)
         print(f"dictlearn: harvest interrupted; nothing written at {args.out}", file=sys.stderr)
