@@ -239,3 +239,19 @@ def test_excerpt_labels_equal_the_whole_files_up_to_the_excerpts_end():
             values, labelled, _ = excerpt_labels(document, stop, ByteTokenizer())
             np.testing.assert_array_equal(values[:stop], whole[0][:stop], err_msg=f"{document.name} {stop}")
             np.testing.assert_array_equal(labelled[:stop], whole[1][:stop], err_msg=f"{document.name} {stop}")
+
+
+def test_compare_sweeps_validate_on_heldout_documents_only(harvested, monkeypatch):
+    """compare's sweeps validate on the first VALIDATION_ROWS held-out rows (the curves); with a
+    tail split they keep evaluate's held-out tail, so evaluate never scores a row that was trained on."""
+    from pathlib import Path
+
+    from dictlearn.compare import run
+    from dictlearn.compare.plan import CompareConfig
+
+    monkeypatch.setattr(run, "VALIDATION_ROWS", 7)
+    config = CompareConfig(data=str(harvested), input_key="ids", l0=[2], d_sae=[8], device="cpu").resolved()
+    data = run.sweep_data(config, run.Source(Path(harvested), ("ids", None), None), seed=0)
+    data.setup("fit")
+    split = HeldOutSplit.from_file(str(harvested), TOKENS)
+    assert data.n_val == 7 and data.n_train == split.n_train

@@ -318,14 +318,24 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     trainer.save_checkpoint(folder / "final.ckpt")  # atomic (RunGuard's checkpoint IO), all ranks join
 
 
+VALIDATION_ROWS = 4096  # rows of held-out documents the sweeps validate on (4 times each)
+
+
 def sweep_data(config: CompareConfig, source: Source, seed: int):
     """The data module of one seed's sweep. The seed sets the data order as well as the initial
     weights: every architecture of a seed reads the same batches (so differences pair by seed), and
     the spread over seeds includes the data's, not only the initialisation's."""
     from dictlearn.data import ActivationDataModule
+    from dictlearn.data.h5 import H5Array
+    from dictlearn.data.split import HeldOutSplit
 
+    # Validation here only draws the training curves: with held-out documents, their first
+    # VALIDATION_ROWS rows do (training never reads any held-out row either way). A tail split keeps
+    # evaluate's default, so the rows evaluate scores are never trained on.
+    split = HeldOutSplit.from_file(str(source.path), H5Array(source.path, source.sae_keys[0]).n_rows)
+    val_rows = min(VALIDATION_ROWS, split.n_val) if split.kind == "documents" else None
     return ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size,
-                                seed=seed)
+                                seed=seed, val_rows=val_rows)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
