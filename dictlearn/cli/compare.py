@@ -50,7 +50,7 @@ def build_parser() -> OneLineParser:
         help=f"comma-separated (default: {','.join(DEFAULT_ARCHITECTURES)})")
     add("--l0", type=_ints, default=None, help="L0 targets (default: 8,16,32 on CPU, 8,16,32,64 on a GPU)")
     add("--d-sae", type=_ints, default=None, help="dictionary width(s) (default: 512 on CPU)")
-    add("--seeds", type=_ints, default=None, help="seeds (default: 0,1)")
+    add("--seeds", type=_ints, default=None, help="seeds, each setting the initial weights and the data order (default: 0,1,2)")
     add("--train-tokens", type=_count, default=None, help="training tokens per dictionary (default: 400000 on CPU)")
     add("--batch-size", type=int, default=None, help="tokens per step (default: 1024 on CPU)")
     add("--contexts", type=int, default=None, help="held-out corpus windows for the downstream metrics")

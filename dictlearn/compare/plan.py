@@ -64,7 +64,8 @@ class CompareConfig:
     architectures: list[str] | None = None  # None: DEFAULT_ARCHITECTURES (SAEs only for --data without a target)
     l0: list[int] | None = None
     d_sae: list[int] | None = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # three seeds: the fewest a paired t-test over seeds can use with a useful power (docs/compare.md)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     train_tokens: int | None = None
     batch_size: int | None = None
     optimizer: dict = field(default_factory=dict)  # OPTIMIZER keys, the same for every architecture
@@ -138,7 +139,7 @@ class CompareConfig:
                 raise ConfigError(f"--l0 {target}: an L0 target must be below d_sae ({smallest}); lower --l0 "
                                   "or raise --d-sae")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("--seeds: give distinct whole numbers, e.g. --seeds 0,1")
+            raise ConfigError("--seeds: give distinct whole numbers, e.g. --seeds 0,1,2")
         for flag, value in (("--tokens", self.tokens), ("--train-tokens", self.train_tokens),
                             ("--batch-size", self.batch_size), ("--contexts", self.contexts),
                             ("--devices", self.devices)):
