@@ -361,7 +361,7 @@ def test_best_concept_is_the_brute_force_best_f1(small, tmp_path):
     """A file with concept labels: each card's best concept and F1 equal a brute-force F1 over
     the labelled rows (2 TP / (fires + positives))."""
     from dictlearn.evaluate import Entry
-    from dictlearn.interpret.labels import write_concept_labels
+    from dictlearn.data.concepts import write_concept_labels
 
     dictionary, path, z = small
     with h5py.File(path) as f:

@@ -17,7 +17,7 @@ from dictlearn import TopKSAE
 from dictlearn.export import export
 from dictlearn.interpret.dashboard import InspectOptions
 from dictlearn.interpret.families import Ladder, ladder_dashboards
-from dictlearn.interpret.labels import write_concept_labels
+from dictlearn.data.concepts import write_concept_labels
 
 PARENTS, CHILDREN, OTHERS, D = 6, 4, 10, 32
 

@@ -18,8 +18,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dictlearn.harvest import harvest
-from dictlearn.interpret import labels as labels_module
-from dictlearn.interpret.labels import CONCEPTS, PARENTS, label_source, read_concept_labels
+from dictlearn.harvest import labels as labels_module
+from dictlearn.data.concepts import read_concept_labels
+from dictlearn.harvest.labels import CONCEPTS, PARENTS, label_source
 from dictlearn.models.corpus import iter_documents
 from dictlearn.models.loading import LanguageModel
 from dictlearn.models.tiny import ByteTokenizer
@@ -220,7 +221,7 @@ def test_subword_tokens_take_their_last_characters_labels():
     from transformers import PreTrainedTokenizerFast
 
     from dictlearn.harvest.concepts import document_labels, supports
-    from dictlearn.interpret.labels import label_text
+    from dictlearn.harvest.labels import label_text
     from dictlearn.models.corpus import Document
     from dictlearn.models.loading import HFTokenizer
 

@@ -21,7 +21,7 @@ from dictlearn.data.synth import synthesize
 from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
 from dictlearn.evaluate import Entry, EvaluateOptions, evaluate
 from dictlearn.export import export_config
-from dictlearn.interpret.labels import write_concept_labels
+from dictlearn.data.concepts import write_concept_labels
 from dictlearn.interpret.probes import ProbeOptions, ProbePool, roc_auc
 from dictlearn.interpret.record import ProbeCache, interpretation
 from dictlearn.metrics import INTERPRETATION_NAMES, mmcs

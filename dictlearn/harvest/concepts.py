@@ -1,7 +1,7 @@
 """Concept labels for harvested rows: the ``concepts/`` group, row-aligned with the activations.
 
 `dictlearn harvest` calls `ConceptRows` beside the activation writer when the corpus holds Python
-files (`has_python`): each row's token gets the labels of `dictlearn.interpret.labels` for its
+files (`has_python`): each row's token gets the labels of `dictlearn.harvest.labels` for its
 document. Layout (docs/data.md, "Concept labels"):
 
     concepts/values    bool [rows, n_concepts]   the labels (all False where not labelled)
@@ -27,7 +27,8 @@ import h5py
 import numpy as np
 
 from dictlearn.errors import DataError
-from dictlearn.interpret.labels import CONCEPTS, GROUP, PARENTS, PYTHON_SUFFIXES, label_source, label_text
+from dictlearn.data.concepts import GROUP
+from dictlearn.harvest.labels import CONCEPTS, PARENTS, PYTHON_SUFFIXES, label_source, label_text
 from dictlearn.models.corpus import Document
 
 FAILED_NAMES_KEPT = 20  # names of documents that did not tokenize, kept in the attributes

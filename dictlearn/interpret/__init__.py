@@ -1,8 +1,8 @@
 """Interpretation: what a dictionary's latents mean, measured against known concepts.
 
-- `labels`: per-byte concept labels of Python source from the stdlib `tokenize` module
-  (keyword, string, comment, bracket depth, ...), and `read_concept_labels` for the
-  ``concepts/`` group that `dictlearn harvest` stores row-aligned with the activations.
+The concept labels they use are made at harvest (dictlearn.harvest.labels: per-byte labels of
+Python source from the stdlib `tokenize`) and read from the file (dictlearn.data.concepts).
+
 - `probes`: sparse probes on a dictionary's top-k latents against logistic-regression probes on
   the raw activation (Kantamneni et al. 2025; Karvonen et al. 2025, SAEBench).
 - `coverage`: a streaming count of "latent fires" against each label, giving every latent's best
@@ -13,5 +13,5 @@
   splitting (`dictlearn inspect`, `dictlearn steer`); `families`: a size sweep's dashboards, one
   page per width, each card with its parent and children across sizes; see their docstrings.
 
-Nothing is imported here, so ``import dictlearn.interpret.labels`` stays light (no scikit-learn).
+Nothing is imported here, so importing one module stays light (no scikit-learn for the dashboards).
 """

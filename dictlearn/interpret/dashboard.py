@@ -311,12 +311,12 @@ def check_hooks(entry, lm) -> None:
 
 
 def concept_coverage(data: str, d_sae: int, n_rows: int):
-    """(observers, best) for the file's concept labels (dictlearn.interpret.labels) of rows [0, n_rows):
+    """(observers, best) for the file's concept labels (dictlearn.data.concepts) of rows [0, n_rows):
     the observer counts "fires" against each label over the labelled rows of the first pass
     (ConceptCoverage, the F1 of concept coverage) and best() -> {latent: (concept, F1)} for the
     latents that fired. ((), None) when the file holds no labels."""
     from dictlearn.interpret.coverage import ConceptCoverage
-    from dictlearn.interpret.labels import read_concept_labels
+    from dictlearn.data.concepts import read_concept_labels
 
     labels = read_concept_labels(data, slice(0, n_rows))
     if labels is None or not labels.names:

@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 
 from dictlearn.data.split import HeldOutSplit
-from dictlearn.interpret.labels import ConceptLabels, read_concept_labels
+from dictlearn.data.concepts import ConceptLabels, read_concept_labels
 
 PROBE_KS = (1, 2, 4, 8, 16)
 BASELINE_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
