@@ -189,3 +189,32 @@ def atomic_dir(final: str | os.PathLike, previous: Callable[[Path], bool] | None
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
+
+
+# ----------------------------------------------------------------------------- before writing
+def check_writable_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> None:
+    """Raise a one-line ConfigError, before any work, when `folder` (or the nearest ancestor that
+    exists, where it would be created) cannot take a new file; the message names `shown` (the
+    flag's value) or the folder."""
+    folder_shown = folder if shown is None else shown
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {folder_shown}: {existing} is a file, not a folder; pick another location")
+    try:  # a real write: os.access says yes to root on read-only mounts
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} {folder_shown}: cannot write in {existing} ({error.strerror}); pick a writable location") from None
+
+
+def check_writable_file(path: str | os.PathLike, flag: str, example: str = "out") -> None:
+    """`check_writable_folder` for the folder a file will be written into, after refusing an empty
+    path and a folder at `path` (overwriting a file the user named is what they asked for;
+    a folder is never replaced by a file). `example`: a file name to suggest inside that folder."""
+    if not str(path).strip():
+        raise ConfigError(f"{flag}: empty path; pass a file path such as {example}")
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; pass a file path such as {Path(path) / example}")
+    check_writable_folder(Path(path).absolute().parent, flag, shown=path)

@@ -1,5 +1,5 @@
 """Process settings for fast CPU training, applied when `dictlearn fit` starts training (the
-`KeepFreedMemory` callback), never on import.
+`KeepFreedMemory` callback), never on import; and `check_device`, whether a device exists here.
 
 glibc's malloc serves a large allocation with a fresh `mmap` and hands it back to the kernel on
 free, so every training step's big temporaries (the [batch, d_sae] pre-activations are 64 MiB at
@@ -17,6 +17,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+from dictlearn.errors import ConfigError
 
 # mallopt parameter numbers (glibc malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -53,3 +55,28 @@ def quiet_lightning(*messages: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in (".*LeafSpec.*", *messages):
         warnings.filterwarnings("ignore", message=message)
+
+
+def check_device(device: str, flag: str = "--device", allow_auto: bool = False) -> None:
+    """Before any work: `device` names a torch device this machine has ("auto" where `allow_auto`).
+    Imports torch, so call it after parsing."""
+    if allow_auto and device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        choices = "cpu, cuda, cuda:N" + (" or auto" if allow_auto else "")
+        raise ConfigError(f"{flag} {device!r}: not a torch device; use {choices}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{flag} {device}: no CUDA GPU is available here (torch {torch.__version__}"
+                              f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"{flag} {device}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag} {device}: MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{flag} {device}: dictlearn runs on cpu, cuda or mps; use one of them")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dictlearn.cli.parsing import OneLineParser, check_writable_folder
+from dictlearn.cli.parsing import OneLineParser
+from dictlearn.io import check_writable_folder
 
 
 def build_parser() -> OneLineParser:

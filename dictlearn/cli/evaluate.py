@@ -7,7 +7,9 @@ import argparse
 import json
 import sys
 
-from dictlearn.cli.parsing import OneLineParser, check_device, check_writable_file, non_negative_int, path_text, positive_int
+from dictlearn.cli.parsing import OneLineParser, non_negative_int, path_text, positive_int
+from dictlearn.io import check_writable_file
+from dictlearn.runtime import check_device
 
 # dictlearn.evaluate's defaults, repeated so that `dictlearn evaluate --help` does not import torch;
 # tests/test_cli_errors_commands.py checks they agree.

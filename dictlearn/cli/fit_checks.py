@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from dictlearn.cli.parsing import check_writable_folder
+from dictlearn.io import check_writable_folder
 from dictlearn.cli.recipes import BASE_RECIPE, resolve_config
 from dictlearn.errors import ConfigError
 

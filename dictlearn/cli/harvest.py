@@ -14,7 +14,9 @@ import sys
 import threading
 import time
 
-from dictlearn.cli.parsing import OneLineParser, check_device, check_writable_file, count_or_all, path_text, positive_int
+from dictlearn.cli.parsing import OneLineParser, count_or_all, path_text, positive_int
+from dictlearn.io import check_writable_file
+from dictlearn.runtime import check_device
 from dictlearn.errors import ConfigError
 from dictlearn.models.tiny import DEFAULT_CONTEXT
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dictlearn.cli.parsing import OneLineParser, check_device, check_writable_file, count_or_all, path_text, positive_int
+from dictlearn.cli.parsing import OneLineParser, count_or_all, path_text, positive_int
+from dictlearn.io import check_writable_file
+from dictlearn.runtime import check_device
 
 # dictlearn.interpret.dashboard's defaults (DEFAULT_ROWS, InspectOptions.cards/.extremes), repeated so
 # that `dictlearn inspect --help` does not import torch; tests/test_cli_errors_commands.py checks they agree.

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from dictlearn.cli.parsing import OneLineParser, check_device, finite_float, path_text, positive_int
+from dictlearn.cli.parsing import OneLineParser, finite_float, path_text, positive_int
+from dictlearn.runtime import check_device
 
 DEFAULT_TOKENS = 48  # dictlearn.interpret.steer's, repeated so --help does not import torch (tests check)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dictlearn.cli.parsing import OneLineParser, check_writable_file, finite_float, path_text
+from dictlearn.cli.parsing import OneLineParser, finite_float, path_text
+from dictlearn.io import check_writable_file
 
 # write_synth_file's argument -> the flag that sets it, so errors name what a person typed
 FLAGS = {"n_rows": "--rows", "d": "--d", "n_features": "--features", "mean_active": "--mean-active",

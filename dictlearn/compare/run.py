@@ -29,8 +29,8 @@ from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.io import atomic_write_text
-from dictlearn.runtime import quiet_lightning
+from dictlearn.io import atomic_write_text, check_writable_folder
+from dictlearn.runtime import check_device, quiet_lightning
 
 OWN_ENTRIES = {"compare.yaml", "activations.h5", "train", "exports", "evaluations", "results.jsonl", "results.csv",
                "timings.json", "figures", "report.md", "report.html", "dashboards"}
@@ -109,8 +109,6 @@ def _load_model(name: str | None):
 
 def check_out(config: CompareConfig) -> Path:
     """The run folder may hold this comparison (resume) or nothing; anything else is an error."""
-    from dictlearn.cli.parsing import check_writable_folder
-
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; pass a folder for the run")
@@ -130,8 +128,6 @@ def check_out(config: CompareConfig) -> Path:
 # ----------------------------------------------------------------------------- the run
 def compare(config: CompareConfig) -> Path:
     """Run (or resume) the comparison; -> the run folder. Raises `Stopped` on a signal."""
-    from dictlearn.cli.parsing import check_device
-
     check_device(config.device, allow_auto=True)  # before anything is written (compare.yaml included)
     config = config.resolved()
     rank = _rank()

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.interpret.contexts import Context, TokenRows, latent_column, read_contexts, token_display
+from dictlearn.interpret.cards import Card, Dashboard, Interval, SectionMaker
+from dictlearn.interpret.contexts import TokenRows, latent_column, read_contexts, token_display
+from dictlearn.interpret.dashboard_html import render
 from dictlearn.interpret.directions import Unembedding, decoder_direction, nearest_latents, top_tokens, unembedding
 from dictlearn.interpret.statistics import LatentStatistics, latent_statistics
 
@@ -71,53 +73,6 @@ class InspectOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
         if self.bins % self.intervals:
             raise ConfigError(f"--bins {self.bins} must be a multiple of --intervals {self.intervals}")
-
-
-@dataclass
-class Section:
-    """An extra block on a card: a title and HTML made by its `SectionMaker` (escaped by it)."""
-
-    title: str
-    html: str
-
-
-@dataclass
-class Interval:
-    low: float
-    high: float
-    fraction: float  # of the latent's firing rows that fall in [low, high)
-    contexts: list[Context]
-
-
-@dataclass
-class Card:
-    latent: int
-    role: str  # "densest", "rarest", "sample", "chosen" or "family"
-    density: float
-    max_activation: float
-    mean_activation: float
-    histogram: list[int]
-    top: list[Context]
-    intervals: list[Interval]
-    promoted: list[tuple[str, float]] = field(default_factory=list)  # (token text, logit change)
-    suppressed: list[tuple[str, float]] = field(default_factory=list)
-    neighbours: list[tuple[int, float]] = field(default_factory=list)  # (latent, decoder cosine)
-    concept: tuple[str, float] | None = None  # (concept name, F1)
-    extra: list[Section] = field(default_factory=list)
-
-
-SectionMaker = Callable[[Card], "Section | None"]
-
-
-@dataclass
-class Dashboard:
-    title: str
-    facts: list[tuple[str, str]]  # (what, value) shown at the top
-    stats: LatentStatistics
-    cards: list[Card]
-    concepts: dict[int, tuple[str, float]] | None  # best (concept, F1) per latent; None without labels
-    lens: str | None  # how the logit lens was computed (None: no model)
-    window: tuple[int, int] = (48, 24)  # context tokens shown before and after the activating one
 
 
 # ----------------------------------------------------------------------------- choosing latents
@@ -257,7 +212,6 @@ def inspect(export, data: str | Path, out: str | Path, options: InspectOptions =
     the file names)."""
     from dictlearn.evaluate import Entry
     from dictlearn.interpret import export_statistics
-    from dictlearn.interpret.dashboard_html import render
     from dictlearn.io import atomic_write_text
 
     data = check_activation_file(data)

@@ -12,7 +12,7 @@ import html
 import math
 
 from dictlearn.interpret.contexts import Context
-from dictlearn.interpret.dashboard import Card, Dashboard, Interval
+from dictlearn.interpret.cards import Card, Dashboard, Interval
 
 LEVELS = 9
 _SHADES = "".join(f".a{i}{{background:rgba(249,115,22,{i / LEVELS * 0.85:.3f})}}" for i in range(1, LEVELS + 1))

@@ -88,7 +88,7 @@ class Ladder:
 def family_section(ladder: Ladder, d_sae: int, pages: dict[int, tuple[str, set[int]]]):
     """A SectionMaker (dashboard.py) for the cards of width `d_sae`: its family as a table.
     pages: {d_sae: (the page's file name, the latents it has cards for)}, for the links."""
-    from dictlearn.interpret.dashboard import Section
+    from dictlearn.interpret.cards import Section
 
     def make(card) -> Section | None:
         relatives = ladder.relatives(d_sae, card.latent)
