@@ -20,6 +20,8 @@ An SAE reads and writes one site; a transcoder reads the MLP input and writes th
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.metrics.downstream import DownstreamMetrics
+from dictlearn.metrics.bootstrap import per_document, ratio_se
+from dictlearn.metrics.downstream import DownstreamMetrics, spliced_token_losses, token_cross_entropy
 from dictlearn.models.hooks import HookPoint, capture, run_until_captured, splice
 from dictlearn.models.tiny import DEFAULT_CONTEXT
 
@@ -71,13 +74,15 @@ class SpliceSite:
         return cls(hook_name_out, read=hook_name)
 
 
-def run_replaced(model: nn.Module, tokens: Tensor, site: SpliceSite, new: Replacement, keep: Tensor) -> Tensor:
+def run_replaced(model: nn.Module, tokens: Tensor, site: SpliceSite, new: Replacement, keep: Tensor,
+                 shortcut: contextlib.AbstractContextManager | None = None) -> Tensor:
     """A causal LM's logits [batch, seq, vocab] with the activation at `site.write` replaced by
     ``new(source, clean)`` where `keep` [batch, seq] is False (a Hugging Face model: `.logits`).
 
     `source` is the activation at `site.read` (or `site.write`), `clean` the write site's own
     activation; both [batch, seq, d]. Positions where `keep` is True (BOS and document separators
     when special tokens are excluded) keep `clean`, as in harvest, which drops those rows.
+    shortcut: a context entered after the hooks are placed (`_from_block`: skip the early blocks).
     """
     write_key = str(HookPoint.parse(site.write))
     keep = keep.unsqueeze(-1)
@@ -89,7 +94,8 @@ def run_replaced(model: nn.Module, tokens: Tensor, site: SpliceSite, new: Replac
     # capture's hook is registered first, so it records the write site's clean value before
     # splice's hook (same module, later registration: PyTorch runs forward hooks in order)
     # replaces it; a transcoder's replacement needs that value at the kept positions.
-    with capture(model, [site.write]) as originals, splice(model, site.write, replace, read=site.read):
+    with (capture(model, [site.write]) as originals, splice(model, site.write, replace, read=site.read),
+          shortcut or contextlib.nullcontext()):
         return model(tokens, use_cache=False).logits
 
 
@@ -156,18 +162,168 @@ def downstream_metrics(
     site: SpliceSite,
     batches: Iterable[TokenBatch],
     mean_activation: Tensor,
+    clean: CleanRuns | None = None,
 ) -> tuple[dict[str, float], int]:
     """Over `batches` of (tokens [batch, seq], special [batch, seq] bool) on the model's device.
 
-    -> ({key: value} for `DOWNSTREAM_KEYS`, number of predictions evaluated).
+    clean: the dictionary-independent runs of these batches (`clean_runs`; None: computed here).
+    The same numbers as `update_from_batch` over the batches (tests/test_downstream.py).
+    -> ({key: value} for `DOWNSTREAM_KEYS`, plus `<key>_se` where `clean` knows the windows'
+    documents, number of predictions evaluated).
     """
-    metric = DownstreamMetrics()
-    for tokens, special in batches:
-        metric = metric.to(tokens.device)  # states beside the logits (a no-op after the first batch)
-        update_from_batch(metric, model, dictionary, site, tokens, special, mean_activation)
-    if int(metric.n_tokens) == 0:
-        raise ConfigError("downstream metrics: no next-token predictions to evaluate (every position is special)")
-    return {k: float(v) for k, v in metric.compute().items()}, int(metric.n_tokens)
+    batches = list(batches)
+    clean = clean or clean_runs(model, site, batches, mean_activation)
+    return clean.metrics(spliced_losses(model, dictionary, site, batches, clean))
+
+
+@dataclass
+class CleanRuns:
+    """What every dictionary at one site is compared against, per batch, computed once: the
+    clean logits at the kept predictions [n, vocab], their targets [n], the zero- and
+    mean-ablation losses [n] float64, each prediction's document [n] (None: unknown), and the
+    residual stream entering block `start` of `blocks` [batch, seq, d] (None: run whole forwards)."""
+
+    logits: list[Tensor]
+    targets: list[Tensor]
+    ce_zero: list[Tensor]
+    ce_mean: list[Tensor]
+    documents: list[Tensor] | None
+    blocks: str | None = None
+    start: int = 0
+    entry: list[Tensor] | None = None
+    fed: bool = False  # the entry is the site's own activation (an SAE at a block's output): splice it there
+
+    def metrics(self, losses: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[dict[str, float], int]:
+        """losses: per batch (ce_clean, ce_spliced, kl) [n] -> (metrics, n predictions)."""
+        metric = DownstreamMetrics().to(self.logits[0].device)
+        for (ce_clean, ce_spliced, kl), zero, mean in zip(losses, self.ce_zero, self.ce_mean):
+            metric.update(losses=(ce_clean, ce_spliced, zero, mean, kl))
+        if int(metric.n_tokens) == 0:
+            raise ConfigError("downstream metrics: no next-token predictions to evaluate (every position is special)")
+        values = {k: float(v) for k, v in metric.compute().items()}
+        if self.documents is not None:
+            values |= self.standard_errors(losses)
+        return values, int(metric.n_tokens)
+
+    def standard_errors(self, losses) -> dict[str, float]:
+        """`ce_loss_recovered_se`, `kl_div_se`: bootstrap over the windows' documents (dictlearn.metrics.bootstrap)."""
+        ce_clean, ce_spliced, kl = (torch.cat([run[i] for run in losses]) for i in range(3))
+        zero, ones = torch.cat(self.ce_zero), torch.ones_like(kl)
+        rows = torch.stack([zero - ce_spliced, zero - ce_clean, kl, ones], dim=1)  # [n, 4]
+        _, sums = per_document(rows, torch.cat(self.documents))
+        sums = sums.cpu().numpy()
+        se = ratio_se(sums[:, [0, 2]], sums[:, [1, 3]])
+        return {"ce_loss_recovered_se": float(se[0]), "kl_div_se": float(se[1])}
+
+
+@torch.no_grad()
+def clean_runs(model: nn.Module, site: SpliceSite, batches: list[TokenBatch], mean_activation: Tensor,
+               documents: list[Tensor] | None = None) -> CleanRuns:
+    """The clean, zero-ablated and mean-ablated runs of `batches` (`update_from_batch`'s three
+    dictionary-independent passes), and the residual stream where the spliced runs can start.
+
+    documents: per batch [batch, seq] each position's document (-1 at separators), or None.
+    """
+    blocks, start, fed = _first_block(model, site)
+    runs = CleanRuns([], [], [], [], [] if documents is not None else None, blocks, start,
+                     [] if blocks is not None else None, fed)
+    entry = [f"{blocks}.{start}:input"] if blocks is not None else []
+    for b, (tokens, special) in enumerate(batches):
+        with capture(model, entry) as acts:
+            clean = model(tokens, use_cache=False).logits
+        mask = ~special[:, :-1] & ~special[:, 1:]
+        target = tokens[:, 1:][mask]
+        runs.logits.append(clean[:, :-1][mask])
+        runs.targets.append(target)
+        for new, into in ((zero_replacement, runs.ce_zero), (mean_replacement(mean_activation), runs.ce_mean)):
+            into.append(token_cross_entropy(run_replaced(model, tokens, site, new, special)[:, :-1][mask], target))
+        if documents is not None:  # a prediction belongs to its target's document (a separator: the previous one)
+            doc = documents[b].to(tokens.device)
+            runs.documents.append(torch.where(doc[:, 1:] >= 0, doc[:, 1:], doc[:, :-1])[mask])
+        if runs.entry is not None:
+            runs.entry.append(acts[entry[0]].clone())
+            if b == 0 and not _starts_cleanly(model, tokens, clean, runs):
+                runs.blocks, runs.entry = None, None
+    return runs
+
+
+@torch.no_grad()
+def spliced_losses(model: nn.Module, dictionary: Callable[[Tensor], Tensor], site: SpliceSite,
+                   batches: list[TokenBatch], clean: CleanRuns) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """The spliced run of each batch -> per batch (ce_clean, ce_spliced, kl) [n] float64."""
+    out = []
+    new = dictionary_replacement(dictionary)
+    for b, (tokens, special) in enumerate(batches):
+        if clean.fed:  # the dictionary replaces the recorded entry itself, as `run_replaced` would
+            hidden, keep = clean.entry[b], special.unsqueeze(-1)
+            with _from_block(model, clean, b, torch.where(keep, hidden, new(hidden, hidden).to(hidden.dtype))):
+                logits = model(tokens, use_cache=False).logits
+        else:
+            logits = run_replaced(model, tokens, site, new, special, _from_block(model, clean, b))
+        mask = ~special[:, :-1] & ~special[:, 1:]
+        out.append(spliced_token_losses(clean.logits[b], logits[:, :-1][mask], clean.targets[b]))
+    return out
+
+
+# ----------------------------------------------------------------------------- starting mid-model
+# A dictionary changes the model only from its site on, so the spliced run need not recompute the
+# blocks before it: the residual stream entering the first block the site touches is recorded in
+# the clean run and fed to that block while the earlier ones are left out of the block list. The
+# shortcut is used only where it gives the clean logits back (checked on the first batch);
+# elsewhere (a site outside a block list, a model whose forward indexes its blocks) whole
+# forwards run.
+def _block_of(model: nn.Module, hook: str) -> tuple[str, int] | None:
+    """(path of the nn.ModuleList, index) of the block that holds `hook`'s module, if any."""
+    parts = HookPoint.parse(hook).module.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+def _first_block(model: nn.Module, site: SpliceSite) -> tuple[str | None, int, bool]:
+    """(the block list, the first block index the spliced run needs, whether the site is that
+    block's input, fed by the dictionary); (None, 0, False) without one. An SAE at a block's
+    output starts at the next block, whose input that output is."""
+    found = [_block_of(model, hook) for hook in {site.write, site.read or site.write}]
+    if any(f is None for f in found) or len({f[0] for f in found}) != 1:
+        return None, 0, False
+    blocks, start = found[0][0], min(f[1] for f in found)
+    at_output = HookPoint.parse(site.write) == HookPoint(f"{blocks}.{start}", "output")
+    if site.read is None and at_output and start + 1 < len(model.get_submodule(blocks)):
+        return blocks, start + 1, True
+    return blocks, start, False
+
+
+@contextlib.contextmanager
+def _from_block(model: nn.Module, clean: CleanRuns, batch: int, hidden: Tensor | None = None):
+    """Inside: the model's forward runs blocks[start:] only, block `start` fed `hidden` (default:
+    the recorded residual stream of `batch`); a no-op without one."""
+    if clean.entry is None:
+        yield
+        return
+    owner_path, _, name = clean.blocks.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    blocks = getattr(owner, name)
+    hidden = clean.entry[batch] if hidden is None else hidden
+    # prepend: the splice's own pre-hooks on that block (a site at its input) see the fed value
+    handle = blocks[clean.start].register_forward_pre_hook(lambda module, args: (hidden, *args[1:]), prepend=True)
+    setattr(owner, name, nn.ModuleList(list(blocks)[clean.start:]))
+    try:
+        yield
+    finally:
+        setattr(owner, name, blocks)
+        handle.remove()
+
+
+def _starts_cleanly(model: nn.Module, tokens: Tensor, clean: Tensor, runs: CleanRuns) -> bool:
+    """The shortcut, with nothing spliced, reproduces the clean logits [batch, seq, vocab]."""
+    try:
+        with _from_block(model, runs, 0):
+            logits = model(tokens, use_cache=False).logits
+    except Exception:  # a forward that needs its whole block list
+        return False
+    return logits.shape == clean.shape and bool(torch.allclose(logits, clean, rtol=1e-5, atol=1e-5))
 
 
 # ----------------------------------------------------------------------------- the windows
@@ -185,7 +341,16 @@ def heldout_batches(
     tokenizer, corpus: str | None, context: int, count: int, exclude_special: bool, batch_size: int,
     data: str | None = None, seed: int = 0,
 ) -> list[TokenBatch]:
-    """`count` held-out windows as (tokens [B, context], special [B, context]).
+    """`heldout_windows`' batches."""
+    return heldout_windows(tokenizer, corpus, context, count, exclude_special, batch_size, data, seed)[0]
+
+
+def heldout_windows(
+    tokenizer, corpus: str | None, context: int, count: int, exclude_special: bool, batch_size: int,
+    data: str | None = None, seed: int = 0,
+) -> tuple[list[TokenBatch], list[Tensor]]:
+    """`count` held-out windows as batches of (tokens [B, context], special [B, context]), and
+    each batch's documents [B, context] (the corpus document of each position, -1 at BOS).
 
     When the activation file `data` records held-out documents (`dictlearn harvest`): `count`
     windows drawn at random (seeded by `seed`, kept in order) from the windows of those documents'
@@ -208,12 +373,12 @@ def heldout_batches(
     if len(windows) < count:
         print(f"dictlearn: note: {where} hold {len(windows)} windows of {context} tokens, "
               f"fewer than the {count} asked for", file=sys.stderr)
-    batches = []
+    batches, documents = [], []
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
-        special = torch.stack([w.doc_index for w in group]) < 0
-        batches.append((torch.stack([w.tokens for w in group]), special & exclude_special))
-    return batches
+        documents.append(torch.stack([w.doc_index for w in group]))
+        batches.append((torch.stack([w.tokens for w in group]), (documents[-1] < 0) & exclude_special))
+    return batches, documents
 
 
 def _heldout_excerpts(data: str | None) -> list[tuple[int, str, int, int]] | None:
@@ -258,6 +423,8 @@ class DownstreamCache:
     device: str = "cpu"
     models: dict[str, LanguageModel] = field(default_factory=dict)
     windows: dict[tuple, list[TokenBatch]] = field(default_factory=dict)
+    documents: dict[tuple, list[Tensor]] = field(default_factory=dict)  # per key of `windows`
+    cleans: dict[tuple, CleanRuns] = field(default_factory=dict)
 
     def model(self, name: str) -> LanguageModel:
         """`load_model(name)` on this cache's device, loaded on first use."""
@@ -273,9 +440,20 @@ class DownstreamCache:
         device = _device(lm)
         key = (lm.name, corpus, context, count, exclude_special, batch_size, str(device), data, seed)
         if key not in self.windows:
-            batches = heldout_batches(lm.tokenizer, corpus, context, count, exclude_special, batch_size, data, seed)
+            batches, documents = heldout_windows(lm.tokenizer, corpus, context, count, exclude_special, batch_size,
+                                                 data, seed)
             self.windows[key] = [(tokens.to(device), special.to(device)) for tokens, special in batches]
+            self.documents[key] = documents
         return self.windows[key]
+
+    def clean(self, lm: LanguageModel, site: SpliceSite, batches: list[TokenBatch], mean: Tensor) -> CleanRuns:
+        """`clean_runs` of batches this cache built, at `site` with the mean-ablation vector `mean`
+        [d]: once per (model, site, windows, mean), shared by every dictionary there."""
+        windows = next(k for k, v in self.windows.items() if v is batches)
+        key = (lm.name, site, windows, tuple(mean.tolist()))
+        if key not in self.cleans:
+            self.cleans[key] = clean_runs(lm.model, site, batches, mean, self.documents[windows])
+        return self.cleans[key]
 
 
 def _device(lm: LanguageModel) -> torch.device:
@@ -293,13 +471,19 @@ class SplicedInputs:
     mean_activation: Tensor  # [d_out], on the model's device
     corpus: str | None  # None: the standard library
     context: int
+    cache: DownstreamCache | None = None  # where the clean runs are kept, built on the first `run`
 
     @property
     def n_contexts(self) -> int:
         return sum(len(tokens) for tokens, _ in self.batches)
 
-    def run(self, dictionary: Callable[[Tensor], Tensor]) -> tuple[dict[str, float], int]:
-        return downstream_metrics(self.lm.model, dictionary, self.site, self.batches, self.mean_activation)
+    def run(self, dictionary: Callable[[Tensor], Tensor], standard_errors: bool = False
+            ) -> tuple[dict[str, float], int]:
+        """The dictionary's downstream metrics (with their `_se` when `standard_errors`): one
+        spliced forward per batch, the clean and ablated runs computed once."""
+        clean = self.cache.clean(self.lm, self.site, self.batches, self.mean_activation)
+        clean = clean if standard_errors else dataclasses.replace(clean, documents=None)
+        return downstream_metrics(self.lm.model, dictionary, self.site, self.batches, self.mean_activation, clean)
 
     def check_widths(self, d_in: int, d_out: int, what: object) -> None:
         """The model's activations at the site have widths `d_in`/`d_out` (else: another model)."""
@@ -350,7 +534,8 @@ def prepare(
     corpus = corpus or recorded_corpus(provenance.get("corpus"))
     exclude_special = bool(provenance.get("exclude_special", True))
     data = data or provenance.get("path")
-    batches = (cache or DownstreamCache()).batches(lm, corpus, context, contexts, exclude_special, batch_size,
-                                                   None if data is None else str(data), seed)
+    cache = cache or DownstreamCache()
+    batches = cache.batches(lm, corpus, context, contexts, exclude_special, batch_size,
+                            None if data is None else str(data), seed)
     mean = ablation_mean(ablation_rows).to(_device(lm))
-    return SplicedInputs(lm, site, batches, mean, corpus, context)
+    return SplicedInputs(lm, site, batches, mean, corpus, context, cache)

@@ -41,6 +41,7 @@ from dictlearn.export import export_config, load, read_config
 from dictlearn.metrics import (
     INTERPRETATION_NAMES, RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs,
 )  # fmt: skip
+from dictlearn.metrics.bootstrap import ratio_se
 from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
 from dictlearn.metrics.jacobian import FAITHFULNESS_KEYS, jacobian_cosines, sample_rows
 
@@ -52,7 +53,11 @@ CONFIG_KEYS = (
     "model_name", "hyper_parameters", "data", "input_key", "target_key", "n_rows", "density_rows",
     "model", "corpus", "context_size", "n_contexts", "n_tokens",
 )  # fmt: skip
-RECORD_KEYS = CONFIG_KEYS + METRIC_KEYS + INTERPRETATION_DETAIL_KEYS
+# Bootstrap standard errors over held-out documents (`DocumentErrors`, `CleanRuns.standard_errors`);
+# null where the file records no document per row (the verdicts then use the seed spread alone).
+STANDARD_ERROR_KEYS = ("fvu_se", "l0_se", "ce_loss_recovered_se", "kl_div_se")
+SPLIT_KEYS = ("heldout", "heldout_rows", "heldout_documents")  # which rows measured (`HeldOutSplit.summary`)
+RECORD_KEYS = CONFIG_KEYS + SPLIT_KEYS + METRIC_KEYS + STANDARD_ERROR_KEYS + INTERPRETATION_DETAIL_KEYS
 ROWS_PER_READ = 8192
 DENSITY_ROWS = 65_536  # rows the dead/dense fractions and feature densities count over (`reconstruction_metrics`)
 DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE = 64, 8
@@ -168,6 +173,16 @@ class HeldOutData:
                             " clean or re-harvest the file")
         return rows
 
+    def heldout_documents(self) -> torch.Tensor | None:
+        """int64 [held-out rows]: each held-out row's document (`doc_index`); None when the file
+        records none (a plain h5py file: its metrics get no `_se`)."""
+        first, last = self.split.heldout
+        with h5py.File(self.path, "r") as f:
+            documents = f.get("doc_index")
+            if not isinstance(documents, h5py.Dataset) or documents.shape != (self.split.n_rows,):
+                return None
+            return torch.from_numpy(documents[first:last].astype("int64"))
+
     def close(self) -> None:
         for array in (self.inputs, self.targets):
             if array is not None:
@@ -272,14 +287,19 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
     recon, sparsity = ReconstructionMetrics(dictionary.d_out).to(device), SparsityMetrics(dictionary.d_sae).to(device)
     census = SparsityMetrics(dictionary.d_sae).to(device)
     first, n_rows = data.split.heldout
+    documents = data.heldout_documents()
+    errors = None if documents is None else DocumentErrors(documents, dictionary.d_out)
     for start in range(first, n_rows, ROWS_PER_READ):
         stop = min(start + ROWS_PER_READ, n_rows)
         x = data.inputs.read(start, stop).to(device)
         y = x if data.targets is None else data.targets.read(start, stop).to(device)
         z = dictionary.encode(x)  # as in validation
-        recon.update(y, dictionary.decode(z, x))
+        y_hat = dictionary.decode(z, x)
+        recon.update(y, y_hat)
         sparsity.update(z)
         census.update(z)
+        if errors is not None:
+            errors.update(slice(start - first, stop - first), y, y_hat, z)
     slices = data.split.sample_slices(max(0, density_rows - (n_rows - first)), seed=0)
     per_read = max(1, ROWS_PER_READ // data.split.block_size)
     for group in (slices[i:i + per_read] for i in range(0, len(slices), per_read)):
@@ -292,7 +312,40 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
     density = census.compute()
     values |= {"dead_fraction": density["dead_fraction"], "dense_fraction": density["dense_fraction"]}
     metrics = {k: float(v) for k, v in values.items()} | {"feature_density": census.feature_density().tolist()}
+    metrics |= {} if errors is None else errors.compute()
     return metrics, n_rows - first, int(census.n_tokens)
+
+
+class DocumentErrors:
+    """Per held-out document, the sums `fvu` and `l0` are ratios of, for their bootstrap standard
+    errors (dictlearn.metrics.bootstrap): Σ‖y − ŷ‖², Σ‖y‖², Σy [d], active latents and rows.
+
+    documents: int64 [held-out rows], each row's document. FVU's denominator is the variance
+    about the mean of *all* held-out rows, so a document's share is Σ_t ‖y_t − μ‖² with the
+    global μ, formed in `compute` from Σ‖y‖² − 2μ·Σy + n‖μ‖² once μ is known."""
+
+    def __init__(self, documents: torch.Tensor, d_out: int) -> None:
+        self.ids, self.index = torch.unique(documents, return_inverse=True)
+        f64, n = torch.float64, len(self.ids)
+        self.scalars = torch.zeros(n, 4, dtype=f64)  # sq_error, sq_target, active, rows
+        self.target = torch.zeros(n, d_out, dtype=f64)
+
+    def update(self, rows: slice, y: torch.Tensor, y_hat: torch.Tensor, z: torch.Tensor) -> None:
+        """rows: the held-out rows (from the first) of y, y_hat [n, d_out] and z [n, d_sae]."""
+        index = self.index[rows]
+        y = y.detach().cpu().to(torch.float64)
+        values = torch.stack([(y - y_hat.detach().cpu().to(torch.float64)).square().sum(-1), y.square().sum(-1),
+                              (z != 0).sum(-1).cpu().to(torch.float64), torch.ones(len(y), dtype=torch.float64)], 1)
+        self.scalars.index_add_(0, index, values)
+        self.target.index_add_(0, index, y)
+
+    def compute(self) -> dict[str, float]:
+        """`fvu_se`, `l0_se` (null with fewer than 2 documents)."""
+        sq_error, sq_target, active, rows = self.scalars.T
+        mean = self.target.sum(0) / rows.sum()
+        total = sq_target - 2 * self.target @ mean + rows * mean.square().sum()
+        se = ratio_se(torch.stack([sq_error, active], 1).numpy(), torch.stack([total, rows], 1).numpy())
+        return {"fvu_se": float(se[0]), "l0_se": float(se[1])}
 
 
 def feature_mmcs(path: str, dictionary: Dictionary) -> float | None:
@@ -354,7 +407,7 @@ def run_downstream(
                      batch_size=options.batch_size, corpus=options.corpus,
                      context=options.context or entry.meta.get("context_size"), cache=cache, data=data.path)
     inputs.check_widths(entry.dictionary.d_in, entry.dictionary.d_out, entry.name)
-    metrics, n_tokens = inputs.run(entry.dictionary)
+    metrics, n_tokens = inputs.run(entry.dictionary, standard_errors=True)
     if entry.dictionary.transcoder:
         metrics["jacobian_cos"] = transcoder_jacobian_cos(lm.model, site, entry.dictionary, data)
     return Downstream(metrics, lm.name, corpus_name(inputs.corpus), inputs.context, inputs.n_contexts, n_tokens)
@@ -417,6 +470,7 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
         data = open_data(entry, data_path, keys, options)
         try:
             metrics, n_rows, density_rows = reconstruction_metrics(dictionary, data, options.device, options.density_rows)
+            split = {k: v for k, v in data.split.summary().items() if k in SPLIT_KEYS}
             metrics["mmcs"] = feature_mmcs(data_path, dictionary)
             downstream = run_downstream(entry, data, options, cache) if options.downstream else None
             metrics.update(_interpretation(dictionary, data, options, probes))
@@ -427,7 +481,8 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
     if downstream is not None:
         metrics.update(downstream.metrics)
     density = {"feature_density": metrics["feature_density"]} if options.feature_density else {}
-    return (_record(entry, data_path, keys, (n_rows, density_rows), downstream) | {k: _finite(metrics.get(k)) for k in METRIC_KEYS}
+    return (_record(entry, data_path, keys, (n_rows, density_rows), downstream) | split
+            | {k: _finite(metrics.get(k)) for k in METRIC_KEYS + STANDARD_ERROR_KEYS}
             | {k: metrics.get(k) for k in INTERPRETATION_DETAIL_KEYS} | density)
 
 

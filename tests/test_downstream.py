@@ -302,3 +302,57 @@ def test_model_modules_import_transformers_only_to_load_a_model():
         "assert 'transformers' not in sys.modules, 'a model module imports transformers at import time'"
     )
     subprocess.run([sys.executable, "-c", code, str(package)], check=True)
+
+
+# ----------------------------------------------------------------------------- computed once, started mid-model
+@pytest.mark.parametrize("write, read", [("transformer.h.0", None), ("transformer.h.1", None),
+                                         ("transformer.h.0.mlp", "transformer.h.0.mlp:input"),
+                                         ("transformer.h.1.mlp", "transformer.h.1.mlp:input")])
+def test_cached_runs_equal_the_four_whole_passes(gpt2, batches, write, read):
+    """The clean and ablated runs computed once, and the spliced run started at the first block the
+    site touches, give what four whole forwards per batch give (update_from_batch)."""
+    from dictlearn.downstream import clean_runs, update_from_batch
+
+    torch.manual_seed(5)
+    dictionary = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), torch.nn.ReLU(), torch.nn.Linear(2 * D, D))
+    site, mean = SpliceSite(write, read=read), 0.3 * torch.randn(D)
+    reference_metric = DownstreamMetrics()
+    for tokens, special in batches:
+        update_from_batch(reference_metric, gpt2, dictionary, site, tokens, special, mean)
+    expected = {k: float(v) for k, v in reference_metric.compute().items()}
+    clean = clean_runs(gpt2, site, batches, mean)
+    # an SAE at block 0's output starts at block 1, fed by the dictionary; the others at their block
+    start = {"transformer.h.0": 1, "transformer.h.1": 1, "transformer.h.0.mlp": 0, "transformer.h.1.mlp": 1}[write]
+    assert (clean.blocks, clean.start, clean.fed) == ("transformer.h", start, write == "transformer.h.0")
+    metrics, n = downstream_metrics(gpt2, dictionary, site, batches, mean, clean)
+    assert n == int(reference_metric.n_tokens)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert len(gpt2.transformer.h) == 2  # the block list is restored
+
+
+def test_downstream_standard_errors_resample_documents(gpt2, batches):
+    """ce_loss_recovered_se and kl_div_se: the spread of the ratio of sums over resampled documents,
+    against a loop that rebuilds each resample from its documents' predictions in float64."""
+    from dictlearn.downstream import clean_runs, spliced_losses
+    from dictlearn.metrics.bootstrap import resample_counts
+
+    torch.manual_seed(6)
+    dictionary = torch.nn.Linear(D, D)
+    site, mean = SpliceSite("transformer.h.0"), torch.zeros(D)
+    documents = [torch.arange(t.numel()).reshape(t.shape) // 7 for t, _ in batches]  # 7-token documents
+    clean = clean_runs(gpt2, site, batches, mean, documents)
+    metrics, _ = downstream_metrics(gpt2, dictionary, site, batches, mean, clean)
+    losses = spliced_losses(gpt2, dictionary, site, batches, clean)
+    ce_clean, ce_spliced, kl = (torch.cat([b[i] for b in losses]).numpy() for i in range(3))
+    zero, doc = torch.cat(clean.ce_zero).numpy(), torch.cat(clean.documents).numpy()
+    ids = np.unique(doc)
+    counts = resample_counts(len(ids))
+    recovered, kls = [], []
+    for row in counts:
+        chosen = np.concatenate([np.flatnonzero(doc == ids[j]) for j in range(len(ids)) for _ in range(row[j])])
+        recovered.append((zero[chosen] - ce_spliced[chosen]).sum() / (zero[chosen] - ce_clean[chosen]).sum())
+        kls.append(kl[chosen].mean())
+    assert metrics["ce_loss_recovered_se"] == pytest.approx(np.std(recovered, ddof=1), rel=1e-9)
+    assert metrics["kl_div_se"] == pytest.approx(np.std(kls, ddof=1), rel=1e-9)
+    assert metrics["kl_div_se"] > 0

@@ -254,6 +254,37 @@ def test_synthetic_file_mmcs_and_no_model(tmp_path, capsys):
         features = torch.from_numpy(f["features"][:])
     assert line["mmcs"] == pytest.approx(mmcs(features, load(folder).W_dec.detach()), rel=1e-9)
     assert 0 < line["mmcs"] < 1
+    # a plain file: the block tail, no documents, so no evaluation standard errors
+    assert (line["heldout"], line["heldout_documents"], line["fvu_se"], line["l0_se"]) == ("tail", None, None, None)
+    assert line["heldout_rows"] == line["n_rows"]
+
+
+def test_fvu_and_l0_standard_errors_resample_whole_documents():
+    """DocumentErrors against a loop that rebuilds each resample from its documents' rows in
+    float64, FVU's denominator about the mean of all rows (as fvu itself)."""
+    from dictlearn.evaluate import DocumentErrors
+    from dictlearn.metrics.bootstrap import resample_counts
+
+    g = torch.Generator().manual_seed(0)
+    documents = torch.repeat_interleave(torch.tensor([4, 9, 2, 7, 11, 3]), torch.tensor([5, 40, 12, 30, 8, 25]))
+    y = torch.randn(len(documents), 6, generator=g) + documents[:, None] * 0.1  # documents differ in mean
+    y_hat = y + (0.2 + 0.1 * (documents[:, None] % 3)) * torch.randn(len(documents), 6, generator=g)
+    z = torch.relu(torch.randn(len(documents), 10, generator=g) + 0.05 * documents[:, None])
+    errors = DocumentErrors(documents, 6)
+    for rows in (slice(0, 33), slice(33, 90), slice(90, None)):  # three reads
+        errors.update(rows, y[rows], y_hat[rows], z[rows])
+    got = errors.compute()
+    y64, err, active = y.double().numpy(), (y.double() - y_hat.double()).numpy(), (z != 0).sum(1).numpy()
+    mean, ids = y64.mean(0), np.unique(documents.numpy())
+    fvus, l0s = [], []
+    for row in resample_counts(len(ids)):
+        chosen = np.concatenate([np.flatnonzero(documents.numpy() == ids[j]) for j in range(len(ids))
+                                 for _ in range(row[j])])
+        fvus.append((err[chosen] ** 2).sum() / ((y64[chosen] - mean) ** 2).sum())
+        l0s.append(active[chosen].mean())
+    assert got["fvu_se"] == pytest.approx(np.std(fvus, ddof=1), rel=1e-9)
+    assert got["l0_se"] == pytest.approx(np.std(l0s, ddof=1), rel=1e-9)
+    assert got["fvu_se"] > 0 and got["l0_se"] > 0
 
 
 def _bad_export(setup, name: str, d_in: int, **attrs) -> Path:

@@ -52,16 +52,34 @@ class DownstreamMetrics(SumStateMetric):
 
     def update(
         self,
-        logits_clean: Tensor,
-        logits_spliced: Tensor,
-        logits_zero: Tensor,
-        logits_mean: Tensor,
-        targets: Tensor,
+        logits_clean: Tensor | None = None,
+        logits_spliced: Tensor | None = None,
+        logits_zero: Tensor | None = None,
+        logits_mean: Tensor | None = None,
+        targets: Tensor | None = None,
         mask: Tensor | None = None,
+        *,
+        losses: tuple[Tensor, ...] | None = None,
     ) -> None:
         """logits_*: [..., vocab] predictions for `targets` [...] (already aligned: position t's
-        logits score targets[t]); mask [...] bool, True = count this prediction (None: all)."""
+        logits score targets[t]); mask [...] bool, True = count this prediction (None: all).
+        Or `losses`: per-prediction float64 (ce_clean, ce_spliced, ce_zero, ce_mean, kl) [N] each
+        (`token_cross_entropy`, `spliced_token_losses`), for callers that compute the
+        dictionary-independent runs once (dictlearn.downstream)."""
+        if losses is None:
+            losses = self._losses(logits_clean, logits_spliced, logits_zero, logits_mean, targets, mask)
+        *ces, kl = losses
+        for run, values in zip(_RUNS, ces):
+            name = f"sum_ce_{run}"
+            setattr(self, name, getattr(self, name) + values.sum())
+        self.sum_kl += kl.sum()
+        self.n_tokens += len(kl)
+
+    @staticmethod
+    def _losses(logits_clean, logits_spliced, logits_zero, logits_mean, targets, mask) -> tuple[Tensor, ...]:
         logits = (logits_clean, logits_spliced, logits_zero, logits_mean)
+        if any(value is None for value in logits) or targets is None:
+            raise ValueError("DownstreamMetrics.update needs the four logits and targets, or losses")
         for value in logits:
             if value.shape != logits_clean.shape or value.shape[:-1] != targets.shape:
                 raise ValueError(
@@ -71,22 +89,8 @@ class DownstreamMetrics(SumStateMetric):
         keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
         rows = [value.detach()[keep] for value in logits]  # [N, vocab] each
         target = targets[keep]
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, logits_clean.shape[-1]))
-        for start in range(0, len(target), chunk):
-            self._add(*(r[start : start + chunk] for r in rows), target[start : start + chunk])
-        self.n_tokens += len(target)
-
-    def _add(self, clean: Tensor, spliced: Tensor, zero: Tensor, mean: Tensor, target: Tensor) -> None:
-        """One chunk of kept predictions: logits [n, vocab] ×4, target [n]."""
-        log_probs = [value.to(torch.float64).log_softmax(-1) for value in (clean, spliced, zero, mean)]
-        index = target.long().unsqueeze(-1)
-        for run, lp in zip(_RUNS, log_probs):
-            name = f"sum_ce_{run}"
-            setattr(self, name, getattr(self, name) - lp.gather(-1, index).sum())
-        lp_clean, lp_spliced = log_probs[0], log_probs[1]
-        p_clean = lp_clean.exp()
-        # 0 · log 0 = 0: a token the clean model rules out (logit −inf) adds nothing, not NaN
-        self.sum_kl += torch.where(p_clean > 0, p_clean * (lp_clean - lp_spliced), 0.0).sum()
+        ce_clean, ce_spliced, kl = spliced_token_losses(rows[0], rows[1], target)
+        return ce_clean, ce_spliced, token_cross_entropy(rows[2], target), token_cross_entropy(rows[3], target), kl
 
     def compute(self) -> dict[str, Tensor]:
         n = self.n_tokens.to(torch.float64)
@@ -101,3 +105,37 @@ class DownstreamMetrics(SumStateMetric):
             "kl_div": self.sum_kl / n,
             "delta_ce": spliced - clean,
         }
+
+
+def _chunks(n_rows: int, vocab: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, vocab))
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    return logits.detach().to(torch.float64).log_softmax(-1)
+
+
+def token_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """logits [N, vocab], target [N] -> float64 [N]: −log P(target) per prediction, in chunks."""
+    parts = [-_log_probs(logits[c]).gather(-1, target[c].long().unsqueeze(-1)).squeeze(-1)
+             for c in _chunks(len(target), logits.shape[-1])]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=logits.device)
+
+
+def spliced_token_losses(clean: Tensor, spliced: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """clean, spliced [N, vocab] logits, target [N] -> float64 [N] each: clean CE, spliced CE and
+    KL(P_clean ‖ P_spliced), the clean log-softmax computed once per chunk."""
+    ce_clean, ce_spliced, kl = [], [], []
+    for c in _chunks(len(target), clean.shape[-1]):
+        lp_clean, lp_spliced = _log_probs(clean[c]), _log_probs(spliced[c])
+        index = target[c].long().unsqueeze(-1)
+        ce_clean.append(-lp_clean.gather(-1, index).squeeze(-1))
+        ce_spliced.append(-lp_spliced.gather(-1, index).squeeze(-1))
+        p_clean = lp_clean.exp()
+        # 0 · log 0 = 0: a token the clean model rules out (logit −inf) adds nothing, not NaN
+        kl.append(torch.where(p_clean > 0, p_clean * (lp_clean - lp_spliced), 0.0).sum(-1))
+    if not ce_clean:
+        empty = torch.zeros(0, dtype=torch.float64, device=clean.device)
+        return empty, empty, empty
+    return torch.cat(ce_clean), torch.cat(ce_spliced), torch.cat(kl)
