@@ -201,6 +201,7 @@ def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
     items = [f"Model: {join('model_name')}; hook: {join('hook_name')}"
              + (f" → {join('hook_name_out')}" if _distinct(lines, "hook_name_out") else ""),
              f"Activations: {join('data')}",
+             _split_line(lines),
              f"Dictionaries: {len(lines)}{shape}; d_sae {join('d_sae')}",
              f"Architectures: {', '.join(architectures)}",
              f"L0 targets: {join('l0_target')}; seeds: {join('seed')}",
@@ -219,6 +220,20 @@ def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
     if config.is_file():
         blocks.append(Code(config.read_text(encoding="utf-8", errors="replace"), "The resolved sweep, `compare.yaml`:"))
     return blocks
+
+
+def _split_line(lines: list[dict]) -> str:
+    """Which rows every metric was measured on (the results' `heldout`, `heldout_rows`, `heldout_documents`)."""
+    kinds = _distinct(lines, "heldout")
+    if not kinds:
+        return "Held-out rows: not recorded (results from before the split was recorded)"
+    rows = ", ".join(f"{v:,}" for v in _distinct(lines, "heldout_rows"))
+    documents = ", ".join(f"{v:,}" for v in _distinct(lines, "heldout_documents") if v is not None)
+    if kinds == ["documents"]:
+        return f"Held-out rows: {rows} from {documents} held-out documents that no training row shares"
+    return (f"Held-out rows: {rows}, the block tail of the file (it records no held-out documents"
+            + (f"; {documents} documents there" if documents else "") + "): they may share documents with the "
+            "last training rows, and their standard errors are not known")
 
 
 def read_timings(folder: Path, notes: list[str]) -> tuple[str | None, dict[str, float]]:

@@ -382,3 +382,17 @@ def test_one_seed_or_one_point_says_what_it_cannot_conclude():
     records = summary_verdicts(one_point)["records"]
     assert records and all(r["claim"] in (None, "not distinguishable") for r in records)
     summarise(from_records([line("topk", 8, 0)]))  # a single dictionary: no pair, no crash
+
+
+@pytest.mark.parametrize("split, expected", [
+    (dict(heldout="documents", heldout_rows=24_546, heldout_documents=53),
+     "Held-out rows: 24,546 from 53 held-out documents that no training row shares"),
+    (dict(heldout="tail", heldout_rows=2_560, heldout_documents=None),
+     "Held-out rows: 2,560, the block tail of the file (it records no held-out documents): they may share"),
+    ({}, "Held-out rows: not recorded"),
+])
+def test_setup_names_the_split_the_metrics_used(tmp_path, split, expected):
+    lines = [line(a, t, s, **split) for a in ("topk", "jumprelu") for t in (8, 16) for s in (0, 1)]
+    report = write_report(tmp_path, lines, echo=False).read_text()
+    setup = report[report.index("## Setup"):]
+    assert expected in setup and setup.count("Held-out rows:") == 1
