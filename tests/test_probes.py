@@ -82,6 +82,28 @@ def test_roc_auc_matches_sklearn_with_ties():
     assert roc_auc(scores, y) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
 
 
+def test_auc_standard_error_resamples_whole_documents():
+    """auc_se against a loop that rebuilds each resample from its documents' rows and scores it
+    with sklearn's roc_auc_score (ties included)."""
+    from sklearn.metrics import roc_auc_score
+
+    from dictlearn.interpret.probes import auc_se
+    from dictlearn.metrics.bootstrap import resample_counts
+
+    rng = np.random.default_rng(1)
+    documents = rng.integers(0, 12, 300) * 7  # 12 documents of uneven size
+    y = rng.random(300) < 0.4
+    scores = np.round(rng.normal(size=300) + y + 0.05 * documents / 7, 1)  # ties; documents shift scores
+    ids = np.unique(documents)
+    aucs = []
+    for row in resample_counts(len(ids), 200, 0):
+        chosen = np.concatenate([np.flatnonzero(documents == ids[j]) for j in range(len(ids)) for _ in range(row[j])])
+        if 0 < y[chosen].sum() < len(chosen):
+            aucs.append(roc_auc_score(y[chosen], scores[chosen]))
+    assert auc_se(scores, y, documents, n_boot=200) == pytest.approx(np.std(aucs, ddof=1), rel=1e-9)
+    assert np.isnan(auc_se(scores, y, np.zeros(300)))  # one document: nothing to resample
+
+
 def test_split_is_balanced_and_never_shares_a_document(synth):
     path, _, codes = synth
     pool = ProbePool.draw(path, HeldOutSplit(ROWS), ProbeOptions(min_documents=4))
@@ -148,8 +170,8 @@ def test_file_without_labels_gives_null_keys_and_one_note(tmp_path, synth, capsy
 
 
 # ----------------------------------------------------------------------------- analysis
-def _line(architecture: str, target: int, seed: int, k1: dict, k16: dict, linear: dict) -> dict:
-    probes = {c: {"k1": k1[c], "k16": k16[c], "linear": linear[c]} for c in linear}
+def _line(architecture: str, target: int, seed: int, k1: dict, k16: dict, linear: dict, se: float = 0.01) -> dict:
+    probes = {c: {"k1": k1[c], "k16": k16[c], "linear": linear[c], "k1_se": se, "k16_se": se} for c in linear}
     return {"architecture": architecture, "name": f"{architecture}_{target}_{seed}", "l0_target": target,
             "l0": float(target), "seed": seed, "probes": probes, "probe_auc_k1": float(np.mean(list(k1.values()))),
             "probe_auc_k16": float(np.mean(list(k16.values()))),
@@ -159,7 +181,7 @@ def _line(architecture: str, target: int, seed: int, k1: dict, k16: dict, linear
 
 def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_gaps(tmp_path):
     from dictlearn.analysis.metric_plot import plot_metrics_vs_l0
-    from dictlearn.analysis.probing import draw, figures, probe_sentences
+    from dictlearn.analysis.probing import concept_table, draw, figures, probe_sentences
     from dictlearn.analysis.results import from_records
 
     linear = {"number": 0.99, "string": 0.90}
@@ -176,11 +198,21 @@ def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_g
     topk = [l for l in k1_axis.lines if l.get_gid() == "probe_auc_k1:topk"][0]
     assert topk.get_ydata()[0] == pytest.approx(np.mean([0.785, 0.795]))  # the two seeds' mean
     sentences = probe_sentences(lines)
-    k16 = [s for s in sentences if "best k = 16" in s][0]
-    # best k = 16: number topk 0.98 (within 0.02 of 0.99: matches), string relu_l1 0.80 (0.10 short)
-    assert "on number; fall short on string (widest gap: string, relu_l1 0.80 against 0.90)" in k16
-    k1 = [s for s in sentences if "best k = 1 " in s][0]
-    # best k = 1: number topk 0.96 (0.03 short), string relu_l1 0.65 (0.25 short)
-    assert "on no concept; fall short on number, string (widest gap: string, relu_l1 0.65 against 0.90)" in k1
+    k16 = [s for s in sentences if "k = 16 probes" in s][0]
+    # every architecture, none picked on the test AUC. topk number: seeds 0.985, 0.975 -> 0.98,
+    # SE² = s²/n + se² = 0.00005/2 + 0.0001: SE 0.0112, interval ±0.0219 includes
+    # 0.99: matches. relu_l1 number 0.90 ± 0.0196 excludes 0.99: short; string 0.80: short.
+    assert "topk matches on number; short on string" in k16
+    assert "relu_l1 short on number, string" in k16
+    k1 = [s for s in sentences if "k = 1 probes" in s][0]
+    # topk number at k = 1: 0.96 ± 1.96·sqrt(0.01²/2 + 0.01²) = ±0.024 excludes 0.99: short
+    assert "topk short on number, string" in k1
+    header, rows = concept_table(lines)
+    assert header[3:] == ["topk k = 16", "relu_l1 k = 16"]
+    assert rows[0][:3] == ["number", "8", "0.990"] and rows[0][3].startswith("0.980 [0.958, 1.002] matches")
+    # without standard errors nothing is said to match
+    bare = from_records([_line("topk", 8, 0, {"number": 0.99}, {"number": 0.99}, {"number": 0.99}, se=None)],
+                        str(tmp_path / "bare.jsonl"))
+    assert "topk no interval for number" in probe_sentences(bare)[1]
     drawn = draw(lines, tmp_path / "figures", [])
     assert {d.stem for d in drawn} == {"l0_probe_auc", "l0_concept_coverage"}

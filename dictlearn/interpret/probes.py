@@ -47,6 +47,7 @@ import numpy as np
 
 from dictlearn.data.split import HeldOutSplit
 from dictlearn.data.concepts import ConceptLabels, read_concept_labels
+from dictlearn.metrics.bootstrap import BOOTSTRAP_SEED, N_BOOT, resample_counts
 
 PROBE_KS = (1, 2, 4, 8, 16)
 BASELINE_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
@@ -218,6 +219,28 @@ def _auc(model, x: np.ndarray, y: np.ndarray) -> float:
     return roc_auc(model.decision_function(x), y)
 
 
+def auc_se(scores: np.ndarray, y: np.ndarray, documents: np.ndarray, n_boot: int = N_BOOT,
+           seed: int = BOOTSTRAP_SEED) -> float:
+    """Bootstrap standard error of `roc_auc(scores, y)` over whole documents: scores [n], y [n]
+    bool, documents [n] ids. Each resample weights a row by how often its document was drawn
+    (dictlearn.metrics.bootstrap's counts), and the weighted Mann-Whitney AUC (a tie counts
+    half) is computed for all resamples at once. NaN with fewer than 2 documents."""
+    ids, doc = np.unique(documents, return_inverse=True)
+    if len(ids) < 2:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    s, y, doc = scores[order], y[order].astype(bool), doc[order]
+    weights = resample_counts(len(ids), n_boot, seed)[:, doc].astype(np.float64)  # [n_boot, n]
+    new_run = np.r_[True, s[1:] != s[:-1]]  # the first row of each run of tied scores
+    negatives = np.add.reduceat(weights * ~y, np.flatnonzero(new_run), axis=1)  # [n_boot, runs]
+    credit = (np.cumsum(negatives, axis=1) - 0.5 * negatives)[:, np.cumsum(new_run) - 1]  # below + half the tied
+    positives = weights * y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aucs = (positives * credit).sum(1) / (positives.sum(1) * negatives.sum(1))
+    aucs = aucs[np.isfinite(aucs)]  # a resample without one of the classes has no AUC
+    return float(aucs.std(ddof=1)) if len(aucs) > 1 else float("nan")
+
+
 def roc_auc(scores: np.ndarray, y: np.ndarray) -> float:
     """ROC-AUC as the Mann-Whitney statistic with average ranks for ties (what
     `sklearn.metrics.roc_auc_score` computes, without its ~20 ms of input checks per call)."""
@@ -239,11 +262,15 @@ def select_c(x: np.ndarray, y: np.ndarray, cs: tuple[float, ...], seed: int) -> 
     return cs[int(np.argmax(scores))]
 
 
-def probe_auc(features: np.ndarray, split: ConceptSplit, cs: tuple[float, ...], seed: int = 0) -> tuple[float, float]:
-    """Test ROC-AUC of a logistic probe on `features` [pool rows, f] -> (auc, C used)."""
+def probe_auc(features: np.ndarray, split: ConceptSplit, cs: tuple[float, ...], seed: int = 0,
+              documents: np.ndarray | None = None) -> tuple[float, float, float | None]:
+    """Test ROC-AUC of a logistic probe on `features` [pool rows, f] -> (auc, C used, its
+    standard error over the test rows' documents, `documents` [pool rows]; None without them)."""
     train, test = _standardise(features[split.train].astype(np.float64), features[split.test].astype(np.float64))
     c = cs[0] if len(cs) == 1 else select_c(train, split.y_train, cs, seed)
-    return _auc(_fit(train, split.y_train, c), test, split.y_test), c
+    scores = _fit(train, split.y_train, c).decision_function(test)
+    se = None if documents is None else auc_se(scores, split.y_test, documents[split.test])
+    return roc_auc(scores, split.y_test), c, None if se is None or math.isnan(se) else se
 
 
 def linear_baseline(x: np.ndarray, pool: ProbePool, seed: int = 0) -> dict[str, dict]:
@@ -251,8 +278,8 @@ def linear_baseline(x: np.ndarray, pool: ProbePool, seed: int = 0) -> dict[str, 
     out = {}
     with one_blas_thread():
         for name, split in pool.splits.items():
-            auc, c = probe_auc(x, split, BASELINE_CS, seed)
-            out[name] = {"auc": auc, "C": c}
+            auc, c, se = probe_auc(x, split, BASELINE_CS, seed, pool.documents)
+            out[name] = {"auc": auc, "C": c, "se": se}
     return out
 
 
@@ -271,6 +298,9 @@ def sparse_probes(z: np.ndarray, pool: ProbePool, ks: tuple[int, ...] = PROBE_KS
     with one_blas_thread():
         for name, split in pool.splits.items():
             order = rank_latents(z, split)[: max(ks)]
-            out[name] = {f"k{k}": probe_auc(z[:, order[:k]], split, (SPARSE_C,))[0] for k in ks}
+            out[name] = {}
+            for k in ks:
+                auc, _, se = probe_auc(z[:, order[:k]], split, (SPARSE_C,), documents=pool.documents)
+                out[name] |= {f"k{k}": auc, f"k{k}_se": se}
             out[name]["latents"] = order.tolist()
     return out

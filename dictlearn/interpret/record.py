@@ -132,6 +132,7 @@ def _probe_details(pool: ProbePool, sparse: dict, baseline: dict) -> dict:
         split = pool.splits[name]
         out[name] = {**{k: v for k, v in sparse[name].items() if k != "latents"},
                      "linear": baseline[name]["auc"], "linear_C": baseline[name]["C"],
+                     "linear_se": baseline[name].get("se"),
                      "latents": sparse[name]["latents"], "n_train": int(len(split.train)),
                      "n_test": int(len(split.test))}
     return out
