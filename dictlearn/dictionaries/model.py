@@ -356,7 +356,14 @@ class Dictionary(nn.Module):
         return step or self._dense_step(x, y)
 
     def _dense_step(self, x: Tensor, y: Tensor, pre: Tensor | None = None) -> StepResult:
-        """The reference path over all d_sae latents."""
+        """The reference path over all d_sae latents. In full precision the encoder's backward is
+        `dense_affine`'s: the tied b_dec's gradient is −W_enc ∂b_enc, not the sum of a [batch, d_in]
+        gradient of x − b_dec (one [batch, d_sae] @ [d_sae, d_in] GEMM less, ~1/6 of a dense step).
+        Under autocast, autograd's own backward keeps the encoder's gradient GEMM in low precision."""
+        if pre is None and not torch.is_autocast_enabled(x.device.type):
+            with torch.no_grad():
+                pre = self.pre_acts(x)
+            pre = dense_affine(x, *self.encoder_affine(), pre)
         pre = self.pre_acts(x) if pre is None else pre
         return self._step(x, y, DenseLatents(pre), self.train_activate(pre))
 

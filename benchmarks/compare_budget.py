@@ -1,0 +1,166 @@
+"""Per-step cost of the default `dictlearn compare` sweep: where a member-step's time goes.
+
+Builds one seed's sweep exactly as `dictlearn compare` plans it on a CPU (7 architectures × L0
+8/16/32 = 21 members, d_sae 512, batch 1024, its optimiser, calibration and logging interval, the
+run length of 390 steps that sets the schedules) on a synthetic 128-wide file with a target, trains
+`--warmup` steps, then times `--steps` steps through `Trainer.fit` (no validation or checkpoints in
+the timed window: they are per-run costs, not per-step). Prints, for the timed steps:
+
+* wall ms per sweep step and per member-step, member-tokens/s;
+* achieved GFLOP/s of the useful FLOPs (docs/performance.md, "FLOP model of a compare sweep")
+  against two matmul rates measured in this process: compare's 1024² fp32 rate (what
+  timings.json records) and the step's own encoder GEMM shape;
+* the projection of the sweep's training time to a machine that reads 85 GFLOP/s.
+
+    python benchmarks/compare_budget.py                 # ~1 min on 2 cores
+    python benchmarks/compare_budget.py --profile       # + the top torch.profiler / cProfile entries per step
+
+Measure on a quiet machine (`uptime`); on a shared one, compare runs interleaved in the same
+minutes and report ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from dictlearn.compare.plan import CompareConfig, plan
+from dictlearn.compare.results import matmul_gflops
+from dictlearn.data import ActivationDataModule
+from dictlearn.data.synth import write_synth_file
+from dictlearn.training import DictionaryTraining, Member
+from dictlearn.training.calibration import SparsityCalibration
+
+D = 128
+
+
+def build(data: Path):
+    """(config, planned members of seed 0, DictionaryTraining, SparsityCalibration) as compare builds them."""
+    config = CompareConfig(data=str(data), input_key="acts", target_key="target", seeds=[0]).resolved()
+    group = plan(config)
+    members = {p.name: Member(p.build(D, D), "acts", "target" if p.mapping != "sae" else None, seed=p.seed)
+               for p in group}
+    calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated}, **config.calibration)
+    return config, group, DictionaryTraining(members), calibration
+
+
+class StepClock(L.Callback):
+    """Wall time of the steps after `warmup`; stops the run after `warmup + steps` (the run's
+    length, which sets every schedule, stays compare's). Optionally profiles the timed steps."""
+
+    def __init__(self, warmup: int, steps: int, profile: bool) -> None:
+        self.warmup, self.steps, self.profile = warmup, steps, profile
+        self.seconds, self.profilers = 0.0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup:
+            if self.profile:
+                self.profilers = (torch.profiler.profile(), cProfile.Profile())
+                self.profilers[0].__enter__()
+                self.profilers[1].enable()
+            self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup + self.steps:
+            self.seconds = time.perf_counter() - self.started
+            if self.profilers:
+                self.profilers[1].disable()
+                self.profilers[0].__exit__(None, None, None)
+            trainer.should_stop = True
+
+
+def useful_flops_per_token(group, l0: dict[str, float]) -> float:
+    """Sum over members of the FLOP model (docs/performance.md): the encoder's dense GEMMs (forward
+    and ∂W_enc: 4·d_in·d_sae), the decoder on the active latents (forward, ∂z, ∂W_dec: 6·L0·d_out),
+    a skip transcoder's W_skip (forward and gradient: 4·d_in·d_out)."""
+    total = 0.0
+    for p in group:
+        total += 4 * D * p.d_sae + 6 * l0[p.name] * D + (4 * D * D if p.mapping == "skip_transcoder" else 0)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps (default 60)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    parser.add_argument("--data", type=Path, default=None, help="an HDF5 file with 'acts' and 'target' [rows, 128]")
+    parser.add_argument("--profile", action="store_true", help="print the top torch.profiler and cProfile entries")
+    parser.add_argument("--top", type=int, default=25, help="entries printed per profiler (default 25)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="dictlearn_compare_budget_"))
+    data = args.data or work / "acts.h5"
+    if args.data is None:
+        write_synth_file(data, n_rows=1024 * (args.warmup + args.steps + 20), d=D, n_features=1024,
+                         mean_active=8, d_out=D)
+    config, group, module, calibration = build(data)
+    matmul = matmul_gflops()
+    clock = StepClock(args.warmup, args.steps, args.profile)
+    trainer = L.Trainer(
+        max_steps=config.steps, max_epochs=-1, accelerator="cpu", devices=1, precision="32-true",
+        gradient_clip_val=1.0, logger=L.pytorch.loggers.CSVLogger(save_dir=str(work), name="logs"),
+        callbacks=[calibration, clock], log_every_n_steps=max(1, min(50, config.steps // 20)),
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(work),
+    )  # fmt: skip
+    datamodule = ActivationDataModule(str(data), input_key="acts", batch_size=config.batch_size, seed=0)
+    trainer.fit(module, datamodule)
+    matmul_step = step_gemm_gflops(config.batch_size, group[0].d_sae)
+    report(args, config, group, module, clock, matmul, matmul_step)
+
+
+def step_gemm_gflops(batch: int, d_sae: int, repeats: int = 50) -> float:
+    """fp32 rate of the encoder's own GEMM shape ([batch, 128] @ [128, d_sae] + bias), best of `repeats`."""
+    x, w, b = torch.randn(batch, D), torch.randn(D, d_sae), torch.randn(d_sae)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.addmm(b, x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * batch * D * d_sae / best / 1e9
+
+
+def report(args, config, group, module, clock, matmul: float, matmul_step: float) -> None:
+    n, steps, batch = len(group), args.steps, config.batch_size
+    l0 = {name: float(value) for name, value in module.last_step_l0.items()}
+    step_s = clock.seconds / steps
+    flops = useful_flops_per_token(group, l0) * batch
+    achieved = flops / step_s / 1e9
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"sweep: {n} members of d_in {D} x d_sae {group[0].d_sae}, batch {batch}, {steps} timed steps after "
+          f"{args.warmup} (run length {config.steps})")
+    print(f"step {1e3 * step_s:.1f} ms; per member-step {1e3 * step_s / n:.2f} ms; "
+          f"{n * batch / step_s:,.0f} member-tokens/s")
+    print(f"useful FLOPs {flops / n / batch / 1e6:.3f} MFLOP per member-token; achieved {achieved:.1f} GFLOP/s = "
+          f"{100 * achieved / matmul:.0f} % of the 1024² matmul rate {matmul:.1f} GFLOP/s "
+          f"({100 * achieved / matmul_step:.0f} % of the step's GEMM shape, {matmul_step:.1f} GFLOP/s)")
+    train_s = step_s * config.steps
+    print(f"one seed's sweep ({config.steps} steps): {train_s:.0f} s here, {train_s * matmul / 85:.0f} s projected "
+          f"to 85 GFLOP/s (time scaled by {matmul:.0f}/85)")
+    if clock.profilers:
+        print(f"\n--- torch.profiler, self CPU time per step (of {steps} steps)")
+        averages = clock.profilers[0].key_averages()
+        for event in sorted(averages, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+            print(f"{event.self_cpu_time_total / steps / 1e3:8.2f} ms {event.count / steps:7.1f} calls  {event.key}")
+        print(f"\n--- cProfile, cumulative time per step (of {steps} steps; includes the profiler's overhead)")
+        stats = pstats.Stats(clock.profilers[1])
+        rows = sorted(stats.stats.items(), key=lambda item: -item[1][3])[: args.top]
+        for (file, line, name), (_, calls, own, cumulative, _) in rows:
+            where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
+            print(f"{cumulative / steps * 1e3:8.2f} ms cum {own / steps * 1e3:7.2f} ms own {calls / steps:7.1f} calls  "
+                  f"{name} ({where})")
+
+
+if __name__ == "__main__":
+    main()
