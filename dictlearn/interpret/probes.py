@@ -222,21 +222,24 @@ def _auc(model, x: np.ndarray, y: np.ndarray) -> float:
 def auc_se(scores: np.ndarray, y: np.ndarray, documents: np.ndarray, n_boot: int = N_BOOT,
            seed: int = BOOTSTRAP_SEED) -> float:
     """Bootstrap standard error of `roc_auc(scores, y)` over whole documents: scores [n], y [n]
-    bool, documents [n] ids. Each resample weights a row by how often its document was drawn
-    (dictlearn.metrics.bootstrap's counts), and the weighted Mann-Whitney AUC (a tie counts
-    half) is computed for all resamples at once. NaN with fewer than 2 documents."""
+    bool, documents [n] ids; NaN with fewer than 2 documents.
+
+    The AUC is the share of (positive, negative) pairs ordered right, a tie counting half. A
+    resample draws document a c_a times, which weights each pair of documents (a, b) by c_a c_b:
+    with wins[a, b] the pairs' credit between a's positives and b's negatives, the resample's AUC
+    is cᵀ·wins·c / ((c·positives)(c·negatives)), one small matrix product for all resamples
+    (dictlearn.metrics.bootstrap's counts)."""
     ids, doc = np.unique(documents, return_inverse=True)
     if len(ids) < 2:
         return float("nan")
-    order = np.argsort(scores, kind="stable")
-    s, y, doc = scores[order], y[order].astype(bool), doc[order]
-    weights = resample_counts(len(ids), n_boot, seed)[:, doc].astype(np.float64)  # [n_boot, n]
-    new_run = np.r_[True, s[1:] != s[:-1]]  # the first row of each run of tied scores
-    negatives = np.add.reduceat(weights * ~y, np.flatnonzero(new_run), axis=1)  # [n_boot, runs]
-    credit = (np.cumsum(negatives, axis=1) - 0.5 * negatives)[:, np.cumsum(new_run) - 1]  # below + half the tied
-    positives = weights * y
+    y = y.astype(bool)
+    pos, neg = scores[y], scores[~y]
+    credit = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])  # [n_pos, n_neg]
+    one_hot = np.eye(len(ids))[doc]  # [n, documents]
+    wins = one_hot[y].T @ credit @ one_hot[~y]  # [documents, documents]
+    counts = resample_counts(len(ids), n_boot, seed).astype(np.float64)  # [n_boot, documents]
     with np.errstate(divide="ignore", invalid="ignore"):
-        aucs = (positives * credit).sum(1) / (positives.sum(1) * negatives.sum(1))
+        aucs = ((counts @ wins) * counts).sum(1) / ((counts @ one_hot[y].sum(0)) * (counts @ one_hot[~y].sum(0)))
     aucs = aucs[np.isfinite(aucs)]  # a resample without one of the classes has no AUC
     return float(aucs.std(ddof=1)) if len(aucs) > 1 else float("nan")
 

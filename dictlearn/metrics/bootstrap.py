@@ -20,6 +20,8 @@ are then scored on the same resamples). The counts are those of
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -29,10 +31,15 @@ BOOTSTRAP_SEED = 0
 MIN_DOCUMENTS = 2  # one document gives no spread to resample
 
 
+@functools.lru_cache(maxsize=64)
 def resample_counts(n_documents: int, n_boot: int = N_BOOT, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """int [n_boot, n_documents]: how often each document is drawn in each resample."""
+    """int [n_boot, n_documents] (read-only): how often each document is drawn in each resample.
+    A pure function of its arguments, kept because drawing it costs more than using it (probes
+    ask for the same shape ~100 times per dictionary)."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_documents, np.full(n_documents, 1.0 / n_documents), size=n_boot)
+    counts = rng.multinomial(n_documents, np.full(n_documents, 1.0 / n_documents), size=n_boot)
+    counts.setflags(write=False)
+    return counts
 
 
 def ratio_se(numerators, denominators, n_boot: int = N_BOOT, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
