@@ -452,7 +452,7 @@ class DownstreamCache:
         windows = next(k for k, v in self.windows.items() if v is batches)
         key = (lm.name, site, windows, tuple(mean.tolist()))
         if key not in self.cleans:
-            self.cleans[key] = clean_runs(lm.model, site, batches, mean, self.documents[windows])
+            self.cleans[key] = clean_runs(lm.model, site, batches, mean, self.documents.get(windows))
         return self.cleans[key]
 
 
@@ -481,6 +481,8 @@ class SplicedInputs:
             ) -> tuple[dict[str, float], int]:
         """The dictionary's downstream metrics (with their `_se` when `standard_errors`): one
         spliced forward per batch, the clean and ablated runs computed once."""
+        if self.cache is None:
+            self.cache = DownstreamCache(str(_device(self.lm)), windows={("given",): self.batches})
         clean = self.cache.clean(self.lm, self.site, self.batches, self.mean_activation)
         clean = clean if standard_errors else dataclasses.replace(clean, documents=None)
         return downstream_metrics(self.lm.model, dictionary, self.site, self.batches, self.mean_activation, clean)

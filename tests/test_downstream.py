@@ -356,3 +356,13 @@ def test_downstream_standard_errors_resample_documents(gpt2, batches):
     assert metrics["ce_loss_recovered_se"] == pytest.approx(np.std(recovered, ddof=1), rel=1e-9)
     assert metrics["kl_div_se"] == pytest.approx(np.std(kls, ddof=1), rel=1e-9)
     assert metrics["kl_div_se"] > 0
+
+
+def test_spliced_inputs_built_by_hand_run_and_keep_their_clean_runs(gpt2, batches):
+    from dictlearn.downstream import SplicedInputs
+
+    lm = type("LM", (), {"model": gpt2, "name": "tiny"})()
+    inputs = SplicedInputs(lm, SpliceSite("transformer.h.0"), list(batches), torch.zeros(D), None, SEQ)
+    first, n = inputs.run(torch.nn.Identity())
+    assert first["kl_div"] == pytest.approx(0.0, abs=1e-10) and "kl_div_se" not in first
+    assert len(inputs.cache.cleans) == 1 and inputs.run(torch.nn.Identity(), standard_errors=True)[1] == n
