@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # loading imports transformers: only where a model is loaded
 # (seeded whole blocks): within ~1e-2 σ of the full mean, and the same for every dictionary.
 MEAN_SAMPLE_ROWS = 65_536
 DOWNSTREAM_STREAM = 17  # seed stream of the windows drawn from held-out documents
+CLEAN_LOGITS_BYTES = 1 << 30  # clean logits kept between dictionaries up to this size (`clean_runs`)
 
 TokenBatch = tuple[Tensor, Tensor]  # (tokens [batch, context], special [batch, context] bool)
 Replacement = Callable[[Tensor, Tensor], Tensor]
@@ -195,7 +196,7 @@ class CleanRuns:
 
     def metrics(self, losses: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[dict[str, float], int]:
         """losses: per batch (ce_clean, ce_spliced, kl) [n] -> (metrics, n predictions)."""
-        metric = DownstreamMetrics().to(self.logits[0].device)
+        metric = DownstreamMetrics().to(self.targets[0].device)
         for (ce_clean, ce_spliced, kl), zero, mean in zip(losses, self.ce_zero, self.ce_mean):
             metric.update(losses=(ce_clean, ce_spliced, zero, mean, kl))
         if int(metric.n_tokens) == 0:
@@ -233,7 +234,10 @@ def clean_runs(model: nn.Module, site: SpliceSite, batches: list[TokenBatch], me
             clean = model(tokens, use_cache=False).logits
         mask = ~special[:, :-1] & ~special[:, 1:]
         target = tokens[:, 1:][mask]
-        runs.logits.append(clean[:, :-1][mask])
+        # kept while all batches' logits fit the budget (a byte vocabulary: a few MB); a 50k
+        # vocabulary's would not, and each dictionary reruns the clean forward instead
+        keep_logits = clean[:, :-1][mask]
+        runs.logits.append(keep_logits if keep_logits.nbytes * len(batches) <= CLEAN_LOGITS_BYTES else None)
         runs.targets.append(target)
         for new, into in ((zero_replacement, runs.ce_zero), (mean_replacement(mean_activation), runs.ce_mean)):
             into.append(token_cross_entropy(run_replaced(model, tokens, site, new, special)[:, :-1][mask], target))
@@ -261,7 +265,10 @@ def spliced_losses(model: nn.Module, dictionary: Callable[[Tensor], Tensor], sit
         else:
             logits = run_replaced(model, tokens, site, new, special, _from_block(model, clean, b))
         mask = ~special[:, :-1] & ~special[:, 1:]
-        out.append(spliced_token_losses(clean.logits[b], logits[:, :-1][mask], clean.targets[b]))
+        clean_logits = clean.logits[b]
+        if clean_logits is None:
+            clean_logits = model(tokens, use_cache=False).logits[:, :-1][mask]
+        out.append(spliced_token_losses(clean_logits, logits[:, :-1][mask], clean.targets[b]))
     return out
 
 
