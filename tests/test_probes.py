@@ -216,3 +216,20 @@ def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_g
     assert "topk no interval for number" in probe_sentences(bare)[1]
     drawn = draw(lines, tmp_path / "figures", [])
     assert {d.stem for d in drawn} == {"l0_probe_auc", "l0_concept_coverage"}
+
+
+def test_newton_logistic_is_sklearns_minimiser():
+    """The sparse probes' solver reaches scikit-learn's L2 logistic solution (run to a tight
+    tolerance), including a nearly separable case where full Newton steps overshoot."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dictlearn.interpret.probes import newton_logistic
+
+    rng = np.random.default_rng(4)
+    for scale, c in ((0.5, 1.0), (6.0, 1.0), (1.0, 0.01)):
+        x = rng.normal(size=(400, 8))
+        y = (x @ rng.normal(size=8) * scale + rng.normal(size=400)) > 0.3
+        theta = newton_logistic(x, y, c)
+        reference = LogisticRegression(C=c, tol=1e-12, max_iter=100_000).fit(x, y)
+        np.testing.assert_allclose(theta[:-1], reference.coef_[0], rtol=1e-5, atol=1e-6)
+        assert theta[-1] == pytest.approx(reference.intercept_[0], rel=1e-5, abs=1e-6)

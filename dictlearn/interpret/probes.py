@@ -54,6 +54,7 @@ BASELINE_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 SPARSE_C = 1.0
 PSEUDO_DOCUMENT_ROWS = 512  # rows per stand-in document in files without doc_index
 MAX_ITER = 1000
+NEWTON_FEATURES = 32  # probes on at most this many features are fitted by `newton_logistic`
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,38 @@ def _auc(model, x: np.ndarray, y: np.ndarray) -> float:
     return roc_auc(model.decision_function(x), y)
 
 
+def newton_logistic(x: np.ndarray, y: np.ndarray, c: float, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
+    """x [n, f] float64, y [n] bool -> [f + 1] (weights, intercept): the minimiser of
+    scikit-learn's L2 logistic objective ½‖w‖² + C Σ log(1 + exp(−s_i (x_i·w + b))), s = ±1,
+    the intercept unpenalised, by Newton's method (halving a step that does not lower it).
+
+    For the sparse probes' few features an [f + 1]² Newton system is solved in microseconds,
+    where scikit-learn's lbfgs paid ~12 ms of set-up per fit (80 fits per dictionary), and it
+    converges further (to `tol` in the step, lbfgs stops at 1e-4)."""
+    from scipy.special import expit, log_expit
+
+    design = np.hstack([x, np.ones((len(x), 1))])
+    penalty = np.r_[np.full(x.shape[1], 1.0 / c), 0.0]  # the objective divided by C
+    sign, target = np.where(y, 1.0, -1.0), y.astype(np.float64)
+    objective = lambda theta: -log_expit(sign * (design @ theta)).sum() + 0.5 * (penalty * theta**2).sum()
+    theta = np.zeros(x.shape[1] + 1)
+    current = objective(theta)
+    for _ in range(max_iter):
+        p = expit(design @ theta)
+        gradient = design.T @ (p - target) + penalty * theta
+        hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty)
+        step = np.linalg.solve(hessian, gradient)
+        for _ in range(30):  # a full Newton step almost always lowers it; halve when not
+            candidate = objective(theta - step)
+            if candidate <= current:
+                break
+            step = step / 2
+        theta, current = theta - step, candidate
+        if np.abs(step).max() < tol:
+            break
+    return theta
+
+
 def auc_se(scores: np.ndarray, y: np.ndarray, documents: np.ndarray, n_boot: int = N_BOOT,
            seed: int = BOOTSTRAP_SEED) -> float:
     """Bootstrap standard error of `roc_auc(scores, y)` over whole documents: scores [n], y [n]
@@ -271,7 +304,11 @@ def probe_auc(features: np.ndarray, split: ConceptSplit, cs: tuple[float, ...], 
     standard error over the test rows' documents, `documents` [pool rows]; None without them)."""
     train, test = _standardise(features[split.train].astype(np.float64), features[split.test].astype(np.float64))
     c = cs[0] if len(cs) == 1 else select_c(train, split.y_train, cs, seed)
-    scores = _fit(train, split.y_train, c).decision_function(test)
+    if train.shape[1] <= NEWTON_FEATURES:
+        theta = newton_logistic(train, split.y_train, c)
+        scores = test @ theta[:-1] + theta[-1]
+    else:
+        scores = _fit(train, split.y_train, c).decision_function(test)
     se = None if documents is None else auc_se(scores, split.y_test, documents[split.test])
     return roc_auc(scores, split.y_test), c, None if se is None or math.isnan(se) else se
 
@@ -301,9 +338,13 @@ def sparse_probes(z: np.ndarray, pool: ProbePool, ks: tuple[int, ...] = PROBE_KS
     with one_blas_thread():
         for name, split in pool.splits.items():
             order = rank_latents(z, split)[: max(ks)]
+            rows = np.concatenate([split.train, split.test])  # only this concept's rows, top latents
+            local = ConceptSplit(np.arange(len(split.train)), np.arange(len(split.train), len(rows)),
+                                 split.y_train, split.y_test)
+            features, documents = z[rows][:, order], pool.documents[rows]
             out[name] = {}
             for k in ks:
-                auc, _, se = probe_auc(z[:, order[:k]], split, (SPARSE_C,), documents=pool.documents)
+                auc, _, se = probe_auc(features[:, :k], local, (SPARSE_C,), documents=documents)
                 out[name] |= {f"k{k}": auc, f"k{k}_se": se}
             out[name]["latents"] = order.tolist()
     return out
