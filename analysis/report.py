@@ -230,7 +230,8 @@ def _split_line(lines: list[dict]) -> str:
     rows = ", ".join(f"{v:,}" for v in _distinct(lines, "heldout_rows"))
     documents = ", ".join(f"{v:,}" for v in _distinct(lines, "heldout_documents") if v is not None)
     if kinds == ["documents"]:
-        return f"Held-out rows: {rows} from {documents} held-out documents that no training row shares"
+        plural = "" if documents == "1" else "s"
+        return f"Held-out rows: {rows} from {documents} held-out document{plural} that no training row shares"
     return (f"Held-out rows: {rows}, the block tail of the file (it records no held-out documents"
             + (f"; {documents} documents there" if documents else "") + "): they may share documents with the "
             "last training rows, and their standard errors are not known")
