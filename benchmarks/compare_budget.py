@@ -58,7 +58,7 @@ class StepClock(L.Callback):
 
     def __init__(self, warmup: int, steps: int, profile: bool) -> None:
         self.warmup, self.steps, self.profile = warmup, steps, profile
-        self.seconds, self.profilers = 0.0, None
+        self.seconds, self.cpu_seconds, self.profilers = 0.0, 0.0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.warmup:
@@ -66,11 +66,12 @@ class StepClock(L.Callback):
                 self.profilers = (torch.profiler.profile(), cProfile.Profile())
                 self.profilers[0].__enter__()
                 self.profilers[1].enable()
-            self.started = time.perf_counter()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self.warmup + self.steps:
             self.seconds = time.perf_counter() - self.started
+            self.cpu_seconds = time.process_time() - self.cpu_started
             if self.profilers:
                 self.profilers[1].disable()
                 self.profilers[0].__exit__(None, None, None)
@@ -141,7 +142,8 @@ def report(args, config, group, module, clock, matmul: float, matmul_step: float
     print(f"sweep: {n} members of d_in {D} x d_sae {group[0].d_sae}, batch {batch}, {steps} timed steps after "
           f"{args.warmup} (run length {config.steps})")
     print(f"step {1e3 * step_s:.1f} ms; per member-step {1e3 * step_s / n:.2f} ms; "
-          f"{n * batch / step_s:,.0f} member-tokens/s")
+          f"{n * batch / step_s:,.0f} member-tokens/s; process CPU time {1e3 * clock.cpu_seconds / steps:.1f} ms "
+          "per step (less sensitive than wall time to other load)")
     print(f"useful FLOPs {flops / n / batch / 1e6:.3f} MFLOP per member-token; achieved {achieved:.1f} GFLOP/s = "
           f"{100 * achieved / matmul:.0f} % of the 1024² matmul rate {matmul:.1f} GFLOP/s "
           f"({100 * achieved / matmul_step:.0f} % of the step's GEMM shape, {matmul_step:.1f} GFLOP/s)")

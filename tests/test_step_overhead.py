@@ -49,3 +49,26 @@ def test_dense_step_gradients_equal_the_plain_formula_in_float64():
     (x - y_hat).pow(2).sum(-1).mean().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-11, atol=1e-12, msg=name)
+
+
+def test_sweep_clipping_from_the_shared_norms_equals_clip_grad_norm_per_member():
+    from dictlearn.dictionaries import TopKSAE
+    from dictlearn.training import DictionaryTraining
+
+    torch.manual_seed(0)
+    module = DictionaryTraining({"a": TopKSAE(d_in=8, d_sae=32, k=4), "b": _relu_sae()})
+    for p in module.parameters():
+        p.grad = torch.randn_like(p) * (10.0 if p.shape[0] == 16 else 0.01)  # one member clipped, one not
+    original = {n: p.grad.clone() for n, p in module.named_parameters()}
+    expected = {}
+    for name, member in module.members.items():  # what each member alone gets: project, then clip
+        member.constrain_gradient()
+        torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
+        expected[name] = {n: p.grad.clone() for n, p in member.named_parameters()}
+    for n, p in module.named_parameters():
+        p.grad = original[n].clone()
+    module.on_before_optimizer_step(None)
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    for name, member in module.members.items():
+        for n, p in member.named_parameters():
+            assert torch.equal(p.grad, expected[name][n]), (name, n)  # bitwise: the same arithmetic

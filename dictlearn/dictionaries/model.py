@@ -432,7 +432,7 @@ class Dictionary(nn.Module):
         """Dead-latent counters in tokens: fire_counts [d_sae] over n_tokens tokens (summed over
         DDP ranks by the caller: a latent that fired on any rank fired)."""
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fire_counts > 0] = 0
+        self.tokens_since_fired.masked_fill_(fire_counts > 0, 0)  # not a boolean index: no device sync
 
     @torch.no_grad()
     def constrain_gradient(self) -> None:

@@ -145,14 +145,10 @@ class DictionaryTraining(L.LightningModule):
             y = x if y_raw is x_raw else y_raw * member.target_scale
             result = member.training_losses(x, y)
             member_loss = sum(result.losses.values())
-            if not torch.isfinite(member_loss):
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
-                raise NonFiniteError(
-                    f"{self._label(name)}step {self.global_step} (batch {batch_idx}): loss is {member_loss.item()} "
-                    f"({terms}); lower --model.lr or check the data scale; no checkpoint was written for this step"
-                )
             results[name] = (y_raw, result, member_loss)
             loss = loss + member_loss
+        if not torch.isfinite(loss):  # one check (a device sync) for all members; name the first bad one
+            self._raise_nonfinite_loss(results, batch_idx)
         with torch.no_grad():
             # this step's training L0 per member, a 0-d tensor (read by sparsity controllers)
             self.last_step_l0 = {name: r[1].fire_counts.sum() / len(batch[0]) for name, r in results.items()}
@@ -160,6 +156,15 @@ class DictionaryTraining(L.LightningModule):
             for name, (y_raw, result, member_loss) in results.items():
                 self._log_train(name, y_raw, result, len(batch[0]), member_loss)
         return loss
+
+    def _raise_nonfinite_loss(self, results: dict, batch_idx: int) -> None:
+        for name, (_, result, member_loss) in results.items():
+            if not torch.isfinite(member_loss):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
+                raise NonFiniteError(
+                    f"{self._label(name)}step {self.global_step} (batch {batch_idx}): loss is {member_loss.item()} "
+                    f"({terms}); lower --model.lr or check the data scale; no checkpoint was written for this step"
+                )
 
     def _update_fired(self, fire_counts: dict[str, Tensor], n_tokens: int) -> None:
         """Every member's dead-latent counters; a latent that fired on any rank fired (one
@@ -178,10 +183,14 @@ class DictionaryTraining(L.LightningModule):
         counts = dict(fire_counts=result.fire_counts, n_tokens=n_tokens, sum_abs=result.sum_abs)
         metrics.train_sparsity.update(**counts)
         metrics.train_density.update(**counts)
-        self.log(f"{prefix}train/loss", loss, prog_bar=len(self.members) == 1)
-        for term, value in result.losses.items():
-            self.log(f"{prefix}train/loss_{term}", value)
-        if (self.global_step + 1) % max(1, getattr(self._trainer, "log_every_n_steps", 1)) == 0:
+        log_step = (self.global_step + 1) % max(1, getattr(self._trainer, "log_every_n_steps", 1)) == 0
+        # A step's losses reach the logger at log steps only; a sweep skips the other steps' `log`
+        # calls (~60 per step for 21 members). One dictionary logs every step: its progress bar shows the loss.
+        if log_step or len(self.members) == 1:
+            self.log(f"{prefix}train/loss", loss, prog_bar=len(self.members) == 1)
+            for term, value in result.losses.items():
+                self.log(f"{prefix}train/loss_{term}", value)
+        if log_step:
             self._log_metrics(f"{prefix}train", metrics.train_reconstruction, metrics.train_sparsity, dense=False)
             attribute = coefficient_attribute(member)
             if attribute is not None:  # λ, which calibration moves and a warm-up scales
@@ -209,9 +218,16 @@ class DictionaryTraining(L.LightningModule):
         return self.trainer.strategy.broadcast(tensor, src=0) if self.trainer.world_size > 1 else tensor
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for name, member in self.members.items():
-            check_gradients_finite(member.named_parameters(), self.global_step, self._label(name))
+        for member in self.members.values():
             member.constrain_gradient()
+        # Every gradient's norm in one foreach call: the finite check for all members (one
+        # sync) and, reused by `configure_gradient_clipping`, each member's clipping norm.
+        grads = [[p.grad for p in m.parameters() if p.grad is not None] for m in self.members.values()]
+        norms = torch._foreach_norm([g for member_grads in grads for g in member_grads], 2.0)
+        self._grad_norms = list(zip(grads, _split(norms, [len(g) for g in grads])))
+        if norms and not torch.isfinite(torch.stack(norms).sum()):
+            for name, member in self.members.items():
+                check_gradients_finite(member.named_parameters(), self.global_step, self._label(name))
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Renormalise right after the step, before any callback (a checkpoint, say) sees W_dec.
@@ -294,13 +310,21 @@ class DictionaryTraining(L.LightningModule):
         # Each member is clipped by its own gradient norm, as it would be alone. Directly, not
         # through Lightning's plugin, which refuses any optimizer that unscales its own gradients
         # (fused Adam) under mixed precision; gradients are already unscaled here.
+        norms, self._grad_norms = getattr(self, "_grad_norms", None), None
         if not gradient_clip_val:
             return
-        for member in self.members.values():
-            if gradient_clip_algorithm == "value":
+        if gradient_clip_algorithm == "value":
+            for member in self.members.values():
                 torch.nn.utils.clip_grad_value_(member.parameters(), gradient_clip_val)
-            else:
+            return
+        if norms is None:  # no on_before_optimizer_step (a loop of its own)
+            for member in self.members.values():
                 torch.nn.utils.clip_grad_norm_(member.parameters(), gradient_clip_val)
+            return
+        for member_grads, member_norms in norms:  # clip_grad_norm_'s arithmetic, on the norms above
+            if member_grads:
+                total = torch.linalg.vector_norm(torch.stack(member_norms), 2.0)
+                torch._foreach_mul_(member_grads, torch.clamp(gradient_clip_val / (total + 1e-6), max=1.0))
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -356,6 +380,12 @@ def _as_members(members) -> dict[str, Member]:
         if not isinstance(specs[str(name)].dictionary, Dictionary):
             raise ConfigError(f"sweep member {name!r} is not a dictlearn Dictionary")
     return specs
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    """items cut into consecutive runs of `sizes`."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[start:start + size] for start, size in zip(starts, sizes)]
 
 
 def _prefixed_state(state_dict: dict, name: str) -> dict:
