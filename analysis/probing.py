@@ -116,6 +116,7 @@ def probe_sentences(lines: list[dict]) -> list[str]:
                  f"the probed concepts); the sparse probes, over all dictionaries: {spans}. A sparse probe matches "
                  "the linear one on a concept when its 95 % interval (seed spread and a bootstrap over the test "
                  "documents) includes the linear probe's AUC."]
+    judged = []
     for target in targets(lines):
         concepts = _concept_means(lines, target)
         for k in KS:
@@ -129,8 +130,13 @@ def probe_sentences(lines: list[dict]) -> list[str]:
                         "above" if ks[k][0] > entry["linear"] else "short")
                     verdicts.setdefault(series, {}).setdefault(outcome, []).append(concept)
             if verdicts:
-                sentences.append(_verdict(target, k, verdicts))
-    return sentences
+                judged.append((target, k, verdicts))
+    if judged and all(set(v) == {"unknown"} for _, _, by_series in judged for v in by_series.values()):
+        # one sentence, not one list of every concept per target, k and architecture
+        return sentences + ["No probe result carries an interval (its standard errors were not recorded, e.g. "
+                            "results of an older dictlearn evaluate), so nothing here says whether a sparse probe "
+                            "matches the linear one; the table shows the AUCs."]
+    return sentences + [_verdict(target, k, verdicts) for target, k, verdicts in judged]
 
 
 def _verdict(target, k: int, verdicts: dict) -> str:

@@ -213,7 +213,8 @@ def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_g
     # without standard errors nothing is said to match
     bare = from_records([_line("topk", 8, 0, {"number": 0.99}, {"number": 0.99}, {"number": 0.99}, se=None)],
                         str(tmp_path / "bare.jsonl"))
-    assert "topk no interval for number" in probe_sentences(bare)[1]
+    assert probe_sentences(bare)[1].startswith("No probe result carries an interval")
+    assert len(probe_sentences(bare)) == 2  # one sentence, not a list per target, k and architecture
     drawn = draw(lines, tmp_path / "figures", [])
     assert {d.stem for d in drawn} == {"l0_probe_auc", "l0_concept_coverage"}
 
