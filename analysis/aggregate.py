@@ -4,7 +4,7 @@ A point is the mean over the seeds of one dictionary setting (same series, same 
 the 95 % confidence interval of that mean (Student t over seeds: mean ± t(0.975, n−1)·s/√n) as
 its spread, in L0 and in the metric. With one seed there is no interval (the bar is the point).
 Whether two series differ is not read off these bars: the summary's verdicts pair the seeds
-(dictlearn.compare.verdicts).
+(dictlearn.analysis.verdicts).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ Z = 1.959964  # 95 % normal quantile for the probe intervals
 def _seed_mean(aucs: list[float], ses: list[float | None]) -> tuple[float, float | None]:
     """(mean, standard error) of one series' AUC over seeds. The seeds share the test documents,
     so their bootstrap errors do not average out: SE² = s²/n (seed spread) + mean(se²), as
-    dictlearn.compare.statistics adds evaluation error to seed variance. None without any se."""
+    dictlearn.analysis.statistics adds evaluation error to seed variance. None without any se."""
     n = len(aucs)
     mean = sum(aucs) / n
     known = [se for se in ses if se is not None]

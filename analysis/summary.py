@@ -4,7 +4,7 @@ Who leads is decided at equal *measured* L0, never at a nominal target: at each 
 series' metric is interpolated along log L0 between its own measured points, seed by seed
 (nothing is extrapolated: a curve that does not reach the target is not ranked there), and the
 best seed mean leads. Whether the lead is real comes from `verdicts.json`
-(dictlearn.compare.verdicts): every pair of series of a mapping (SAEs, transcoders), metric and L0
+(dictlearn.analysis.verdicts): every pair of series of a mapping (SAEs, transcoders), metric and L0
 target, a paired t-test over seeds, Holm-corrected over every cell of the report. Then: settings
 off their L0 target, dead and dense latents, shrinkage. Thresholds are module constants, so the
 docs and the sentences cannot drift apart.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from dictlearn.analysis.aggregate import Point, aggregate
 from dictlearn.analysis.results import series_label, site, value
-from dictlearn.compare.verdicts import L0_TOLERANCE, build_verdicts, interpolate_at_l0
+from dictlearn.analysis.verdicts import L0_TOLERANCE, build_verdicts, interpolate_at_l0
 
 #: (metric, name in sentences, True when higher is better)
 FRONTIER_METRICS = (("fvu", "FVU", False), ("ce_loss_recovered", "CE loss recovered", True), ("kl_div", "KL", False))

@@ -32,8 +32,6 @@ LAYERS = {
 KNOWN_UPWARD = {
     # evaluate measures probes and coverage: they belong in metrics/ (concept metrics)
     ("dictlearn.evaluate", "dictlearn.interpret"),
-    # the verdict statistics sit in compare/ while the report reads them: move them to analysis/
-    ("dictlearn.analysis", "dictlearn.compare"),
 }
 
 

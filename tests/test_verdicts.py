@@ -1,4 +1,4 @@
-"""dictlearn.compare.statistics and .verdicts: interpolation at matched L0 against a closed form, the
+"""dictlearn.analysis.statistics and .verdicts: interpolation at matched L0 against a closed form, the
 paired t-test and Holm against hand-worked float64 numbers, A/A simulations of the family-wise
 false-positive rate through `build_verdicts`, A/B with a true gap, and bad input that must be
 named, not crash."""
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dictlearn.compare.statistics import (
+from dictlearn.analysis.statistics import (
     ALPHA, bootstrap_mean_se, common_l0, holm, interpolate_at_l0, off_target, paired_test,
 )  # fmt: skip
-from dictlearn.compare.verdicts import DIRECTIONS, build_verdicts, sentence
+from dictlearn.analysis.verdicts import DIRECTIONS, build_verdicts, sentence
 from dictlearn.errors import ConfigError
 
 TARGETS = (8.0, 16.0, 32.0)

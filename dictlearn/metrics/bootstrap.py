@@ -15,7 +15,7 @@ The resamples are one [n_boot, documents] count matrix and two matrix products: 
 milliseconds for 1,000 resamples of a few hundred documents. A fixed seed makes the same
 documents give the same errors every run (and across the dictionaries of a comparison, which
 are then scored on the same resamples). The counts are those of
-`dictlearn.compare.statistics.bootstrap_mean_se` for the same seed.
+`dictlearn.analysis.statistics.bootstrap_mean_se` for the same seed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The statistics of a comparison's verdicts (dictlearn.compare.verdicts writes them).
+"""The statistics of a comparison's verdicts (dictlearn.analysis.verdicts writes them).
 
 A verdict compares two series (architectures) on one metric at one L0, and says `better`, `worse`
 or `not distinguishable` for the first series against the second. How each part is decided:

@@ -2,7 +2,7 @@
 
 One record per compared pair, metric and L0 target (DESIGN.md's contract): the two series, the L0
 they are compared at, each paired seed's values and difference, the interval, the test, its Holm p
-and the claim, or the reason it cannot be tested. The method is dictlearn.compare.statistics's
+and the claim, or the reason it cannot be tested. The method is dictlearn.analysis.statistics's
 docstring; docs/compare.md says it for users.
 """
 
@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dictlearn.compare.statistics import (
+from dictlearn.analysis.statistics import (
     ALPHA, CONFIDENCE, L0_TOLERANCE, Curve, bootstrap_mean_se, claims, common_l0, holm, interpolate_at_l0,
     off_target, paired_test,
 )  # fmt: skip
