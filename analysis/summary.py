@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 
 from dictlearn.analysis.aggregate import Point, aggregate
-from dictlearn.analysis.results import series_label, site, value
+from dictlearn.analysis.results import group_by_site, series_label, site, value
+from dictlearn.analysis.statistics import claims, holm
 from dictlearn.analysis.verdicts import L0_TOLERANCE, build_verdicts, interpolate_at_l0
 
 #: (metric, name in sentences, True when higher is better)
@@ -35,10 +36,30 @@ def mapping_group(line: dict) -> str:
 
 
 def verdicts(lines: list[dict]) -> dict:
-    """The verdicts.json document of a report's lines (every site): each pair of series within a
-    (site, mapping group), on each frontier metric and L0 target; Holm over all of them."""
+    """The verdicts.json document of a report's lines (every site): a record for each pair of
+    series within a (site, mapping group), frontier metric and L0 target.
+
+    The report claims one thing per (site, mapping group, metric, L0 target): whether the leader
+    is ahead of the runner-up. Those records are the report's family (`family: "report"`), and
+    Holm corrects over them alone, so the chance of any false claim in the report is at most
+    alpha. Every other pair keeps the correction over all pairs (`family: "all pairs"`), stricter,
+    for a reader who looks further in the file."""
     directions = {metric: "higher" if higher else "lower" for metric, _, higher in FRONTIER_METRICS}
-    return build_verdicts(lines, directions, series=lambda line: series_label(line["_series"]), group=group_key)
+    document = build_verdicts(lines, directions, series=lambda line: series_label(line["_series"]), group=group_key)
+    records = document["records"]
+    family = {id(lead.record) for site_lines in group_by_site(lines).values()
+              for metric, _, higher in FRONTIER_METRICS
+              for lead in leads(site_lines, [r for r in records if record_group(r)[:2] == list(site(site_lines[0]))],
+                                metric, higher) if lead.record is not None}
+    chosen = [r for r in records if id(r) in family and r.get("p") is not None]
+    adjusted = holm([r["p"] for r in chosen]) if chosen else []
+    for r in records:
+        r["family"] = "report" if id(r) in family else "all pairs"
+    for r, p in zip(chosen, adjusted):
+        r["p_holm"] = float(p)
+        r["claim"] = claims([r["mean_difference"]], [p], r["direction"], document["alpha"])[0]
+    document["report_family_size"] = len(chosen)
+    return document
 
 
 def group_key(line: dict) -> str:
@@ -197,8 +218,9 @@ def leader_sentences(lines: list[dict], records: list[dict]) -> list[str]:
             if ahead:
                 tail.append(f"ahead of the runner-up by a paired test over seeds (Holm-corrected) at L0 {_targets(ahead)}")
             if tied:
-                n = min((r.n_seeds for lead in found for r in lead.ranked[:2]), default=0)
-                tail.append(f"not distinguishable from the runner-up with {n} seed{'s' * (n != 1)} at L0 {_targets(tied)}")
+                counts = sorted({lead.record.get("n_seeds") or 0 for lead in found if lead.target in tied and lead.record})
+                n = "/".join(map(str, counts)) or "0"
+                tail.append(f"not distinguishable from the runner-up with {n} seed{'s' * (n != '1')} at L0 {_targets(tied)}")
             among = f" among {group}" if several else ""
             sentences.append(f"Best {name}{among} at equal L0: {', '.join(parts)}"
                              + (f"; {'; '.join(tail)}" if tail else "") + ".")
@@ -213,15 +235,17 @@ def leader_sentences(lines: list[dict], records: list[dict]) -> list[str]:
 
 
 def claims_sentence(document: dict) -> list[str]:
-    """How many cells the report tested and how many it claims (every record is in verdicts.json)."""
+    """How many claims the report tested and made (every record is in verdicts.json)."""
     records = document.get("records", [])
-    tested = [r for r in records if r.get("p_holm") is not None]
-    if not records:
+    family = [r for r in records if r.get("family") == "report"]
+    if not family:
         return []
+    tested = [r for r in family if r.get("p_holm") is not None]
     claimed = [r for r in tested if r.get("claim") in ("better", "worse")]
-    return [f"Of {len(records)} pairwise cells (pairs of series × metrics × L0 targets), {len(tested)} could be tested "
-            f"and {len(claimed)} differ at a family-wise α = {document.get('alpha', 0.05):g} (paired t over seeds, "
-            "Holm); the others are not distinguishable with these seeds. Every cell is in `verdicts.json`."]
+    return [f"The report tests {len(tested)} leader-against-runner-up cells (of {len(family)}; the others have too "
+            f"few seeds or no common L0) and {len(claimed)} differ at a family-wise α = "
+            f"{document.get('alpha', 0.05):g} (paired t over seeds, Holm over those cells). Every pair of series is in "
+            f"`verdicts.json` ({len(records)} records; pairs beyond the report's claims are corrected over all pairs)."]
 
 
 def _targets(values: list) -> str:

@@ -365,13 +365,14 @@ def test_a_true_gap_is_claimed_and_identical_series_are_not(tmp_path):
     header, rows = frontier_table(lines, summary_verdicts(lines)["records"])
     fvu_16 = next(row for row in rows if row[0] == "16" and row[1].startswith("FVU"))
     assert fvu_16[2].startswith("**topk**") and fvu_16[4].startswith("**better**: Δ −0.1")
-    # A/A: the same curve under two names; over 200 reports, at most 5 % may claim anything (Holm's
-    # family-wise rate; 5 % of 200 is 10, and this fixed stream claims in fewer)
+    # A/A: the same curve under two names; over 200 reports at most 5 % may claim anything (Holm's
+    # family-wise rate): 10 expected at 5 %, 16 is 2.5 binomial standard deviations above it, and
+    # tests without the correction claim in ~10 % (two cells) to ~37 % (nine) of reports
     false_reports = sum(
         any(r["claim"] != "not distinguishable"
             for r in summary_verdicts(from_records(_three_seed_lines(gap=0.0, rng_seed=1 + i)))["records"])
         for i in range(200))
-    assert false_reports <= 10
+    assert false_reports <= 16
 
 
 def test_one_seed_or_one_point_says_what_it_cannot_conclude():
@@ -396,3 +397,31 @@ def test_setup_names_the_split_the_metrics_used(tmp_path, split, expected):
     report = write_report(tmp_path, lines, echo=False).read_text()
     setup = report[report.index("## Setup"):]
     assert expected in setup and setup.count("Held-out rows:") == 1
+
+
+def _five_identical(rng_seed: int) -> list[dict]:
+    """Five architectures drawn from one curve (3 seeds × L0 8, 16, 32, measured L0 jittered 3 %)."""
+    rng = np.random.default_rng(rng_seed)
+    lines = []
+    for seed in range(3):
+        shared = rng.normal(0, 0.01)  # what the seed's batches do to every architecture
+        for target in (8, 16, 32):
+            for architecture in ("topk", "batchtopk", "gated", "jumprelu", "relu_l1"):
+                l0 = target * (1 + rng.normal(0, 0.03))
+                lines.append(line(architecture, target, seed, l0=l0,
+                                  fvu=0.7 - 0.1 * np.log2(l0) + shared + rng.normal(0, 0.004),
+                                  ce_loss_recovered=0.9 + shared + rng.normal(0, 0.004),
+                                  kl_div=0.1 + rng.normal(0, 0.004)))
+    return lines
+
+
+def test_leader_against_runner_up_keeps_the_family_wise_rate_among_five_identical_series():
+    """The report's family is the leader against the runner-up per cell, picked on the same numbers
+    it tests: over 200 A/A reports of five identical series at most 5 % may claim anything (this
+    fixed stream: 3 %; 16 of 200 is the bound, as above)."""
+    false_reports = 0
+    for i in range(200):
+        records = summary_verdicts(from_records(_five_identical(i)))["records"]
+        assert sum(r["family"] == "report" for r in records) <= 9  # one per L0 target and metric (where two reach it)
+        false_reports += any(r["claim"] != "not distinguishable" for r in records if r["family"] == "report")
+    assert false_reports <= 16
