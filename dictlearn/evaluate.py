@@ -13,7 +13,7 @@ For each export (or dictlearn checkpoint, or an `Entry`: a loaded dictionary and
 - downstream metrics (`dictlearn.downstream`) when a model is known (`model`, else the export's
   `metadata.model_name`, else the file's `model_name`): the dictionary spliced into the model on
   held-out corpus windows. Without a model they are null, with a note on stderr;
-- probe and concept-coverage keys (`dictlearn.interpret.record`) when the file carries concept
+- probe and concept-coverage keys (`dictlearn.metrics.concepts`) when the file carries concept
   labels (`dictlearn harvest` on a Python corpus): sparse probes on the dictionary's top latents
   against a linear probe on the activation (computed once per file and input, `ProbeCache`),
   and each concept's best latent by F1. Without labels they are null, with a note on stderr.
@@ -445,7 +445,7 @@ def evaluate(
 
     Language models and token windows are loaded once per call (pass a `DownstreamCache` to share
     them across calls); so are the probe rows and linear baselines (pass a
-    `dictlearn.interpret.record.ProbeCache` as `probes` to share them). Dictionaries are moved to
+    `dictlearn.metrics.concepts.ProbeCache` as `probes` to share them). Dictionaries are moved to
     the options' device and run in eval mode without gradients; an `Entry`'s dictionary gets its
     train/eval mode back afterwards.
     """
@@ -453,7 +453,7 @@ def evaluate(
     data = check_activation_file(data)
     cache = cache or DownstreamCache(options.device)
     if options.interpret and probes is None:
-        from dictlearn.interpret.record import ProbeCache
+        from dictlearn.metrics.concepts import ProbeCache
 
         probes = ProbeCache()
     with torch.no_grad():
@@ -487,10 +487,10 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
 
 
 def _interpretation(dictionary: Dictionary, data: HeldOutData, options: EvaluateOptions, probes) -> dict:
-    """The probe and coverage keys (dictlearn.interpret.record); {} (null keys) when skipped."""
+    """The probe and coverage keys (dictlearn.metrics.concepts); {} (null keys) when skipped."""
     if not options.interpret:
         return {}
-    from dictlearn.interpret.record import interpretation
+    from dictlearn.metrics.concepts import interpretation
 
     return interpretation(dictionary, data.path, data.input_key, data.split, probes, options.device)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dictlearn.data.synth import synthesize
-from dictlearn.interpret.coverage import ConceptCoverage
+from dictlearn.metrics.coverage import ConceptCoverage
 
 
 def brute_force_f1(fires: np.ndarray, labels: np.ndarray) -> np.ndarray:

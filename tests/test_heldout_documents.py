@@ -21,7 +21,7 @@ from dictlearn.data.split import HeldOutSplit, check_documents
 from dictlearn.downstream import _drawn_windows, _heldout_excerpts, heldout_batches
 from dictlearn.errors import DataError
 from dictlearn.harvest import harvest, plan_harvest
-from dictlearn.interpret.probes import ProbeOptions, ProbePool
+from dictlearn.metrics.probes import ProbeOptions, ProbePool
 from dictlearn.models.corpus import iter_documents, iter_windows, split_files
 from dictlearn.models.loading import LanguageModel
 from dictlearn.models.tiny import ByteTokenizer

@@ -28,11 +28,8 @@ LAYERS = {
     "compare": 8,
     **dict.fromkeys(("recipes", "cli", "__init__", "__main__"), 9),
 }
-#: upward imports not yet removed (issue 25), each with what would remove it
-KNOWN_UPWARD = {
-    # evaluate measures probes and coverage: they belong in metrics/ (concept metrics)
-    ("dictlearn.evaluate", "dictlearn.interpret"),
-}
+#: upward imports not yet removed, each with what would remove it (none left)
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

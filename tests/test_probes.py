@@ -22,8 +22,8 @@ from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
 from dictlearn.evaluate import Entry, EvaluateOptions, evaluate
 from dictlearn.export import export_config
 from dictlearn.data.concepts import write_concept_labels
-from dictlearn.interpret.probes import ProbeOptions, ProbePool, roc_auc
-from dictlearn.interpret.record import ProbeCache, interpretation
+from dictlearn.metrics.probes import ProbeOptions, ProbePool, roc_auc
+from dictlearn.metrics.concepts import ProbeCache, interpretation
 from dictlearn.metrics import INTERPRETATION_NAMES, mmcs
 
 D, N_FEATURES, N_CONCEPTS, ROWS = 64, 16, 6, 24_576
@@ -87,7 +87,7 @@ def test_auc_standard_error_resamples_whole_documents():
     with sklearn's roc_auc_score (ties included)."""
     from sklearn.metrics import roc_auc_score
 
-    from dictlearn.interpret.probes import auc_se
+    from dictlearn.metrics.probes import auc_se
     from dictlearn.metrics.bootstrap import resample_counts
 
     rng = np.random.default_rng(1)
@@ -224,7 +224,7 @@ def test_newton_logistic_is_sklearns_minimiser():
     tolerance), including a nearly separable case where full Newton steps overshoot."""
     from sklearn.linear_model import LogisticRegression
 
-    from dictlearn.interpret.probes import newton_logistic
+    from dictlearn.metrics.probes import newton_logistic
 
     rng = np.random.default_rng(4)
     for scale, c in ((0.5, 1.0), (6.0, 1.0), (1.0, 0.01)):

@@ -370,7 +370,7 @@ def _export_from(checkpoint: Path, pending: list[Planned], out: Path, source: So
 def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned], cache, progress: Progress,
                   stop: threading.Event) -> list[dict]:
     from dictlearn.evaluate import EvaluateOptions, evaluate
-    from dictlearn.interpret.record import ProbeCache
+    from dictlearn.metrics.concepts import ProbeCache
 
     out = Path(config.out)
     options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,

@@ -269,7 +269,7 @@ def concept_coverage(data: str, d_sae: int, n_rows: int):
     the observer counts "fires" against each label over the labelled rows of the first pass
     (ConceptCoverage, the F1 of concept coverage) and best() -> {latent: (concept, F1)} for the
     latents that fired. ((), None) when the file holds no labels."""
-    from dictlearn.interpret.coverage import ConceptCoverage
+    from dictlearn.metrics.coverage import ConceptCoverage
     from dictlearn.data.concepts import read_concept_labels
 
     labels = read_concept_labels(data, slice(0, n_rows))

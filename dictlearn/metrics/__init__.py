@@ -10,7 +10,7 @@ RECONSTRUCTION_NAMES = ("mse", "fvu", "explained_variance", "cos_sim", "l2_ratio
 SPARSITY_NAMES = ("l0", "l1", "dead_fraction", "dense_fraction")
 RECOVERY_NAMES = ("mmcs",)
 DOWNSTREAM_NAMES = DOWNSTREAM_KEYS  # what `DownstreamMetrics.compute` returns
-# The interpretability stage's keys (dictlearn.interpret.record: concept probes, coverage); null
+# The interpretability stage's keys (dictlearn.metrics.concepts: concept probes, coverage); null
 # when the activation file carries no concept labels.
 INTERPRETATION_NAMES = ("probe_auc_k1", "probe_auc_k16", "probe_auc_linear", "concept_coverage", "concept_f1_mean")
 # Transcoder faithfulness (dictlearn.metrics.jacobian): null for SAEs and without a model.

@@ -5,7 +5,7 @@
 
 Keys (docs/evaluate.md): ``probe_auc_k1``, ``probe_auc_k16``, ``probe_auc_linear`` (means over
 the probed concepts of the test ROC-AUC at k = 1, k = 16 and of the full-width baseline, on the
-same splits), ``concept_coverage``, ``concept_f1_mean`` (`dictlearn.interpret.coverage`),
+same splits), ``concept_coverage``, ``concept_f1_mean`` (`dictlearn.metrics.coverage`),
 ``probes`` (per concept: ``k1`` ... ``k16``, ``linear``, the top latents, row counts, or
 ``skipped`` with the reason), ``concepts`` (per concept: the best latent, its F1, how many latents
 own it) and ``interpret`` (rows used and where from, seconds). All null when the file has no
@@ -27,9 +27,9 @@ import torch
 
 from dictlearn.data.h5 import H5Array
 from dictlearn.data.split import HeldOutSplit
-from dictlearn.interpret.coverage import ConceptCoverage
+from dictlearn.metrics.coverage import ConceptCoverage
 from dictlearn.metrics import INTERPRETATION_NAMES
-from dictlearn.interpret.probes import ProbeOptions, ProbePool, linear_baseline, sparse_probes
+from dictlearn.metrics.probes import ProbeOptions, ProbePool, linear_baseline, sparse_probes
 
 INTERPRETATION_KEYS = INTERPRETATION_NAMES
 DETAIL_KEYS = ("probes", "concepts", "interpret")
