@@ -21,7 +21,8 @@ cancels. A seed present on one side only is left out.
 
 **The interval and the test.** With n paired seeds, d̄ and s² the mean and sample variance of
 the d_s, and e_s the evaluation standard error of d_s (sqrt(e_a² + e_b²) from a bootstrap over
-held-out documents, `bootstrap_mean_se`; 0 where a line records none):
+held-out documents, `dictlearn.metrics.bootstrap.ratio_se`, which evaluate records as
+`<metric>_se`; 0 where a line records none):
 
     SE² = s²/n + mean(e_s²),   interval = d̄ ± t(0.975, n−1)·SE,   T = d̄/SE,   p = 2·P(t(n−1) > |T|)
 
@@ -134,26 +135,6 @@ def common_l0(l0s_a, l0s_b, targets) -> np.ndarray:
 
 
 # --- Evaluation noise ---------------------------------------------------------------------------
-
-
-def bootstrap_mean_se(values, weights=None, n_boot: int = 1000, rng=None) -> np.ndarray:
-    """Standard error of a weighted mean over documents, by resampling whole documents.
-
-    values: [documents] or [documents, metrics] per-document values; weights: [documents] (e.g.
-    tokens, or a ratio metric's per-document denominator, which makes the weighted mean the ratio
-    of sums, as FVU is); rng: a numpy Generator or a seed -> [] or [metrics]. NaN with fewer than
-    2 documents.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    weights = np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
-    n = len(values)
-    if n < 2:
-        return np.full(values.shape[1:], np.nan)
-    rng = np.random.default_rng(rng)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # [n_boot, documents]
-    weighted = values * weights.reshape((n,) + (1,) * (values.ndim - 1))
-    means = (counts @ weighted) / (counts @ weights).reshape((n_boot,) + (1,) * (values.ndim - 1))
-    return means.std(axis=0, ddof=1)
 
 
 # --- The paired test and Holm -------------------------------------------------------------------

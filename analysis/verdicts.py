@@ -17,12 +17,12 @@ from typing import NamedTuple
 import numpy as np
 
 from dictlearn.analysis.statistics import (
-    ALPHA, CONFIDENCE, L0_TOLERANCE, Curve, bootstrap_mean_se, claims, common_l0, holm, interpolate_at_l0,
+    ALPHA, CONFIDENCE, L0_TOLERANCE, Curve, claims, common_l0, holm, interpolate_at_l0,
     off_target, paired_test,
 )  # fmt: skip
 from dictlearn.errors import ConfigError
 
-__all__ = ["ALPHA", "CONFIDENCE", "DIRECTIONS", "L0_TOLERANCE", "TEST", "bootstrap_mean_se", "build_verdicts",
+__all__ = ["ALPHA", "CONFIDENCE", "DIRECTIONS", "L0_TOLERANCE", "TEST", "build_verdicts",
            "claims", "common_l0", "holm", "interpolate_at_l0", "off_target", "paired_test", "se_key", "sentence"]
 
 TEST = "paired t over seeds"

@@ -13,9 +13,10 @@ import pytest
 from scipy import stats
 
 from dictlearn.analysis.statistics import (
-    ALPHA, bootstrap_mean_se, common_l0, holm, interpolate_at_l0, off_target, paired_test,
+    ALPHA, common_l0, holm, interpolate_at_l0, off_target, paired_test,
 )  # fmt: skip
 from dictlearn.analysis.verdicts import DIRECTIONS, build_verdicts, sentence
+from dictlearn.metrics.bootstrap import ratio_se
 from dictlearn.errors import ConfigError
 
 TARGETS = (8.0, 16.0, 32.0)
@@ -132,19 +133,21 @@ def test_holm_hand_worked():
 
 
 def test_bootstrap_se_matches_the_plug_in_standard_error():
+    """The document bootstrap whose errors the verdicts add (dictlearn.metrics.bootstrap.ratio_se)."""
     rng = np.random.default_rng(0)
     values = rng.normal(size=400)
+    ones = np.ones(400)
     expected = values.std(ddof=0) / math.sqrt(values.size)  # the bootstrap's target: plug-in SD / sqrt(n)
-    got = bootstrap_mean_se(values, n_boot=5000, rng=1)
+    got = ratio_se(values, ones, n_boot=5000, seed=1)
     assert got == pytest.approx(expected, rel=0.05)
     # Weighted (a ratio of sums, as FVU is): the linearisation sqrt(Σ w²(v − v̄)²) / Σ w.
     weights = rng.uniform(1, 10, size=400)
     mean = (weights * values).sum() / weights.sum()
     expected = math.sqrt(((weights * (values - mean)) ** 2).sum()) / weights.sum()
-    assert bootstrap_mean_se(values, weights, n_boot=5000, rng=2) == pytest.approx(expected, rel=0.05)
-    two = bootstrap_mean_se(np.stack([values, 3 * values], axis=1), n_boot=2000, rng=3)
+    assert ratio_se(weights * values, weights, n_boot=5000, seed=2) == pytest.approx(expected, rel=0.05)
+    two = ratio_se(np.stack([values, 3 * values], axis=1), np.ones((400, 2)), n_boot=2000, seed=3)
     assert two.shape == (2,) and two[1] == pytest.approx(3 * two[0], rel=1e-12)
-    assert np.isnan(bootstrap_mean_se([1.0])) and bootstrap_mean_se(values, rng=5) == bootstrap_mean_se(values, rng=5)
+    assert np.isnan(ratio_se([1.0], [1.0])) and ratio_se(values, ones, seed=5) == ratio_se(values, ones, seed=5)
 
 
 # --- Through build_verdicts: A/A, A/B ----------------------------------------------------------

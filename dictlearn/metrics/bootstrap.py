@@ -14,8 +14,8 @@ standard deviation of those ratios is its standard error.
 The resamples are one [n_boot, documents] count matrix and two matrix products: a few
 milliseconds for 1,000 resamples of a few hundred documents. A fixed seed makes the same
 documents give the same errors every run (and across the dictionaries of a comparison, which
-are then scored on the same resamples). The counts are those of
-`dictlearn.analysis.statistics.bootstrap_mean_se` for the same seed.
+are then scored on the same resamples). A weighted mean over documents is the same ratio
+(numerators = weight × value, denominators = weight).
 """
 
 from __future__ import annotations
