@@ -302,6 +302,12 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     (["--context", "65"], "--context 65: must be at least 2 and at most the model's maximum, 64"),
     (["--context", "1"], "--context 1"),
     (["--layer", "7"], "--layer 7"),
+    (["--layers", "0,3"], "--layers: the model has no layer 3 (it has layers 0..2)"),
+    (["--layers", "2,1"], "in increasing order (e.g. 1,2)"),
+    (["--layers", "1,1"], "in increasing order (e.g. 1)"),
+    (["--layers", "one"], "argument --layers: expected 'all' or layer indices"),
+    (["--layers", "all", "--hooks", RESID], "drop --hooks or drop --layers"),
+    (["--layers", "all", "--layer", "1"], "drop --layer or drop --layers"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
     (["--corpus", "/nonexistent/texts"], "corpus /nonexistent/texts: no such file or folder"),
 ])  # fmt: skip
@@ -312,6 +318,33 @@ def test_cli_bad_inputs_exit_2_with_one_line(capsys, model_dir, corpus, tmp_path
     assert code == 2 and stdout == ""
     assert stderr.count("\n") == 1 and stderr.startswith("dictlearn: error: ") and message in stderr, stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_all_is_every_layers_standard_hooks_row_aligned(capsys, lm, model_dir, corpus, tmp_path):
+    """--layers all: [resid, mlp_in, mlp_out] of layers 0, 1, 2 in one file, each equal to the file a
+    single-layer harvest writes on the same rows, and each MLP pair aligned (mlp_out = MLP(mlp_in))."""
+    out = tmp_path / "all.h5"
+    code, stdout, _ = _cli(capsys, "--model", str(model_dir), "--corpus", str(corpus), "--split", "all", "--quiet",
+                           "--tokens", "300", "--context", str(CONTEXT), "--layers", "all", "--out", str(out))
+    assert code == 0 and "x 9 hooks" in stdout
+    data = _read(out)
+    hooks = [h for layer in range(3) for h in default_hooks(lm.model, layer)]
+    with h5py.File(out) as f:
+        assert [k for k in f if k in hooks] == sorted(hooks) and all(f[h].shape == (300, 32) for h in hooks)
+    for layer in range(3):
+        single = _read(harvest(lm, default_hooks(lm.model, layer), tmp_path / f"l{layer}.h5", 300, CONTEXT,
+                               corpus=corpus, split="all", progress=False))
+        for key in [*default_hooks(lm.model, layer), "token_ids", "window_index", "position"]:
+            np.testing.assert_array_equal(data[key], single[key])
+        resid, mlp_in, mlp_out = (torch.from_numpy(data[h]) for h in default_hooks(lm.model, layer))
+        with torch.no_grad():
+            torch.testing.assert_close(lm.model.transformer.h[layer].mlp(mlp_in), mlp_out, rtol=1e-5, atol=1e-5)
+    two = _read(harvest(lm, harvest_module.layer_hooks(lm.model, [0, 2]), tmp_path / "two.h5", 300, CONTEXT,
+                        corpus=corpus, split="all", progress=False))
+    assert set(two) - {"token_ids", "doc_index", "window_index", "position"} == \
+        set(default_hooks(lm.model, 0) + default_hooks(lm.model, 2))
+    with pytest.raises(ConfigError, match="increasing order"):
+        harvest_module.layer_hooks(lm.model, [1, 0])
 
 
 def test_cli_unwritable_out_and_missing_out(capsys, model_dir, corpus, tmp_path):

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from dictlearn.cli.parsing import OneLineParser, count_or_all, path_text, positive_int
+from dictlearn.cli.parsing import OneLineParser, count_or_all, layer_list, path_text, positive_int
 from dictlearn.io import check_writable_file
 from dictlearn.runtime import check_device
 from dictlearn.errors import ConfigError
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hooks", default=None,
                    help="comma-separated hook names (default: residual stream, MLP input and output of --layer)")
     p.add_argument("--layer", type=int, default=None, help="block of the default hooks (default: the middle one)")
+    p.add_argument("--layers", type=layer_list, default=None,
+                   help="'all' or L1,L2,... in increasing order: every listed block's default hooks, row-aligned in "
+                        "one file (for cross-layer transcoders and replacement models)")
     p.add_argument("--tokens", type=count_or_all, default=DEFAULT_TOKENS,
                    help=f"rows (tokens) to write, or 'all' (default: {DEFAULT_TOKENS}, about a minute on 2 CPUs)")
     p.add_argument("--context", type=int, default=None,
@@ -70,16 +73,23 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.hooks is not None and args.layer is not None:
         raise ConfigError("--layer picks the default hooks; drop it or drop --hooks")
+    if args.layers is not None and (args.hooks is not None or args.layer is not None):
+        raise ConfigError(f"--layers picks the hooks of several layers; drop {'--hooks' if args.hooks else '--layer'}"
+                          " or drop --layers")
     check_writable_file(args.out, "--out", example="acts.h5")  # before loading the model
     check_device(args.device)
     import h5py
 
-    from dictlearn.harvest.activations import _Terminated, default_hooks, harvest, max_positions
+    from dictlearn.harvest.activations import _Terminated, default_hooks, harvest, layer_hooks, max_positions
     from dictlearn.models.loading import load_model
 
     lm = load_model(args.model, device=args.device)  # quiet: no transformers progress bar
-    hooks = [h.strip() for h in args.hooks.split(",") if h.strip()] if args.hooks is not None else \
-        default_hooks(lm.model, args.layer)
+    if args.hooks is not None:
+        hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
+    elif args.layers is not None:
+        hooks = layer_hooks(lm.model, args.layers)
+    else:
+        hooks = default_hooks(lm.model, args.layer)
     context = args.context
     if context is None:
         context = min(DEFAULT_CONTEXT, max_positions(lm.model) or DEFAULT_CONTEXT)

@@ -52,6 +52,26 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def layer_list(text: str) -> str | list[int]:
+    """argparse type: 'all' or comma-separated layer indices in increasing order ('0,2,3').
+
+    Increasing order is required rather than sorted silently: the file's hooks, and a
+    cross-layer transcoder's layers, are read in the order given.
+    """
+    if text.strip() == "all":
+        return "all"
+    try:
+        layers = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or layer indices such as 0,1,3, got {text!r}") from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0, got {text!r}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise argparse.ArgumentTypeError(f"layers must be given once each in increasing order (e.g. "
+                                         f"{','.join(map(str, sorted(set(layers))))}), got {text!r}")
+    return layers
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number; NaN and inf run but give NaN results."""
     try:

@@ -17,6 +17,7 @@ from dictlearn.harvest.activations import (
     check_hooks,
     default_hooks,
     harvest,
+    layer_hooks,
     max_positions,
     n_layers,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "check_hooks",
     "default_hooks",
     "harvest",
+    "layer_hooks",
     "max_positions",
     "n_layers",
     "plan_harvest",

@@ -91,6 +91,27 @@ def default_hooks(model: nn.Module, layer: int | None = None) -> list[str]:
     return [hooks["resid"], hooks["mlp_in"], hooks["mlp_out"]]
 
 
+def layer_hooks(model: nn.Module, layers: str | list[int]) -> list[str]:
+    """`standard_hooks` of every listed layer ("all": every block), layer by layer, each as
+    [resid, mlp_in, mlp_out] — the file a cross-layer transcoder or a replacement model reads.
+
+    layers: "all" or indices in increasing order; a layer the model lacks is a one-line error.
+    """
+    count = n_layers(model)
+    if layers == "all":
+        if count is None:
+            raise ConfigError("--layers all: the model has no config.num_hidden_layers; list the layers (--layers 0,1)")
+        layers = list(range(count))
+    if not layers:
+        raise ConfigError("--layers: no layers given; e.g. --layers all or --layers 0,1")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"--layers {','.join(map(str, layers))}: give each layer once, in increasing order")
+    for layer in layers:
+        if layer < 0 or (count is not None and layer >= count):
+            raise ConfigError(f"--layers: the model has no layer {layer} (it has layers 0..{(count or 0) - 1})")
+    return [hook for layer in layers for hook in default_hooks(model, layer)]
+
+
 def check_hooks(model: nn.Module, hooks: list[str]) -> None:
     """Every hook parses and names a module; no site is given twice (e.g. ``m`` and ``m:output``)."""
     if not hooks:
