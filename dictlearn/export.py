@@ -23,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.readers import FORMATS, Outside, detect
+from dictlearn.dictionaries.readers import read as read_outside
 from dictlearn.errors import DataError
 from dictlearn.io import atomic_dir
 from dictlearn.version import dictlearn_version
@@ -79,7 +81,8 @@ def export_config(model: Dictionary, data_attrs: dict | None = None) -> dict:
                 "hyper_parameters": _hyper_parameters(model),
                 "folded_input_scale": float(model.input_scale),
                 "folded_target_scale": float(model.target_scale),
-                "decoder_rows_unit_norm": True,
+                # False for a dictionary read from another library: its latents are that library's
+                "decoder_rows_unit_norm": not getattr(model, "latents_as_recorded", False),
                 "data": {k: v for k, v in data_attrs.items()},
             },
         },
@@ -150,18 +153,44 @@ def _import_class(class_path: str) -> type[Dictionary]:
     return cls
 
 
-def load(path: str | Path, member: str | None = None) -> Dictionary:
-    """A Dictionary from an export folder or a Lightning checkpoint, in eval mode.
+def load(path: str | Path, member: str | None = None, *, format: str | None = None,
+         hookpoint: str | None = None) -> Dictionary:
+    """A Dictionary from an export folder, a Lightning checkpoint or another library's folder
+    (SAELens, sparsify, dictionary_learning: `dictlearn.dictionaries.readers`), in eval mode.
 
-    Both give the same `encode`/`decode` on raw activations. A sweep's checkpoint holds several
-    dictionaries: name the one you want with `member`.
+    Exports and checkpoints give the same `encode`/`decode` on raw activations; an outside folder
+    gives its library's own. A sweep's checkpoint holds several dictionaries: name the one you
+    want with `member`. `format` names a folder's format (None: detected from its files);
+    `hookpoint` picks one coder of a sparsify run folder.
     """
+    return load_with_config(path, member, format=format, hookpoint=hookpoint)[0]
+
+
+def load_with_config(path: str | Path, member: str | None = None, *, format: str | None = None,
+                     hookpoint: str | None = None) -> tuple[Dictionary, dict | None]:
+    """(`load`'s Dictionary, its cfg.json): an export's own; for an outside folder the cfg.json its
+    dictlearn export would have, with the folder's recorded model and hook under `metadata` and
+    top-level `format` and `source`; None for a checkpoint (its cfg comes from the checkpoint)."""
     path = Path(path)
+    if format is not None and format not in FORMATS:
+        raise DataError(f"format={format!r}: dictlearn reads {', '.join(FORMATS)}")
     if path.is_dir():
-        return _load_export(path)
+        format = format or detect(path)
+        if format == "dictlearn":
+            return _load_export(path), read_config(path)
+        outside = read_outside(path, format, hookpoint)
+        return outside.dictionary, outside_config(outside)
+    if format not in (None, "dictlearn"):
+        raise DataError(f"{path}: format={format!r} names a folder, and this is not one")
     if path.is_file():
-        return _load_checkpoint(path, member)
+        return _load_checkpoint(path, member), None
     raise DataError(f"{path}: no such export folder or checkpoint file")
+
+
+def outside_config(outside: Outside) -> dict:
+    """The cfg.json of an outside dictionary's dictlearn export, plus `format` and `source`."""
+    attrs = {**outside.metadata, "source": str(outside.source), "source_format": outside.format}
+    return {**export_config(outside.dictionary, attrs), "format": outside.format, "source": str(outside.source)}
 
 
 def _load_checkpoint(path: Path, member: str | None = None) -> Dictionary:
@@ -195,7 +224,8 @@ def _load_export(path: Path) -> Dictionary:
     metadata = read_config(path).get("metadata")
     meta = metadata.get("dictlearn") if isinstance(metadata, dict) else None
     if meta is None:
-        raise DataError(f"{cfg_path}: not written by dictlearn (no metadata.dictlearn); load it with SAELens")
+        raise DataError(f"{cfg_path}: not written by dictlearn (no metadata.dictlearn); drop format='dictlearn' "
+                        "to read it as a SAELens folder")
     if not (isinstance(meta, dict) and isinstance(meta.get("class_path"), str)
             and isinstance(meta.get("hyper_parameters"), dict)):
         raise DataError(f"{cfg_path}: metadata.dictlearn lacks class_path or hyper_parameters; {_REEXPORT}")
