@@ -37,7 +37,7 @@ from dictlearn.data.split import HeldOutSplit
 from dictlearn.dictionaries.model import Dictionary
 from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, prepare
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.export import export_config, load, read_config
+from dictlearn.export import export_config, load_with_config
 from dictlearn.metrics import (
     INTERPRETATION_NAMES, RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs,
 )  # fmt: skip
@@ -49,7 +49,7 @@ METRIC_KEYS = (RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + DOWNSTREAM_KE
                + INTERPRETATION_NAMES)
 INTERPRETATION_DETAIL_KEYS = ("probes", "concepts", "interpret")  # per concept and k; rows used
 CONFIG_KEYS = (
-    "export", "architecture", "class_path", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out",
+    "export", "source", "format", "architecture", "class_path", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out",
     "model_name", "hyper_parameters", "data", "input_key", "target_key", "n_rows", "density_rows",
     "model", "corpus", "context_size", "n_contexts", "n_tokens",
 )  # fmt: skip
@@ -69,7 +69,8 @@ class EvaluateOptions:
     """How to evaluate; each field is the `dictlearn evaluate` flag of the same name.
 
     model/corpus/context: the downstream model, corpus and window length (None: the export's,
-    else the file's). input_key/target_key: the datasets (None: the export's). contexts: held-out
+    else the file's). hook: the site the dictionary reads (None: the export's `metadata.hook_name`,
+    else the file's); the default input dataset too. hookpoint: which coder of a sparsify run folder. input_key/target_key: the datasets (None: the export's). contexts: held-out
     corpus windows to splice, batch_size of them per forward pass. val_rows/block_size: the
     held-out split, as `--data.val_rows`/`--data.block_size` in training. device "auto": cuda if
     available. downstream=False skips the spliced runs (their keys are null); interpret=False
@@ -80,6 +81,8 @@ class EvaluateOptions:
     """
 
     model: str | None = None
+    hook: str | None = None
+    hookpoint: str | None = None
     corpus: str | None = None
     input_key: str | None = None
     target_key: str | None = None
@@ -121,12 +124,15 @@ class Entry:
     path: Path | None = None
 
     @classmethod
-    def from_path(cls, path: str | Path) -> Entry:
-        """An export folder (its cfg.json) or a checkpoint (the cfg its export would have)."""
+    def from_path(cls, path: str | Path, hookpoint: str | None = None) -> Entry:
+        """An export folder (its cfg.json), a checkpoint (the cfg its export would have) or another
+        library's folder (the cfg its export would have, with `format` and `source`; `hookpoint`
+        picks a sparsify run's coder)."""
         path = Path(path)
-        dictionary = load(path)  # a one-line DataError for a missing, foreign or damaged path
-        if path.is_dir():
-            return cls(dictionary, read_config(path), path)
+        # a one-line DataError for a missing, unknown or damaged path
+        dictionary, cfg = load_with_config(path, hookpoint=hookpoint)
+        if cfg is not None:
+            return cls(dictionary, cfg, path)
         attrs = torch.load(path, map_location="cpu", weights_only=False).get("dictlearn_data", {})
         return cls(dictionary, export_config(dictionary, attrs), path)
 
@@ -189,9 +195,11 @@ class HeldOutData:
                 array.close()
 
 
-def data_keys(entry: Entry, input_key: str | None, target_key: str | None) -> tuple[str, str | None]:
-    """(input key, target key or None): the options, else the keys the export was trained on."""
-    input_key = input_key or entry.data.get("input_key") or entry.meta.get("hook_name") or "acts"
+def data_keys(entry: Entry, input_key: str | None, target_key: str | None,
+              hook: str | None = None) -> tuple[str, str | None]:
+    """(input key, target key or None): the options, else the keys the export was trained on
+    (harvest names a dataset after its hook: `--hook` or the recorded hook, else `acts`)."""
+    input_key = input_key or entry.data.get("input_key") or hook or entry.meta.get("hook_name") or "acts"
     if not entry.dictionary.transcoder:
         if target_key:
             raise ConfigError(f"--target-key {target_key}: {entry.name} is an SAE (its target is its input); drop it")
@@ -385,9 +393,13 @@ def _model_name(entry: Entry, data: HeldOutData, options: EvaluateOptions) -> st
     return name
 
 
-def _site(entry: Entry, data: HeldOutData) -> SpliceSite:
-    """Where the export was trained: its metadata, else the file's datasets' hook names."""
-    hook_in = entry.meta.get("hook_name") or data.attrs.get("hook_name")
+def _site(entry: Entry, data: HeldOutData, hook: str | None = None) -> SpliceSite:
+    """Where the dictionary reads: `--hook`, else its metadata, else the file's datasets' hook names;
+    a one-line ConfigError when none records one."""
+    hook_in = hook or entry.meta.get("hook_name") or data.attrs.get("hook_name")
+    if not hook_in:
+        raise ConfigError(f"{entry.name}: no hook is recorded in it or in {data.path}['{data.input_key}'] for "
+                          "the downstream metrics; pass --hook MODULE.PATH (the site it reads, e.g. transformer.h.1)")
     hook_out = entry.meta.get("hook_name_out") or (data.targets.attrs().get("hook_name") if data.targets else None)
     return SpliceSite.from_metadata(hook_in, hook_out, entry.dictionary.transcoder)
 
@@ -401,7 +413,7 @@ def run_downstream(
     name = _model_name(entry, data, options)
     if not name:
         return None
-    site = _site(entry, data)
+    site = _site(entry, data, options.hook)
     lm = cache.model(name)
     inputs = prepare(lm, site, data.attrs, data.ablation_rows(MEAN_SAMPLE_ROWS), contexts=options.contexts,
                      batch_size=options.batch_size, corpus=options.corpus,
@@ -457,8 +469,8 @@ def evaluate(
 
         probes = ProbeCache()
     with torch.no_grad():
-        return [_evaluate_one(e if isinstance(e, Entry) else Entry.from_path(e), data, options, cache, probes)
-                for e in exports]
+        return [_evaluate_one(e if isinstance(e, Entry) else Entry.from_path(e, options.hookpoint), data, options,
+                              cache, probes) for e in exports]
 
 
 def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache: DownstreamCache, probes) -> dict:
@@ -466,9 +478,11 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
     training = dictionary.training
     dictionary.to(options.device).eval()
     try:
-        keys = data_keys(entry, options.input_key, options.target_key)
+        keys = data_keys(entry, options.input_key, options.target_key, options.hook)
         data = open_data(entry, data_path, keys, options)
         try:
+            if options.downstream and (options.model or entry.meta.get("model_name") or data.attrs.get("model_name")):
+                _site(entry, data, options.hook)  # before any metric: a missing hook is one line, up front
             metrics, n_rows, density_rows = reconstruction_metrics(dictionary, data, options.device, options.density_rows)
             split = {k: v for k, v in data.split.summary().items() if k in SPLIT_KEYS}
             metrics["mmcs"] = feature_mmcs(data_path, dictionary)
@@ -500,6 +514,9 @@ def _record(entry: Entry, data_path: str, keys, rows: tuple[int, int], downstrea
     hyper_parameters = meta.get("dictlearn", {}).get("hyper_parameters", {})
     return {
         "export": None if entry.path is None else str(entry.path.resolve()),
+        # where the dictionary came from: another library's folder, or dictlearn's own export or checkpoint
+        "source": entry.cfg.get("source") or (None if entry.path is None else str(entry.path.resolve())),
+        "format": entry.cfg.get("format", "dictlearn"),
         "architecture": entry.cfg.get("architecture"),
         "class_path": meta.get("dictlearn", {}).get("class_path"),
         "d_in": dictionary.d_in, "d_sae": dictionary.d_sae, "d_out": dictionary.d_out,

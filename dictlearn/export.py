@@ -179,6 +179,7 @@ def load_with_config(path: str | Path, member: str | None = None, *, format: str
         if format == "dictlearn":
             return _load_export(path), read_config(path)
         outside = read_outside(path, format, hookpoint)
+        outside.dictionary.source_format = outside.format  # saelens, sparsify or dictionary_learning
         return outside.dictionary, outside_config(outside)
     if format not in (None, "dictlearn"):
         raise DataError(f"{path}: format={format!r} names a folder, and this is not one")

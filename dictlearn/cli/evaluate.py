@@ -18,10 +18,15 @@ DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE, DENSITY_ROWS = 64, 8, 65_536
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="dictlearn evaluate", description="Export(s) + HDF5 (+ model) -> one JSON line per export.")
-    p.add_argument("exports", type=path_text, nargs="+", metavar="EXPORT", help="export folders (or dictlearn checkpoints)")
+    p.add_argument("exports", type=path_text, nargs="+", metavar="EXPORT",
+                   help="export folders, dictlearn checkpoints, or SAELens / sparsify / dictionary_learning folders")
     p.add_argument("--data", type=path_text, required=True, help="HDF5 activation file; metrics use its held-out tail rows")
     p.add_argument("--model", default=None,
                    help="model for downstream metrics (name or folder; default: the export's, else the file's)")
+    p.add_argument("--hook", default=None,
+                   help="the site the dictionaries read, e.g. transformer.h.1 (default: the folder's recorded "
+                        "hook, else the file's); also the default --input-key")
+    p.add_argument("--hookpoint", default=None, help="which hookpoint of a sparsify run folder (its sub-folder name)")
     p.add_argument("--out", type=path_text, default=None, help="write the JSON lines here (atomically) instead of stdout")
     p.add_argument("--contexts", type=positive_int, default=DEFAULT_CONTEXTS, help="held-out corpus windows to splice")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
@@ -52,7 +57,8 @@ def main(argv: list[str]) -> int:
     from dictlearn.io import atomic_write_text
 
     options = EvaluateOptions(
-        model=args.model, corpus=args.corpus, input_key=args.input_key, target_key=args.target_key,
+        model=args.model, hook=args.hook, hookpoint=args.hookpoint, corpus=args.corpus,
+        input_key=args.input_key, target_key=args.target_key,
         contexts=args.contexts, batch_size=args.batch_size, context=args.context, val_rows=args.val_rows,
         block_size=args.block_size, device=args.device, interpret=args.interpret, density_rows=args.density_rows,
     )  # fmt: skip
