@@ -2,7 +2,8 @@
 
 `analyse(paths, out)` is what `dictlearn analyse` runs; `write_report(run_dir, results)`
 is the same for lines already in memory (as `dictlearn compare` holds them at its end). Sections:
-setup, summary (analysis.summary), figures, every dictionary's metrics, notes.
+setup (with `--tune-lr`'s learning-rate search), summary (analysis.summary, learning rates), figures,
+every dictionary's metrics, notes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dictlearn.analysis import curves, density, frontier, probing, recovery, shrinkage, sparsity, splitting
+from dictlearn.analysis import (curves, density, frontier, learning_rates, probing, recovery, shrinkage, sparsity,
+                                splitting)
 from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
@@ -134,7 +136,7 @@ def _site_document(document: dict, site: tuple[str, str]) -> dict:
 
 def summary_blocks(lines: list[dict], document: dict | None = None) -> list:
     document = verdicts(lines) if document is None else document
-    blocks: list = [Bullets(tuple(summarise(lines, document)))]
+    blocks: list = [Bullets(tuple(summarise(lines, document) + learning_rates.sentences(lines)))]
     header, rows = frontier_table(lines, document.get("records", []))
     if rows:
         blocks += [Paragraph(VERDICT_KEY), Table(tuple(header), tuple(map(tuple, rows)))]
@@ -216,6 +218,7 @@ def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
     if stages:
         rows = tuple((stage, f"{seconds:,.1f}") for stage, seconds in stages.items())
         blocks += [Paragraph("Wall time per stage (`timings.json`):"), Table(("stage", "seconds"), rows)]
+    blocks += learning_rates.search_blocks(folder, notes)
     config = folder / "compare.yaml"
     if config.is_file():
         blocks.append(Code(config.read_text(encoding="utf-8", errors="replace"), "The resolved sweep, `compare.yaml`:"))

@@ -31,6 +31,13 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (3e-4,1e-3), got {text!r}") from None
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="dictlearn compare", description=(
         "Harvest one layer, train every architecture at matched L0 targets and several seeds in one "
@@ -53,6 +60,9 @@ def build_parser() -> OneLineParser:
     add("--seeds", type=_ints, default=None, help="seeds, each setting the initial weights and the data order (default: 0,1,2)")
     add("--train-tokens", type=_count, default=None, help="training tokens per dictionary (default: 400000 on CPU)")
     add("--batch-size", type=int, default=None, help="tokens per step (default: 1024 on CPU)")
+    add("--tune-lr", action="store_true", default=None,
+        help="choose each architecture's learning rate on validation documents first (docs/compare.md)")
+    add("--lr-grid", type=_floats, default=None, help="--tune-lr's learning rates (default: the common LR x 1/3, 1, 3)")
     add("--contexts", type=int, default=None, help="held-out corpus windows for the downstream metrics")
     add("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
     add("--devices", type=int, default=None, help="processes/GPUs for DDP training (default: 1)")

@@ -43,6 +43,9 @@ OPTIMIZER = {"lr": 1e-3, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_warmu
 # controller reached on the embedded model and on synthetic data. The rest are the recipes'.
 SHORT_RUN = {"init_scale_from_data": True}
 RUNTIME_FIELDS = ("out", "device", "quiet")
+# --tune-lr's default grid: the common LR times these (a factor of 3 apart: one step of the usual
+# half-decade LR sweeps, e.g. Gao et al. 2024 scan LRs by factors of ~3 too)
+LR_FACTORS = (1 / 3, 1, 3)
 
 
 @dataclass
@@ -71,6 +74,9 @@ class CompareConfig:
     optimizer: dict = field(default_factory=dict)  # OPTIMIZER keys, the same for every architecture
     dictionary: dict[str, dict] = field(default_factory=dict)  # mechanism -> constructor overrides
     calibration: dict = field(default_factory=dict)  # SparsityCalibration arguments
+    # a per-architecture learning-rate search on validation documents (dictlearn/compare/tune.py)
+    tune_lr: bool = False
+    lr_grid: list[float] | None = None  # the LRs it tries; None: the common LR x 1/3, 1, 3
     # evaluation
     downstream: bool = True
     interpret: bool = True
@@ -111,6 +117,11 @@ class CompareConfig:
             sae_only = self.data is not None and self.target_key is None
             values["architectures"] = [a for a in DEFAULT_ARCHITECTURES if not (sae_only and "transcoder" in a)]
         values["architectures"] = [a.strip() for a in values["architectures"] if a.strip()]
+        if isinstance(values["lr_grid"], list):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            values["lr_grid"] = [_number(v) for v in values["lr_grid"]]
+        if values["tune_lr"] and values["lr_grid"] is None:
+            lr = {**OPTIMIZER, **values["optimizer"]}["lr"]
+            values["lr_grid"] = [lr * factor for factor in LR_FACTORS]
         config = CompareConfig(**values)
         config.check()
         return config
@@ -168,6 +179,24 @@ class CompareConfig:
         unknown = sorted(set(self.optimizer) - set(OPTIMIZER))
         if unknown:
             raise ConfigError(f"optimizer: unknown key {unknown[0]!r}; known: {', '.join(OPTIMIZER)}")
+        self._check_lr_search()
+
+    def _check_lr_search(self) -> None:
+        if self.lr_grid is not None and not self.tune_lr:
+            raise ConfigError("--lr-grid: the LRs of the --tune-lr search; add --tune-lr or drop --lr-grid")
+        if not self.tune_lr:
+            return
+        grid = self.lr_grid
+        if not isinstance(grid, list) or not grid:
+            raise ConfigError(f"--lr-grid {_join(grid)}: give at least one learning rate, e.g. --lr-grid 3e-4,1e-3,3e-3")
+        for lr in grid:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+                raise ConfigError(f"--lr-grid {_join(grid)}: {lr} is not a positive learning rate; e.g. --lr-grid "
+                                  "3e-4,1e-3,3e-3")
+        if len(set(grid)) != len(grid):
+            raise ConfigError(f"--lr-grid {_join(grid)}: a learning rate is given twice; give each once")
+        if self.devices != 1:
+            raise ConfigError(f"--tune-lr runs its search in one process; drop --devices {self.devices} or --tune-lr")
 
     @property
     def steps(self) -> int:
@@ -189,6 +218,14 @@ def mechanism_class(name: str):
     from dictlearn.dictionaries.registry import mechanism_class as registered  # as in `mechanisms`
 
     return registered(name)
+
+
+def _number(value):
+    """`value` as a float where it is a string that reads as one, else as it is."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def _join(values) -> str:
@@ -229,8 +266,9 @@ class Planned:
         return mechanism_class(self.mechanism)(d_in=d_in, d_out=d_out, **self.init_args)
 
 
-def plan(config: CompareConfig) -> list[Planned]:
-    """Every dictionary of the comparison, in a fixed order: seed, architecture, d_sae, L0 target."""
+def plan(config: CompareConfig, lrs: dict[str, float] | None = None) -> list[Planned]:
+    """Every dictionary of the comparison, in a fixed order: seed, architecture, d_sae, L0 target.
+    `lrs`: {architecture: learning rate} chosen by `--tune-lr` (compare/tune.py), else the common LR."""
     several_widths = len(config.d_sae) > 1
     planned = []
     for seed in config.seeds:
@@ -239,10 +277,17 @@ def plan(config: CompareConfig) -> list[Planned]:
             for d_sae in config.d_sae:
                 for target in config.l0:
                     args = _init_args(config, mechanism, mapping, d_sae, target)
+                    if lrs and architecture in lrs:
+                        args = with_lr(args, lrs[architecture])
                     width = f"_d{d_sae}" if several_widths else ""
                     name = f"{architecture}{width}_l0-{target}_s{seed}"
                     planned.append(Planned(name, architecture, mechanism, mapping, target, d_sae, seed, args))
     return planned
+
+
+def with_lr(init_args: dict, lr: float) -> dict:
+    """A dictionary's constructor arguments with another learning rate (the one place it is set)."""
+    return {**init_args, "lr": lr}
 
 
 def _init_args(config: CompareConfig, mechanism: str, mapping: str, d_sae: int, target: int) -> dict:

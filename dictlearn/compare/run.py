@@ -33,7 +33,7 @@ from dictlearn.io import atomic_write_text, check_writable_folder
 from dictlearn.runtime import check_device, quiet_lightning
 
 OWN_ENTRIES = {"compare.yaml", "activations.h5", "train", "exports", "evaluations", "results.jsonl", "results.csv",
-               "timings.json", "figures", "report.md", "report.html", "dashboards"}
+               "timings.json", "figures", "report.md", "report.html", "dashboards", "lr_search.json"}
 
 
 class Stopped(Exception):
@@ -133,6 +133,7 @@ def compare(config: CompareConfig) -> Path:
     rank = _rank()
     out = check_out(config)
     source, lm = check_source(config, out)
+    _tune().check(config, source)
     planned = plan(config)
     progress = Progress(len(planned), enabled=not config.quiet and rank == 0)
     if rank == 0:
@@ -143,6 +144,8 @@ def compare(config: CompareConfig) -> Path:
         if source.hooks is not None and not source.path.is_file():
             _harvest(config, lm, source, progress, stop)
         lm = None
+        if config.tune_lr:  # each architecture's LR, chosen on validation documents first
+            planned = plan(config, _search_lr(config, source, progress, stop))
         sweep_seconds: list[float] = []  # of the sweeps trained so far, for the time left
         for i, seed in enumerate(config.seeds):
             mean = sum(sweep_seconds) / len(sweep_seconds) if sweep_seconds else 0.0
@@ -178,6 +181,25 @@ def _leave_process_group(barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def _tune():
+    """compare/tune.py, the --tune-lr search."""
+    from dictlearn.compare import tune
+
+    return tune
+
+
+def _search_lr(config: CompareConfig, source: Source, progress: Progress, stop: threading.Event) -> dict[str, float]:
+    """--tune-lr's search (compare/tune.py), its runs trained by `_fit` on the validation split."""
+
+    def train(group: list[Planned], folder: Path, documents) -> None:
+        _check_stop(stop)
+        data = sweep_data(config, source, group[0].seed)
+        data.use_split(documents.split(data.block_size, min(VALIDATION_ROWS, documents.stop - documents.start)))
+        _fit(config, source, group, folder, progress, data=data)
+
+    return _tune().search(config, source, train)
 
 
 def _import_analysis():
@@ -259,7 +281,9 @@ def _train_group(config: CompareConfig, source: Source, group: list[Planned], la
     return trained
 
 
-def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Path, progress: Progress) -> None:
+def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Path, progress: Progress,
+         data=None) -> None:
+    """Train `group` into `folder` (resuming its checkpoints) on `data` (None: `sweep_data`)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -278,7 +302,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
         d_out = d_in if target_key is None else H5Array(source.path, target_key).d
         members[p.name] = Member(p.build(d_in, d_out), input_key, target_key, seed=p.seed)
     module = DictionaryTraining(members)
-    data = sweep_data(config, source, group[0].seed)
+    data = sweep_data(config, source, group[0].seed) if data is None else data
     calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated},
                                       **config.calibration)
     guard = RunGuard()

@@ -272,6 +272,16 @@ class ActivationDataModule(L.LightningDataModule):
                 " --data.val_rows, or more rows"
             )
 
+    def use_split(self, split: HeldOutSplit) -> None:
+        """Train on `split`'s training rows and validate on its held-out rows instead of the file's
+        own split (before loaders are built). `dictlearn compare --tune-lr` trains its search runs
+        with training-side documents held out as validation documents (compare/tune.py)."""
+        if split.n_rows > self.inputs.n_rows:
+            raise DataError(f"{self.path}: a split of {split.n_rows} rows does not fit the file's {self.inputs.n_rows}")
+        self.split, self._scales = split, None
+        self.n_val, self.n_train = split.n_val, split.n_train
+        self._check_enough_rows()
+
     def heldout_summary(self) -> dict[str, object]:
         """Which rows validate, for results: ``heldout`` (``documents`` | ``tail``), ``heldout_rows``,
         ``heldout_documents``, ``train_rows``, ``train_documents`` (`HeldOutSplit.summary`)."""
