@@ -24,7 +24,7 @@ from dictlearn.export import export, load_with_config
 PEERS = Path(__file__).parent / "fixtures" / "peers"
 RTOL = 1e-5
 
-#: (format, fixture name, dictlearn class, mechanism's recorded k or None)
+#: (format, fixture name, the dictlearn class it loads as)
 FIXTURES = [
     ("saelens", "standard", "OutsideReLUSAE"), ("saelens", "standard_no_b_dec", "OutsideReLUSAE"),
     ("saelens", "standard_normalized", "OutsideReLUSAE"), ("saelens", "gated", "OutsideGatedSAE"),
@@ -32,9 +32,11 @@ FIXTURES = [
     ("saelens", "topk_rescaled", "OutsideTopKSAE"), ("saelens", "batchtopk", "OutsideJumpReLUSAE"),
     ("saelens", "matryoshka", "OutsideJumpReLUSAE"), ("saelens", "transcoder", "OutsideReLUSAE"),
     ("saelens", "skip_transcoder", "OutsideReLUSAE"), ("saelens", "jumprelu_transcoder", "OutsideJumpReLUSAE"),
+    ("saelens", "jumprelu_skip_transcoder", "OutsideJumpReLUSAE"),
     ("sparsify", "run_layers.0", "OutsideTopKSAE"), ("sparsify", "run_layers.1", "OutsideTopKSAE"),
     ("sparsify", "transcoder", "OutsideTopKSAE"), ("sparsify", "skip_transcoder", "OutsideTopKSAE"),
-    ("dictionary_learning", "standard", "OutsideReLUSAE"), ("dictionary_learning", "topk", "OutsideTopKSAE"),
+    ("dictionary_learning", "standard", "OutsideReLUSAE"), ("dictionary_learning", "standard_april", "OutsideReLUSAE"),
+    ("dictionary_learning", "topk", "OutsideTopKSAE"),
     ("dictionary_learning", "batchtopk", "OutsideBatchTopKSAE"),
     ("dictionary_learning", "matryoshka", "OutsideMatryoshkaSAE"),
     ("dictionary_learning", "jumprelu", "OutsideJumpReLUSAE"), ("dictionary_learning", "gated", "OutsideGatedSAE"),
