@@ -131,14 +131,14 @@ def search(config: CompareConfig, source, train: Callable[[list[Planned], Path, 
 
     out = Path(config.out)
     documents = validation_documents(str(source.path), H5Array(source.path, source.sae_keys[0]).n_rows)
-    rows = []
-    for architecture, runs in search_runs(config).items():
+    searched, rows = search_runs(config), []
+    for architecture, runs in searched.items():
         rows += _scored(config, source, documents, architecture, runs, train)
     chosen = choose(rows)
     for row in rows:
         row["chosen"] = chosen[row["architecture"]] == row["lr"]
-    first = next(iter(search_runs(config).values()))[0][1]
-    seconds = [Path(config.out) / "train" / f"lr_{a}" / "train_seconds.json" for a in chosen]
+    first = next(iter(searched.values()))[0][1]
+    seconds = [out / "train" / f"lr_{a}" / "train_seconds.json" for a in chosen]
     record = {"criterion": CRITERION, "l0_target": first.l0_target, "d_sae": first.d_sae, "seed": first.seed,
               "steps": config.steps, "lr_grid": config.lr_grid, "validation": documents.summary(),
               "train_seconds": sum(json.loads(f.read_text())["seconds"] for f in seconds if f.is_file()),
