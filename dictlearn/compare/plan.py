@@ -43,8 +43,8 @@ OPTIMIZER = {"lr": 1e-3, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_warmu
 # controller reached on the embedded model and on synthetic data. The rest are the recipes'.
 SHORT_RUN = {"init_scale_from_data": True}
 RUNTIME_FIELDS = ("out", "device", "quiet")
-# --tune-lr's default grid: the common LR times these (a factor of 3 apart: one step of the usual
-# half-decade LR sweeps, e.g. Gao et al. 2024 scan LRs by factors of ~3 too)
+# --tune-lr's default grid: the common LR times these (steps of about half a decade, spanning one
+# decade around it; three values keep the search at a third of the comparison's training)
 LR_FACTORS = (1 / 3, 1, 3)
 
 
