@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from dictlearn.analysis.cli import module_main
 from dictlearn.analysis.metric_plot import site_suffix, site_title
-from dictlearn.analysis.results import value
+from dictlearn.analysis.results import is_outside, value
 from dictlearn.analysis.style import (DPI, WIDTH_IN, Drawn, legend_outside, log_y_axis, save, series_order,
                                       series_style, share_x_label, styled)
 
@@ -83,6 +83,9 @@ def _float(raw) -> float | None:
 def collect(lines: list[dict], notes: list[str]) -> dict:
     """{l0_target: [(line, steps, y, tokens per step)]} for the logs that read; failures are notes."""
     curves: dict = {}
+    outside = [str(line.get("name")) for line in lines if is_outside(line)]
+    if outside and any(metrics_csv(line) is not None for line in lines):
+        notes.append(f"curves: {', '.join(outside)} not trained by this run: no training curve")
     for line in lines:
         if metrics_csv(line) is None:
             continue

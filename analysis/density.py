@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from dictlearn.analysis.cli import module_main
 from dictlearn.analysis.metric_plot import site_suffix, site_title
-from dictlearn.analysis.results import Series, series_label
+from dictlearn.analysis.results import Series, is_outside, series_label
 from dictlearn.analysis.style import Drawn, legend_outside, new_figure, save, series_order, series_style, styled
 
 KEY = "feature_density"
@@ -42,7 +42,7 @@ def choose_target(lines: list[dict]):
     """The L0 target with the most series carrying densities; ties go to the middle one."""
     series_at = defaultdict(set)
     for line in lines:
-        if densities(line) is not None and line.get("l0_target") is not None:
+        if densities(line) is not None and line.get("l0_target") is not None and not is_outside(line):
             series_at[line["l0_target"]].add(line["_series"])
     if not series_at:
         return None
@@ -52,10 +52,11 @@ def choose_target(lines: list[dict]):
 
 
 def pick(lines: list[dict], l0_target) -> dict[Series, dict]:
-    """{series: its lowest-seed line with densities at `l0_target`}."""
+    """{series: its lowest-seed line with densities at `l0_target`}, and every dictionary the run
+    did not train (it has no target: its own L0 is in the legend)."""
     chosen: dict[Series, dict] = {}
     for line in lines:
-        if line.get("l0_target") != l0_target or densities(line) is None:
+        if (line.get("l0_target") != l0_target and not is_outside(line)) or densities(line) is None:
             continue
         best = chosen.get(line["_series"])
         if best is None or (line.get("seed") or 0) < (best.get("seed") or 0):
@@ -80,8 +81,11 @@ def plot_density(lines: list[dict], l0_target=None, title: str | None = None) ->
         counts, _ = np.histogram(np.log10(density[density > 0]), bins=edges)
         dead = float(np.mean(density <= 0))
         style = series_style(series, variants)
-        ax.stairs(counts / density.size, edges, color=style["color"], linestyle=style["linestyle"], linewidth=1.4,
-                  label=f"{series_label(series)} (dead {100 * dead:.1f}%)", gid=f"density:{series_label(series)}")
+        outside = f", L0 {line['l0']:.3g}" if is_outside(line) and isinstance(line.get("l0"), (int, float)) else ""
+        ax.stairs(counts / density.size, edges, color=style["color"], linewidth=1.4,
+                  linestyle=":" if style["linestyle"] == "none" else style["linestyle"],  # an outside one: dotted
+                  label=f"{series_label(series)} (dead {100 * dead:.1f}%{outside})",
+                  gid=f"density:{series_label(series)}")
     ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
     ax.set_ylabel("fraction of latents per bin")
     ax.set_xlim(edges[0], 0)
@@ -104,6 +108,8 @@ def draw(lines: list[dict], out_dir: Path, notes: list[str], site: tuple[str, st
     stem = "density" + site_suffix(site)
     caption = (f"Feature density at L0 target {target}, one dictionary (lowest seed) per architecture; "
                "dead latents (density 0) are counted in the legend.")
+    if any(is_outside(line) and densities(line) is not None for line in lines):
+        caption += " Dotted: dictionaries this run did not train, at their own L0 (in the legend)."
     return [Drawn(stem, caption, tuple(save(fig, out_dir, stem)), site)]
 
 

@@ -147,7 +147,7 @@ def _table_html(block: Table, swatches: dict[str, str]) -> str:
         for i, cell in enumerate(row):
             text = inline_html(cell)
             if i == block.swatch_column:
-                text = swatches.get(cell.split(" ")[0], "") + text
+                text = swatches.get(cell, swatches.get(cell.split(" ")[0], "")) + text
             cells.append(f"<td{cls(i)}>{text}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'

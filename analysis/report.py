@@ -16,7 +16,7 @@ from dictlearn.analysis import (curves, density, frontier, learning_rates, probi
 from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
-from dictlearn.analysis.results import from_records, group_by_site, load_results, series_label, value
+from dictlearn.analysis.results import from_records, group_by_site, is_outside, load_results, series_label, value
 from dictlearn.analysis.style import Drawn, architecture_style, series_order
 from dictlearn.analysis.summary import L0_SHOWN, frontier_table, record_group, summarise, verdicts
 from dictlearn.io import atomic_write_text
@@ -148,11 +148,15 @@ def table_blocks(lines: list[dict]) -> list:
     # a width every line shares is in the setup; a column of one number would only widen the table
     columns = [c for c in columns if c[0] != "d_sae" or len({value(line, "d_sae") for line in lines}) > 1]
     runs = len({line["_run"] for line in lines}) > 1
-    header = ("name", "architecture") + (("run",) if runs else ()) + tuple(title for _, title, _ in columns)
+    outside = any(is_outside(line) for line in lines)  # a column saying which dictionaries the run trained
+    header = (("name", "architecture") + (("run",) if runs else ()) + (("trained by",) if outside else ())
+              + tuple(title for _, title, _ in columns))
     ordered = sorted(lines, key=lambda l: (series_order(l["_series"]), value(l, "l0_target") or 0, value(l, "seed") or 0))
     rows = []
     for line in ordered:
         cells = [str(line.get("name") or "–"), series_label(line["_series"])] + ([str(line["_run"])] if runs else [])
+        if outside:
+            cells.append(f"elsewhere ({line.get('format') or '?'})" if is_outside(line) else "this run")
         values = [_cell(value(line, key), fmt) + (" †" if key == "l0" and _off_target(line) else "")
                   for key, _, fmt in columns]
         rows.append(tuple(cells + values))
@@ -195,6 +199,8 @@ def setup_blocks(lines: list[dict], notes: list[str]) -> list:
 def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
     join = lambda key: ", ".join(f"`{v}`" if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else str(v)
                                   for v in _distinct(lines, key)) or "not recorded"
+    outside = [line for line in lines if is_outside(line)]
+    lines = [line for line in lines if not is_outside(line)] or lines
     architectures = sorted({line["architecture"] for line in lines}, key=lambda a: series_order((a, "")))
     counts = [len(architectures), len(_distinct(lines, "l0_target")), len(_distinct(lines, "seed"))]
     shape = ""
@@ -208,13 +214,18 @@ def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
              f"Architectures: {', '.join(architectures)}",
              f"L0 targets: {join('l0_target')}; seeds: {join('seed')}",
              f"Training tokens per dictionary: {join('train_tokens')}"]
+    if outside:
+        items.append("Included, not trained by this run (evaluated on the same rows, no seeds): " + "; ".join(
+            f"{line.get('name')} ({line.get('format')}, {line.get('architecture')}, `{line.get('source')}`)"
+            for line in outside))
     seconds = [value(line, "train_seconds") for line in lines if value(line, "train_seconds") is not None]
     if seconds:
         items.append(f"Training time: {sum(seconds):,.0f} s over all dictionaries (sum of `train_seconds`)")
     machine, stages = read_timings(folder, notes)
     if machine:
         items.append(f"Machine: {machine}")
-    blocks: list = [Bullets(tuple(items)), Legend(tuple((a, *architecture_style(a)) for a in architectures))]
+    shown = architectures + [series_label(line["_series"]) for line in outside]
+    blocks: list = [Bullets(tuple(items)), Legend(tuple((a, *architecture_style(a)) for a in shown))]
     if stages:
         rows = tuple((stage, f"{seconds:,.1f}") for stage, seconds in stages.items())
         blocks += [Paragraph("Wall time per stage (`timings.json`):"), Table(("stage", "seconds"), rows)]

@@ -105,17 +105,37 @@ def group_by_site(lines: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def assign_series(lines: list[dict]) -> list[dict]:
     """Set each line's `_series`: (architecture, variant). The variant names the run when lines
-    come from several runs and the width when a run has several, so no two curves merge."""
+    come from several runs and the width when a run has several, so no two curves merge. A
+    dictionary the run did not train (`trained: false`, `dictlearn compare --include`) is a series
+    of its own, named by `outside_label`; its width is not a variant of the run's."""
     runs = {line["_run"] for line in lines}
-    widths = {line.get("d_sae") for line in lines}
+    widths = {line.get("d_sae") for line in lines if not is_outside(line)}
     for line in lines:
         parts = []
         if len(runs) > 1:
             parts.append(str(line["_run"]))
-        if len(widths) > 1:
+        if len(widths) > 1 and not is_outside(line):
             parts.append(f"d_sae {line.get('d_sae')}")
-        line["_series"] = (line["architecture"], ", ".join(parts))
+        line["_series"] = (outside_label(line) if is_outside(line) else line["architecture"], ", ".join(parts))
     return lines
+
+
+#: how a dictionary the run did not train is marked in legends, tables and sentences
+OUTSIDE_MARK = "not trained here"
+
+
+def is_outside(line: dict) -> bool:
+    """A dictionary evaluated by the run but trained elsewhere (`trained: false` in its line)."""
+    return line.get("trained") is False
+
+
+def outside_label(line: dict) -> str:
+    """"mine (saelens, not trained here)": the included dictionary's name and format."""
+    return f"{line.get('name') or line['architecture']} ({line.get('format') or 'unknown format'}, {OUTSIDE_MARK})"
+
+
+def is_outside_series(series: Series) -> bool:
+    return series[0].endswith(f", {OUTSIDE_MARK})")
 
 
 def series_label(series: Series) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 
 from dictlearn.analysis.cli import module_main
 from dictlearn.analysis.metric_plot import site_suffix, site_title
+from dictlearn.analysis.results import is_outside
 from dictlearn.analysis.style import Drawn, new_figure, save, styled
 
 MIN_COS = 0.5  # a child's cosine with its parent
@@ -56,6 +57,7 @@ class Family:
 def ladder_lines(lines: list[dict]) -> tuple[str, dict[int, dict]] | None:
     """(architecture, {d_sae: line}) of the architecture with the most widths (>= 2), else None."""
     by_arch: dict[str, dict[int, dict]] = defaultdict(dict)
+    lines = [line for line in lines if not is_outside(line)]  # not trained here: no family of widths
     targets = Counter((l["architecture"], l.get("l0_target")) for l in lines if l.get("export"))
     for line in sorted(lines, key=lambda l: (l.get("seed") or 0)):
         arch, d_sae = line["architecture"], line.get("d_sae")

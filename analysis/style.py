@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
 
-from dictlearn.analysis.results import Series, series_label
+from dictlearn.analysis.results import Series, is_outside_series, series_label
 from dictlearn.io import atomic_path
 
 #: architecture -> (colour, marker), keyed by the mechanisms' registry names
@@ -38,6 +38,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 _EXTRA_COLOURS = ("#BCBD22", "#17BECF", "#9467BD", "#E377C2", "#7F7F7F", "#2CA02C", "#1F77B4")
 _EXTRA_MARKERS = ("p", "*", "<", ">", "d", "H", "8")
+#: dictionaries the run did not train (`--include`): a star, in colours no architecture uses
+OUTSIDE_COLOURS = ("#000000", "#7F7F7F", "#6A3D9A", "#B15928", "#1B9E77")
+OUTSIDE_MARKER = "*"
 #: variants of one architecture (other runs, other widths) differ by line style
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -67,14 +70,17 @@ def architecture_style(architecture: str) -> tuple[str, str]:
     if architecture in ARCHITECTURES:
         return ARCHITECTURES[architecture]
     index = zlib.crc32(architecture.encode())
+    if is_outside_series((architecture, "")):
+        return OUTSIDE_COLOURS[index % len(OUTSIDE_COLOURS)], OUTSIDE_MARKER
     return _EXTRA_COLOURS[index % len(_EXTRA_COLOURS)], _EXTRA_MARKERS[index % len(_EXTRA_MARKERS)]
 
 
 def series_order(series: Series) -> tuple:
-    """Legend order: the table's order, then other architectures by name, then variants."""
+    """Legend order: the table's order, then other architectures by name, then the dictionaries
+    the run did not train, then variants."""
     architecture, variant = series
     known = list(ARCHITECTURES)
-    rank = known.index(architecture) if architecture in known else len(known)
+    rank = known.index(architecture) if architecture in known else len(known) + is_outside_series(series)
     return (rank, architecture, variant)
 
 
@@ -82,6 +88,9 @@ def series_style(series: Series, variants: list[str]) -> dict:
     """Line2D keyword arguments for one series; `variants` are all variants in the figure."""
     colour, marker = architecture_style(series[0])
     linestyle = LINESTYLES[sorted(variants).index(series[1]) % len(LINESTYLES)] if series[1] in variants else "-"
+    if is_outside_series(series):  # one point, not a curve: a large star, no line
+        return dict(color=colour, marker=marker, markersize=11, markeredgecolor="white", markeredgewidth=0.6,
+                    linestyle="none", label=series_label(series))
     return dict(color=colour, marker=marker, linestyle=linestyle, label=series_label(series))
 
 

@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass
 
 from dictlearn.analysis.aggregate import Point, aggregate
-from dictlearn.analysis.results import group_by_site, series_label, site, value
+from dictlearn.analysis import outside
+from dictlearn.analysis.results import group_by_site, is_outside, series_label, site, value
 from dictlearn.analysis.statistics import claims, holm
 from dictlearn.analysis.verdicts import L0_TOLERANCE, build_verdicts, interpolate_at_l0
 
@@ -45,7 +46,11 @@ def verdicts(lines: list[dict]) -> dict:
     alpha. Every other pair keeps the correction over all pairs (`family: "all pairs"`), stricter,
     for a reader who looks further in the file."""
     directions = {metric: "higher" if higher else "lower" for metric, _, higher in FRONTIER_METRICS}
+    left_out = sorted(str(line.get("name")) for line in lines if is_outside(line))
+    lines = [line for line in lines if not is_outside(line)]  # no seeds to pair (dictlearn.analysis.outside)
     document = build_verdicts(lines, directions, series=lambda line: series_label(line["_series"]), group=group_key)
+    if left_out:
+        document["notes"].append(f"not trained by this run, so in no paired comparison: {', '.join(left_out)}")
     records = document["records"]
     family = {id(lead.record) for site_lines in group_by_site(lines).values()
               for metric, _, higher in FRONTIER_METRICS
@@ -327,6 +332,7 @@ def summarise(lines: list[dict], document: dict | None = None) -> list[str]:
     document = verdicts(lines) if document is None else document
     records = document.get("records", [])
     sentences = leader_sentences(lines, records) + claims_sentence(document) + mapping_sentence(lines)
+    sentences += outside.sentences(lines)
     if not targets(lines):
         sentences.append("No line has an `l0_target`: no per-target comparison "
                          "(the figures still ring the Pareto-optimal points).")

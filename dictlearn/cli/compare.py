@@ -63,6 +63,9 @@ def build_parser() -> OneLineParser:
     add("--tune-lr", action="store_true", default=None,
         help="choose each architecture's learning rate on validation documents first (docs/compare.md)")
     add("--lr-grid", type=_floats, default=None, help="--tune-lr's learning rates (default: the common LR x 1/3, 1, 3)")
+    add("--include", type=_names, default=None,
+        help="dictionaries trained elsewhere (SAELens, sparsify, dictionary_learning folders or dictlearn exports), "
+             "PATH or NAME=PATH, comma-separated: evaluated and drawn beside the run's, not trained")
     add("--contexts", type=int, default=None, help="held-out corpus windows for the downstream metrics")
     add("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
     add("--devices", type=int, default=None, help="processes/GPUs for DDP training (default: 1)")

@@ -46,6 +46,9 @@ RUNTIME_FIELDS = ("out", "device", "quiet")
 # --tune-lr's default grid: the common LR times these (steps of about half a decade, spanning one
 # decade around it; three values keep the search at a third of the comparison's training)
 LR_FACTORS = (1 / 3, 1, 3)
+# Outside dictionaries are evaluated, not trained: a finished comparison takes new ones on a rerun
+# with the same --out (dictlearn/compare/include.py), so they are not part of its identity.
+ADDED_FIELDS = ("include",)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class CompareConfig:
     downstream: bool = True
     interpret: bool = True
     contexts: int | None = None
+    # dictionaries trained elsewhere, evaluated and drawn beside the run's (`PATH` or `NAME=PATH`)
+    include: list[str] = field(default_factory=list)
     # where it runs
     device: str = "auto"
     devices: int = 1
@@ -122,13 +127,15 @@ class CompareConfig:
         if values["tune_lr"] and values["lr_grid"] is None:
             lr = {**OPTIMIZER, **values["optimizer"]}["lr"]
             values["lr_grid"] = [lr * factor for factor in LR_FACTORS]
+        if isinstance(values["include"], str):  # `include: a,b` in a YAML file, as the flag takes it
+            values["include"] = [p.strip() for p in values["include"].split(",") if p.strip()]
         config = CompareConfig(**values)
         config.check()
         return config
 
     def identity(self) -> dict:
         """The fields that decide what is computed (two runs with equal identities are one comparison)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS + ADDED_FIELDS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -172,6 +179,8 @@ class CompareConfig:
             if needing:
                 raise ConfigError(f"--architectures {needing[0]} is a transcoder: give --target-key K2 (the dataset "
                                   "it predicts) or drop it from --architectures")
+        if not isinstance(self.include, list) or not all(isinstance(p, str) and p.strip() for p in self.include):
+            raise ConfigError(f"include: {self.include!r}: give a list of paths, e.g. include: [runs/mine/export]")
         known = mechanisms()
         unknown = sorted(set(self.dictionary) - set(known))
         if unknown:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dictlearn.compare.include import check_included, evaluate_included
 from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
@@ -135,6 +136,7 @@ def compare(config: CompareConfig) -> Path:
     source, lm = check_source(config, out)
     _tune().check(config, source)
     planned = plan(config)
+    included = check_included(config, source, lm, planned)  # outside dictionaries: refused here or never
     progress = Progress(len(planned), enabled=not config.quiet and rank == 0)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +163,8 @@ def compare(config: CompareConfig) -> Path:
 
         cache = DownstreamCache(config.device)  # the language model, loaded once for evaluation and dashboards
         records = _evaluate_all(config, source, planned, cache, progress, stop)
+        records += evaluate_included(config, source.path, included, evaluate_options(config), cache, probes=None,
+                                     progress=progress, check_stop=lambda: _check_stop(stop))
         if config.interpret:
             _dashboards(config, planned, source, cache, progress, stop)
     write_results(out, records)
@@ -391,14 +395,21 @@ def _export_from(checkpoint: Path, pending: list[Planned], out: Path, source: So
 
 
 # ----------------------------------------------------------------------------- evaluation and results
+def evaluate_options(config: CompareConfig):
+    """How every dictionary of the run is evaluated (its own members and included ones alike)."""
+    from dictlearn.evaluate import EvaluateOptions
+
+    return EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,
+                           interpret=config.interpret, feature_density=True)  # the density figure reads it
+
+
 def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned], cache, progress: Progress,
                   stop: threading.Event) -> list[dict]:
-    from dictlearn.evaluate import EvaluateOptions, evaluate
+    from dictlearn.evaluate import evaluate
     from dictlearn.metrics.concepts import ProbeCache
 
     out = Path(config.out)
-    options = EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,
-                              interpret=config.interpret, feature_density=True)  # the density figure reads it
+    options = evaluate_options(config)
     probes = ProbeCache()  # probe rows and baselines: once per file
     todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
     progress.stage("evaluate", max(1, len(todo)), unit="dict")

@@ -1,0 +1,185 @@
+"""`dictlearn compare --include`: outside dictionaries checked up front, evaluated on the run's rows,
+drawn and reported as not trained by the run, and never given a paired verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from scipy import stats
+
+from dictlearn.analysis.outside import against_series, place, sentences
+from dictlearn.analysis.results import from_records, is_outside_series
+from dictlearn.cli import main
+from dictlearn.compare.include import detect_format, parse_include
+from dictlearn.compare.plan import CompareConfig
+from dictlearn.data import write_synth_file
+from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
+from dictlearn.dictionaries.topk import TopKSAE
+from dictlearn.errors import ConfigError
+from dictlearn.evaluate import EvaluateOptions, evaluate
+from dictlearn.export import export
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """A synthetic file whose 'acts' records hook 'blocks.1' (and 'target', width 32), and exports."""
+    root = tmp_path_factory.mktemp("include")
+    data = root / "synth.h5"
+    write_synth_file(data, n_rows=8192, d=32, n_features=64, mean_active=4.0, seed=0, d_out=32)
+    with h5py.File(data, "a") as f:
+        f["acts"].attrs["hook_name"] = "blocks.1"
+    exports = {
+        "good": export(TopKSAE(d_in=32, d_sae=48, k=4), root / "good", {"hook_name": "blocks.1"}),
+        "narrow": export(TopKSAE(d_in=16, d_sae=48, k=4), root / "narrow"),
+        "other_hook": export(TopKSAE(d_in=32, d_sae=48, k=4), root / "other_hook", {"hook_name": "blocks.5"}),
+        "transcoder": export(ReLUL1SAE(d_in=32, d_sae=48, d_out=32, transcoder=True), root / "transcoder"),
+    }
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "cfg.json").write_text("{not json")
+    (broken / "sae_weights.safetensors").write_bytes(b"")
+    return {"data": str(data), **{k: str(v) for k, v in exports.items()}, "broken": str(broken), "root": root}
+
+
+# ------------------------------------------------------------------ refused up front, nothing written
+@pytest.mark.parametrize("include, words", [
+    ("missing", ["--include", "no such file or folder"]),
+    ("broken", ["--include", "does not load", "cfg.json"]),
+    ("narrow", ["d_in=16", "width 32"]),
+    ("other_hook", ["hook 'blocks.5'", "'blocks.1'"]),
+    ("transcoder", ["transcoder", "--target-key"]),
+    ("good,good", ["name 'good'", "NAME="]),
+])  # fmt: skip
+def test_bad_include_is_one_line_and_writes_nothing(files, tmp_path, capsys, include, words):
+    out = tmp_path / "run"
+    paths = ",".join(files.get(name, str(tmp_path / name)) for name in include.split(","))
+    code = main(["compare", "--out", str(out), "--data", files["data"], "--input-key", "acts", "--quiet",
+                 "--architectures", "topk", "--l0", "4", "--d-sae", "16", "--seeds", "0", "--include", paths])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("dictlearn: error: "), error
+    for word in words:
+        assert word in error, error
+    assert not out.exists()
+
+
+def test_a_name_the_run_uses_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["compare", "--out", str(out), "--data", files["data"], "--input-key", "acts", "--quiet",
+                 "--architectures", "topk", "--l0", "4", "--d-sae", "16", "--seeds", "0",
+                 "--include", f"topk_l0-4_s0={files['good']}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "already a dictionary this run trains" in error, error
+    assert not out.exists()
+
+
+def test_names_formats_and_identity(files):
+    assert parse_include([files["good"], f"x={files['narrow']}"]) == [("good", Path(files["good"])),
+                                                                      ("x", Path(files["narrow"]))]
+    with pytest.raises(ConfigError, match="not usable as a file name"):
+        parse_include(["bad name=/tmp/x"])
+    assert detect_format(Path(files["good"])) == "dictlearn"
+    root = files["root"]
+    for folder, names, expected in (("lens", ["cfg.json", "sae_weights.safetensors"], "saelens"),
+                                    ("sparsify/layers.3", ["cfg.json", "sae.safetensors"], None),
+                                    ("dl", ["ae.pt", "config.json"], "dictionary_learning")):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            (root / folder / name).write_text("{}")
+        if expected:
+            assert detect_format(root / folder) == expected
+    assert detect_format(root / "sparsify") == detect_format(root / "sparsify/layers.3") == "sparsify"
+    # a finished run takes new outside dictionaries without counting as another comparison
+    a = CompareConfig(l0=[4], device="cpu").resolved()
+    b = CompareConfig(l0=[4], device="cpu", include=[files["good"]]).resolved()
+    assert a.identity() == b.identity()
+
+
+# ------------------------------------------------------------------ the report's words on one point
+def _line(name, l0, fvu, seed=None, target=None, trained=True):
+    line = {"name": name, "architecture": name.split("_")[0], "mapping": "sae", "l0": l0, "fvu": fvu,
+            "seed": seed, "l0_target": target, "d_sae": 32}
+    return line if trained else {**line, "trained": False, "format": "saelens", "source": "/x/mine"}
+
+
+def test_an_outside_point_is_placed_against_the_seeds_never_tested():
+    """topk at two seeds, each a straight line in log L0; the outside point at L0 = 8 sits between
+    targets 4 and 16. The seeds' values there (log-L0 interpolation) and their t interval are
+    computed here in float64 and must be what the sentence says."""
+    seeds = {0: [(4.0, 0.50), (16.0, 0.30)], 1: [(4.2, 0.54), (15.0, 0.33)], 2: [(3.9, 0.49), (16.5, 0.29)]}
+    lines = [_line(f"topk_{t}_{s}", l0, y, seed=s, target=t)
+             for s, pts in seeds.items() for t, (l0, y) in zip((4, 16), pts)]
+    lines.append(_line("mine", 8.0, 0.20, trained=False))
+    lines = from_records(lines, "/runs/a/results.jsonl")
+    mine = lines[-1]
+    assert is_outside_series(mine["_series"]) and mine["_series"][0] == "mine (saelens, not trained here)"
+    ((label, at),) = against_series(mine, lines[:-1], "fvu")
+    expected = []
+    for (x0, y0), (x1, y1) in seeds.values():
+        w = (math.log(8.0) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        expected.append(y0 + w * (y1 - y0))
+    assert label == "topk" and at == pytest.approx(expected, rel=1e-12)
+    mean, sd = np.mean(expected), np.std(expected, ddof=1)
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    said = place(0.20, "topk", at, higher_is_better=False)
+    assert said.startswith("better than all 3 topk seeds")
+    assert f"[{mean - half:#.3g}, {mean + half:#.3g}]" in said
+    inside = place(float(mean), "topk", at, higher_is_better=False)
+    assert inside.startswith("within the 95 % interval")
+    (sentence,) = sentences(lines)
+    assert "mine (saelens, not trained here)" in sentence and "`/x/mine`" in sentence
+    assert "no paired test" in sentence and "(Pareto-optimal)" in sentence
+
+
+def test_outside_lines_join_no_verdict():
+    from dictlearn.analysis.summary import verdicts
+
+    lines = [_line(f"{a}_{t}_{s}", t * (1 + 0.01 * s), 0.5 - 0.01 * t + 0.001 * s * (a == "topk"), seed=s, target=t)
+             for a in ("topk", "relu") for t in (4, 16) for s in (0, 1, 2)]
+    lines.append(_line("mine", 8.0, 0.2, trained=False))
+    document = verdicts(from_records(lines, "/runs/a/results.jsonl"))
+    assert document["records"] and all("mine" not in (r["a"], r["b"]) for r in document["records"])
+    assert any("not trained by this run" in note and "mine" in note for note in document["notes"])
+
+
+# ------------------------------------------------------------------ end to end, tiny
+@pytest.mark.slow
+def test_compare_includes_a_fitted_export_end_to_end(tmp_path):
+    from conftest import fit_recipe
+
+    data = tmp_path / "synth.h5"
+    write_synth_file(data, n_rows=30_000, d=32, n_features=64, mean_active=4.0, seed=0, d_out=32)
+    _, fitted = fit_recipe("topk", str(data), tmp_path / "fit", "--model.d_sae", "48", "--model.k", "6", steps=20)
+    out = tmp_path / "run"
+    flags = ["compare", "--out", str(out), "--data", str(data), "--input-key", "acts", "--architectures",
+             "topk,relu_l1", "--l0", "4,8", "--d-sae", "32", "--seeds", "0,1", "--train-tokens", "5120",
+             "--batch-size", "256", "--no-interpret", "--quiet"]
+    assert main(flags + ["--include", f"mine={fitted}"]) == 0
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (mine,) = [line for line in lines if line["name"] == "mine"]
+    assert mine["trained"] is False and mine["format"] == "dictlearn" and mine["source"] == str(fitted.resolve())
+    assert mine["seed"] is None and mine["l0_target"] is None and mine["l0"] == pytest.approx(6.0)
+    assert mine["n_rows"] == lines[0]["n_rows"] and mine["data"] == lines[0]["data"]  # the same held-out rows
+    alone = evaluate([fitted], str(data), options=EvaluateOptions(downstream=False, interpret=False))[0]
+    assert mine["fvu"] == alone["fvu"] and mine["l0"] == alone["l0"]  # what `dictlearn evaluate` says of it
+    assert all(line["trained"] is True for line in lines if line["name"] != "mine")
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"trained", "source", "format"} <= set(header)
+    svg = (out / "figures" / "l0_fvu.svg").read_text()
+    assert "fvu:mine (dictlearn, not trained here)" in svg  # its own series on the frontier figure
+    report = (out / "report.md").read_text()
+    assert "**mine (dictlearn, not trained here)** was not trained by this run" in report
+    assert "elsewhere (dictlearn)" in report  # the table's column
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert all("mine" not in (r["a"] + r["b"]) for r in verdicts["records"])
+    # rerun: nothing retrained, the included record reused while its files are unchanged
+    cached = out / "evaluations" / "included" / "mine.json"
+    stamp = os.stat(cached).st_mtime_ns
+    assert main(flags + ["--include", f"mine={fitted}"]) == 0
+    assert os.stat(cached).st_mtime_ns == stamp
