@@ -82,9 +82,13 @@ def sentences(lines: list[dict]) -> list[str]:
             frontier = _on_frontier(lines, line, metric, higher)
             where = "; ".join(placed) if placed else "no run series reaches this L0 (nothing is extrapolated)"
             parts.append(f"{name} {_n(y)}{' (Pareto-optimal)' if frontier else ''}: {where}")
-        said.append(head + f". At its L0 of {_n(l0)}: " + (". ".join(parts) if parts else "no frontier metric") + ". "
-                     "One dictionary has no seeds, so no paired test is made for it: its point says where this "
-                     "dictionary lies against the run's seeds, not whether its architecture or recipe is better.")
+        said.append(head + f". At its L0 of {_n(l0)}: " + (". ".join(parts) if parts else "no frontier metric") + ".")
+    if outside:
+        it = "it has" if len(outside) == 1 else "they have"
+        said.append(f"No paired test is made for a dictionary this run did not train ({it} no seeds): its point says "
+                    "where that one dictionary lies against the run's seeds at its L0, not whether its architecture "
+                    "or training recipe is better, since one training run shows nothing of its own seed-to-seed "
+                    "spread; its training budget is its own too.")
     return said
 
 

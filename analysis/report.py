@@ -17,7 +17,7 @@ from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
 from dictlearn.analysis.results import from_records, group_by_site, is_outside, load_results, series_label, value
-from dictlearn.analysis.style import Drawn, architecture_style, series_order
+from dictlearn.analysis.style import Drawn, architecture_style, outside_styles, series_order
 from dictlearn.analysis.summary import L0_SHOWN, frontier_table, record_group, summarise, verdicts
 from dictlearn.io import atomic_write_text
 
@@ -58,6 +58,7 @@ def write_report(run_dir: str | Path, results: list[dict], out_dir: str | Path |
 
 def _write(lines: list[dict], out_dir: Path, echo: bool) -> Path:
     notes: list[str] = []
+    outside_styles(series_label(line["_series"]) for line in lines if is_outside(line))  # one colour each
     sites = group_by_site(lines)
     if len(sites) > 1:
         notes.append(f"the results hold {len(sites)} (model, hook) sites: "

@@ -38,9 +38,19 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 _EXTRA_COLOURS = ("#BCBD22", "#17BECF", "#9467BD", "#E377C2", "#7F7F7F", "#2CA02C", "#1F77B4")
 _EXTRA_MARKERS = ("p", "*", "<", ">", "d", "H", "8")
-#: dictionaries the run did not train (`--include`): a star, in colours no architecture uses
-OUTSIDE_COLOURS = ("#000000", "#7F7F7F", "#6A3D9A", "#B15928", "#1B9E77")
-OUTSIDE_MARKER = "*"
+#: dictionaries the run did not train (`--include`): a star, in colours no architecture uses, given
+#: in the order `outside_styles` lists them (so two of them never share one); after eight, other markers
+OUTSIDE_COLOURS = ("#000000", "#7F7F7F", "#6A3D9A", "#1B9E77", "#808000", "#000080", "#E7298A", "#B15928")
+OUTSIDE_MARKERS = ("*", "P", "X")
+_OUTSIDE_ORDER: dict[str, int] = {}
+
+
+def outside_styles(labels) -> None:
+    """Number the outside series of a report (sorted labels) so each gets its own colour; a label
+    first seen later (a figure drawn alone) takes the next number."""
+    _OUTSIDE_ORDER.clear()
+    for label in sorted(set(labels)):
+        _OUTSIDE_ORDER[label] = len(_OUTSIDE_ORDER)
 #: variants of one architecture (other runs, other widths) differ by line style
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -69,9 +79,11 @@ def architecture_style(architecture: str) -> tuple[str, str]:
     """(colour, marker); an architecture outside the table gets a fixed one from its name."""
     if architecture in ARCHITECTURES:
         return ARCHITECTURES[architecture]
-    index = zlib.crc32(architecture.encode())
     if is_outside_series((architecture, "")):
-        return OUTSIDE_COLOURS[index % len(OUTSIDE_COLOURS)], OUTSIDE_MARKER
+        number = _OUTSIDE_ORDER.setdefault(architecture, len(_OUTSIDE_ORDER))
+        marker = OUTSIDE_MARKERS[number // len(OUTSIDE_COLOURS) % len(OUTSIDE_MARKERS)]
+        return OUTSIDE_COLOURS[number % len(OUTSIDE_COLOURS)], marker
+    index = zlib.crc32(architecture.encode())
     return _EXTRA_COLOURS[index % len(_EXTRA_COLOURS)], _EXTRA_MARKERS[index % len(_EXTRA_MARKERS)]
 
 

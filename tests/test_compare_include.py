@@ -16,7 +16,7 @@ from scipy import stats
 from dictlearn.analysis.outside import against_series, place, sentences
 from dictlearn.analysis.results import from_records, is_outside_series
 from dictlearn.cli import main
-from dictlearn.compare.include import detect_format, parse_include
+from dictlearn.compare.include import load_entry, parse_include
 from dictlearn.compare.plan import CompareConfig
 from dictlearn.data import write_synth_file
 from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
@@ -79,22 +79,11 @@ def test_a_name_the_run_uses_is_refused(files, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_names_formats_and_identity(files):
+def test_names_and_identity(files):
     assert parse_include([files["good"], f"x={files['narrow']}"]) == [("good", Path(files["good"])),
                                                                       ("x", Path(files["narrow"]))]
     with pytest.raises(ConfigError, match="not usable as a file name"):
         parse_include(["bad name=/tmp/x"])
-    assert detect_format(Path(files["good"])) == "dictlearn"
-    root = files["root"]
-    for folder, names, expected in (("lens", ["cfg.json", "sae_weights.safetensors"], "saelens"),
-                                    ("sparsify/layers.3", ["cfg.json", "sae.safetensors"], None),
-                                    ("dl", ["ae.pt", "config.json"], "dictionary_learning")):
-        (root / folder).mkdir(parents=True)
-        for name in names:
-            (root / folder / name).write_text("{}")
-        if expected:
-            assert detect_format(root / folder) == expected
-    assert detect_format(root / "sparsify") == detect_format(root / "sparsify/layers.3") == "sparsify"
     # a finished run takes new outside dictionaries without counting as another comparison
     a = CompareConfig(l0=[4], device="cpu").resolved()
     b = CompareConfig(l0=[4], device="cpu", include=[files["good"]]).resolved()
@@ -132,9 +121,9 @@ def test_an_outside_point_is_placed_against_the_seeds_never_tested():
     assert f"[{mean - half:#.3g}, {mean + half:#.3g}]" in said
     inside = place(float(mean), "topk", at, higher_is_better=False)
     assert inside.startswith("within the 95 % interval")
-    (sentence,) = sentences(lines)
+    sentence, caveat = sentences(lines)
     assert "mine (saelens, not trained here)" in sentence and "`/x/mine`" in sentence
-    assert "no paired test" in sentence and "(Pareto-optimal)" in sentence
+    assert "(Pareto-optimal)" in sentence and caveat.startswith("No paired test is made")
 
 
 def test_outside_lines_join_no_verdict():
@@ -149,37 +138,51 @@ def test_outside_lines_join_no_verdict():
 
 
 # ------------------------------------------------------------------ end to end, tiny
+PEERS = Path(__file__).parent / "fixtures" / "peers"  # saved by SAELens, sparsify, dictionary_learning (d_in 16)
+
+
 @pytest.mark.slow
-def test_compare_includes_a_fitted_export_end_to_end(tmp_path):
+def test_compare_includes_an_export_and_every_format_end_to_end(tmp_path):
+    """A dictlearn fit and one dictionary of each outside format beside a tiny run: each is in the
+    results (`trained: false`, its format), measured on the run's rows exactly as `dictlearn
+    evaluate` measures it alone, drawn on the frontier, named in the report, never in a verdict."""
     from conftest import fit_recipe
 
     data = tmp_path / "synth.h5"
-    write_synth_file(data, n_rows=30_000, d=32, n_features=64, mean_active=4.0, seed=0, d_out=32)
+    write_synth_file(data, n_rows=30_000, d=16, n_features=48, mean_active=4.0, seed=0, d_out=16)
     _, fitted = fit_recipe("topk", str(data), tmp_path / "fit", "--model.d_sae", "48", "--model.k", "6", steps=20)
+    outside = {"mine": fitted, "lens": PEERS / "saelens" / "topk", "sp": PEERS / "sparsify" / "run" / "layers.0",
+               "dl": PEERS / "dictionary_learning" / "topk"}
+    formats = {"mine": "dictlearn", "lens": "saelens", "sp": "sparsify", "dl": "dictionary_learning"}
     out = tmp_path / "run"
     flags = ["compare", "--out", str(out), "--data", str(data), "--input-key", "acts", "--architectures",
              "topk,relu_l1", "--l0", "4,8", "--d-sae", "32", "--seeds", "0,1", "--train-tokens", "5120",
-             "--batch-size", "256", "--no-interpret", "--quiet"]
-    assert main(flags + ["--include", f"mine={fitted}"]) == 0
-    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    (mine,) = [line for line in lines if line["name"] == "mine"]
-    assert mine["trained"] is False and mine["format"] == "dictlearn" and mine["source"] == str(fitted.resolve())
-    assert mine["seed"] is None and mine["l0_target"] is None and mine["l0"] == pytest.approx(6.0)
-    assert mine["n_rows"] == lines[0]["n_rows"] and mine["data"] == lines[0]["data"]  # the same held-out rows
-    alone = evaluate([fitted], str(data), options=EvaluateOptions(downstream=False, interpret=False))[0]
-    assert mine["fvu"] == alone["fvu"] and mine["l0"] == alone["l0"]  # what `dictlearn evaluate` says of it
-    assert all(line["trained"] is True for line in lines if line["name"] != "mine")
+             "--batch-size", "256", "--no-interpret", "--quiet",
+             "--include", ",".join(f"{name}={path}" for name, path in outside.items())]
+    assert main(flags) == 0
+    lines = {line["name"]: line for line in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    own = lines["topk_l0-4_s0"]
+    assert own["trained"] is True and own["format"] == "dictlearn" and own["source"] is None
+    svg = (out / "figures" / "l0_fvu.svg").read_text()
+    report = (out / "report.md").read_text()
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    for name, path in outside.items():
+        line = lines[name]
+        assert line["trained"] is False and line["format"] == formats[name], line["format"]
+        assert line["source"] == str(path.resolve()) and line["seed"] is None and line["l0_target"] is None
+        assert line["n_rows"] == own["n_rows"] and line["data"] == own["data"]  # the run's held-out rows
+        alone = evaluate([load_entry(path)[0]], str(data), options=EvaluateOptions(input_key="acts", downstream=False, interpret=False))[0]
+        assert line["fvu"] == alone["fvu"] and line["l0"] == alone["l0"], name  # what `dictlearn evaluate` says
+        label = f"{name} ({formats[name]}, not trained here)"
+        assert f"fvu:{label}" in svg  # its own series on the frontier figure
+        assert f"**{label}** was not trained by this run" in report
+        assert f"elsewhere ({formats[name]})" in report  # the table's column
+        assert all(name not in (r["a"], r["b"]) for r in verdicts["records"])
+    assert lines["mine"]["l0"] == pytest.approx(6.0)
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"trained", "source", "format"} <= set(header)
-    svg = (out / "figures" / "l0_fvu.svg").read_text()
-    assert "fvu:mine (dictlearn, not trained here)" in svg  # its own series on the frontier figure
-    report = (out / "report.md").read_text()
-    assert "**mine (dictlearn, not trained here)** was not trained by this run" in report
-    assert "elsewhere (dictlearn)" in report  # the table's column
-    verdicts = json.loads((out / "verdicts.json").read_text())
-    assert all("mine" not in (r["a"] + r["b"]) for r in verdicts["records"])
-    # rerun: nothing retrained, the included record reused while its files are unchanged
+    # rerun: nothing retrained, the included records reused while their files are unchanged
     cached = out / "evaluations" / "included" / "mine.json"
     stamp = os.stat(cached).st_mtime_ns
-    assert main(flags + ["--include", f"mine={fitted}"]) == 0
+    assert main(flags) == 0
     assert os.stat(cached).st_mtime_ns == stamp

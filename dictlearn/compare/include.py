@@ -28,7 +28,6 @@ from dictlearn.compare.plan import CompareConfig, Planned
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.io import atomic_write_text
 
-FORMATS = ("dictlearn", "saelens", "sparsify", "dictionary_learning")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # becomes a file name under DIR/evaluations/included
 
 
@@ -73,23 +72,16 @@ def parse_include(values: list[str]) -> list[tuple[str, Path]]:
     return parsed
 
 
-def detect_format(path: Path) -> str:
-    """Which library wrote `path`, from its files (what `dictlearn.load` reads it as)."""
-    if path.is_file():
-        return "dictionary_learning" if path.name == "ae.pt" else "dictlearn"
-    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
-    if "ae.pt" in names:
-        return "dictionary_learning"
-    if "sae.safetensors" in names or any((p / "sae.safetensors").is_file() for p in path.glob("*")):
-        return "sparsify"
-    if "cfg.json" in names:
-        try:
-            cfg = json.loads((path / "cfg.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return "saelens"
-        meta = cfg.get("metadata") if isinstance(cfg, dict) else None
-        return "dictlearn" if isinstance(meta, dict) and isinstance(meta.get("dictlearn"), dict) else "saelens"
-    return "unknown"
+def load_entry(path: Path):
+    """-> (dictlearn.evaluate.Entry, format): `dictlearn.load`'s reading of `path` with the cfg.json
+    its export would have (an outside folder's carries the format its readers detected)."""
+    from dictlearn.evaluate import Entry
+    from dictlearn.export import load_with_config
+
+    dictionary, cfg = load_with_config(path)
+    if cfg is None:  # a checkpoint: its cfg comes from the checkpoint
+        return Entry.from_path(path), "dictlearn"
+    return Entry(dictionary, cfg, path), str(cfg.get("format") or "dictlearn")
 
 
 # ----------------------------------------------------------------------------- checks, before any write
@@ -97,8 +89,6 @@ def check_included(config: CompareConfig, source, lm, planned: list[Planned]) ->
     """Every `config.include` path loaded and checked against the run: it loads, its widths fit the
     run's activations, its recorded model and hooks (where both sides record one) are the run's,
     a transcoder has a target in the run, and every name is unique. One-line errors, nothing written."""
-    from dictlearn.evaluate import Entry
-
     found: list[Included] = []
     names = {p.name: "a dictionary this run trains" for p in planned}
     for name, path in parse_include(config.include):
@@ -110,7 +100,7 @@ def check_included(config: CompareConfig, source, lm, planned: list[Planned]) ->
             raise ConfigError(f"{flag}: no such file or folder; pass a dictionary folder (SAELens, sparsify, "
                               "dictionary_learning or a dictlearn export)")
         try:
-            entry = Entry.from_path(path)
+            entry, format = load_entry(path)
         except (DataError, ConfigError) as error:
             raise ConfigError(f"{flag}: does not load: {error}") from None
         dictionary = entry.dictionary
@@ -120,9 +110,8 @@ def check_included(config: CompareConfig, source, lm, planned: list[Planned]) ->
         recorded = {k: meta.get(k) or None for k in ("model_name", "hook_name", "hook_name_out")}
         keys = _keys(source, mapping, flag)
         site, widths = _run_site(source, lm, keys)
-        included = Included(name, path, getattr(dictionary, "source_format", None) or detect_format(path),
-                            str(entry.cfg.get("architecture") or type(dictionary).__name__), mapping, keys, site,
-                            recorded, entry)
+        included = Included(name, path, format, str(entry.cfg.get("architecture") or type(dictionary).__name__),
+                            mapping, keys, site, recorded, entry)
         _check_fit(included, widths)
         found.append(included)
     return found
@@ -208,7 +197,7 @@ def evaluate_included(config: CompareConfig, data: Path, included: list[Included
         record_path, prints = folder / f"{inc.name}.json", fingerprint(inc.path)
         cached = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if cached.get("fingerprint") != prints:
-            mine = dataclasses.replace(options, input_key=inc.keys[0], target_key=inc.keys[1])
+            mine = dataclasses.replace(options, input_key=inc.keys[0], target_key=inc.keys[1], **_run_windows(data, inc))
             record = evaluate([inc.entry], data, options=mine,
                               cache=cache, probes=probes)[0]
             cached = {"fingerprint": prints, "record": record}
@@ -216,6 +205,17 @@ def evaluate_included(config: CompareConfig, data: Path, included: list[Included
         lines.append(included_line(inc, cached["record"]))
         progress.update(i + 1)
     return lines
+
+
+def _run_windows(data: Path, inc: Included) -> dict:
+    """The run's model and window length (its file's), so the spliced runs are the run's own
+    windows, whatever the folder records (e.g. SAELens' `context_size`); no model: no downstream
+    metrics, as for the run's own dictionaries."""
+    from dictlearn.data.h5 import H5Array
+
+    attrs = H5Array(data, inc.keys[0]).attrs()
+    model = attrs.get("model_name") or None
+    return {"model": model, "context": attrs.get("context_size") or None} | ({} if model else {"downstream": False})
 
 
 def included_line(inc: Included, record: dict) -> dict:
