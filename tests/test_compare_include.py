@@ -162,7 +162,7 @@ def test_compare_includes_an_export_and_every_format_end_to_end(tmp_path):
     assert main(flags) == 0
     lines = {line["name"]: line for line in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     own = lines["topk_l0-4_s0"]
-    assert own["trained"] is True and own["format"] == "dictlearn" and own["source"] is None
+    assert own["trained"] is True and own["format"] == "dictlearn" and own["source"] == own["export"]
     svg = (out / "figures" / "l0_fvu.svg").read_text()
     report = (out / "report.md").read_text()
     verdicts = json.loads((out / "verdicts.json").read_text())

@@ -73,15 +73,12 @@ def parse_include(values: list[str]) -> list[tuple[str, Path]]:
 
 
 def load_entry(path: Path):
-    """-> (dictlearn.evaluate.Entry, format): `dictlearn.load`'s reading of `path` with the cfg.json
-    its export would have (an outside folder's carries the format its readers detected)."""
+    """-> (dictlearn.evaluate.Entry, format): the dictionary as `dictlearn evaluate` reads `path`,
+    with the cfg.json its export would have (an outside folder's names its detected format)."""
     from dictlearn.evaluate import Entry
-    from dictlearn.export import load_with_config
 
-    dictionary, cfg = load_with_config(path)
-    if cfg is None:  # a checkpoint: its cfg comes from the checkpoint
-        return Entry.from_path(path), "dictlearn"
-    return Entry(dictionary, cfg, path), str(cfg.get("format") or "dictlearn")
+    entry = Entry.from_path(path)
+    return entry, str(entry.cfg.get("format") or "dictlearn")
 
 
 # ----------------------------------------------------------------------------- checks, before any write

@@ -32,7 +32,7 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
         "export": str((out / "exports" / p.name).resolve()),
         "log_dir": str(Path("train") / f"seed{p.seed}" / "version_0"), "member": p.name,
         "batch_size": config.batch_size,
-        "trained": True, "source": None, "format": "dictlearn",  # an included one: include.py's `included_line`
+        "trained": True,  # an included dictionary's line says false (include.py's `included_line`)
     }  # fmt: skip
     # what it trained with (the same for every architecture unless a search or an override chose otherwise)
     line["optimizer"] = {key: hyper[key] for key in OPTIMIZER if key in hyper}
