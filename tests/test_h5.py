@@ -179,3 +179,22 @@ def test_failed_write_leaves_no_file(tmp_path):
             f.create_dataset("acts", data=np.ones((4, 4), np.float32))
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_key_list_reads_the_layers_side_by_side(tmp_path):
+    """`mlp_in.0,mlp_in.1,mlp_in.2`: [rows, 3 d], each layer's columns its own dataset's rows."""
+    rng = np.random.default_rng(0)
+    layers = {f"transformer.h.{i}.mlp:input": rng.standard_normal((50, 4)).astype(np.float32) for i in range(3)}
+    path = _h5(tmp_path / "a.h5", **layers, short=np.zeros((49, 4), np.float32), wide=np.zeros((50, 5), np.float32))
+    array = H5Array(path, ",".join(layers))
+    assert (array.n_rows, array.d) == (50, 12) and array.attrs()["hook_name"] == ",".join(layers)
+    expected = np.concatenate(list(layers.values()), axis=1)
+    np.testing.assert_array_equal(array.read_slices([(3, 9), (20, 22)]).numpy(), expected[np.r_[3:9, 20:22]])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(array)).read(0, 50).numpy(), expected)
+    keys = list(layers)
+    for key, fragment in [(f"{keys[1]},{keys[0]}", "not in layer order"), (f"{keys[0]},{keys[0]}", "repeated"),
+                          (f"{keys[0]},short", "49 rows"), (f"{keys[0]},wide", "equal widths"),
+                          (f"{keys[0]},nope", "'nope' not found")]:
+        with pytest.raises(DataError, match=fragment) as info:
+            H5Array(path, key)
+        assert "\n" not in str(info.value)

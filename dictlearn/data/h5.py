@@ -2,7 +2,10 @@
 
 An activation dataset is one 2-D dataset `[n_rows, d]` inside an HDF5 file, at any key (nested
 keys such as ``blocks.0.hook`` or ``layer3/resid`` are fine). `H5Array` validates it once at
-construction and then reads contiguous row ranges as float32 torch tensors.
+construction and then reads contiguous row ranges as float32 torch tensors. A comma-separated
+key (``mlp_in.0,mlp_in.1,mlp_in.2``) reads several row-aligned datasets of equal width side by
+side, `[n_rows, layers * d]`, listed in layer order: the input or target of a cross-layer
+transcoder (`dictlearn harvest --layers all` writes such files).
 
 Stored dtypes:
 - float16, float32, float64 (float64 is read as float32).
@@ -141,14 +144,22 @@ class H5Array:
 
     def __init__(self, path: str | os.PathLike, key: str):
         self.path, self.key = os.fspath(path), key
-        with _open_checked(self.path, key) as f:
-            self.n_rows, self.d, self.stored_dtype = _check_dataset(f, self.path, key)
         self._file: h5py.File | None = None
         self._dataset: h5py.Dataset | None = None
         self._pid: int | None = None
+        self.parts: list[H5Array] | None = None
+        if "," in key:  # several layers side by side: a cross-layer transcoder's input or target
+            self.parts = _layer_parts(self.path, key)
+            self.n_rows, self.stored_dtype = self.parts[0].n_rows, self.parts[0].stored_dtype
+            self.d = sum(part.d for part in self.parts)
+            return
+        with _open_checked(self.path, key) as f:
+            self.n_rows, self.d, self.stored_dtype = _check_dataset(f, self.path, key)
 
     def attrs(self) -> dict[str, object]:
         """The file's root attributes overlaid with the dataset's own (provenance: model, hook, ...)."""
+        if self.parts is not None:
+            return {**self.parts[0].attrs(), "hook_name": self.key}
         with h5py.File(self.path, "r") as f:
             merged = {**f.attrs, **f[self.key].attrs}
         return {name: _plain(value) for name, value in merged.items()}
@@ -176,6 +187,10 @@ class H5Array:
         (benchmarks/RESULTS.md, "Data loader"). Only a contiguous dataset has one file offset;
         for a chunked one, or without ``posix_fadvise`` (macOS, Windows), this does nothing.
         """
+        if self.parts is not None:
+            for part in self.parts:
+                part.will_need(slices)
+            return
         ds = self._handle()
         offset = ds.id.get_offset()
         if offset is None or not hasattr(os, "POSIX_FADV_WILLNEED"):
@@ -197,6 +212,8 @@ class H5Array:
         Each range is one contiguous HDF5 read straight into the output buffer (no per-row
         indexing: sorted fancy indexing is 5-50x slower than blocks, benchmarks/RESULTS.md).
         """
+        if self.parts is not None:
+            return torch.cat([part.read_slices(slices) for part in self.parts], dim=1)
         total = sum(stop - start for start, stop in slices)
         raw_dtype = np.uint16 if self.stored_dtype == BF16_ATTR else np.dtype(self.stored_dtype)
         out = np.empty((total, self.d), dtype=raw_dtype)
@@ -217,6 +234,8 @@ class H5Array:
 
     def close(self) -> None:
         """Drop the open handle (if any); the next `read` reopens it."""
+        for part in self.parts or ():
+            part.close()
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = self._dataset = self._pid = None
@@ -226,6 +245,34 @@ class H5Array:
         state = self.__dict__.copy()
         state.update(_file=None, _dataset=None, _pid=None)
         return state
+
+
+def _layer_parts(path: str, key: str) -> list[H5Array]:
+    """The datasets of a comma-separated `key` ("mlp_in.0,mlp_in.1,..."): one per layer, in layer
+    order, of equal rows and widths, each checked as a dataset; a one-line DataError otherwise."""
+    keys = [k.strip() for k in key.split(",")]
+    if any(not k for k in keys) or len(set(keys)) != len(keys):
+        raise DataError(f"{path}: key list {key!r} has an empty or repeated key; name each layer's dataset once")
+    layers = [_layer_index(k) for k in keys]
+    if None not in layers and any(b <= a for a, b in zip(layers, layers[1:])):
+        raise DataError(f"{path}: key list {key!r} is not in layer order (layers {layers}); list the layers "
+                        "from first to last")
+    parts = [H5Array(path, k) for k in keys]
+    for part in parts[1:]:
+        if part.n_rows != parts[0].n_rows:
+            raise DataError(f"{path}: '{part.key}' has {part.n_rows} rows but '{keys[0]}' has {parts[0].n_rows}; "
+                            "the layers must be row-aligned (harvest them together with --layers)")
+        if part.d != parts[0].d:
+            raise DataError(f"{path}: '{part.key}' has width {part.d} but '{keys[0]}' has {parts[0].d}; the layers "
+                            "of a cross-layer transcoder must have equal widths")
+    return parts
+
+
+def _layer_index(key: str) -> int | None:
+    """The layer a key names: its last all-digit component (``transformer.h.3.mlp:input`` -> 3,
+    ``mlp_in.3`` -> 3), None when there is none."""
+    digits = [part for part in key.replace(":", ".").replace("/", ".").split(".") if part.isdigit()]
+    return int(digits[-1]) if digits else None
 
 
 @contextlib.contextmanager
