@@ -68,4 +68,21 @@ def search_blocks(folder: Path, notes: list[str]) -> list:
         notes.append(f"{path}: not a readable learning-rate search ({error.__class__.__name__}); its table left out")
         return []
     header = ("architecture", "lr", "validation FVU", "validation L0", "FVU bound at target", "chosen")
-    return [Heading(3, "Learning-rate search"), Paragraph(text), Table(header, rows, swatch_column=0)]
+    blocks = [Heading(3, "Learning-rate search"), Paragraph(text), Table(header, rows, swatch_column=0)]
+    edges = at_grid_edge(table)
+    if edges:
+        blocks.append(Paragraph(f"At the edge of the grid: {', '.join(edges)}. The best learning rate may lie beyond "
+                                "it; widen `--lr-grid` to find out."))
+    return blocks
+
+
+def at_grid_edge(table: list[dict]) -> list[str]:
+    """'<architecture> (the largest)' / '(the smallest)' for each architecture whose chosen LR is
+    the largest or smallest it tried (of two or more)."""
+    edges = []
+    for architecture in dict.fromkeys(r["architecture"] for r in table):
+        tried = sorted(r["lr"] for r in table if r["architecture"] == architecture)
+        chosen = [r["lr"] for r in table if r["architecture"] == architecture and r.get("chosen")]
+        if len(tried) > 1 and chosen and chosen[0] in (tried[0], tried[-1]):
+            edges.append(f"{architecture} (the {'largest' if chosen[0] == tried[-1] else 'smallest'})")
+    return edges

@@ -204,7 +204,7 @@ def test_the_search_rejects_a_too_small_lr_and_the_comparison_trains_with_the_ch
 
 
 def test_the_report_says_which_lr_each_architecture_got_and_how(tmp_path):
-    from dictlearn.analysis.learning_rates import search_blocks, sentences
+    from dictlearn.analysis.learning_rates import at_grid_edge, search_blocks, sentences
 
     def line(architecture, lr, tuned):
         return {"architecture": architecture, "optimizer": {"lr": lr, "adam_betas": [0.9, 0.999]}, "lr_tuned": tuned}
@@ -216,5 +216,8 @@ def test_the_report_says_which_lr_each_architecture_got_and_how(tmp_path):
     assert sentences([{"architecture": "topk"}]) == []
     notes = []
     assert search_blocks(tmp_path, notes) == [] and notes == []  # no search in this run
+    table = [{"architecture": a, "lr": lr, "chosen": lr == best} for a, best in (("topk", 3e-3), ("gated", 1e-3))
+             for lr in (3e-4, 1e-3, 3e-3)] + [{"architecture": "jumprelu", "lr": 1e-3, "chosen": True}]
+    assert at_grid_edge(table) == ["topk (the largest)"]  # gated in the middle; one LR has no edge
     (tmp_path / "lr_search.json").write_text('{"table": [{"architecture": "topk"}]}')
     assert search_blocks(tmp_path, notes) == [] and len(notes) == 1 and "lr_search.json" in notes[0]
