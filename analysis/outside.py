@@ -52,10 +52,13 @@ def place(y: float, other: str, seeds: list[float], higher_is_better: bool) -> s
     if len(seeds) < 2:
         return f"{side} {other}'s one seed ({_n(mean)}; no interval)"
     spread = f"seeds {_n(min(seeds))}–{_n(max(seeds))}, 95 % interval of the mean [{_n(low)}, {_n(high)}]"
-    if y < min(low, min(seeds)) or y > max(high, max(seeds)):
+    beyond_seeds, beyond_interval = not min(seeds) <= y <= max(seeds), not low <= y <= high
+    if beyond_seeds and beyond_interval:
         return f"{side} all {len(seeds)} {other} seeds and the interval of their mean ({spread})"
-    if y < low or y > high:
+    if beyond_interval:
         return f"{side} the 95 % interval of the {other} seed mean, within its seeds' range ({spread})"
+    if beyond_seeds:
+        return f"{side} all {len(seeds)} {other} seeds, within the 95 % interval of their mean ({spread})"
     return f"within the 95 % interval of the {other} seed mean ({spread})"
 
 

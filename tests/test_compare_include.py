@@ -69,6 +69,21 @@ def test_bad_include_is_one_line_and_writes_nothing(files, tmp_path, capsys, inc
     assert not out.exists()
 
 
+def test_before_a_harvest_the_models_hooks_decide(tmp_path, capsys):
+    """No activation file yet: the widths come from one forward of the embedded model (d_model 128 at
+    transformer.h.2, its default hook), the hook from the run's --layer."""
+    fits = export(TopKSAE(d_in=128, d_sae=32, k=4), tmp_path / "fits",
+                  {"model_name": "dictlearn/tiny-stdlib", "hook_name": "transformer.h.2"})
+    narrow = export(TopKSAE(d_in=64, d_sae=32, k=4), tmp_path / "narrow")
+    out = tmp_path / "run"
+    for flags, words in ((["--include", str(narrow)], ["d_in=64", "'transformer.h.2' has width 128"]),
+                         (["--layer", "1", "--include", str(fits)], ["hook 'transformer.h.2'", "'transformer.h.1'"])):
+        assert main(["compare", "--out", str(out), "--quiet", *flags]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and all(word in error for word in words), error
+        assert not out.exists()
+
+
 def test_a_name_the_run_uses_is_refused(files, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["compare", "--out", str(out), "--data", files["data"], "--input-key", "acts", "--quiet",
@@ -121,6 +136,9 @@ def test_an_outside_point_is_placed_against_the_seeds_never_tested():
     assert f"[{mean - half:#.3g}, {mean + half:#.3g}]" in said
     inside = place(float(mean), "topk", at, higher_is_better=False)
     assert inside.startswith("within the 95 % interval")
+    # two seeds: an interval far wider than their range; below both seeds is said, and that it is inside
+    wide = place(0.1, "relu", [0.3, 0.5], higher_is_better=True)
+    assert wide.startswith("worse than all 2 relu seeds, within the 95 % interval of their mean"), wide
     sentence, caveat = sentences(lines)
     assert "mine (saelens, not trained here)" in sentence and "`/x/mine`" in sentence
     assert "(Pareto-optimal)" in sentence and caveat.startswith("No paired test is made")

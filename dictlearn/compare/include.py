@@ -159,8 +159,8 @@ def _check_fit(included: Included, widths: dict) -> None:
     for field, what in (("model_name", "model"), ("hook_name", "hook"), ("hook_name_out", "output hook")):
         mine, theirs = included.site.get(field), included.recorded.get(field)
         if mine and theirs and mine != theirs:
-            raise ConfigError(f"{flag}: trained on {what} {theirs!r} but this run's activations are {what} "
-                              f"{mine!r}; include a dictionary of this run's {what}, or compare it on its own data")
+            raise ConfigError(f"{flag}: trained on {what} {theirs!r} but this run's activations come from "
+                              f"{what} {mine!r}; include a dictionary of this run's {what}, or compare it on its own data")
 
 
 # ----------------------------------------------------------------------------- evaluation and results
