@@ -176,6 +176,9 @@ def test_an_unknown_architecture_names_the_file_and_the_field(tmp_path):
     with pytest.raises(DataError, match=r"cfg\.json: field 'architecture' is 'temporal'") as error:
         dictlearn.load(copy)
     assert "\n" not in str(error.value)
+    (copy / "cfg.json").write_text(json.dumps(cfg | {"architecture": "batchtopk"}))
+    with pytest.raises(DataError, match=r"a training checkpoint: save it with SAELens' save_inference_model"):
+        dictlearn.load(copy)
     copy = _copy(tmp_path, "dictionary_learning", "topk")
     cfg = json.loads((copy / "config.json").read_text())
     cfg["trainer"]["dict_class"] = "AutoEncoderNeo"

@@ -47,8 +47,10 @@ def read(folder: Path) -> Outside:
     cfg = read_json(cfg_path)
     architecture = field_of(cfg, "architecture", cfg_path, str, "standard")
     if architecture not in ARCHITECTURES:
+        training = architecture in ("batchtopk", "matryoshka_batchtopk")  # SAELens loads neither for inference
         raise DataError(f"{cfg_path}: field 'architecture' is {architecture!r}, which dictlearn does not read; "
-                        f"it reads {', '.join(ARCHITECTURES)}")
+                        + ("a training checkpoint: save it with SAELens' save_inference_model (a jumprelu)"
+                           if training else f"it reads {', '.join(ARCHITECTURES)}"))
     mechanism, transcoder, skip = ARCHITECTURES[architecture]
     d_in, d_sae = field_of(cfg, "d_in", cfg_path), field_of(cfg, "d_sae", cfg_path)
     d_out = field_of(cfg, "d_out", cfg_path, int, d_in)
