@@ -124,7 +124,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14) (Gao et al.)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="saelens,sparsify,dictionary_learning")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine: oversubscribed "
+                   "threads made a step 15x slower)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.lr = args.lr or 2e-4 / math.sqrt(args.d_sae / 2**14)
     torch.manual_seed(args.seed)
     rows, model_name = training_rows(args.data, args.key, args.steps * args.batch_size, args.seed)
