@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dictlearn.analysis import (curves, density, frontier, learning_rates, probing, recovery, shrinkage, sparsity,
-                                splitting)
+from dictlearn.analysis import (curves, density, frontier, l0_scan, learning_rates, probing, recovery, shrinkage,
+                                sparsity, splitting)
 from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
@@ -22,7 +22,7 @@ from dictlearn.analysis.summary import L0_SHOWN, frontier_table, record_group, s
 from dictlearn.io import atomic_write_text
 
 #: every figure family, in report order; each has draw(lines, out_dir, notes, site) -> [Drawn]
-FAMILIES = (frontier, sparsity, shrinkage, recovery, probing, density, curves, splitting)
+FAMILIES = (frontier, sparsity, shrinkage, recovery, probing, l0_scan, density, curves, splitting)
 
 #: (key, column title, format); a column shows only when some line has the key
 COLUMNS = (
@@ -32,7 +32,8 @@ COLUMNS = (
     ("ce_loss_recovered", "CE recovered", ".4f"), ("kl_div", "KL", ".4f"), ("delta_ce", "ΔCE", ".4f"),
     ("jacobian_cos", "Jacobian cos", ".3f"),
     ("mmcs", "MMCS", ".3f"), ("probe_auc_k1", "probe AUC k=1", ".3f"), ("probe_auc_k16", "probe AUC k=16", ".3f"),
-    ("concept_coverage", "concept coverage", "%"), ("train_seconds", "train s", ".0f"),
+    ("concept_coverage", "concept coverage", "%"), ("nth_decoder_projection", "s_n^dec", ".4f"),
+    ("train_seconds", "train s", ".0f"),
 )
 
 
@@ -141,7 +142,7 @@ def summary_blocks(lines: list[dict], document: dict | None = None) -> list:
     header, rows = frontier_table(lines, document.get("records", []))
     if rows:
         blocks += [Paragraph(VERDICT_KEY), Table(tuple(header), tuple(map(tuple, rows)))]
-    return blocks + probing.summary_blocks(lines)
+    return blocks + probing.summary_blocks(lines) + l0_scan.summary_blocks(lines)
 
 
 def table_blocks(lines: list[dict]) -> list:

@@ -10,6 +10,9 @@ For each export (or dictlearn checkpoint, or an `Entry`: a loaded dictionary and
   held-out rows — the tail training validates on (`HeldOutSplit`), so they match the `val/`
   metrics of training;
 - `mmcs` when the file holds the true features (`dictlearn synth`);
+- the L0 diagnostic of Chanin & Garriga-Alonso 2025 on the same held-out rows
+  (`nth_decoder_projection`, its `nth_decoder_projection_n`, `decoder_pairwise_cosine`;
+  dictlearn/metrics/decoder_projection.py);
 - downstream metrics (`dictlearn.downstream`) when a model is known (`model`, else the export's
   `metadata.model_name`, else the file's `model_name`): the dictionary spliced into the model on
   held-out corpus windows. Without a model they are null, with a note on stderr;
@@ -42,11 +45,12 @@ from dictlearn.metrics import (
     INTERPRETATION_NAMES, RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs,
 )  # fmt: skip
 from dictlearn.metrics.bootstrap import ratio_se
+from dictlearn.metrics.decoder_projection import L0_PROXY_KEYS, NthDecoderProjection, decoder_pairwise_cosine
 from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
 from dictlearn.metrics.jacobian import FAITHFULNESS_KEYS, jacobian_cosines, sample_rows
 
-METRIC_KEYS = (RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + DOWNSTREAM_KEYS + FAITHFULNESS_KEYS
-               + INTERPRETATION_NAMES)
+METRIC_KEYS = (RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + L0_PROXY_KEYS + DOWNSTREAM_KEYS
+               + FAITHFULNESS_KEYS + INTERPRETATION_NAMES)
 INTERPRETATION_DETAIL_KEYS = ("probes", "concepts", "interpret")  # per concept and k; rows used
 CONFIG_KEYS = (
     "export", "source", "format", "architecture", "class_path", "d_in", "d_sae", "d_out", "k", "hook_name", "hook_name_out",
@@ -297,6 +301,7 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
     first, n_rows = data.split.heldout
     documents = data.heldout_documents()
     errors = None if documents is None else DocumentErrors(documents, dictionary.d_out)
+    proxy = NthDecoderProjection(dictionary.W_dec)
     for start in range(first, n_rows, ROWS_PER_READ):
         stop = min(start + ROWS_PER_READ, n_rows)
         x = data.inputs.read(start, stop).to(device)
@@ -305,6 +310,7 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
         y_hat = dictionary.decode(z, x)
         recon.update(y, y_hat)
         sparsity.update(z)
+        proxy.update(y - dictionary.decode(torch.zeros_like(z), x))  # what the latents write: y − b_dec (− skip)
         census.update(z)
         if errors is not None:
             errors.update(slice(start - first, stop - first), y, y_hat, z)
@@ -316,10 +322,12 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
             raise DataError(f"{data.path}: dataset '{data.input_key}' has NaN/Inf values in rows "
                             f"{group[0][0]}-{group[-1][1] - 1}; fix the file or pass --density-rows 0")
         census.update(dictionary.encode(x.to(device)))
-    values = {**recon.compute(), **sparsity.compute()}
+    values = {**recon.compute(), **sparsity.compute(), **proxy.compute(),
+              "decoder_pairwise_cosine": decoder_pairwise_cosine(dictionary.W_dec)}
     density = census.compute()
     values |= {"dead_fraction": density["dead_fraction"], "dense_fraction": density["dense_fraction"]}
-    metrics = {k: float(v) for k, v in values.items()} | {"feature_density": census.feature_density().tolist()}
+    metrics = {k: v if v is None or isinstance(v, int) else float(v) for k, v in values.items()}
+    metrics |= {"feature_density": census.feature_density().tolist()}
     metrics |= {} if errors is None else errors.compute()
     return metrics, n_rows - first, int(census.n_tokens)
 

@@ -108,8 +108,10 @@ def test_one_line_per_export_with_the_documented_keys(setup, capsys):
     assert len(lines) == 2
     for line in lines:
         assert tuple(line) == RECORD_KEYS
-        untyped = ("mmcs", *INTERPRETATION_NAMES, *(() if line["target_key"] else ("jacobian_cos",)))
+        untyped = ("mmcs", "nth_decoder_projection_n", *INTERPRETATION_NAMES,
+                   *(() if line["target_key"] else ("jacobian_cos",)))
         assert all(isinstance(line[k], float) for k in METRIC_KEYS if k not in untyped)
+        assert line["nth_decoder_projection_n"] == round(3 / 8 * line["d_sae"])
         assert (line["jacobian_cos"] is None) == (line["target_key"] is None)  # transcoders only
         assert line["mmcs"] is None  # a harvested file has no true features
         # 4000 rows of two documents: too few to probe (tests/test_probes.py checks these keys)

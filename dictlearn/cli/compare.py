@@ -20,6 +20,15 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
 
 
+def _targets(text: str) -> list[int] | str:
+    if text.strip() == "scan":
+        return "scan"
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas or 'scan', got {text!r}") from None
+
+
 def _count(text: str) -> int:
     try:
         return int(float(text)) if "e" in text.lower() else int(text)
@@ -55,7 +64,8 @@ def build_parser() -> OneLineParser:
     add("--target-key", default=None, help="--data: the dataset transcoders predict")
     add("--architectures", type=_names, default=None,
         help=f"comma-separated (default: {','.join(DEFAULT_ARCHITECTURES)})")
-    add("--l0", type=_ints, default=None, help="L0 targets (default: 8,16,32 on CPU, 8,16,32,64 on a GPU)")
+    add("--l0", type=_targets, default=None, help="L0 targets (default: 8,16,32 on CPU, 8,16,32,64 on a GPU), or "
+        "'scan': 4..128 (CPU) geometric for topk,batchtopk and DIR/l0_scan.json, the L0 the decoders point to")
     add("--d-sae", type=_ints, default=None, help="dictionary width(s) (default: 512 on CPU)")
     add("--seeds", type=_ints, default=None, help="seeds, each setting the initial weights and the data order (default: 0,1,2)")
     add("--train-tokens", type=_count, default=None, help="training tokens per dictionary (default: 400000 on CPU)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from dictlearn.compare.scan import SCAN_ARCHITECTURES, SCAN_L0
 from dictlearn.errors import ConfigError
 
 MAPPINGS = {"": "sae", "_transcoder": "transcoder", "_skip_transcoder": "skip_transcoder"}
@@ -68,7 +69,8 @@ class CompareConfig:
     target_key: str | None = None
     # the dictionaries
     architectures: list[str] | None = None  # None: DEFAULT_ARCHITECTURES (SAEs only for --data without a target)
-    l0: list[int] | None = None
+    l0: list[int] | str | None = None  # "scan": SCAN_L0 (dictlearn/compare/scan.py), then l0_scan is true
+    l0_scan: bool = False  # write DIR/l0_scan.json (the indicated L0 per architecture)
     d_sae: list[int] | None = None
     # three seeds: the fewest a paired t-test over seeds can use with a useful power (docs/compare.md)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -115,6 +117,9 @@ class CompareConfig:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         kind = "cuda" if device.startswith("cuda") else "cpu"
         values = dataclasses.asdict(self) | {"device": device}
+        if values["l0"] == "scan":
+            values |= {"l0": list(SCAN_L0[kind]), "l0_scan": True}
+            values["architectures"] = values["architectures"] or list(SCAN_ARCHITECTURES)
         for name, default in DEFAULTS[kind].items():
             if values[name] is None:
                 values[name] = list(default) if isinstance(default, tuple) else default
@@ -149,8 +154,10 @@ class CompareConfig:
         if len(set(self.architectures)) != len(self.architectures):
             raise ConfigError("--architectures: an architecture is named twice; give each once")
         for flag, values in (("--l0", self.l0), ("--d-sae", self.d_sae)):
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-                raise ConfigError(f"{flag} {_join(values)}: give positive whole numbers, e.g. {flag} 8,16,32")
+            if not isinstance(values, list) or not values or any(
+                    isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+                scan = " or --l0 scan" if flag == "--l0" else ""
+                raise ConfigError(f"{flag} {_join(values)}: give positive whole numbers, e.g. {flag} 8,16,32{scan}")
         smallest = min(self.d_sae)
         for target in self.l0:
             if target >= smallest:

@@ -29,6 +29,7 @@ from dictlearn.compare.include import check_included, evaluate_included
 from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
+from dictlearn.compare.scan import write_l0_scan
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.io import atomic_write_text, check_writable_folder
 from dictlearn.runtime import check_device, quiet_lightning
@@ -168,6 +169,8 @@ def compare(config: CompareConfig) -> Path:
         if config.interpret:
             _dashboards(config, planned, source, cache, progress, stop)
     write_results(out, records)
+    if config.l0_scan:
+        write_l0_scan(out, records)
     progress.stage("report", 1, unit="file")
     host = machine(config.device)  # ~0.1 s of matmuls: once, not once per timings write
     write_timings(out, progress, time.perf_counter() - started, host)

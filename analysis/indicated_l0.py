@@ -1,0 +1,121 @@
+"""The indicated L0 of a set of results lines: where the L0 diagnostic of Chanin & Garriga-Alonso
+2025 (`nth_decoder_projection`, dictlearn/metrics/decoder_projection.py) is lowest along L0.
+
+The rule (ours; docs/metrics.md says what the paper does and does not fix): the minimum over the
+L0 targets of the seed-mean proxy, refined by the parabola through that point and its two
+neighbours in log L0 (the vertex, kept between the neighbours). A minimum at the smallest or the
+largest target is no location: the targets do not bracket it, and the record says on which side
+the proxy was still falling (`indicated_l0` null). The interval is the range of the same estimate
+made seed by seed (each seed's own curve); a seed whose minimum sits at an end leaves that side
+open (null). Used by the report (analysis/l0_scan.py) and by `dictlearn compare --l0 scan` for
+`DIR/l0_scan.json` (dictlearn/compare/scan.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+
+PROXY = "nth_decoder_projection"
+PROBES = ("probe_auc_k1", "probe_auc_k16")
+RULE = ("minimum of the seed-mean nth_decoder_projection over the scanned L0 targets, refined by a parabola in "
+        "log L0 through its neighbours; interval: the range of the per-seed estimates (null: a seed's minimum lies "
+        "at an end of the scan)")
+
+
+def _number(line: dict, key: str) -> float | None:
+    raw = line.get(key)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        return None
+    return float(raw)
+
+
+def minimum(l0s: list[float], values: list[float]) -> tuple[float | None, str | None]:
+    """Points sorted by L0 -> (the L0 of the minimum refined in log L0, None) when it is inside,
+    (None, "smallest" | "largest") when it lies at an end, (None, "too few") below 3 points."""
+    if len(values) < 3:
+        return None, "too few"
+    i = min(range(len(values)), key=values.__getitem__)
+    if i == 0:
+        return None, "smallest"
+    if i == len(values) - 1:
+        return None, "largest"
+    (x0, x1, x2), (y0, y1, y2) = [math.log(v) for v in l0s[i - 1 : i + 2]], values[i - 1 : i + 2]
+    # vertex of the parabola through the three points (y1 is the lowest, so it opens upwards or is flat)
+    denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    if denominator == 0:
+        return l0s[i], None
+    vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
+    return math.exp(min(max(vertex, x0), x2)), None
+
+
+def _means(lines: list[dict], key: str) -> list[float | None]:
+    found = [v for v in (_number(line, key) for line in lines) if v is not None]
+    return sum(found) / len(found) if found else None
+
+
+def indicated(lines: list[dict], group: Callable[[dict], tuple] | None = None) -> list[dict]:
+    """Results lines -> one record per group (default: architecture and d_sae) with at least one
+    `nth_decoder_projection`: the scanned targets, seed means, the indicated L0 and its interval."""
+    group = group or (lambda line: (line.get("architecture"), line.get("d_sae")))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in lines:
+        if _number(line, PROXY) is not None and _number(line, "l0") is not None and line.get("l0_target") is not None:
+            groups[group(line)].append(line)
+    return [_record(key, members) for key, members in groups.items()]
+
+
+def _record(key: tuple, members: list[dict]) -> dict:
+    by_target: dict[float, list[dict]] = defaultdict(list)
+    for line in members:
+        by_target[line["l0_target"]].append(line)
+    targets = sorted(by_target)
+    l0 = [_means(by_target[t], "l0") for t in targets]
+    proxy = [_means(by_target[t], PROXY) for t in targets]
+    value, edge = minimum(l0, proxy)
+    per_seed = _per_seed(by_target, targets)
+    estimates = list(per_seed.values())
+    located = [e["l0"] for e in estimates if e["l0"] is not None]
+    low = None if any(e["edge"] == "smallest" for e in estimates) or not located else min(located)
+    high = None if any(e["edge"] == "largest" for e in estimates) or not located else max(located)
+    record = {
+        "architecture": members[0].get("architecture"), "d_sae": members[0].get("d_sae"), "group": list(key),
+        "indicated_l0": value, "interval": [low, high] if value is not None else [None, None],
+        "bracketed": value is not None, "proxy_lowest_at": edge,
+        "scanned_l0": targets, "measured_l0": l0, PROXY: proxy,
+        "nth_decoder_projection_n": members[0].get("nth_decoder_projection_n"),
+        "seeds": sorted({line.get("seed") for line in members}, key=str), "per_seed": per_seed,
+    }  # fmt: skip
+    for probe in PROBES:
+        means = [_means(by_target[t], probe) for t in targets]
+        record[probe] = means
+        known = [(m, t) for m, t in zip(means, targets) if m is not None]
+        record[f"{probe}_peak_l0"] = max(known)[1] if known else None
+    return record
+
+
+def _per_seed(by_target: dict[float, list[dict]], targets: list) -> dict[str, dict]:
+    """{seed: {"l0": estimate or None, "edge": None | "smallest" | "largest" | "too few"}}, over
+    the seeds measured at every target."""
+    seeds = set.intersection(*({line.get("seed") for line in by_target[t]} for t in targets))
+    out = {}
+    for seed in sorted(seeds, key=str):
+        rows = [next(line for line in by_target[t] if line.get("seed") == seed) for t in targets]
+        estimate, edge = minimum([_number(r, "l0") for r in rows], [_number(r, PROXY) for r in rows])
+        out[str(seed)] = {"l0": estimate, "edge": edge}
+    return out
+
+
+def position(target: float, record: dict) -> str | None:
+    """Where an L0 target lies against the indicated L0: "below", "around" (inside the seeds'
+    interval) or "above"; None when the scan does not bracket it or the interval is open on both
+    sides. An open side (null) is unbounded: no target lies beyond it."""
+    low, high = record["interval"]
+    if record["indicated_l0"] is None or (low is None and high is None):
+        return None
+    if low is not None and target < low:
+        return "below"
+    if high is not None and target > high:
+        return "above"
+    return "around"

@@ -1,0 +1,133 @@
+"""Which L0? The L0 diagnostic of Chanin & Garriga-Alonso 2025 against L0, beside sparse probing.
+
+Left: `nth_decoder_projection` (s_n^dec, dictlearn/metrics/decoder_projection.py) against the
+measured L0 per architecture; the shaded band is the indicated L0's interval over seeds and the
+dashed line the indicated L0 (analysis/indicated_l0.py: the minimum of the seed-mean curve,
+refined in log L0). Right: sparse-probe ROC-AUC (k = 16, else k = 1) against L0 with the same
+bands, so the reader sees whether the proxy's L0 and the probes' peak agree on this model. The
+report's sentences (`summary_blocks`) say, per architecture, where the compared L0 targets lie
+against the indicated L0, or plainly that the run does not bracket it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dictlearn.analysis.cli import module_main
+from dictlearn.analysis.metric_plot import MetricSpec, draw_metric_axis, site_suffix, site_title
+from dictlearn.analysis.render import Bullets, Paragraph
+from dictlearn.analysis.results import series_label, value
+from dictlearn.analysis.style import (Drawn, architecture_style, legend_outside, new_figure, save, series_order,
+                                      share_x_label, styled)
+from dictlearn.analysis.indicated_l0 import PROXY, indicated, position
+
+STEM = "l0_scan"
+CAPTION = ("Which L0? Left: the nth decoder projection s_n^dec of Chanin & Garriga-Alonso (2025) against L0 "
+           "(mean over seeds, 95 % interval); the dashed line is the indicated L0 (the minimum of the seed-mean "
+           "curve, refined in log L0) and the band its range over seeds. Right: sparse-probe ROC-AUC against L0 "
+           "with the same bands. An architecture without a line: the scan does not bracket its indicated L0.")
+
+
+def records(lines: list[dict]) -> list[dict]:
+    """`dictlearn.compare.scan.indicated` per series (architecture, plus run or width variant)."""
+    found = indicated(lines, group=lambda line: tuple(line["_series"]))
+    return sorted(found, key=lambda r: series_order(tuple(r["group"])))
+
+
+def _probe_key(lines: list[dict]) -> str | None:
+    for key in ("probe_auc_k16", "probe_auc_k1"):
+        if any(value(line, key) is not None for line in lines):
+            return key
+    return None
+
+
+@styled
+def plot(lines: list[dict], found: list[dict], title: str | None = None):
+    n = {r["nth_decoder_projection_n"] for r in found}
+    label = "s_n^dec" + (f" (n = {n.pop()})" if len(n) == 1 else "")
+    specs = [MetricSpec(PROXY, f"nth decoder projection {label}")]
+    probe = _probe_key(lines)
+    if probe is not None:
+        k = probe.removeprefix("probe_auc_k")
+        specs.append(MetricSpec(probe, f"sparse-probe ROC-AUC, k = {k}"))
+    fig, axes = new_figure(ncols=len(specs), height_in=3.2)
+    for ax, spec in zip(axes, specs):
+        draw_metric_axis(ax, lines, spec)
+        for record in found:
+            if record["indicated_l0"] is None:
+                continue
+            colour = architecture_style(record["group"][0])[0]
+            low, high = record["interval"]
+            left, right = ax.get_xlim()
+            ax.axvspan(low if low is not None else left, high if high is not None else right, color=colour,
+                       alpha=0.12, linewidth=0, zorder=0)
+            ax.axvline(record["indicated_l0"], color=colour, linestyle="--", linewidth=1.0, zorder=1,
+                       label=f"indicated L0, {series_label(tuple(record['group']))}")
+    share_x_label(fig, axes)
+    legend_outside(fig, axes, above=len(specs) > 1, title=title)
+    return fig
+
+
+def draw(lines: list[dict], out_dir: Path, notes: list[str], site: tuple[str, str] | None = None) -> list[Drawn]:
+    # results from before the key existed carry no proxy: nothing to draw, nothing to note
+    found = [r for r in records(lines) if len(r["scanned_l0"]) >= 3]
+    if not found:
+        return []
+    usable = [line for line in lines if value(line, PROXY) is not None]
+    fig = plot(usable, found, title=site_title(site))
+    stem = STEM + site_suffix(site)
+    return [Drawn(stem, CAPTION, tuple(save(fig, out_dir, stem)), site)]
+
+
+# ----------------------------------------------------------------------------- the report's words
+def _targets(values: list) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def sentence(record: dict) -> str:
+    """One architecture: where its L0 targets lie against the indicated L0, or that the scan does
+    not bracket it."""
+    name = series_label(tuple(record["group"]))
+    targets = record["scanned_l0"]
+    span = f"{targets[0]:g}–{targets[-1]:g}"
+    if record["indicated_l0"] is None:
+        if record["proxy_lowest_at"] == "too few":
+            return f"**{name}**: fewer than 3 L0 targets; the proxy cannot locate an L0."
+        end = targets[0] if record["proxy_lowest_at"] == "smallest" else targets[-1]
+        return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
+                f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it "
+                "(`dictlearn compare --l0 scan` trains a wider range).")
+    low, high = record["interval"]
+    interval = f"{'≤' if low is None else f'{low:.3g}'}–{'≥' if high is None else f'{high:.3g}'}"
+    groups: dict[str, list] = {"below": [], "around": [], "above": []}
+    for target in targets:
+        side = position(target, record)
+        if side is not None:
+            groups[side].append(target)
+    where = "; ".join(f"{_targets(v)} {'lie' if len(v) > 1 else 'lies'} {k} it" for k, v in groups.items() if v)
+    text = (f"**{name}**: the proxy is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
+            f"{len(record['per_seed'])} seeds); of the targets, {where}.")
+    return text + _probe_clause(record)
+
+
+def _probe_clause(record: dict) -> str:
+    for key, k in (("probe_auc_k16", 16), ("probe_auc_k1", 1)):
+        if record.get(f"{key}_peak_l0") is not None:
+            return f" Sparse-probe AUC (k = {k}) is highest at target {record[f'{key}_peak_l0']:g}."
+    return ""
+
+
+def summary_blocks(lines: list[dict]) -> list:
+    found = records(lines)
+    if not found:
+        return []
+    return [Paragraph("**Which L0?** Where each architecture's decoders point: the minimum over this run's L0 "
+                      "targets of the nth decoder projection (Chanin & Garriga-Alonso 2025; the rule is ours, "
+                      "docs/metrics.md), with the range of the same estimate over seeds — a reading of this run's "
+                      "own points, not a test."),
+            Bullets(tuple(sentence(r) for r in found))]
+
+
+if __name__ == "__main__":
+    sys.exit(module_main(draw, __doc__.splitlines()[0]))

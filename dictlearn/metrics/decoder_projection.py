@@ -1,0 +1,94 @@
+"""The L0 diagnostic of Chanin & Garriga-Alonso 2025 ("Sparse but Wrong: Incorrect L0 Leads to
+Incorrect Features in Sparse Autoencoders", arXiv 2508.16560; docs/metrics.md, "Which L0?").
+
+The paper's argument: below the data's true L0 a dictionary hedges, mixing components of frequent
+correlated features into many latents, so an input projects onto decoder directions of latents
+that should stay silent; near the true L0 those projections are small. Its proxy, the **nth
+decoder projection score** s_n^dec, reads that off the decoder and held-out activations:
+
+    P = (y − b_dec) Ŵ_decᵀ        y: [B, d_out] held-out rows, Ŵ_dec: [d_sae, d_out] decoder rows
+    s_n^dec = the (n·B)-th largest of the B·d_sae entries of P (counting from 0)
+
+so that on average n projections per row lie above it. Definition as in the authors' reference
+code (github.com/chanind/sparse-but-wrong-paper, `nth_decoder_projection`: flatten, sort
+descending, index n·B; averaged over batches of 4096 tokens).
+
+Our choices where the code leaves freedom (docs/metrics.md):
+- Ŵ_dec has unit rows: the authors' SAEs keep unit-norm decoders, and an export with the input
+  normalisation folded in does not; a row's norm must not decide its rank.
+- y is what the decoder writes: the input for an SAE, the target for a transcoder, and the target
+  minus the affine skip x W_skipᵀ for a skip transcoder.
+- blocks of at most `BLOCK_ROWS` = 4096 rows (the authors' batch); the score is the mean over
+  blocks weighted by their rows.
+- n = round(3/8 · d_sae) by default (`default_n`): the authors use n = 12,000 for d_sae = 32,768
+  ("anything less than ~d_sae/2 seems to work"); it has to stay fixed across the L0s compared.
+
+Also `decoder_pairwise_cosine`, the mean |cos| over pairs of decoder rows, which the same
+repository computes as an alternative ("Decoder Pairwise Cosine Similarity"; no data needed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+L0_PROXY_KEYS = ("nth_decoder_projection", "nth_decoder_projection_n", "decoder_pairwise_cosine")
+BLOCK_ROWS = 4096
+N_FRACTION = 3 / 8
+
+
+def default_n(d_sae: int) -> int:
+    """n of s_n^dec for a dictionary of d_sae latents: round(3/8 · d_sae), at least 1, below d_sae."""
+    return max(1, min(d_sae - 1, round(N_FRACTION * d_sae)))
+
+
+def nth_projection(residual: Tensor, unit_decoder: Tensor, n: int) -> float:
+    """residual: [B, d_out] (y − b_dec), unit_decoder: [d_sae, d_out] -> the (n·B)-th largest of the
+    B·d_sae projections (0-based), i.e. the B·(d_sae − n)-th smallest (1-based)."""
+    projections = (residual @ unit_decoder.T).flatten()
+    rows, d_sae = len(residual), unit_decoder.shape[0]
+    return float(torch.kthvalue(projections.float().cpu(), rows * (d_sae - n)).values)
+
+
+class NthDecoderProjection:
+    """s_n^dec accumulated over held-out rows read in chunks (`update`), then `compute`.
+
+    W_dec: [d_sae, d_out], the decoder whose row directions are projected on."""
+
+    def __init__(self, W_dec: Tensor, n: int | None = None, block_rows: int = BLOCK_ROWS) -> None:
+        d_sae = W_dec.shape[0]
+        self.n = default_n(d_sae) if n is None else n
+        if not 0 <= self.n < d_sae:
+            raise ValueError(f"nth_decoder_projection: n must be in [0, d_sae={d_sae}) (got {self.n})")
+        self.unit = F.normalize(W_dec.detach().float(), dim=-1)
+        self.block_rows = block_rows
+        self.total, self.rows = 0.0, 0
+
+    def update(self, residual: Tensor) -> None:
+        """residual: [rows, d_out], what the latents must write: y − b_dec (− x W_skipᵀ), i.e. the
+        target minus the dictionary's output at z = 0."""
+        residual = residual.float()
+        for start in range(0, len(residual), self.block_rows):
+            block = residual[start : start + self.block_rows]
+            self.total += nth_projection(block, self.unit, self.n) * len(block)
+            self.rows += len(block)
+
+    def compute(self) -> dict[str, float | int | None]:
+        """{nth_decoder_projection, nth_decoder_projection_n}; the score is None without rows."""
+        score = self.total / self.rows if self.rows else None
+        return {"nth_decoder_projection": score, "nth_decoder_projection_n": self.n}
+
+
+def decoder_pairwise_cosine(W_dec: Tensor, chunk: int = 4096) -> float:
+    """W_dec: [d_sae, d_out] -> mean over pairs i < j of |cos(W_dec[i], W_dec[j])| (float64 sums),
+    in blocks of at most [chunk, d_sae] so the d_sae × d_sae matrix is never held at once."""
+    unit = F.normalize(W_dec.detach().float(), dim=-1)
+    d_sae = len(unit)
+    if d_sae < 2:
+        return float("nan")
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, d_sae, chunk):
+        total += (unit[start : start + chunk] @ unit.T).abs().sum(dtype=torch.float64)
+    diagonal = unit.square().sum(-1).sum(dtype=torch.float64)  # |cos(i, i)| = 1 for every non-zero row
+    return float((total - diagonal) / (d_sae * (d_sae - 1)))

@@ -1,0 +1,64 @@
+"""The L0 diagnostic (dictlearn/metrics/decoder_projection.py) against float64 references written
+here from the definition: the (n·B)-th largest projection (counting from 0) of B rows onto unit
+decoder rows (Chanin & Garriga-Alonso 2025; the authors' `nth_decoder_projection`), and the mean
+|cos| over pairs of decoder rows."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dictlearn.metrics.decoder_projection import (NthDecoderProjection, decoder_pairwise_cosine, default_n,
+                                                  nth_projection)
+
+
+def _reference(residual: np.ndarray, W_dec: np.ndarray, n: int) -> float:
+    unit = W_dec / np.sqrt((W_dec**2).sum(1, keepdims=True))
+    projections = sorted((residual @ unit.T).ravel().tolist(), reverse=True)
+    return projections[n * len(residual)]
+
+
+def test_nth_projection_is_the_nth_largest_per_row_on_average():
+    rng = np.random.default_rng(0)
+    W_dec = rng.normal(size=(6, 4)) * rng.uniform(0.2, 3.0, size=(6, 1))  # row norms must not matter
+    residual = rng.normal(size=(5, 4))
+    for n in range(6):
+        got = nth_projection(torch.from_numpy(residual), torch.nn.functional.normalize(torch.from_numpy(W_dec), dim=-1), n)
+        assert got == pytest.approx(_reference(residual, W_dec, n), abs=1e-6), n
+    # n = 0 is the largest projection of all; n = d_sae - 1 the B-th largest (the smallest with B = 1)
+    one = residual[:1]
+    unit = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
+    assert _reference(one, W_dec, 5) == pytest.approx((one @ unit.T).min())
+
+
+def test_blocks_are_averaged_by_their_rows():
+    rng = np.random.default_rng(1)
+    W_dec, residual = rng.normal(size=(8, 3)), rng.normal(size=(11, 3))
+    metric = NthDecoderProjection(torch.from_numpy(W_dec), n=3, block_rows=4)
+    metric.update(torch.from_numpy(residual[:7]))  # blocks restart in each update: 4 + 3, then 4
+    metric.update(torch.from_numpy(residual[7:]))
+    blocks = [residual[:4], residual[4:7], residual[7:]]
+    expected = sum(_reference(b, W_dec, 3) * len(b) for b in blocks) / 11
+    result = metric.compute()
+    assert result["nth_decoder_projection"] == pytest.approx(expected, abs=1e-6)
+    assert result["nth_decoder_projection_n"] == 3
+
+
+def test_default_n_and_its_bounds():
+    assert default_n(32768) == 12288 and default_n(512) == 192 and default_n(2) == 1
+    with pytest.raises(ValueError, match="n must be in"):
+        NthDecoderProjection(torch.ones(4, 2), n=4)
+    assert NthDecoderProjection(torch.ones(4, 2)).compute()["nth_decoder_projection"] is None  # no rows
+
+
+def test_decoder_pairwise_cosine_matches_the_pairs():
+    rng = np.random.default_rng(2)
+    W_dec = rng.normal(size=(7, 5))
+    unit = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
+    pairs = [abs(unit[i] @ unit[j]) for i, j in itertools.combinations(range(7), 2)]
+    assert decoder_pairwise_cosine(torch.from_numpy(W_dec), chunk=3) == pytest.approx(np.mean(pairs), abs=1e-6)
+    orthogonal = torch.eye(4) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]
+    assert decoder_pairwise_cosine(orthogonal) == pytest.approx(0.0, abs=1e-7)

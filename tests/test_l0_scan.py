@@ -1,0 +1,88 @@
+"""`--l0 scan` and the indicated L0 (dictlearn/compare/scan.py, analysis/indicated_l0.py, l0_scan.py) on hand-made
+results lines whose proxy is an exact parabola in log L0, so the indicated L0 is known in closed
+form: the seed-mean of (log l0 − log c_s)² has its vertex at the geometric mean of the c_s."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dictlearn.analysis import l0_scan
+from dictlearn.analysis.indicated_l0 import indicated, minimum, position
+from dictlearn.analysis.results import from_records
+from dictlearn.cli.compare import config_from_args
+from dictlearn.compare.plan import CompareConfig
+from dictlearn.compare.scan import SCAN_ARCHITECTURES, SCAN_L0, write_l0_scan
+from dictlearn.errors import ConfigError
+
+TARGETS = (4, 6, 8, 11, 16, 23, 32)
+CENTRES = {0: 9.0, 1: 10.0, 2: 11.0}
+
+
+def _line(architecture: str, target: float, seed: int, proxy: float, **extra) -> dict:
+    return {"architecture": architecture, "d_sae": 512, "l0_target": target, "seed": seed, "l0": float(target),
+            "nth_decoder_projection": proxy, "nth_decoder_projection_n": 192, "name": f"{architecture}_{target}_{seed}",
+            **extra}
+
+
+def _lines() -> list[dict]:
+    lines = []
+    for seed, centre in CENTRES.items():
+        for t in TARGETS:
+            lines.append(_line("topk", t, seed, (math.log(t) - math.log(centre)) ** 2,
+                               probe_auc_k16=0.9 - abs(t - 11) / 100))
+            lines.append(_line("batchtopk", t, seed, 1.0 / t + seed * 0.01))  # still falling at the largest
+    return lines
+
+
+def test_minimum_is_the_parabola_vertex_in_log_l0():
+    l0s = [4.0, 8.0, 16.0]
+    value, edge = minimum(l0s, [(math.log(v) - math.log(7.0)) ** 2 for v in l0s])
+    assert edge is None and value == pytest.approx(7.0, rel=1e-9)
+    assert minimum([4.0, 8.0, 16.0], [3.0, 2.0, 1.0]) == (None, "largest")
+    assert minimum([4.0, 8.0, 16.0], [1.0, 2.0, 3.0]) == (None, "smallest")
+    assert minimum([4.0, 8.0], [1.0, 2.0]) == (None, "too few")
+
+
+def test_indicated_l0_its_seed_interval_and_the_targets_positions(tmp_path):
+    found = {r["architecture"]: r for r in indicated(_lines())}
+    topk = found["topk"]
+    geometric = math.exp(sum(math.log(c) for c in CENTRES.values()) / 3)
+    assert topk["indicated_l0"] == pytest.approx(geometric, rel=1e-9) and topk["bracketed"]
+    assert topk["interval"] == pytest.approx([9.0, 11.0], rel=1e-9)
+    assert topk["scanned_l0"] == list(TARGETS) and topk["probe_auc_k16_peak_l0"] == 11
+    assert [position(t, topk) for t in (8, 9.5, 11, 16)] == ["below", "around", "around", "above"]
+    batchtopk = found["batchtopk"]
+    assert batchtopk["indicated_l0"] is None and batchtopk["proxy_lowest_at"] == "largest"
+    assert position(8, batchtopk) is None
+    path = write_l0_scan(tmp_path, _lines())
+    document = json.loads(path.read_text())
+    assert {r["architecture"] for r in document["records"]} == {"topk", "batchtopk"}
+    assert {"architecture", "indicated_l0", "interval", "scanned_l0"} <= set(document["records"][0])
+
+
+def test_report_sentences_and_figure(tmp_path):
+    lines = from_records(_lines(), str(tmp_path / "results.jsonl"))
+    sentences = {r["architecture"]: l0_scan.sentence(r) for r in l0_scan.records(lines)}
+    assert "do not bracket" in sentences["batchtopk"] and "largest" in sentences["batchtopk"]
+    assert "L0 ≈ 9.97" in sentences["topk"] and "4, 6, 8 lie below it" in sentences["topk"]
+    assert "16, 23, 32 lie above it" in sentences["topk"] and "highest at target 11" in sentences["topk"]
+    drawn = l0_scan.draw(lines, tmp_path, [])
+    assert [d.stem for d in drawn] == ["l0_scan"] and drawn[0].png.is_file()
+
+
+def test_scan_flag_and_yaml_key(tmp_path):
+    config = config_from_args(["--l0", "scan", "--device", "cpu"]).resolved()
+    assert config.l0 == list(SCAN_L0["cpu"]) and config.l0_scan
+    assert config.architectures == list(SCAN_ARCHITECTURES)
+    (tmp_path / "scan.yaml").write_text("l0: scan\narchitectures: [relu_l1]\ndevice: cpu\n")
+    chosen = CompareConfig(**CompareConfig.from_yaml(tmp_path / "scan.yaml")).resolved()
+    assert chosen.architectures == ["relu_l1"] and chosen.l0 == list(SCAN_L0["cpu"]) and chosen.l0_scan
+    (tmp_path / "compare.yaml").write_text(chosen.to_yaml())  # the run's resolved file reruns the same scan
+    assert CompareConfig(**CompareConfig.from_yaml(tmp_path / "compare.yaml")).resolved() == chosen
+    with pytest.raises(ConfigError, match="--l0 scan"):
+        CompareConfig(l0="every", device="cpu").resolved()
+    with pytest.raises(ConfigError, match="or 'scan'"):
+        config_from_args(["--l0", "4,x"])
