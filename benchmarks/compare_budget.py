@@ -36,7 +36,7 @@ from dictlearn.compare.plan import CompareConfig, plan
 from dictlearn.compare.results import matmul_gflops
 from dictlearn.data import ActivationDataModule
 from dictlearn.data.synth import write_synth_file
-from dictlearn.training import DictionaryTraining, Member
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 from dictlearn.training.calibration import SparsityCalibration
 
 D = 128
@@ -46,8 +46,8 @@ def build(data: Path):
     """(config, planned members of seed 0, DictionaryTraining, SparsityCalibration) as compare builds them."""
     config = CompareConfig(data=str(data), input_key="acts", target_key="target", seeds=[0]).resolved()
     group = plan(config)
-    members = {p.name: Member(p.build(D, D), "acts", "target" if p.mapping != "sae" else None, seed=p.seed)
-               for p in group}
+    members = {p.name: Member(p.build(D, D), "acts", "target" if p.mapping != "sae" else None, seed=p.seed,
+                              training=TrainingConfig(**p.training)) for p in group}
     calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated}, **config.calibration)
     return config, group, DictionaryTraining(members), calibration
 

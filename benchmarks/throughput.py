@@ -56,17 +56,21 @@ PATHS = ("never", "auto")  # dense reference, then what a user gets
 
 # --------------------------------------------------------------------- one run (in a subprocess)
 def build(name: str, d_in: int, d_sae: int, k: int, sparse_path: str, initial_l0: float | None = None):
+    """-> a Member: the dictionary and its training settings."""
     from dictlearn import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
+    from dictlearn.training import Member, TrainingConfig
 
-    common = dict(d_in=d_in, d_sae=d_sae, sparse_path=sparse_path)
-    start = dict(initial_l0=initial_l0)  # threshold mechanisms only: k sets TopK's L0
-    return {
-        "relu_l1": lambda: ReLUL1SAE(**common, **start),
+    common = dict(d_in=d_in, d_sae=d_sae)
+    # threshold mechanisms only: k sets TopK's L0
+    start = dict(initial_l0=initial_l0) if name in ("relu_l1", "gated", "jumprelu") else {}
+    model = {
+        "relu_l1": lambda: ReLUL1SAE(**common),
         "topk": lambda: TopKSAE(k=k, **common),
         "batchtopk": lambda: BatchTopKSAE(k=k, **common),
-        "gated": lambda: GatedSAE(**common, **start),
-        "jumprelu": lambda: JumpReLUSAE(**common, **start),
+        "gated": lambda: GatedSAE(**common),
+        "jumprelu": lambda: JumpReLUSAE(**common),
     }[name]()
+    return Member(model, training=TrainingConfig(sparse_path=sparse_path, **start))
 
 
 def _callbacks(warmup: int, k: int, trained_sparsity: bool):
@@ -277,7 +281,7 @@ def parse_args(argv=None):
                         help=f"all (those installed), none, or a comma list of {', '.join(peers.ROWS)}")
     parser.add_argument("--trained-sparsity", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--initial-l0", type=float, default=None,
-                        help="threshold mechanisms start at this L0 (--model.initial_l0; with --no-trained-sparsity)")
+                        help="threshold mechanisms start at this L0 (--training.initial_l0; with --no-trained-sparsity)")
     parser.add_argument("--smoke", action="store_true", help="2 timed steps, 1 warm-up: checks, not numbers")
     parser.add_argument("--check-cli", action="store_true", help="time `dictlearn fit` with a recipe instead")
     parser.add_argument("--cli-recipe", default="topk")

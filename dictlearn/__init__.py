@@ -16,6 +16,7 @@ _PUBLIC = {
     "Dictionary": "dictlearn.dictionaries",
     "DictionaryTraining": "dictlearn.training",
     "Member": "dictlearn.training",
+    "TrainingConfig": "dictlearn.training",
     "load": "dictlearn.export",
 }
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.model import Dictionary, model_arguments
 from dictlearn.dictionaries.readers import FORMATS, Outside, detect
 from dictlearn.dictionaries.readers import read as read_outside
 from dictlearn.errors import DataError
@@ -213,8 +213,8 @@ def _load_checkpoint(path: Path, member: str | None = None) -> Dictionary:
         if name not in members:
             raise DataError(f"{path}: no dictionary {name!r}; it holds {', '.join(members)}")
         record, prefix = members[name], f"members.{name}."
-    hparams = {k: v for k, v in record["hyper_parameters"].items() if not str(k).startswith("_")}
-    model = _import_class(record["class_path"])(**hparams)
+    # model_arguments: an older checkpoint's training settings (lr, ...) are not the model's any more
+    model = _import_class(record["class_path"])(**model_arguments(record["hyper_parameters"]))
     own = model.state_dict()
     model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own})
     return _for_inference(model)
@@ -236,7 +236,7 @@ def _load_export(path: Path) -> Dictionary:
         raise DataError(f"{weights_path}: cannot read the weights ({error}); the file is truncated or not "
                         f"safetensors — {_REEXPORT}") from None
     try:
-        model = _import_class(meta["class_path"])(**meta["hyper_parameters"])
+        model = _import_class(meta["class_path"])(**model_arguments(meta["hyper_parameters"]))
     except TypeError as error:  # written by another dictlearn version
         raise DataError(f"{cfg_path}: metadata.dictlearn.hyper_parameters do not fit {meta['class_path']} "
                         f"({error}); export it again with this dictlearn version") from None

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, Member
 from dictlearn.data import write_synth_file
 
 torch.set_num_threads(2)
@@ -70,7 +70,8 @@ def fit_recipe(recipe: str, data_path: str, root: Path, *flags: str, steps: int 
 
 def fit_and_score(make, path: str, steps: int = 2000, target_key: str | None = None,
                   features_key: str = "features") -> tuple[float, dict, float]:
-    """Seed 0, build `make()`, train it on `path` at batch 1024 for `steps` steps, validate.
+    """Seed 0, build `make()` (a Dictionary or a Member with its training), train it on `path` at
+    batch 1024 for `steps` steps, validate.
     -> (MMCS of its decoder against the file's true `features_key`, val metrics, CPU s)."""
     import time
 
@@ -80,16 +81,27 @@ def fit_and_score(make, path: str, steps: int = 2000, target_key: str | None = N
     from dictlearn.metrics import mmcs
 
     L.seed_everything(0)
-    model = make()
+    spec = make()
+    model = spec.dictionary if isinstance(spec, Member) else spec
     data = ActivationDataModule(path, batch_size=1024, target_key=target_key)
     trainer = quiet_trainer(max_steps=steps)
     start = time.process_time()
-    trainer.fit(DictionaryTraining(model), data)
+    training = DictionaryTraining(spec)
+    trainer.fit(training, data)
     cpu_seconds = time.process_time() - start
-    metrics = trainer.validate(DictionaryTraining(model), data, verbose=False)[0]
+    metrics = trainer.validate(training, data, verbose=False)[0]
     with h5py.File(path) as f:
         score = mmcs(torch.from_numpy(f[features_key][:]), model.W_dec.detach())
     return score, metrics, cpu_seconds
+
+
+def initialise(model, data, **training) -> None:
+    """The data-dependent start of `model` on `data` under the training settings `training`
+    (`TrainingConfig` fields, resolved as a run resolves them)."""
+    from dictlearn.training.config import TrainingConfig, resolve
+    from dictlearn.training.initialise import initialise_from_data
+
+    initialise_from_data(model, data, resolve(model, TrainingConfig(**training)))
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
@@ -115,10 +127,11 @@ class _Crash(L.Callback):
 
 def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, checkpoint_every: int,
                      crash_at: int, resume_step: int, callbacks=()) -> tuple:
-    """Trains `make_model()` (seeded; a Dictionary or a DictionaryTraining) for `steps` steps of 256 tokens with a checkpoint every
+    """Trains `make_model()` (seeded; a Dictionary, a Member or a DictionaryTraining) for `steps` steps of 256 tokens with a checkpoint every
     `checkpoint_every`; trains it again, crashing at step `crash_at`; resumes that run from its
     checkpoint at `resume_step`. `callbacks` join the reference run only.
-    -> (reference model, resumed model, the checkpoint's path)."""
+    -> (reference, resumed: the Dictionary, or the DictionaryTraining when make_model gave a Member
+    or one; the checkpoint's path)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from dictlearn import ActivationDataModule
@@ -131,7 +144,7 @@ def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, ch
         trainer = quiet_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *extra])
         training = model if isinstance(model, DictionaryTraining) else DictionaryTraining(model)
         trainer.fit(training, ActivationDataModule(data_path, batch_size=256, block_size=64), ckpt_path=ckpt_path)
-        return model
+        return training if isinstance(model, Member) else model
 
     reference = fit(Path(folder) / "reference", callbacks)
     with pytest.raises(RuntimeError, match="injected crash"):

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from saelens_reference import sae_lens_forward
 from conftest import assert_same_state, crash_and_resume, quiet_trainer
-from dictlearn.training import DictionaryTraining
+from dictlearn.dictionaries.model import TrainingStep
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 from dictlearn import ActivationDataModule, load
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.errors import ConfigError
@@ -40,7 +41,8 @@ def test_bad_arguments_name_their_flag(kwargs, flag):
 def test_hparams_rebuild_the_same_model():
     model = BatchTopKSAE(d_in=8, d_sae=32, k=3, threshold_beta=0.5, threshold_start_step=7)
     clone = BatchTopKSAE(**model.hparams)
-    assert (clone.k, clone.threshold_beta, clone.threshold_start_step, clone.lr) == (3, 0.5, 7, model.lr)
+    assert (clone.k, clone.threshold_beta, clone.threshold_start_step) == (3, 0.5, 7)
+    assert clone.recommended_training() == model.recommended_training()  # TopK's lr law, Adam ε
 
 
 # ------------------------------------------------------------------ formulas
@@ -49,7 +51,8 @@ def test_batch_selection_equals_a_float64_sort_reference():
     model = BatchTopKSAE(d_in=8, d_sae=50, k=4)
     pre = torch.randn(20, 50) * torch.linspace(0.2, 3.0, 20)[:, None]  # rows of unequal scale
     pre[3] = -1.0 - torch.rand(50)  # a row with nothing positive
-    z = model.train_activate(pre)
+    z = model.activate(pre, training=True)
+    model.sparsity_losses(None, None, pre, z, None, step=TrainingStep(step=0))  # θ ← the batch minimum
     flat = pre.double().clamp_min(0).flatten()
     cutoff = flat.sort(descending=True).values[20 * 4 - 1]  # the (B·k)-th largest value
     reference = torch.where((flat >= cutoff) & (flat > 0), flat, 0.0).view(20, 50)
@@ -59,7 +62,8 @@ def test_batch_selection_equals_a_float64_sort_reference():
     assert per_token.unique().numel() > 3 and per_token[3] == 0  # yet it varies per token
     assert model.threshold.dtype == torch.float64
     assert torch.equal(model.threshold, torch.full((50,), cutoff.item(), dtype=torch.float64))
-    model.train_activate(-torch.rand(20, 50))  # nothing positive kept: θ stays
+    nothing = model.activate(-torch.rand(20, 50), training=True)
+    model.sparsity_losses(None, None, pre, nothing, None, step=TrainingStep(step=0))  # nothing positive kept: θ stays
     assert torch.equal(model.threshold, torch.full((50,), cutoff.item(), dtype=torch.float64))
 
 
@@ -80,39 +84,39 @@ def test_inference_is_a_global_threshold_independent_of_the_batch():
 
 # ------------------------------------------------------------------ a short training run
 class _Record(L.Callback):
-    """Wraps `train_activate` to record, per training batch, the step, the per-token counts of
+    """Wraps the training-time `activate` to record, per training batch, the step, the per-token counts of
     active latents and the smallest kept positive value (recomputed here from the latents)."""
 
     def __init__(self):
         self.steps, self.counts, self.minima = [], [], []
 
     def on_fit_start(self, trainer, pl_module):
-        original = pl_module.dictionary.train_activate
+        original = pl_module.dictionary.activate
 
-        def recording(pre):
-            z = original(pre)
-            self.steps.append(trainer.global_step)
-            self.counts.append((z != 0).sum(-1))
-            self.minima.append(z[z > 0].min().item())
+        def recording(pre, training=False):
+            z = original(pre, training)
+            if training:
+                self.steps.append(trainer.global_step)
+                self.counts.append((z != 0).sum(-1))
+                self.minima.append(z[z > 0].min().item())
             return z
 
-        pl_module.dictionary.train_activate = recording
+        pl_module.dictionary.activate = recording
 
 
 @pytest.fixture(scope="module")
 def trained(small_file, tmp_path_factory):
     L.seed_everything(0)
-    # The dense path: _Record wraps `train_activate`, which the sparse path does not call
+    # The dense path: _Record wraps `activate`, which the sparse path does not call
     # (tests/test_sparse_paths.py checks that both paths select the same latents).
-    model = BatchTopKSAE(d_in=16, d_sae=64, k=K, lr=3e-3, threshold_start_step=START, threshold_beta=BETA,
-                         sparse_path="never")
+    model = BatchTopKSAE(d_in=16, d_sae=64, k=K, threshold_start_step=START, threshold_beta=BETA)
     dm = ActivationDataModule(small_file, batch_size=BATCH, block_size=64)
     record = _Record()
     folder = tmp_path_factory.mktemp("batchtopk")
     checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
     trainer = quiet_trainer(max_steps=STEPS, enable_checkpointing=True, callbacks=[record, checkpoint])
-    trainer.fit(DictionaryTraining(model), dm)
-    del model.train_activate  # back to the class method
+    trainer.fit(DictionaryTraining(model, TrainingConfig(lr=3e-3, sparse_path="never")), dm)
+    del model.activate  # back to the class method
     metrics = trainer.validate(DictionaryTraining(model), dm, verbose=False)[0]
     x = torch.cat([x for x, _ in dm.val_dataloader()])
     return model.eval(), dm, record, metrics, x, folder
@@ -171,10 +175,11 @@ def test_export_is_a_jumprelu_with_a_constant_threshold(trained):
 def test_resume_mid_run_is_bit_identical(small_file, tmp_path):
     # θ's EMA starts at step 10 and AuxK is active (small dead window) across the resume at 14
     def make():
-        return BatchTopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3, threshold_start_step=10, dead_window_tokens=256 * 3)
+        return Member(BatchTopKSAE(d_in=16, d_sae=48, k=3, threshold_start_step=10),
+                      training=TrainingConfig(lr=3e-3, dead_window_tokens=256 * 3))
 
     reference, resumed, checkpoint = crash_and_resume(make, small_file, tmp_path, steps=24, checkpoint_every=7,
                                                       crash_at=17, resume_step=14)
     assert torch.load(checkpoint, weights_only=False)["state_dict"]["members.model.threshold"].abs().sum() > 0
-    assert reference.threshold.abs().sum() > 0
+    assert reference.dictionary.threshold.abs().sum() > 0
     assert_same_state(reference, resumed)

@@ -12,7 +12,9 @@ import torch
 from dictlearn import GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.data import ActivationDataModule
 from dictlearn.errors import ConfigError
-from dictlearn.training import DictionaryTraining, Member
+from conftest import initialise
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
+from dictlearn.training.config import resolve
 from dictlearn.training.calibration import SparsityCalibration, coefficient_attribute, start_at_target
 
 
@@ -21,6 +23,7 @@ class FakeSweep:
 
     def __init__(self, members: dict, constants: dict) -> None:
         self.members, self.constants, self.last_step_l0 = members, constants, {}
+        self.settings = {name: resolve(m) for name, m in members.items()}  # each member's training
 
     def step(self) -> None:
         self.last_step_l0 = {
@@ -73,7 +76,7 @@ def test_controller_reaches_the_closed_form_coefficient_and_freezes():
         attribute = coefficient_attribute(member)
         assert getattr(member, attribute) == history[-1][name]
         assert member.hparams[attribute] == history[-1][name]  # the export records λ reached
-        assert member.sparsity_warmup_fraction == 0.0
+        assert sweep.settings[name].sparsity_warmup_fraction == 0.0
 
 
 class LaggingSweep(FakeSweep):
@@ -169,7 +172,7 @@ def test_start_at_target_sets_the_starting_l0(small_file):
                "jump": JumpReLUSAE(d_in=16, d_sae=64), "gated": GatedSAE(d_in=16, d_sae=64),
                "topk": TopKSAE(d_in=16, d_sae=64, k=4)}
     for member in members.values():
-        member.initialise_from_data(data)
+        initialise(member, data)
     before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in members.items()}
     for member in members.values():
         start_at_target(member, 6.0, data, ("acts", None))
@@ -193,7 +196,7 @@ def test_the_controlled_start_puts_jumprelu_above_its_target(small_file):
     members = {"relu": ReLUL1SAE(d_in=16, d_sae=64, decoder_constraint="unit_norm"),
                "jump": JumpReLUSAE(d_in=16, d_sae=64)}
     for member in members.values():
-        member.initialise_from_data(data)
+        initialise(member, data)
     sweep = SimpleNamespace(members=members, data_keys=lambda name, datamodule: ("acts", None))
     trainer = SimpleNamespace(global_step=0, datamodule=data)
     SparsityCalibration({"relu": 6.0, "jump": 6.0}).on_train_start(trainer, sweep)
@@ -238,9 +241,9 @@ def test_bad_arguments_are_one_line_errors():
 # ------------------------------------------------------------------ in a real sweep, through a resume
 def _fit(data: str, root, steps: int, ckpt_path=None, callbacks=()):
     module = DictionaryTraining({
-        "relu": Member(ReLUL1SAE(d_sae=64, d_in=16, l1_coefficient=1.0, lr=1e-3), seed=0),
-        "jump": Member(JumpReLUSAE(d_sae=64, d_in=16, l0_coefficient=0.3, lr=1e-3), seed=1),
-    })
+        "relu": Member(ReLUL1SAE(d_sae=64, d_in=16, l1_coefficient=1.0), seed=0),
+        "jump": Member(JumpReLUSAE(d_sae=64, d_in=16, l0_coefficient=0.3), seed=1),
+    }, TrainingConfig(lr=1e-3))
     calibration = SparsityCalibration({"relu": 6.0, "jump": 6.0}, control_fraction=0.75, gain=0.1)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -154,7 +154,12 @@ BAD_FLAGS = [
     (["--trainer.max_epochs", "abc"], "--trainer.max_epochs abc: expected a whole number"),
     (["--model.d_sae", "abc"], "--model.d_sae abc: expected a whole number"),
     (["--model.k", "2.5"], "--model.k 2.5: expected a whole number"),
-    (["--model.lr", "abc"], "--model.lr abc: expected a number"),
+    (["--training.lr", "abc"], "--training.lr abc: expected a number"),
+    (["--training.lr", "0"], "--training.lr must be > 0, got 0.0"),
+    (["--training.sparse_paths", "never"], "unknown flag --training.sparse_paths; did you mean --training.sparse_path?"),
+    (["--model.lr", "1e-3"], "--model.lr is a training setting now: use --training.lr"),
+    (["--model.init_args.dead_window_tokens", "100"],
+     "--model.init_args.dead_window_tokens is a training setting now: use --training.dead_window_tokens"),
     (["--seed_everything", "abc"], "--seed_everything abc: expected true or false or a whole number"),
     (["--data.batch_size", "1.5"], "--data.batch_size 1.5: expected a whole number"),
     (["--trainer.precision", "abc"], "--trainer.precision abc: expected"),
@@ -309,3 +314,21 @@ def test_a_d_sae_too_large_for_memory_is_refused_before_allocating(tmp_path, cap
         "and a [batch, d_sae] pre-activation, d_in 16, batch 256) but 1.0 GiB of RAM is available; "
         "--model.d_sae up to about 690,000 would fit"
     )
+
+
+# ------------------------------------------------------------------ training settings moved out of the model
+def test_an_old_recipe_with_training_settings_under_model_names_their_new_place(tmp_path, capsys, monkeypatch):
+    """`lr` & co. were dictionary arguments; a recipe or sweep file that still has them there gets
+    one line naming the file and the new key, not jsonargparse's 'Does not validate'."""
+    data = _synth(tmp_path / "acts.h5")
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  class_path: dictlearn.JumpReLUSAE\n  init_args:\n    d_sae: 64\n    lr: 7.0e-05\n")
+    line = _run_expecting_error(tmp_path, capsys, monkeypatch, _fit_args(tmp_path, data, "--config", str(old)))
+    assert line == (f"dictlearn: error: --config {old}: model.init_args.lr is a training setting now; move it to a "
+                    "top-level `training:` section (training: {lr: ...}) or pass --training.lr")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("sweep:\n  a:\n    dictionary: {class_path: dictlearn.TopKSAE, init_args: {k: 4, sparse_path: never}}\n")
+    args = ["fit", "--config", str(sweep), "--data.path", str(data), "--data.input_key", "acts",
+            "--trainer.default_root_dir", str(tmp_path / "runs")]
+    line = _run_expecting_error(tmp_path, capsys, monkeypatch, args)
+    assert "sweep member 'a': dictionary.init_args.sparse_path is a training setting now" in line

@@ -152,7 +152,7 @@ def test_the_summary_counts_dead_latents_over_the_training_tokens_it_names(tmp_p
     window = int(found.group(2).replace(",", ""))
     assert window == 30 * 256 // 3  # a third of the run's 7,680 tokens (dead_window_for)
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
-    since = checkpoint["state_dict"]["members.model.tokens_since_fired"]
+    since = checkpoint["state_dict"]["activity.model.tokens_since_fired"]  # the training's dead-latent counters
     assert float(found.group(1)) == round(100 * (since >= window).double().mean().item(), 1)
     assert since.max() <= 30 * 256 and (since < window).any()
 

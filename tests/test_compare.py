@@ -60,12 +60,15 @@ def test_every_architecture_gets_the_same_optimiser():
     a comparison does not; an `optimizer:` override applies to every architecture at once."""
     config = CompareConfig(architectures=["relu_l1", "topk", "batchtopk", "gated", "jumprelu", "topk_transcoder"],
                            l0=[8], d_sae=[64], seeds=[0], device="cpu", optimizer={"lr": 3e-3}).resolved()
+    from dictlearn.training import DictionaryTraining, Member, TrainingConfig
+
     settings = set()
     for p in plan(config):
-        model = p.build(16, 16)
-        settings.add((model.lr, tuple(model.adam_betas), model.adam_eps, model.lr_warmup_fraction,
-                      model.lr_decay_fraction))
-    assert settings == {(3e-3, (0.9, 0.999), 1e-8, 0.0, 0.3)}
+        s = DictionaryTraining(Member(p.build(16, 16), training=TrainingConfig(**p.training))).settings["model"]
+        settings.add((s.lr, tuple(s.adam_betas), s.adam_eps, s.lr_warmup_fraction, s.lr_decay_fraction,
+                      s.init_scale_from_data))
+    assert settings == {(3e-3, (0.9, 0.999), 1e-8, 0.0, 0.3, True)}
+    assert all("lr" not in p.init_args for p in plan(config))  # the dictionary is the model, not its training
     with pytest.raises(dictlearn.errors.ConfigError, match="optimizer: unknown key 'beta'"):
         CompareConfig(l0=[8], optimizer={"beta": 0.9}, device="cpu").resolved()
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
-from dictlearn.training import DictionaryTraining
+from dictlearn.dictionaries.latents import _tries_sparse_path
+from dictlearn.training import DictionaryTraining, TrainingConfig
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import Support, _gathered_dot, topk_indices
@@ -84,9 +85,9 @@ def test_auto_path_under_autocast_on_the_device():
     outrun the gathers); gated and JumpReLU keep their sparse path (measured faster there). On the
     CPU, AMX or not, every mechanism keeps it."""
     models = {name: make(d_in=16, d_sae=4096).to(DEVICE) for name, make in TRAINERS.items()}
-    assert all(model._tries_sparse_path() for model in models.values())
+    assert all(_tries_sparse_path(model, "auto") for model in models.values())
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        sparse = {name for name, model in models.items() if model._tries_sparse_path()}
+        sparse = {name for name, model in models.items() if _tries_sparse_path(model, "auto")}
     assert sparse == ({"gated", "jumprelu"} if DEVICE == "cuda" else set(TRAINERS))
 
 
@@ -96,7 +97,7 @@ def test_training_on_the_device(mechanism, precision, small_file):
     """20 steps through Lightning on the sparse path: the loss falls, weights stay finite and on
     the device, unit-norm decoder rows stay unit-norm."""
     torch.manual_seed(0)
-    model = TRAINERS[mechanism](d_in=16, d_sae=1024, lr=3e-3, sparse_path="always")
+    model = TRAINERS[mechanism](d_in=16, d_sae=1024)
     losses, devices = [], set()
 
     class Record(__import__("lightning").Callback):
@@ -106,7 +107,8 @@ def test_training_on_the_device(mechanism, precision, small_file):
 
     accelerator = "gpu" if DEVICE == "cuda" else "cpu"
     trainer = quiet_trainer(accelerator=accelerator, max_steps=20, precision=precision, callbacks=[Record()])
-    trainer.fit(DictionaryTraining(model), ActivationDataModule(small_file, batch_size=256, block_size=64))
+    trainer.fit(DictionaryTraining(model, TrainingConfig(lr=3e-3, sparse_path="always")),
+                ActivationDataModule(small_file, batch_size=256, block_size=64))
     assert trainer.global_step == 20
     assert devices == {DEVICE} and model.W_dec.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())

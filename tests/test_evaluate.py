@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
-from conftest import quiet_trainer
-from dictlearn.training import DictionaryTraining
+from conftest import initialise, quiet_trainer
+from dictlearn.training import DictionaryTraining, TrainingConfig
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
 from dictlearn.cli import main
 from dictlearn.data import write_synth_file
@@ -79,10 +79,10 @@ def setup(tmp_path_factory):
     L.seed_everything(0)
     sae_data = ActivationDataModule(str(data), RESID, batch_size=256)
     sae = TopKSAE(d_in=WIDTH, d_sae=64, k=4)
-    sae.initialise_from_data(sae_data)
+    initialise(sae, sae_data)
     tc_data = ActivationDataModule(str(data), MLP_IN, MLP_OUT, batch_size=256)
     transcoder = TopKSAE(d_in=WIDTH, d_sae=64, k=4, transcoder=True, b_dec_init="mean")
-    transcoder.initialise_from_data(tc_data)
+    initialise(transcoder, tc_data)
     return dict(
         root=root, model=model_dir, corpus=corpus, data=data,
         sae=export(sae, root / "sae", sae_data.provenance()),
@@ -211,9 +211,9 @@ def test_out_is_written_atomically_and_stdout_stays_clean(setup, capsys):
 def test_checkpoint_evaluates_like_its_export(setup, capsys, tmp_path):
     L.seed_everything(1)
     data = ActivationDataModule(str(setup["data"]), RESID, batch_size=256, block_size=64)
-    model = TopKSAE(d_in=WIDTH, d_sae=64, k=4, lr=1e-2)
+    model = TopKSAE(d_in=WIDTH, d_sae=64, k=4)
     trainer = quiet_trainer(max_steps=5)
-    trainer.fit(DictionaryTraining(model), data)
+    trainer.fit(DictionaryTraining(model, TrainingConfig(lr=1e-2)), data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     folder = export(model, tmp_path / "export", data.provenance())
     code, (from_ckpt, from_export), err = _evaluate(
@@ -230,10 +230,10 @@ def test_callback_logs_what_evaluate_measures(setup, capsys, tmp_path):
 
     L.seed_everything(2)
     data = ActivationDataModule(str(setup["data"]), RESID, batch_size=256)
-    model = TopKSAE(d_in=WIDTH, d_sae=64, k=4, lr=1e-2)
+    model = TopKSAE(d_in=WIDTH, d_sae=64, k=4)
     callback = DownstreamMetricsCallback(every_n_steps=1, contexts=6, batch_size=4)
     trainer = quiet_trainer(max_steps=4, val_check_interval=4, callbacks=[callback])
-    trainer.fit(DictionaryTraining(model), data)
+    trainer.fit(DictionaryTraining(model, TrainingConfig(lr=1e-2)), data)
     metrics = trainer.callback_metrics
     logged = {k[4:]: v.item() for k, v in metrics.items() if k.startswith("val/ce") or k == "val/kl_div"}
     folder = export(model, tmp_path / "export", data.provenance())

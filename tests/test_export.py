@@ -17,15 +17,15 @@ from safetensors.torch import load_file
 
 from saelens_reference import sae_lens_forward
 from conftest import quiet_trainer
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, TrainingConfig
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
 from dictlearn.export import CFG_NAME, WEIGHTS_NAME, export
 from dictlearn.errors import DataError
 
 MODELS = {
-    "topk": lambda: TopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3),
-    "relu_l1": lambda: ReLUL1SAE(d_in=16, d_sae=48, l1_coefficient=1.0, lr=3e-3),  # free decoder norms
-    "relu_l1_unit_norm": lambda: ReLUL1SAE(d_in=16, d_sae=48, lr=3e-3, decoder_constraint="unit_norm"),
+    "topk": lambda: TopKSAE(d_in=16, d_sae=48, k=3),
+    "relu_l1": lambda: ReLUL1SAE(d_in=16, d_sae=48, l1_coefficient=1.0),  # free decoder norms
+    "relu_l1_unit_norm": lambda: ReLUL1SAE(d_in=16, d_sae=48, decoder_constraint="unit_norm"),
 }
 
 
@@ -34,7 +34,8 @@ def _train(kind: str, small_file: str, tmp_path):
     model = MODELS[kind]()
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(DictionaryTraining(model), dm)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        DictionaryTraining(model, TrainingConfig(lr=3e-3)), dm)
     x = torch.cat([x for x, _ in dm.val_dataloader()])
     return model.eval(), dm, x
 
@@ -60,6 +61,29 @@ def test_export_and_checkpoint_load_to_the_same_raw_unit_dictionary(kind, small_
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["metadata"]["sae_lens_version"] and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["dictlearn"]["data"]["input_key"] == "acts"
+
+
+def test_exports_and_checkpoints_of_earlier_releases_still_load(small_file, tmp_path):
+    """Earlier releases recorded the training settings (lr, dead_window_tokens, ...) among the
+    dictionary's arguments and kept its dead-latent counters in the model: both still load."""
+    model, dm, x = _train("topk", small_file, tmp_path)
+    folder = export(model, tmp_path / "export", dm.provenance())
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"]["dictlearn"]["hyper_parameters"] |= {"lr": 3e-3, "dead_window_tokens": 512, "sparse_path": "auto"}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    checkpoint["dictlearn_members"]["model"]["hyper_parameters"]["lr"] = 3e-3
+    state = checkpoint["state_dict"]
+    counters = state.pop("activity.model.tokens_since_fired")
+    state["members.model.tokens_since_fired"] = counters.clone().fill_(7)  # where earlier releases kept them
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with torch.no_grad():
+        for old in (load(folder), load(tmp_path / "old.ckpt")):
+            torch.testing.assert_close(old.encode(x), model.encode(x), rtol=1e-4, atol=1e-5)
+    resumed = DictionaryTraining(TopKSAE(d_in=16, d_sae=48, k=3))  # and it resumes: counters in the new place
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert (resumed.activity["model"].tokens_since_fired == 7).all()
 
 
 def test_export_shapes_and_cfg_fields_for_topk(small_file, tmp_path):

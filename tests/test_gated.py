@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from saelens_reference import sae_lens_forward
-from conftest import assert_same_state, crash_and_resume, quiet_trainer
-from dictlearn.training import DictionaryTraining
+from conftest import assert_same_state, crash_and_resume, initialise, quiet_trainer
+from dictlearn.dictionaries.model import TrainingStep
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 from dictlearn import ActivationDataModule, load
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.errors import ConfigError
@@ -54,12 +55,12 @@ def _reference(model: GatedSAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     )  # fmt: skip
 
 
-def _terms(model: GatedSAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _terms(model: GatedSAE, x: torch.Tensor, step: TrainingStep = TrainingStep()) -> dict[str, torch.Tensor]:
     pre = model.pre_acts(x)
-    z = model.train_activate(pre)
+    z = model.activate(pre, training=True)
     y_hat = model.decode_scaled(z, x)
     terms = dict(z=z, y_hat=y_hat, reconstruction=model.reconstruction_loss(x, y_hat))
-    return terms | model.sparsity_losses(x, x, pre, z, y_hat)
+    return terms | model.sparsity_losses(x, x, pre, z, y_hat, step=step)
 
 
 # ------------------------------------------------------------------ constructor
@@ -68,7 +69,7 @@ def _terms(model: GatedSAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     [
         (dict(l1_coefficient=-1.0), "--model.l1_coefficient"),
         (dict(decoder_constraint="free"), "--model.decoder_constraint"),
-        (dict(lr=0.0), "--model.lr"),
+        (dict(lr=0.0), "lr is a training setting now"),
     ],
 )
 def test_bad_arguments_name_their_flag(kwargs, flag):
@@ -78,11 +79,12 @@ def test_bad_arguments_name_their_flag(kwargs, flag):
 
 def test_defaults_and_hparams_rebuild():
     model = GatedSAE(d_in=8, d_sae=32, l1_coefficient=2.5)
-    assert (model.lr, model.adam_betas) == (5e-5, (0.0, 0.999))  # dictionary_learning gdm.py
+    settings = DictionaryTraining(model).settings["model"]
+    assert (settings.lr, settings.adam_betas) == (5e-5, (0.0, 0.999))  # dictionary_learning gdm.py
     assert model.unit_norm_decoder and model.sae_lens_architecture == "gated"
     assert (model.r_mag == 0).all() and (model.b_mag == 0).all() and (model.b_gate == 0).all()
     clone = GatedSAE(**model.hparams)
-    assert (clone.l1_coefficient, clone.d_sae, clone.lr) == (2.5, 32, 5e-5)
+    assert (clone.l1_coefficient, clone.d_sae) == (2.5, 32)
     assert not GatedSAE(d_in=8, d_sae=32, decoder_constraint="norm_weighted_l1").unit_norm_decoder
 
 
@@ -92,7 +94,7 @@ def test_defaults_and_hparams_rebuild():
 def test_forward_and_losses_match_float64_formula(decoder_constraint, apply_b_dec_to_input):
     model = _randomised(
         l1_coefficient=0.7, decoder_constraint=decoder_constraint,
-        apply_b_dec_to_input=apply_b_dec_to_input, sparsity_warmup_fraction=0.0,
+        apply_b_dec_to_input=apply_b_dec_to_input,
     )  # fmt: skip
     x = torch.randn(64, 6)
     ours, ref = _terms(model, x), _reference(model, x)
@@ -186,10 +188,10 @@ def test_transcoder_init_centres_both_paths(tmp_path):
     write_synth_file(path, n_rows=2048, d=8, n_features=20, mean_active=3.0, seed=4, d_out=5)
     dm = ActivationDataModule(str(path), target_key="target", batch_size=256, block_size=64)
     dm.setup("fit")
-    model = GatedSAE(d_in=8, d_out=5, d_sae=16, transcoder=True, init_sample_rows=2048)
+    model = GatedSAE(d_in=8, d_out=5, d_sae=16, transcoder=True)
     with torch.no_grad():
         model.r_mag.fill_(0.0)
-        model.initialise_from_data(dm)
+        initialise(model, dm, init_sample_rows=2048)
         x, _ = dm.sample_rows(2048)
         pre = model.pre_acts(x * model.input_scale)
         gate_mean, magnitude_mean = model.gate_pre_acts(pre).mean(0), model.magnitude_pre_acts(pre).mean(0)
@@ -207,22 +209,27 @@ def test_reconstruction_trains_the_magnitude_path_only():
 
 
 def test_l1_warms_up_with_the_sparsity_schedule(monkeypatch):
-    model = _randomised(l1_coefficient=1.0, sparsity_warmup_fraction=0.5)
-    model.total_steps = 100
+    model = _randomised(l1_coefficient=1.0)
+    training = DictionaryTraining(model, TrainingConfig(sparsity_warmup_fraction=0.5))
+    monkeypatch.setattr(training, "_total_steps", lambda: 100)
     x = torch.randn(16, 6)
     full = _reference(model, x)["l1"].item()
-    for model.step, factor in ((0, 1 / 50), (24, 0.5), (60, 1.0)):
-        assert _terms(model, x)["l1"].item() == pytest.approx(factor * full, rel=1e-5)
+    for step, factor in ((0, 1 / 50), (24, 0.5), (60, 1.0)):
+        monkeypatch.setattr(type(training), "global_step", property(lambda self, s=step: s))
+        scale = training.sparsity_scale("model")
+        assert scale == pytest.approx(factor)
+        assert _terms(model, x, TrainingStep(step, scale))["l1"].item() == pytest.approx(factor * full, rel=1e-5)
 
 
 # ------------------------------------------------------------------ export
 @pytest.mark.parametrize("decoder_constraint", ["unit_norm", "norm_weighted_l1"])
 def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, tmp_path):
     L.seed_everything(0)
-    model = GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3, decoder_constraint=decoder_constraint)
+    model = GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, decoder_constraint=decoder_constraint)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(DictionaryTraining(model), dm)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        DictionaryTraining(model, TrainingConfig(lr=3e-3)), dm)
     model.eval()
     norms = model.W_dec.detach().norm(dim=-1)
     if decoder_constraint == "unit_norm":
@@ -251,7 +258,7 @@ def test_export_round_trip_and_sae_lens_forward(decoder_constraint, small_file, 
 # ------------------------------------------------------------------ exact resume
 def test_resume_is_bit_identical(small_file, tmp_path):
     def make():  # λ and LR warm-ups span the resume
-        return GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5, lr=3e-3)
+        return Member(GatedSAE(d_in=16, d_sae=48, l1_coefficient=0.5), training=TrainingConfig(lr=3e-3))
 
     reference, resumed, _ = crash_and_resume(make, small_file, tmp_path, steps=24, checkpoint_every=7,
                                              crash_at=17, resume_step=14)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import quiet_trainer
 from saelens_reference import sae_lens_forward
-from dictlearn.training import DictionaryTraining
+from dictlearn.dictionaries.model import TrainingStep
+from dictlearn.training import DictionaryTraining, TrainingConfig
 from dictlearn import ActivationDataModule, load
 from dictlearn.callbacks import RunGuard
 from dictlearn.dictionaries.jumprelu import JumpReLUSAE
@@ -29,7 +30,7 @@ from dictlearn.export import export
         (dict(bandwidth=float("inf")), "--model.bandwidth"),
         (dict(threshold_init=-0.1), "--model.threshold_init"),
         (dict(pre_act_coefficient=-1e-3), "--model.pre_act_coefficient"),
-        (dict(lr=0.0), "--model.lr"),
+        (dict(lr=0.0), "lr is a training setting now"),
     ],
 )
 def test_bad_arguments_name_their_flag(kwargs, flag):
@@ -40,7 +41,8 @@ def test_bad_arguments_name_their_flag(kwargs, flag):
 def test_defaults_and_hparams_rebuild_the_same_model():
     model = JumpReLUSAE(d_in=8, d_sae=16, l0_coefficient=0.3, bandwidth=0.1, threshold_init=0.2)
     assert model.apply_b_dec_to_input is False and model.b_dec_init == "zeros"  # Gemma Scope
-    assert model.adam_betas == (0.0, 0.999) and model.lr == 7e-5  # paper App. I
+    settings = DictionaryTraining(model).settings["model"]
+    assert settings.adam_betas == (0.0, 0.999) and settings.lr == 7e-5  # paper App. I
     assert model.unit_norm_decoder and model.sae_lens_architecture == "jumprelu"
     torch.testing.assert_close(model.threshold, torch.full((16,), 0.2))
     clone = JumpReLUSAE(**model.hparams)
@@ -51,8 +53,7 @@ def test_defaults_and_hparams_rebuild_the_same_model():
 # ------------------------------------------------------------------ forward
 def _random_model(apply_b_dec_to_input: bool = False) -> JumpReLUSAE:
     torch.manual_seed(0)
-    model = JumpReLUSAE(d_in=6, d_sae=10, l0_coefficient=0.7, sparsity_warmup_fraction=0.0,
-                        apply_b_dec_to_input=apply_b_dec_to_input)
+    model = JumpReLUSAE(d_in=6, d_sae=10, l0_coefficient=0.7, apply_b_dec_to_input=apply_b_dec_to_input)
     with torch.no_grad():
         model.b_enc.normal_(0.0, 0.5)
         model.b_dec.normal_()
@@ -112,7 +113,7 @@ def test_threshold_and_preactivation_gradients_match_the_ste_formulas():
     ∂L/∂θ_i = Σ_t [∂L/∂z_ti · (−θ_i/ε) + (λ/N)(−1/ε)] K_ti,   ∂L/∂log θ_i = θ_i ∂L/∂θ_i,
     ∂L/∂π_ti = ∂L/∂z_ti · H_ti (the L0 term sends nothing to π)."""
     torch.manual_seed(0)
-    model = JumpReLUSAE(d_in=3, d_sae=3, l0_coefficient=_LAMBDA, bandwidth=_EPS, sparsity_warmup_fraction=0.0)
+    model = JumpReLUSAE(d_in=3, d_sae=3, l0_coefficient=_LAMBDA, bandwidth=_EPS)
     W_dec = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
     b_dec = torch.tensor([0.1, -0.2, 0.3])
     with torch.no_grad():
@@ -170,12 +171,11 @@ def test_pre_act_loss_pulls_only_dead_latents_toward_their_threshold():
     decoder; off (no term) at λ_P = 0."""
     model = _random_model()
     model.pre_act_coefficient = 0.4
-    with torch.no_grad():
-        model.tokens_since_fired[[1, 4, 7]] = model.dead_window_tokens  # latents 1, 4, 7 dead
+    step = TrainingStep(dead=torch.isin(torch.arange(10), torch.tensor([1, 4, 7])))  # latents 1, 4, 7 dead
     x = torch.randn(64, 6) * 2.5
     pre = model.pre_acts(x)
     z = model.activate(pre)
-    loss = model.sparsity_losses(x, x, pre, z, model.decode_scaled(z, x))["pre_act"]
+    loss = model.sparsity_losses(x, x, pre, z, model.decode_scaled(z, x), step=step)["pre_act"]
     W_enc, b_enc, W_dec, log_t = (p.detach().double() for p in (model.W_enc, model.b_enc, model.W_dec, model.log_threshold))
     dead = torch.tensor([1, 4, 7])
     gap = (log_t.exp()[dead] - (x.double() @ W_enc + b_enc)[:, dead]).relu()
@@ -187,16 +187,17 @@ def test_pre_act_loss_pulls_only_dead_latents_toward_their_threshold():
     assert (model.b_enc.grad[dead] < 0).all() and (model.log_threshold.grad[dead] > 0).all()
     assert model.W_dec.grad is None or (model.W_dec.grad == 0).all()
     model.pre_act_coefficient = 0.0
-    assert "pre_act" not in model.sparsity_losses(x, x, pre, z, model.decode_scaled(z, x))
+    assert "pre_act" not in model.sparsity_losses(x, x, pre, z, model.decode_scaled(z, x), step=step)
 
 
 # ------------------------------------------------------------------ export
 def test_export_round_trip_uses_the_folded_threshold(small_file, tmp_path):
     L.seed_everything(0)
-    model = JumpReLUSAE(d_in=16, d_sae=48, lr=3e-3, l0_coefficient=0.5)
+    model = JumpReLUSAE(d_in=16, d_sae=48, l0_coefficient=0.5)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(DictionaryTraining(model), dm)
+    quiet_trainer(max_steps=30, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        DictionaryTraining(model, TrainingConfig(lr=3e-3)), dm)
     model.eval()
     with torch.no_grad():  # uneven row norms, so the per-latent fold of θ is exercised
         model.W_dec.mul_(torch.linspace(0.5, 2.0, 48)[:, None])
@@ -240,12 +241,12 @@ def _fit_resumable(small_file, ckpt_dir, crash_at=None, ckpt_path=None):
                 raise RuntimeError("injected crash")
 
     L.seed_everything(0)
-    model = JumpReLUSAE(d_in=16, d_sae=32, lr=3e-3, l0_coefficient=0.5, lr_warmup_fraction=0.1)
+    model = JumpReLUSAE(d_in=16, d_sae=32, l0_coefficient=0.5)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1)
     callbacks = [checkpoint, RunGuard()] + ([Crash()] if crash_at is not None else [])
     trainer = quiet_trainer(max_steps=25, enable_checkpointing=True, callbacks=callbacks)
-    trainer.fit(DictionaryTraining(model), dm, ckpt_path=ckpt_path)
+    trainer.fit(DictionaryTraining(model, TrainingConfig(lr=3e-3, lr_warmup_fraction=0.1)), dm, ckpt_path=ckpt_path)
     return model
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from dictlearn import load
 from dictlearn.dictionaries import MatryoshkaBatchTopKSAE
 from dictlearn.dictionaries.matryoshka import prefix_widths
+from dictlearn.dictionaries.model import TrainingStep
 from dictlearn.errors import ConfigError
 from dictlearn.export import export
 from saelens_reference import sae_lens_forward
@@ -32,11 +33,10 @@ MODES = {
 def _randomised(mode: str, **kwargs):
     """Every parameter random, the first 20 latents dead (AuxK runs), a batch in training units."""
     torch.manual_seed(0)
-    model = MatryoshkaBatchTopKSAE(d_sae=D_SAE, k=K, k_aux=6, dead_window_tokens=100, **MODES[mode], **kwargs)
+    model = MatryoshkaBatchTopKSAE(d_sae=D_SAE, k=K, k_aux=6, **MODES[mode], **kwargs)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.3 * torch.randn_like(param))
-        model.tokens_since_fired[:20] = 1000
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, D_IN, generator=g) * 2
     y = x if mode == "sae" else torch.randn(BATCH, D_OUT, generator=g) * 2
@@ -44,8 +44,8 @@ def _randomised(mode: str, **kwargs):
 
 
 def _step(model, x, y, sparse: bool):
-    model.sparse_path = "always" if sparse else "never"
-    return model._sparse_step(x, y) if sparse else model._dense_step(x, y)
+    step = TrainingStep(dead=torch.arange(model.d_sae) < 20, sparse_path="always" if sparse else "never")
+    return model.training_losses(x, y, step)
 
 
 def _reference(model, x, y) -> dict[str, torch.Tensor]:

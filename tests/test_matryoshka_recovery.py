@@ -31,7 +31,7 @@ from conftest import quiet_trainer
 from dictlearn import ActivationDataModule, MatryoshkaBatchTopKSAE
 from dictlearn.data import write_synth_file
 from dictlearn.data.synth import synthesize
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, TrainingConfig
 
 SETTING = dict(d=32, n_features=64, mean_active=3.0, zipf_exponent=0.6, hierarchy=8, children_per_parent=4,
                magnitude="uniform", seed=0)
@@ -55,9 +55,9 @@ def test_matryoshka_recovers_parents_first_and_children_after(tmp_path):
     path = tmp_path / "hierarchy.h5"
     write_synth_file(path, n_rows=200_000, **SETTING)
     L.seed_everything(0)
-    model = MatryoshkaBatchTopKSAE(d_in=32, d_sae=128, k=6, lr=3e-3, lr_decay_fraction=0.2,
-                                   threshold_start_step=STEPS // 5)
-    quiet_trainer(max_steps=STEPS).fit(DictionaryTraining(model), ActivationDataModule(str(path), batch_size=1024))
+    model = MatryoshkaBatchTopKSAE(d_in=32, d_sae=128, k=6, threshold_start_step=STEPS // 5)
+    training = DictionaryTraining(model, TrainingConfig(lr=3e-3, lr_decay_fraction=0.2))
+    quiet_trainer(max_steps=STEPS).fit(training, ActivationDataModule(str(path), batch_size=1024))
     held = synthesize(20_000, **SETTING, return_codes=True)
     features = torch.from_numpy(held.features)
     best = _best_matches(features, model.W_dec.detach())

@@ -1,22 +1,27 @@
 """The plain Dictionary model shared by every mechanism: constructor checks, the data-dependent
-initialisation (dictionaries/model.py, dictionaries/init.py)."""
+initialisation (dictionaries/model.py, dictionaries/init.py, training/initialise.py), the training
+settings kept apart from it (training/config.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import initialise
 from dictlearn import ReLUL1SAE
 from dictlearn.dictionaries.init import geometric_median
 from dictlearn.errors import ConfigError
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 
 
 @pytest.mark.parametrize(
     "make, flag",
     [
         (lambda: ReLUL1SAE(d_in=8, d_sae=0), "--model.d_sae"),
-        (lambda: ReLUL1SAE(d_in=8, d_sae=16, lr=0.0), "--model.lr"),
-        (lambda: ReLUL1SAE(d_in=8, d_sae=16, lr_decay_fraction=1.5), "--model.lr_decay_fraction"),
+        (lambda: DictionaryTraining(ReLUL1SAE(d_in=8, d_sae=16), TrainingConfig(lr=0.0)), "--training.lr"),
+        (lambda: DictionaryTraining(Member(ReLUL1SAE(d_in=8, d_sae=16), training=TrainingConfig(lr_decay_fraction=1.5))),
+         "--training.lr_decay_fraction"),
+        (lambda: ReLUL1SAE(d_in=8, d_sae=16, lr=1e-3), "lr is a training setting now; give it to the training"),
     ],
 )
 def test_bad_arguments_name_their_flag(make, flag):
@@ -64,10 +69,10 @@ def test_initial_l0_starts_the_run_at_that_many_latents(small_file, name):
     make = {"relu_l1": ReLUL1SAE, "gated": GatedSAE, "jumprelu": JumpReLUSAE}[name]
     data = ActivationDataModule(small_file, batch_size=256)
     data.setup("fit")
-    plain, started = make(d_in=16, d_sae=64), make(d_in=16, d_sae=64, initial_l0=6.0)
+    plain, started = make(d_in=16, d_sae=64), make(d_in=16, d_sae=64)
     started.load_state_dict(plain.state_dict())
-    plain.initialise_from_data(data)
-    started.initialise_from_data(data)
+    initialise(plain, data)
+    initialise(started, data, initial_l0=6.0)
     x = data.sample_rows(8192)[0] * started.input_scale
     with torch.no_grad():
         z, z_plain = started.activate(started.pre_acts(x)), plain.activate(plain.pre_acts(x))
@@ -88,7 +93,24 @@ def test_initial_l0_is_refused_where_k_sets_the_l0():
     from dictlearn import TopKSAE
 
     with pytest.raises(ConfigError, match="initial_l0: TopKSAE sets its L0 by k"):
-        TopKSAE(d_in=8, d_sae=32, k=4, initial_l0=4.0)
+        DictionaryTraining(TopKSAE(d_in=8, d_sae=32, k=4), TrainingConfig(initial_l0=4.0))
     for bad in (0.0, 32.0):
         with pytest.raises(ConfigError, match="initial_l0 must be in"):
-            ReLUL1SAE(d_in=8, d_sae=32, initial_l0=bad)
+            DictionaryTraining(ReLUL1SAE(d_in=8, d_sae=32), TrainingConfig(initial_l0=bad))
+
+
+def test_training_settings_resolve_member_over_run_over_mechanism_over_defaults():
+    from dictlearn import JumpReLUSAE
+
+    jump = JumpReLUSAE(d_in=8, d_sae=32)
+    training = DictionaryTraining({
+        "paper": jump,
+        "run": Member(ReLUL1SAE(d_in=8, d_sae=32)),
+        "own": Member(ReLUL1SAE(d_in=8, d_sae=32), training=TrainingConfig(lr=1e-2, adam_eps=1e-6)),
+    }, TrainingConfig(lr=1e-3, dead_window_tokens=100))
+    paper, run, own = (training.settings[name] for name in ("paper", "run", "own"))
+    assert (paper.adam_betas, paper.lr_warmup_fraction) == ((0.0, 0.999), 0.01)  # JumpReLU's (paper App. I)
+    assert paper.lr == run.lr == 1e-3 and own.lr == 1e-2  # the run's over the mechanism's, the member's over both
+    assert (run.adam_eps, own.adam_eps) == (1e-8, 1e-6)
+    assert run.sparsity_warmup_fraction == 0.05 and {s.dead_window_tokens for s in (paper, run, own)} == {100}
+    assert "lr" not in jump.hparams  # the model records what it is, not how it is trained

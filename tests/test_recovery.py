@@ -28,6 +28,12 @@ import pytest
 
 from conftest import fit_and_score
 from dictlearn import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
+from dictlearn.training import Member, TrainingConfig
+
+
+def _with(model, **training) -> Member:
+    """`model` trained with these `TrainingConfig` settings."""
+    return Member(model, training=TrainingConfig(**training))
 
 
 @dataclass(frozen=True)
@@ -38,26 +44,27 @@ class Case:
     l0_target: int | None = None  # held-out L0 within 20 % of it
 
 
-JUMPRELU = dict(bandwidth=2.0, lr=3e-3, adam_betas=(0.9, 0.999), lr_decay_fraction=0.3)
+JUMPRELU = dict(lr=3e-3, adam_betas=(0.9, 0.999), lr_decay_fraction=0.3)  # training
 SAE_CASES = {
     "topk": Case("exponential", lambda: TopKSAE(d_in=64, d_sae=512, k=4)),
-    "relu_l1": Case("uniform", lambda: ReLUL1SAE(d_in=64, d_sae=256, l1_coefficient=0.47, lr=3e-3)),
-    "batchtopk": Case("uniform", lambda: BatchTopKSAE(d_in=64, d_sae=512, k=16, lr=3e-3, lr_decay_fraction=0.2),
+    "relu_l1": Case("uniform", lambda: _with(ReLUL1SAE(d_in=64, d_sae=256, l1_coefficient=0.47), lr=3e-3)),
+    "batchtopk": Case("uniform", lambda: _with(BatchTopKSAE(d_in=64, d_sae=512, k=16), lr=3e-3, lr_decay_fraction=0.2),
                       l0_target=16),
-    "gated": Case("uniform", lambda: GatedSAE(d_in=64, d_sae=384, l1_coefficient=1.4, lr=3e-3)),
-    "jumprelu": Case("uniform", lambda: JumpReLUSAE(d_in=64, d_sae=384, l0_coefficient=0.1, threshold_init=0.5,
-                                                     **JUMPRELU), max_fvu=0.105),
+    "gated": Case("uniform", lambda: _with(GatedSAE(d_in=64, d_sae=384, l1_coefficient=1.4), lr=3e-3)),
+    "jumprelu": Case("uniform", lambda: _with(JumpReLUSAE(d_in=64, d_sae=384, l0_coefficient=0.1, threshold_init=0.5,
+                                                           bandwidth=2.0), **JUMPRELU), max_fvu=0.105),
 }  # fmt: skip
 TRANSCODER_CASES = {
     "topk": Case("exponential", lambda: TopKSAE(d_in=64, d_out=64, d_sae=256, k=4, transcoder=True)),
-    "relu_l1": Case("uniform", lambda: ReLUL1SAE(d_in=64, d_out=64, d_sae=128, l1_coefficient=0.47, lr=3e-3,
-                                                 transcoder=True)),
-    "gated": Case("uniform", lambda: GatedSAE(d_in=64, d_out=64, d_sae=192, l1_coefficient=1.4, lr=3e-3,
-                                              transcoder=True)),
-    "batchtopk": Case("uniform", lambda: BatchTopKSAE(d_in=64, d_out=64, d_sae=256, k=8, lr=3e-3,
-                                                      lr_decay_fraction=0.2, transcoder=True)),
-    "jumprelu": Case("uniform", lambda: JumpReLUSAE(d_in=64, d_out=64, d_sae=256, transcoder=True, l0_coefficient=0.15,
-                                                    threshold_init=1.0, **JUMPRELU)),
+    "relu_l1": Case("uniform", lambda: _with(ReLUL1SAE(d_in=64, d_out=64, d_sae=128, l1_coefficient=0.47,
+                                                       transcoder=True), lr=3e-3)),
+    "gated": Case("uniform", lambda: _with(GatedSAE(d_in=64, d_out=64, d_sae=192, l1_coefficient=1.4,
+                                                    transcoder=True), lr=3e-3)),
+    "batchtopk": Case("uniform", lambda: _with(BatchTopKSAE(d_in=64, d_out=64, d_sae=256, k=8, transcoder=True),
+                                               lr=3e-3, lr_decay_fraction=0.2)),
+    "jumprelu": Case("uniform", lambda: _with(JumpReLUSAE(d_in=64, d_out=64, d_sae=256, transcoder=True,
+                                                          l0_coefficient=0.15, threshold_init=1.0, bandwidth=2.0),
+                                              **JUMPRELU)),
 }  # fmt: skip
 
 _trained: dict[str, tuple] = {}  # SAE runs, shared by the recovery and the shrinkage test
@@ -101,7 +108,7 @@ def test_gated_is_unbiased_where_relu_l1_shrinks(synth_files):
     """γ = Σ‖ŷ‖² / Σ⟨y, ŷ⟩ (Rajamanoharan et al. 2024a eq. 10): the L1 penalty shrinks ReLU-L1's
     codes (γ < 1), the gated SAE's magnitude path is not penalised (γ ≈ 1)."""
     _, gated = _fit_sae("gated", synth_files)
-    _, relu, _ = fit_and_score(lambda: ReLUL1SAE(d_in=64, d_sae=256, l1_coefficient=1.0, lr=3e-3),
+    _, relu, _ = fit_and_score(lambda: _with(ReLUL1SAE(d_in=64, d_sae=256, l1_coefficient=1.0), lr=3e-3),
                                synth_files["uniform"])
     gamma_gated, gamma_relu = gated["val/rel_reconstruction_bias"], relu["val/rel_reconstruction_bias"]
     print(f"γ gated {gamma_gated:.3f} (L0 {gated['val/l0']:.1f}), γ ReLU-L1 {gamma_relu:.3f} (L0 {relu['val/l0']:.1f})")

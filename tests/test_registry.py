@@ -30,7 +30,7 @@ class ToyTopKSAE(TopKSAE):
 
     mechanism = Mechanism("toy", short_run={"auxk_alpha": 0.0})
 
-    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, torch.Tensor]:
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None, step=None) -> dict[str, torch.Tensor]:
         return {}
 
 
@@ -126,7 +126,8 @@ def test_compare_plans_a_new_mechanism_from_its_declaration():
                            train_tokens=25_600, batch_size=256, device="cpu").resolved()
     assert config.steps == 100
     toy, toy_l1 = (next(p for p in plan(config) if p.mechanism == m and p.l0_target == 8) for m in ("toy", "toy_l1"))
-    assert toy.init_args == {"d_sae": 32, **OPTIMIZER, **SHORT_RUN, "auxk_alpha": 0.0, "k": 8}
+    assert toy.init_args == {"d_sae": 32, "auxk_alpha": 0.0, "k": 8}
+    assert toy.training == {**OPTIMIZER, **SHORT_RUN}  # the training's, not the dictionary's
     assert not toy.calibrated and type(toy.build(16, 16)) is ToyTopKSAE
     assert toy_l1.calibrated and "k" not in toy_l1.init_args and toy_l1.init_args["transcoder"]
     # the YAML's `dictionary:` accepts the new name and overrides its declared defaults

@@ -1,5 +1,5 @@
 """ReLU-L1 SAE (Bricken et al. 2023; Conerly et al. 2024): the norm-weighted L1 loss and the
-resampling of dead latents (dictionaries/relu_l1.py)."""
+resampling of dead latents (dictionaries/relu_l1.py, training/resample.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import quiet_trainer
+from conftest import initialise, quiet_trainer
 from dictlearn import ActivationDataModule, ReLUL1SAE
 from dictlearn.errors import ConfigError
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, TrainingConfig
 
 
 @pytest.mark.parametrize(
     "make, flag",
     [
         (lambda: ReLUL1SAE(d_in=8, d_sae=16, l1_coefficient=-0.1), "--model.l1_coefficient"),
-        (lambda: ReLUL1SAE(d_in=8, d_sae=16, resample_every_steps=10), "--model.resample_every_steps"),
+        (lambda: DictionaryTraining(ReLUL1SAE(d_in=8, d_sae=16), TrainingConfig(resample_every_steps=10)),
+         "--training.resample_every_steps needs a unit-norm decoder"),
     ],
 )
 def test_bad_arguments_name_their_flag(make, flag):
@@ -28,7 +29,7 @@ def test_bad_arguments_name_their_flag(make, flag):
 def test_relu_l1_loss_matches_float64_formula():
     """April-2024 loss: mean_t ‖y − ŷ‖² + λ mean_t Σ_i z_i ‖d_i‖ (Conerly et al. 2024)."""
     torch.manual_seed(1)
-    model = ReLUL1SAE(d_in=6, d_sae=10, l1_coefficient=0.7, sparsity_warmup_fraction=0.0)
+    model = ReLUL1SAE(d_in=6, d_sae=10, l1_coefficient=0.7)
     with torch.no_grad():
         model.W_dec.mul_(torch.rand(10, 1) + 0.5)  # unequal row norms
         model.b_enc.normal_()
@@ -47,17 +48,15 @@ def test_relu_l1_loss_matches_float64_formula():
 
 def test_relu_resampling_rewrites_dead_latents_and_resets_adam(small_file):
     L.seed_everything(0)
-    model = ReLUL1SAE(
-        d_in=16, d_sae=32, decoder_constraint="unit_norm", l1_coefficient=0.5, lr=1e-3,
-        resample_every_steps=20, dead_window_tokens=256 * 10,
-    )
+    model = ReLUL1SAE(d_in=16, d_sae=32, decoder_constraint="unit_norm", l1_coefficient=0.5)
+    training = TrainingConfig(lr=1e-3, resample_every_steps=20, dead_window_tokens=256 * 10)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     dm.setup("fit")
-    model.initialise_from_data(dm)
+    initialise(model, dm)
     with torch.no_grad():
         model.b_enc[:8] = -50.0  # dead from the start
     before = model.W_dec.detach()[:8].clone()
-    quiet_trainer(max_steps=21).fit(DictionaryTraining(model), dm)  # resampled at the start of step 20
+    quiet_trainer(max_steps=21).fit(DictionaryTraining(model, training), dm)  # resampled at the start of step 20
     after = model.W_dec.detach()[:8]
     assert (after - before).norm(dim=-1).min() > 0.1  # every dead row moved to a data direction
     assert (model.b_enc.detach()[:8] > -1.0).all()  # b_enc reset to 0 at step 20, then trained one step

@@ -6,12 +6,15 @@ import pytest
 
 from conftest import assert_same_state, crash_and_resume
 from dictlearn import ReLUL1SAE, TopKSAE
+from dictlearn.training import Member, TrainingConfig
 
-def _make(kind: str):
+
+def _make(kind: str) -> Member:
     if kind == "relu_l1":  # schedules: λ warm-up, LR warm-up and decay
-        return ReLUL1SAE(d_in=16, d_sae=48, l1_coefficient=1.0, lr=3e-3, lr_warmup_fraction=0.1)
-    # small dead window so AuxK and the dead counters are active across the resume
-    return TopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3, dead_window_tokens=256 * 3)
+        return Member(ReLUL1SAE(d_in=16, d_sae=48, l1_coefficient=1.0),
+                      training=TrainingConfig(lr=3e-3, lr_warmup_fraction=0.1))
+    # small dead window so AuxK and the dead counters (the training's state) are active across the resume
+    return Member(TopKSAE(d_in=16, d_sae=48, k=3), training=TrainingConfig(lr=3e-3, dead_window_tokens=256 * 3))
 
 
 @pytest.mark.parametrize("kind", ["relu_l1", "topk"])

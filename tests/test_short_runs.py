@@ -7,12 +7,12 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import quiet_trainer
+from conftest import initialise, quiet_trainer
 from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.data import write_synth_file
-from dictlearn.dictionaries.model import DEAD_WINDOW_TOKENS, dead_window_for
 from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
+from dictlearn.training.config import DEAD_WINDOW_TOKENS, dead_window_for
 
 D = 64
 
@@ -25,8 +25,8 @@ def independent_file(tmp_path_factory):
     return str(path)
 
 
-def _initial_metrics(model, data: ActivationDataModule) -> dict:
-    model.initialise_from_data(data)
+def _initial_metrics(model, data: ActivationDataModule, init_scale_from_data: bool) -> dict:
+    initialise(model, data, init_scale_from_data=init_scale_from_data)
     x = data.sample_rows(4096)[0]
     metrics = ReconstructionMetrics(D)
     with torch.no_grad():
@@ -38,8 +38,7 @@ def _initial_metrics(model, data: ActivationDataModule) -> dict:
 @pytest.mark.parametrize("mechanism", [TopKSAE, BatchTopKSAE])
 def test_the_first_reconstructions_have_the_inputs_norm_for_any_k(mechanism, k, independent_file):
     torch.manual_seed(0)
-    scaled = _initial_metrics(mechanism(d_in=D, d_sae=512, k=k, init_scale_from_data=True),
-                              ActivationDataModule(independent_file))
+    scaled = _initial_metrics(mechanism(d_in=D, d_sae=512, k=k), ActivationDataModule(independent_file), True)
     assert 1 / 1.5 <= scaled["l2_ratio"] <= 1.5, scaled
 
 
@@ -50,9 +49,9 @@ def test_the_first_reconstructions_have_the_inputs_norm_for_any_k(mechanism, k, 
 def test_every_mechanism_starts_near_the_inputs_norm_and_would_not_without_the_scaling(make, independent_file):
     data = ActivationDataModule(independent_file)
     torch.manual_seed(0)
-    scaled = _initial_metrics(make(d_in=D, d_sae=512, init_scale_from_data=True), data)
+    scaled = _initial_metrics(make(d_in=D, d_sae=512), data, True)
     torch.manual_seed(0)
-    unscaled = _initial_metrics(make(d_in=D, d_sae=512, init_scale_from_data=False), data)
+    unscaled = _initial_metrics(make(d_in=D, d_sae=512), data, False)
     assert 1 / 1.5 <= scaled["l2_ratio"] <= 1.5, scaled
     assert not 1 / 1.5 <= unscaled["l2_ratio"] <= 1.5, unscaled  # the defect the scaling removes
     assert scaled["fvu"] < 1.0
@@ -78,8 +77,9 @@ def test_the_dead_window_is_a_third_of_a_short_run_and_10m_tokens_of_a_long_one(
     assert dead_window_for(614_400) == 204_800
     assert dead_window_for(3 * DEAD_WINDOW_TOKENS) == DEAD_WINDOW_TOKENS
     assert dead_window_for(10**12) == DEAD_WINDOW_TOKENS
-    assert TopKSAE(d_in=4, d_sae=8, k=2).dead_window_tokens == DEAD_WINDOW_TOKENS  # until training sets it
-    assert TopKSAE(d_in=4, d_sae=8, k=2, dead_window_tokens=500).dead_window_follows_run is False
+    assert DictionaryTraining(TopKSAE(d_in=4, d_sae=8, k=2)).dead_windows["model"] == DEAD_WINDOW_TOKENS  # until fit
+    given = DictionaryTraining(TopKSAE(d_in=4, d_sae=8, k=2), TrainingConfig(dead_window_tokens=500))
+    assert given.settings["model"].dead_window_tokens == given.dead_windows["model"] == 500  # kept at fit start
 
 
 def _evaluated_dead_fraction(path: str, dead_window_tokens: int | None) -> tuple[float, int]:
@@ -87,18 +87,20 @@ def _evaluated_dead_fraction(path: str, dead_window_tokens: int | None) -> tuple
     (encoder columns shrunk: never in the top k, so no gradient from the main loss) -> (the dead
     fraction on the held-out rows, the window the run used)."""
     L.seed_everything(0)
-    model = TopKSAE(d_in=D, d_sae=512, k=4, dead_window_tokens=dead_window_tokens, sparse_path="never",
-                    init_scale_from_data=True)  # as `dictlearn compare` trains its short runs
+    model = TopKSAE(d_in=D, d_sae=512, k=4)
+    # as `dictlearn compare` trains its short runs
+    settings = dict(dead_window_tokens=dead_window_tokens, sparse_path="never", init_scale_from_data=True)
     data = ActivationDataModule(path, batch_size=1024, val_rows=8192)
-    model.initialise_from_data(data)
+    initialise(model, data, **settings)
     with torch.no_grad():
         model.W_enc[:, 384:] *= 0.01
-    quiet_trainer(max_steps=300).fit(DictionaryTraining(model), data)
+    training = DictionaryTraining(model, TrainingConfig(**settings))
+    quiet_trainer(max_steps=300).fit(training, data)
     sparsity = SparsityMetrics(512)
     with torch.no_grad():
         for x, _ in data.val_dataloader():
             sparsity.update(model.encode(x))
-    return float(sparsity.compute()["dead_fraction"]), model.dead_window_tokens
+    return float(sparsity.compute()["dead_fraction"]), training.dead_windows["model"]
 
 
 @pytest.mark.slow
@@ -117,7 +119,7 @@ def test_a_resumed_run_with_a_scaled_encoder_is_bit_identical(small_file, tmp_pa
     from conftest import assert_same_state, crash_and_resume
 
     def make():
-        return TopKSAE(d_in=16, d_sae=48, k=8, lr=3e-3, init_scale_from_data=True)
+        return Member(TopKSAE(d_in=16, d_sae=48, k=8), training=TrainingConfig(lr=3e-3, init_scale_from_data=True))
 
     reference, resumed, _ = crash_and_resume(make, small_file, tmp_path, steps=20, checkpoint_every=7,
                                              crash_at=15, resume_step=14)

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import assert_same_state, crash_and_resume, quiet_trainer
-from dictlearn.training import DictionaryTraining
+from dictlearn.dictionaries.latents import _tries_sparse_path
+from dictlearn.dictionaries.model import TrainingStep
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import (
@@ -141,11 +143,10 @@ def _randomised(mechanism: str, mode: str, dtype: torch.dtype):
     """A model with every parameter random (biases, skip, r_mag, decoder norms != 1) and the
     first 20 latents dead, so AuxK runs; plus a batch (x, y) in training units."""
     torch.manual_seed(0)
-    model = MECHANISMS[mechanism](**MODES[mode], dead_window_tokens=100).to(dtype)
+    model = MECHANISMS[mechanism](**MODES[mode]).to(dtype)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.3 * torch.randn_like(param))
-        model.tokens_since_fired[:20] = 1000
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, D_IN, generator=g).to(dtype) * 2
     y = x if mode == "sae" else torch.randn(BATCH, D_OUT, generator=g).to(dtype) * 2
@@ -153,8 +154,9 @@ def _randomised(mechanism: str, mode: str, dtype: torch.dtype):
 
 
 def _step(model, x, y, sparse: bool):
-    model.sparse_path = "always" if sparse else "never"
-    y_hat, losses, fire_counts, sum_abs = model._sparse_step(x, y) if sparse else model._dense_step(x, y)
+    """One training forward and backward on the sparse or the dense path, the first 20 latents dead."""
+    step = TrainingStep(dead=torch.arange(model.d_sae, device=x.device) < 20, sparse_path="always" if sparse else "never")
+    y_hat, losses, fire_counts, sum_abs = model.training_losses(x, y, step)
     sum(losses.values()).backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -236,26 +238,30 @@ def test_sparse_step_runs_under_bf16_autocast(mechanism):
 
 # ------------------------------------------------------------------ the selection rule
 def test_auto_selects_the_sparse_path_for_small_fixed_l0_on_large_dictionaries():
-    def tries(**kwargs):
-        return TopKSAE(d_in=8, **kwargs)._tries_sparse_path()
+    def tries(sparse_path="auto", **kwargs):
+        return _tries_sparse_path(TopKSAE(d_in=8, **kwargs), sparse_path)
 
     cutoff = TopKSAE.sparse_cutoff
     assert tries(d_sae=4096, k=32)
     assert not tries(d_sae=4096, k=int(4096 * cutoff) + 1)
     assert not tries(d_sae=TopKSAE.sparse_min_latents // 2, k=1)  # small: dense is cheap
     assert not tries(d_sae=4096, k=32, sparse_path="never") and tries(d_sae=64, k=32, sparse_path="always")
-    with pytest.raises(ConfigError, match=r"--model\.sparse_path"):
-        TopKSAE(d_in=8, d_sae=64, sparse_path="sometimes")
+    with pytest.raises(ConfigError, match=r"--training\.sparse_path"):
+        DictionaryTraining(TopKSAE(d_in=8, d_sae=64), TrainingConfig(sparse_path="sometimes"))
 
 
 def test_per_batch_mechanisms_choose_the_path_from_the_batch_density():
     model = ReLUL1SAE(d_in=8, d_sae=2048)
-    assert model._tries_sparse_path()
+    assert _tries_sparse_path(model, "auto")
+
+    def support(pre):
+        return model.select(pre, training=True).support(16, 2048, model.sparse_cutoff)
+
     pre = torch.full((16, 2048), -1.0)
     pre[:, : int(2048 * model.sparse_cutoff)] = 1.0  # exactly at the cutoff: sparse
-    assert model.train_support(pre).nnz == 16 * int(2048 * model.sparse_cutoff)
+    assert support(pre).nnz == 16 * int(2048 * model.sparse_cutoff)
     pre[:, : int(2048 * model.sparse_cutoff) + 1] = 1.0
-    assert model.train_support(pre) is None
+    assert support(pre) is None
 
 
 # ------------------------------------------------------------------ training through Lightning
@@ -265,13 +271,14 @@ class _SawDead(L.Callback):
     seen = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen |= bool(pl_module.dictionary.dead_mask.any())
+        self.seen |= bool(pl_module.activity["model"].dead(pl_module.dead_windows["model"]).any())
 
 
-def _make(mechanism, sparse_path="always"):
-    kwargs = dict(d_in=16, d_sae=48, lr=3e-3, sparse_path=sparse_path, dead_window_tokens=256)
-    return {"topk": lambda: TopKSAE(k=3, **kwargs), "jumprelu": lambda: JumpReLUSAE(threshold_init=0.3, **kwargs),
-            "batchtopk": lambda: BatchTopKSAE(k=3, threshold_start_step=5, **kwargs)}[mechanism]()
+def _make(mechanism, sparse_path="always") -> Member:
+    kwargs = dict(d_in=16, d_sae=48)
+    model = {"topk": lambda: TopKSAE(k=3, **kwargs), "jumprelu": lambda: JumpReLUSAE(threshold_init=0.3, **kwargs),
+             "batchtopk": lambda: BatchTopKSAE(k=3, threshold_start_step=5, **kwargs)}[mechanism]()
+    return Member(model, training=TrainingConfig(lr=3e-3, sparse_path=sparse_path, dead_window_tokens=256))
 
 
 @pytest.mark.parametrize("mechanism", ["topk", "batchtopk", "jumprelu"])
@@ -285,9 +292,9 @@ def test_sparse_training_resumes_bit_identically(mechanism, small_file, tmp_path
 
 def _fit(mechanism, small_file, sparse_path, steps=5):
     L.seed_everything(0)
-    model = _make(mechanism, sparse_path)
-    quiet_trainer(max_steps=steps).fit(DictionaryTraining(model), ActivationDataModule(small_file, batch_size=256, block_size=64))
-    return model
+    training = DictionaryTraining(_make(mechanism, sparse_path))
+    quiet_trainer(max_steps=steps).fit(training, ActivationDataModule(small_file, batch_size=256, block_size=64))
+    return training
 
 
 def test_sparse_and_dense_training_agree_over_steps(small_file, tmp_path):
@@ -315,10 +322,11 @@ def test_bf16_mixed_training_clips_with_fused_adam(small_file):
     """Lightning refuses clipping with a fused optimizer under mixed precision; under bf16-mixed
     (no loss scaler) the module clips itself, so Adam stays fused and the norm is clipped."""
     L.seed_everything(0)
-    model = TopKSAE(d_in=16, d_sae=48, k=3, lr=3e-3, sparse_path="always")
+    model = TopKSAE(d_in=16, d_sae=48, k=3)
     norms = _GradNorm()
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", gradient_clip_val=1e-3, callbacks=[norms])
-    trainer.fit(DictionaryTraining(model), ActivationDataModule(small_file, batch_size=256, block_size=64))
+    trainer.fit(DictionaryTraining(model, TrainingConfig(lr=3e-3, sparse_path="always")),
+                ActivationDataModule(small_file, batch_size=256, block_size=64))
     assert trainer.global_step == 3 and trainer.lightning_module._fused_adam()
     assert trainer.optimizers[0].defaults["fused"]
     assert max(norms.norms) <= 1e-3 * (1 + 1e-5)

@@ -15,7 +15,7 @@ from conftest import quiet_trainer
 from dictlearn import ActivationDataModule, TopKSAE
 from dictlearn.errors import ConfigError
 from dictlearn.interpret.splitting import latent_concepts, size_ladder, size_pair, top_cosines
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, TrainingConfig
 
 
 @pytest.mark.parametrize("n, m, k, chunk", [(37, 53, 1, 8), (37, 53, 5, 8), (100, 30, 3, 7), (20, 20, 4, 64)])
@@ -97,8 +97,9 @@ def test_trained_small_and_large_dictionaries_split_a_parent_into_its_children(t
     decoders = {}
     for d_sae in (16, 64):
         L.seed_everything(0)
-        model = TopKSAE(d_in=32, d_sae=d_sae, k=2, lr=3e-3, lr_decay_fraction=0.3)
-        quiet_trainer(max_steps=300).fit(DictionaryTraining(model), ActivationDataModule(str(path), batch_size=512))
+        model = TopKSAE(d_in=32, d_sae=d_sae, k=2)
+        quiet_trainer(max_steps=300).fit(DictionaryTraining(model, TrainingConfig(lr=3e-3, lr_decay_fraction=0.3)),
+                                         ActivationDataModule(str(path), batch_size=512))
         decoders[d_sae] = model.W_dec.detach()
     (pair,) = size_ladder(decoders)
     parent_cos, parent_latents = (t[:, 0] for t in top_cosines(P, decoders[16], 1))

@@ -21,16 +21,17 @@ from conftest import assert_same_state, crash_and_resume, quiet_trainer
 from dictlearn import ActivationDataModule, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUL1SAE, TopKSAE
 from dictlearn.data import write_synth_file
 from dictlearn.errors import NonFiniteError
-from dictlearn.training import DictionaryTraining, Member
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 
 D, D_OUT, D_SAE, STEPS = 16, 12, 48, 25
-COMMON = dict(d_in=D, d_sae=D_SAE, lr=3e-3, dead_window_tokens=512)
+COMMON = dict(d_in=D, d_sae=D_SAE)
+TRAINING = TrainingConfig(lr=3e-3, dead_window_tokens=512)  # the run's; "topk_sparse" adds its own
 TRANSCODER = dict(COMMON, d_out=D_OUT, transcoder=True)
 
 # name -> (constructor, member seed, target key)
 MEMBERS = {
     "topk": (lambda: TopKSAE(k=3, **COMMON), 0, None),
-    "topk_sparse": (lambda: TopKSAE(k=3, sparse_path="always", **COMMON), 1, None),
+    "topk_sparse": (lambda: TopKSAE(k=3, **COMMON), 1, None),
     "relu_l1": (lambda: ReLUL1SAE(l1_coefficient=0.5, **COMMON), 2, None),
     "batchtopk": (lambda: BatchTopKSAE(k=3, threshold_start_step=5, **COMMON), 3, None),
     "gated": (lambda: GatedSAE(l1_coefficient=0.5, **COMMON), 4, None),
@@ -52,20 +53,26 @@ def _data(path: str, target_key: str | None = None) -> ActivationDataModule:
     return ActivationDataModule(path, input_key="acts", target_key=target_key, batch_size=256, block_size=64)
 
 
+def _member_training(name: str) -> TrainingConfig | None:
+    return TrainingConfig(sparse_path="always") if name == "topk_sparse" else None
+
+
 def _train(members, data: ActivationDataModule, **trainer_kwargs) -> DictionaryTraining:
     L.seed_everything(123)  # the members' seeds, not this one, decide their initial weights
-    training = DictionaryTraining(members)
+    training = DictionaryTraining(members, TRAINING)
     quiet_trainer(max_steps=STEPS, **trainer_kwargs).fit(training, data)
     return training
 
 
 def test_every_member_of_a_sweep_equals_the_same_member_trained_alone(pair_file):
-    sweep = _train({name: Member(make(), target_key=key, seed=seed) for name, (make, seed, key) in MEMBERS.items()},
-                   _data(pair_file))
+    sweep = _train({name: Member(make(), target_key=key, seed=seed, training=_member_training(name))
+                    for name, (make, seed, key) in MEMBERS.items()}, _data(pair_file))
     for name, (make, seed, key) in MEMBERS.items():
-        alone = _train(Member(make(), seed=seed), _data(pair_file, target_key=key))
+        alone = _train(Member(make(), seed=seed, training=_member_training(name)), _data(pair_file, target_key=key))
         assert_same_state(alone.dictionary, sweep.members[name])
-        assert int(sweep.members[name].tokens_since_fired.min()) == 0, name  # it trained
+        assert_same_state(alone.activity["model"], sweep.activity[name])
+        assert int(sweep.activity[name].tokens_since_fired.min()) == 0, name  # it trained
+    assert sweep.settings["topk_sparse"].sparse_path == "always" and sweep.settings["topk"].sparse_path == "auto"
     topk, other_seed = sweep.members["topk"], sweep.members["topk_sparse"]
     assert not torch.equal(topk.W_dec, other_seed.W_dec)
 
@@ -83,12 +90,12 @@ def test_members_seeds_decide_their_initial_weights():
 
 def test_a_sweep_resumes_bit_identically(small_file, tmp_path):
     def make():
-        kwargs = dict(d_in=16, d_sae=32, lr=3e-3, dead_window_tokens=256)
+        kwargs = dict(d_in=16, d_sae=32)
         return DictionaryTraining({
             "topk": Member(TopKSAE(k=3, **kwargs), seed=0),
             "batchtopk": Member(BatchTopKSAE(k=3, threshold_start_step=4, **kwargs), seed=1),
             "relu": Member(ReLUL1SAE(l1_coefficient=0.5, **kwargs), seed=2),
-        })
+        }, TrainingConfig(lr=3e-3, dead_window_tokens=256))
 
     reference, resumed, _ = crash_and_resume(make, small_file, tmp_path, steps=20, checkpoint_every=6,
                                              crash_at=9, resume_step=6)
@@ -133,12 +140,15 @@ def test_a_single_member_logs_and_names_as_before(small_file, tmp_path):
 
 # ------------------------------------------------------------------ the CLI
 SWEEP_YAML = """
+training:
+  dead_window_tokens: 1024
 sweep:
   topk:
     dictionary: {class_path: dictlearn.TopKSAE, init_args: {d_sae: 48, k: 3}}
   relu:
     dictionary: {class_path: dictlearn.ReLUL1SAE, init_args: {d_sae: 48, l1_coefficient: 0.5}}
     seed: 3
+    training: {lr: 1.0e-3, lr_decay_fraction: 0.0}
   transcoder:
     dictionary: {class_path: dictlearn.TopKSAE, init_args: {d_sae: 48, k: 3, transcoder: true}}
     target_key: target
@@ -178,6 +188,12 @@ def test_cli_trains_a_sweep_file_with_one_export_and_log_prefix_per_member(pair_
     torch.testing.assert_close(relu(x), exported(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(dictlearn.errors.DataError, match="a sweep of 3 dictionaries; name one"):
         dictlearn.load(checkpoint)
+    # each member trained with the run's `training:` and its own on top, as its checkpoint records
+    trained = torch.load(checkpoint, weights_only=False)["dictlearn_members"]
+    assert trained["relu"]["training"]["lr"] == 1e-3 and trained["relu"]["training"]["lr_decay_fraction"] == 0.0
+    assert trained["relu"]["training"]["sparsity_warmup_fraction"] == 0.05  # ReLU-L1's own (April 2024)
+    assert {trained[name]["training"]["dead_window_tokens"] for name in trained} == {1024}
+    assert trained["topk"]["training"]["lr"] == pytest.approx(2e-4 / (48 / 2**14) ** 0.5)  # TopK's lr law
 
 
 def test_cli_member_trained_in_a_sweep_equals_a_recipe_run(pair_file, tmp_path):
@@ -188,7 +204,7 @@ def test_cli_member_trained_in_a_sweep_equals_a_recipe_run(pair_file, tmp_path):
     config.write_text(SWEEP_YAML)
     assert _fit_sweep(config, pair_file, tmp_path / "sweep") == 0
     assert _fit_sweep(RECIPES_DIR / "topk.yaml", pair_file, tmp_path / "solo", "--model.d_sae", "48",
-                      "--model.k", "3") == 0
+                      "--model.k", "3", "--training.dead_window_tokens", "1024") == 0
     sweep = dictlearn.load(tmp_path / "sweep" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", "topk")
     solo = dictlearn.load(tmp_path / "solo" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
     assert_same_state(solo, sweep)

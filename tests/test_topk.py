@@ -7,10 +7,11 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import quiet_trainer
+from conftest import initialise, quiet_trainer
 from dictlearn import ActivationDataModule, TopKSAE
+from dictlearn.dictionaries.model import TrainingStep
 from dictlearn.errors import ConfigError
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, TrainingConfig
 
 
 @pytest.mark.parametrize(
@@ -30,8 +31,9 @@ def test_hparams_rebuild_the_same_class():
     model = TopKSAE(d_in=8, d_sae=32, k=3, k_aux=5)
     assert model.hparams.k == 3 and model.hparams.k_aux == 5 and model.hparams.d_sae == 32
     clone = TopKSAE(**model.hparams)
-    assert (clone.k, clone.k_aux, clone.lr) == (3, 5, model.lr)
-    assert model.lr == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)  # Gao et al. lr scaling
+    assert (clone.k, clone.k_aux) == (3, 5)
+    lr = DictionaryTraining(clone).settings["model"].lr  # the training's, from the mechanism's recommendation
+    assert lr == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)  # Gao et al. lr scaling
 
 
 def test_topk_keeps_the_k_largest_relu_values():
@@ -49,12 +51,12 @@ def test_topk_keeps_the_k_largest_relu_values():
 def test_topk_loss_is_batch_fvu_plus_auxk_on_dead_latents():
     torch.manual_seed(2)
     model = TopKSAE(d_in=6, d_sae=20, k=2, k_aux=3, auxk_alpha=0.5)
-    model.tokens_since_fired[:10] = model.dead_window_tokens  # latents 0..9 dead
     x = torch.randn(16, 6)
     pre = model.pre_acts(x)
     z = model.activate(pre)
     y_hat = model.decode_scaled(z, x)
-    terms = model.sparsity_losses(x, x, pre, z, y_hat)
+    dead = torch.arange(20) < 10  # latents 0..9 dead
+    terms = model.sparsity_losses(x, x, pre, z, y_hat, step=TrainingStep(dead=dead))
     xd, pd, e = x.double(), pre.detach().double(), (x - y_hat).detach().double()
     fvu = ((xd - y_hat.detach().double()) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
     assert model.reconstruction_loss(x, y_hat).item() == pytest.approx(fvu.item(), rel=1e-5)
@@ -64,8 +66,8 @@ def test_topk_loss_is_batch_fvu_plus_auxk_on_dead_latents():
     e_hat = z_aux @ model.W_dec.detach().double()
     aux = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
     assert terms["auxk"].item() == pytest.approx(0.5 * aux.item(), rel=1e-5)
-    model.tokens_since_fired.zero_()
-    assert model.sparsity_losses(x, x, pre, z, y_hat) == {}  # nothing dead, no AuxK
+    assert model.sparsity_losses(x, x, pre, z, y_hat, step=TrainingStep(dead=~dead & dead)) == {}  # nothing dead, no AuxK
+    assert model.sparsity_losses(x, x, pre, z, y_hat) == {}
 
 
 class _RecordDecoderNorms(L.Callback):
@@ -81,9 +83,9 @@ class _RecordDecoderNorms(L.Callback):
 
 def test_topk_decoder_rows_stay_unit_norm_after_every_step(small_file):
     record = _RecordDecoderNorms()
-    model = TopKSAE(d_in=16, d_sae=64, k=4, lr=1e-2)
+    model = TopKSAE(d_in=16, d_sae=64, k=4)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
-    quiet_trainer(max_steps=40, callbacks=[record]).fit(DictionaryTraining(model), dm)
+    quiet_trainer(max_steps=40, callbacks=[record]).fit(DictionaryTraining(model, TrainingConfig(lr=1e-2)), dm)
     assert record.steps == 40 and record.max_deviation < 1e-5
 
 
@@ -93,13 +95,14 @@ def test_auxk_revives_latents_forced_dead(small_file):
 
     def revived(auxk_alpha: float) -> int:
         L.seed_everything(0)
-        model = TopKSAE(d_in=16, d_sae=64, k=4, lr=3e-3, auxk_alpha=auxk_alpha, k_aux=8, dead_window_tokens=512)
+        model = TopKSAE(d_in=16, d_sae=64, k=4, auxk_alpha=auxk_alpha, k_aux=8)
+        training = TrainingConfig(lr=3e-3, dead_window_tokens=512)
         dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
         dm.setup("fit")
-        model.initialise_from_data(dm)
+        initialise(model, dm)
         with torch.no_grad():
             model.W_enc[:, 32:] *= 0.01  # pre-activations near 0: never in the top k
-        quiet_trainer(max_steps=150).fit(DictionaryTraining(model), dm)
+        quiet_trainer(max_steps=150).fit(DictionaryTraining(model, training), dm)
         z = torch.cat([model.encode(x) for x, _ in dm.val_dataloader()])
         return int(((z[:, 32:] != 0).sum(0) > 0).sum())
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dictlearn import ReLUL1SAE, TopKSAE
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, TrainingConfig
 
 
 def test_gradient_projection_removes_the_parallel_component():
@@ -21,14 +21,16 @@ def test_gradient_projection_removes_the_parallel_component():
 def test_dead_counter_counts_tokens_since_last_fire():
     model = TopKSAE(d_in=4, d_sae=6, k=1)
     fire = torch.tensor([3, 0, 0, 1, 0, 0])
-    DictionaryTraining(model)._update_fired({"model": fire}, 100)
-    DictionaryTraining(model)._update_fired({"model": torch.tensor([0, 0, 2, 0, 0, 0])}, 50)
-    assert model.tokens_since_fired.tolist() == [50, 150, 0, 50, 150, 150]
+    training = DictionaryTraining(model)
+    training._update_fired({"model": fire}, 100)
+    training._update_fired({"model": torch.tensor([0, 0, 2, 0, 0, 0])}, 50)
+    assert training.activity["model"].tokens_since_fired.tolist() == [50, 150, 0, 50, 150, 150]
+    assert training.activity["model"].dead(150).tolist() == [False, True, False, False, True, True]
 
 
 def test_lr_schedule_warms_up_and_decays():
-    model = ReLUL1SAE(d_in=4, d_sae=8, lr=1.0, lr_warmup_fraction=0.1, lr_decay_fraction=0.2)
-    training = DictionaryTraining(model)
+    model = ReLUL1SAE(d_in=4, d_sae=8)
+    training = DictionaryTraining(model, TrainingConfig(lr=1.0, lr_warmup_fraction=0.1, lr_decay_fraction=0.2))
     training._total_steps = lambda: 100
     scheduler = training.configure_optimizers()["lr_scheduler"]["scheduler"]
     factors = [scheduler.lr_lambdas[0](s) for s in (0, 4, 9, 50, 79, 80, 90, 99)]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import quiet_trainer
+from conftest import initialise, quiet_trainer
 from saelens_reference import sae_lens_forward
-from dictlearn.training import DictionaryTraining
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 from dictlearn import ActivationDataModule, ReLUL1SAE, TopKSAE, load
 from dictlearn.data import synthesize, write_synth_file
 from dictlearn.errors import ConfigError
@@ -55,24 +55,27 @@ def test_transcoder_never_subtracts_b_dec_and_measures_the_target(small_tc_file)
 def test_target_key_and_transcoder_flag_must_agree(small_tc_file, small_file):
     dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
     with pytest.raises(ConfigError, match="--model.transcoder true"):
-        TopKSAE(d_in=16, d_out=12, d_sae=32, k=3).initialise_from_data(dm)
+        initialise(TopKSAE(d_in=16, d_out=12, d_sae=32, k=3), dm)
     dm = ActivationDataModule(small_file, batch_size=256, block_size=64)
     with pytest.raises(ConfigError, match="--data.target_key"):
-        TopKSAE(d_in=16, d_sae=32, k=3, transcoder=True).initialise_from_data(dm)
+        initialise(TopKSAE(d_in=16, d_sae=32, k=3, transcoder=True), dm)
     with pytest.raises(ConfigError, match="--model.skip_connection"):
         TopKSAE(d_in=16, d_sae=32, k=3, skip_connection=True)
 
 
 @pytest.mark.parametrize("make, architecture", [
-    (lambda: ReLUL1SAE(d_in=16, d_out=12, d_sae=32, transcoder=True, skip_connection=True, lr=3e-3), "skip_transcoder"),
-    (lambda: ReLUL1SAE(d_in=16, d_out=12, d_sae=32, transcoder=True, lr=3e-3), "transcoder"),
+    (lambda: Member(ReLUL1SAE(d_in=16, d_out=12, d_sae=32, transcoder=True, skip_connection=True),
+                    training=TrainingConfig(lr=3e-3)), "skip_transcoder"),
+    (lambda: Member(ReLUL1SAE(d_in=16, d_out=12, d_sae=32, transcoder=True), training=TrainingConfig(lr=3e-3)),
+     "transcoder"),
     (lambda: TopKSAE(d_in=16, d_out=12, d_sae=32, k=3, transcoder=True, skip_connection=True), "topk_skip_transcoder"),
 ])
 def test_transcoder_export_round_trip(make, architecture, small_tc_file, tmp_path):
     L.seed_everything(0)
-    model = make()
+    spec = make()
+    model = spec.dictionary if isinstance(spec, Member) else spec
     dm = ActivationDataModule(small_tc_file, target_key="target", batch_size=256, block_size=64)
-    quiet_trainer(max_steps=30).fit(DictionaryTraining(model), dm)
+    quiet_trainer(max_steps=30).fit(DictionaryTraining(spec), dm)
     assert float(model.input_scale) != pytest.approx(float(model.target_scale))  # separate scales
     folder = export(model.eval(), tmp_path / "e", dm.provenance())
     cfg = json.loads((folder / "cfg.json").read_text())

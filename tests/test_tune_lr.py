@@ -115,8 +115,8 @@ def test_the_grid_and_the_chosen_lrs_reach_the_plan():
     runs = search_runs(config)
     for architecture, pairs in runs.items():  # the middle target, first seed, first width, one run per LR
         assert [(p.l0_target, p.seed, p.d_sae) for _, p in pairs] == [(8, 3, 32)] * 3
-        assert [p.init_args["lr"] for _, p in pairs] == [lr for lr, _ in pairs] == config.lr_grid
-    lrs = {p.architecture: p.init_args["lr"] for p in plan(config, {"topk": 3e-3})}
+        assert [p.training["lr"] for _, p in pairs] == [lr for lr, _ in pairs] == config.lr_grid
+    lrs = {p.architecture: p.training["lr"] for p in plan(config, {"topk": 3e-3})}
     assert lrs == {"topk": 3e-3, "relu_l1": OPTIMIZER["lr"]}
     assert CompareConfig(l0=[4], device="cpu", tune_lr=True, lr_grid=["3e-4", 1e-3]).resolved().lr_grid == [3e-4, 1e-3]
 

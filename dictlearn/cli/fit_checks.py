@@ -61,6 +61,7 @@ def check_command_line(argv: list[str]) -> None:
     values = dict(flags)
     configs = _configs(argv)
     model = model_class(configs, flags)
+    _check_moved_settings(argv, flags)
     _check_flag_names(model, flags)
     _check_checkpoint(argv[0], _config_value(configs, None, "ckpt_path", values.get("--ckpt_path")))
     _check_data_path(_config_value(configs, "data", "path", values.get("--data.path")))
@@ -194,15 +195,44 @@ def _config_value(configs: list[dict], section: str | None, key: str, flag_value
     return value
 
 
+def _check_moved_settings(argv: list[str], flags: list[tuple[str, str | None]]) -> None:
+    """The training settings that were dictionary arguments before (`--model.lr`, a recipe's
+    `model.init_args.lr`, a sweep member's `dictionary.init_args.lr`) get one line naming their
+    new place."""
+    from dictlearn.dictionaries.model import MOVED_TO_TRAINING
+
+    for flag, _ in flags:
+        name = flag.removeprefix("--model.").removeprefix("init_args.")
+        if flag.startswith("--model.") and name in MOVED_TO_TRAINING:
+            raise ConfigError(f"{flag} is a training setting now: use --training.{name}")
+    paths = [Path(value) for flag, value in flag_values(argv) if flag == "--config" and value]
+    for path, loaded in zip(paths, _configs(argv)[1:]):
+        model = loaded.get("model")
+        args = model.get("init_args", model) if isinstance(model, dict) else {}
+        for name in sorted(MOVED_TO_TRAINING & set(args if isinstance(args, dict) else ())):
+            raise ConfigError(f"--config {path}: model.init_args.{name} is a training setting now; move it to "
+                              f"a top-level `training:` section (training: {{{name}: ...}}) or pass --training.{name}")
+        sweep = loaded.get("sweep")
+        for member, spec in (sweep.items() if isinstance(sweep, dict) else ()):
+            dictionary = spec.get("dictionary") if isinstance(spec, dict) else None
+            args = dictionary.get("init_args") if isinstance(dictionary, dict) else None
+            for name in sorted(MOVED_TO_TRAINING & set(args if isinstance(args, dict) else ())):
+                raise ConfigError(f"--config {path}: sweep member {member!r}: dictionary.init_args.{name} is a "
+                                  f"training setting now; move it to the member's `training:` ({{{name}: ...}}) "
+                                  "or the run's `training:` section")
+
+
 def _check_flag_names(model: type | None, flags: list[tuple[str, str | None]]) -> None:
-    """`--model.NAME`, `--data.NAME`, `--trainer.NAME` must name a constructor argument."""
+    """`--model.NAME`, `--data.NAME`, `--trainer.NAME`, `--training.NAME` must name a constructor argument."""
     from lightning.pytorch import Trainer
 
     from dictlearn.data import ActivationDataModule
+    from dictlearn.training.config import DEFAULTS as TRAINING_SETTINGS
 
     known = {
         "--data.": _parameters(ActivationDataModule),
         "--trainer.": _parameters(Trainer),
+        "--training.": set(TRAINING_SETTINGS),
         **({"--model.": _parameters(model)} if model is not None else {}),
     }
     for flag, _ in flags:

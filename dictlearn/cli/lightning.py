@@ -1,7 +1,9 @@
 """`dictlearn fit|validate|test`: a LightningCLI over the data module and one dictionary or a sweep.
 
 `model:` (one `Dictionary`, what every recipe sets) or `sweep: {name: member}` (several, see
-recipes/sweep.yaml); either way `DictionaryTraining` trains them. Every run starts from the
+recipes/sweep.yaml), and `training:` (`TrainingConfig`: optimiser, schedules, dead-latent window,
+data-dependent start; a sweep member's own `training:` overrides it); `DictionaryTraining` trains
+them. Every run starts from the
 packaged `recipes/base.yaml`. Before Lightning starts, the command line is checked
 (`fit_checks`) so that bad input gets one line, and a dictionary too large for memory is refused
 before it is allocated.
@@ -27,7 +29,7 @@ from dictlearn.data import ActivationDataModule
 from dictlearn.dictionaries import Dictionary
 from dictlearn.errors import ConfigError, DictLearnError
 from dictlearn.runtime import quiet_lightning
-from dictlearn.training import DictionaryTraining, Member
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 FIT_DESCRIPTION = (
@@ -116,6 +118,7 @@ class DictLearnCLI(LightningCLI):
             help="several dictionaries trained on the same batches: {name: {dictionary: {class_path, init_args}, "
                  "input_key, target_key, seed}} (recipes/sweep.yaml); instead of --model",
         )  # fmt: skip
+        parser.add_class_arguments(TrainingConfig, "training", fail_untyped=False)
         parser.add_lightning_class_args(self._datamodule_class, "data")
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -182,11 +185,11 @@ class DictLearnCLI(LightningCLI):
         seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
         sweep = self._get(self.config_init, "sweep")
         if sweep is not None:  # each member starts from its own seed, the run's by default
-            members = {name: Member(m.dictionary, m.input_key, m.target_key, seed if m.seed is None else m.seed)
-                       for name, m in sweep.items()}
+            members = {name: Member(m.dictionary, m.input_key, m.target_key, seed if m.seed is None else m.seed,
+                                    m.training) for name, m in sweep.items()}
         else:
             members = Member(self._get(self.config_init, "model"), seed=seed)
-        self.model = DictionaryTraining(members)
+        self.model = DictionaryTraining(members, self._get(self.config_init, "training"))
         self.trainer = self.instantiate_trainer()
         for name, requested in self._requested_widths.items():
             actual = getattr(data, name)
@@ -210,7 +213,7 @@ def _summary(trainer, training: DictionaryTraining, seconds: float, batch_size: 
         if fvu is None:
             continue
         label = "held out" if not prefix else f"{name}:"
-        dead, window = _dead_over_window(member, tokens)
+        dead, window = _dead_over_window(training, name, tokens)
         lines.append(f"  {label} fvu {float(fvu):.4f}, l0 {float(l0):.1f}; dead {100 * dead:.1f} % of latents "
                      f"(none fired in the last {window:,} training tokens)")
     log_dir = Path(_log_dir(trainer) or trainer.default_root_dir)
@@ -219,15 +222,15 @@ def _summary(trainer, training: DictionaryTraining, seconds: float, batch_size: 
     return lines
 
 
-def _dead_over_window(member, tokens_trained: int) -> tuple[float, int]:
+def _dead_over_window(training: DictionaryTraining, name: str, tokens_trained: int) -> tuple[float, int]:
     """-> (fraction of latents that have not fired in the window, window in tokens): the
     member's dead window, or the whole run when that is shorter.
 
     Not the validation's count: the held-out tail is ~1 % of the file (2,048 rows of the
     quickstart), on which a latent firing once in 3,000 tokens looks dead (26.6 % there against
     0.2 % in `dictlearn evaluate`'s 65,536-row census). The window is a third of a short run."""
-    window = max(1, min(int(member.dead_window_tokens), tokens_trained))
-    return float((member.tokens_since_fired >= window).float().mean()), window
+    window = max(1, min(int(training.dead_windows[name]), tokens_trained))
+    return float(training.activity[name].dead(window).float().mean()), window
 
 
 def _link_sweep_widths(config) -> None:

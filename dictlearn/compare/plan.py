@@ -38,8 +38,8 @@ DEFAULTS = {
 # the YAML changes it for every architecture at once; results lines record what each dictionary got.
 OPTIMIZER = {"lr": 1e-3, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_warmup_fraction": 0.0,
              "lr_decay_fraction": 0.3}
-# What the short run changes for every mechanism besides the optimiser: the first reconstructions
-# at the input's norm. Each mechanism adds its own (`Mechanism.short_run`, `.short_run_steps`,
+# What the short run changes in every mechanism's training besides the optimiser: the first
+# reconstructions at the input's norm. Each mechanism adds its own (`Mechanism.short_run`, `.short_run_steps`,
 # declared on its class in dictlearn/dictionaries/): starting coefficients near the ones the
 # controller reached on the embedded model and on synthetic data. The rest are the recipes'.
 SHORT_RUN = {"init_scale_from_data": True}
@@ -271,6 +271,7 @@ class Planned:
     d_sae: int
     seed: int
     init_args: dict
+    training: dict = field(default_factory=dict)  # TrainingConfig fields: OPTIMIZER, SHORT_RUN, `optimizer:`
 
     @property
     def calibrated(self) -> bool:
@@ -293,25 +294,26 @@ def plan(config: CompareConfig, lrs: dict[str, float] | None = None) -> list[Pla
             for d_sae in config.d_sae:
                 for target in config.l0:
                     args = _init_args(config, mechanism, mapping, d_sae, target)
+                    training = _training(config, mechanism)
                     if lrs and architecture in lrs:
-                        args = with_lr(args, lrs[architecture])
+                        training = with_lr(training, lrs[architecture])
                     width = f"_d{d_sae}" if several_widths else ""
                     name = f"{architecture}{width}_l0-{target}_s{seed}"
-                    planned.append(Planned(name, architecture, mechanism, mapping, target, d_sae, seed, args))
+                    planned.append(Planned(name, architecture, mechanism, mapping, target, d_sae, seed, args, training))
     return planned
 
 
-def with_lr(init_args: dict, lr: float) -> dict:
-    """A dictionary's constructor arguments with another learning rate (the one place it is set)."""
-    return {**init_args, "lr": lr}
+def with_lr(training: dict, lr: float) -> dict:
+    """A dictionary's training settings with another learning rate (the one place it is set)."""
+    return {**training, "lr": lr}
 
 
 def _init_args(config: CompareConfig, mechanism: str, mapping: str, d_sae: int, target: int) -> dict:
-    """One dictionary's constructor arguments: the optimiser, the short run's and the mechanism's
-    defaults, the YAML's `dictionary:` overrides, the mapping, and `k` = the L0 target."""
+    """One dictionary's constructor arguments: the mechanism's short-run defaults, the YAML's
+    `dictionary:` overrides, the mapping, and `k` = the L0 target."""
     declared = mechanism_class(mechanism).mechanism
-    args = {"d_sae": d_sae, **OPTIMIZER, **config.optimizer, **SHORT_RUN, **declared.short_run,
-            **config.dictionary.get(mechanism, {})}
+    overrides = {k: v for k, v in config.dictionary.get(mechanism, {}).items() if k not in _training_fields()}
+    args = {"d_sae": d_sae, **declared.short_run, **overrides}
     if mapping != "sae":
         args |= {"transcoder": True, "b_dec_init": "mean", "skip_connection": mapping == "skip_transcoder"}
     if not declared.calibrated:
@@ -319,3 +321,16 @@ def _init_args(config: CompareConfig, mechanism: str, mapping: str, d_sae: int, 
     for argument, fraction in declared.short_run_steps.items():
         args.setdefault(argument, max(1, int(fraction * config.steps)))
     return args
+
+
+def _training(config: CompareConfig, mechanism: str) -> dict:
+    """One dictionary's training settings (`TrainingConfig` fields): the common optimiser, the
+    YAML's `optimizer:`, the short run's, and training settings under the YAML's `dictionary:`."""
+    overrides = {k: v for k, v in config.dictionary.get(mechanism, {}).items() if k in _training_fields()}
+    return {**OPTIMIZER, **config.optimizer, **SHORT_RUN, **overrides}
+
+
+def _training_fields() -> frozenset[str]:
+    from dictlearn.dictionaries.model import MOVED_TO_TRAINING  # torch: not at `dictlearn compare --help`
+
+    return MOVED_TO_TRAINING

@@ -35,7 +35,7 @@ def results_line(config: CompareConfig, p: Planned, out: Path) -> dict:
         "trained": True,  # an included dictionary's line says false (include.py's `included_line`)
     }  # fmt: skip
     # what it trained with (the same for every architecture unless a search or an override chose otherwise)
-    line["optimizer"] = {key: hyper[key] for key in OPTIMIZER if key in hyper}
+    line["optimizer"] = {key: p.training[key] for key in OPTIMIZER if key in p.training}
     line["lr_tuned"] = bool(config.tune_lr)  # the LR chosen on validation documents (compare/tune.py)
     if coefficient is not None and coefficient in hyper:  # the calibrated λ
         line[coefficient] = hyper[coefficient]

@@ -297,7 +297,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
 
     from dictlearn.callbacks import KeepFreedMemory, RunGuard
     from dictlearn.data.h5 import H5Array
-    from dictlearn.training import DictionaryTraining, Member
+    from dictlearn.training import DictionaryTraining, Member, TrainingConfig
     from dictlearn.training.calibration import SparsityCalibration
 
     quiet_lightning(*_RESUME_WARNINGS)
@@ -307,7 +307,8 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
         input_key, target_key = source.keys(p)
         d_in = H5Array(source.path, input_key).d
         d_out = d_in if target_key is None else H5Array(source.path, target_key).d
-        members[p.name] = Member(p.build(d_in, d_out), input_key, target_key, seed=p.seed)
+        members[p.name] = Member(p.build(d_in, d_out), input_key, target_key, seed=p.seed,
+                                 training=TrainingConfig(**p.training))
     module = DictionaryTraining(members)
     data = sweep_data(config, source, group[0].seed) if data is None else data
     calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated},

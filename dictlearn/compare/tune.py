@@ -117,7 +117,7 @@ def search_runs(config: CompareConfig) -> dict[str, list[tuple[float, Planned]]]
     for p in plan(config):
         if (p.seed, p.d_sae, p.l0_target) == (config.seeds[0], config.d_sae[0], middle):
             runs[p.architecture] = [(lr, dataclasses.replace(p, name=f"{p.architecture}_lr{i}",
-                                                             init_args=with_lr(p.init_args, lr)))
+                                                             training=with_lr(p.training, lr)))
                                     for i, lr in enumerate(config.lr_grid)]
     return runs
 

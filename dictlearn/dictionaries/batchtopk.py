@@ -23,7 +23,7 @@ remembers ~1000 steps, too many for the 2,000-step base recipe — on the recove
 inference L0 then fell 8-18 % short of k (θ lagging a falling minimum), with 0.99 within 5 %.
 (`--model.threshold_beta 0.999` is dictionary_learning's setting.)
 
-The update runs inside the training step (in `activate_entries`, without gradient), so the θ a
+The update runs inside the training step (in `sparsity_losses`, without gradient), so the θ a
 checkpoint holds is the one after that step and a resumed run continues bit-identically. (Lightning
 runs callbacks' `on_train_batch_end` — ModelCheckpoint's included — before the module's, so an
 update there would miss the checkpoint.)
@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dictlearn.dictionaries.latents import Selection
+from dictlearn.dictionaries.model import TrainingStep
 from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.dictionaries.sparse import flat_topk_indices
 from dictlearn.dictionaries.topk import TopKSAE
@@ -74,10 +75,10 @@ class BatchTopKSAE(TopKSAE):
                 dictionary_learning uses 0.999).
             threshold_start_step: θ tracks the latest batch minimum before this step, an EMA
                 after it (1000, dictionary_learning `threshold_start_step`).
-            **kwargs: TopKSAE's (auxk_alpha 1/32, k_aux d_in/2, lr 2e-4/sqrt(d_sae/2^14),
-                adam_eps 6.25e-10 — dictionary_learning's BatchTopK trainer uses the same AuxK
-                and lr law; the BatchTopK repo uses lr 3e-4, betas (0.9, 0.99), k_aux 512)
-                and the shared `Dictionary` arguments.
+            **kwargs: TopKSAE's (auxk_alpha 1/32, k_aux d_in/2; its training too: lr
+                2e-4/sqrt(d_sae/2^14), Adam ε 6.25e-10 — dictionary_learning's BatchTopK trainer
+                uses the same AuxK and lr law; the BatchTopK repo uses lr 3e-4, betas (0.9, 0.99),
+                k_aux 512) and the shared `Dictionary` arguments.
         """
         super().__init__(k=k, **kwargs)
         if not 0.0 <= threshold_beta < 1.0:
@@ -98,15 +99,16 @@ class BatchTopKSAE(TopKSAE):
         return Selection.of_mask(lambda: pre > self.threshold)
 
     def activate_entries(self, entries, training: bool) -> Tensor:
-        """ReLU of the kept values; in training θ is updated from them (full precision even under
-        autocast: the sparse path recomputes the kept values in float32)."""
-        values = entries.pre.relu()
-        if training:
-            self._update_threshold(values.detach())
-        return values
+        return entries.pre.relu()
+
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None, step: TrainingStep = TrainingStep()) -> dict[str, Tensor]:
+        """TopK's (AuxK), after θ is updated from the step's kept values z (their positive
+        minimum: the zeros of a dense z are not kept values)."""
+        self._update_threshold(z.detach(), step.step)
+        return super().sparsity_losses(x, y, pre, z, y_hat, latents, step)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: Tensor) -> None:
+    def _update_threshold(self, kept: Tensor, step: int) -> None:
         """θ ← the smallest positive kept value (warm-up) or its EMA; mean over DDP ranks."""
         positive = kept > 0
         minimum = kept.masked_fill(~positive, float("inf")).min().double()
@@ -116,7 +118,7 @@ class BatchTopKSAE(TopKSAE):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         batch_minimum = stats[0] / stats[1].clamp_min(1.0)
-        if self.step < self.threshold_start_step:
+        if step < self.threshold_start_step:
             updated = batch_minimum.expand_as(self.threshold)
         else:
             updated = self.threshold_beta * self.threshold + (1.0 - self.threshold_beta) * batch_minimum

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
-from dictlearn.dictionaries.model import Dictionary, firing_quantile
+from dictlearn.dictionaries.model import Dictionary, TrainingStep, firing_quantile
 from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.errors import ConfigError
 
@@ -67,31 +67,27 @@ class GatedSAE(Dictionary):
         self,
         l1_coefficient: float = 1.0,
         decoder_constraint: str = "unit_norm",
-        lr: float = 5e-5,
-        adam_betas: tuple[float, float] = (0.0, 0.999),
-        lr_warmup_fraction: float = 0.04,
-        sparsity_warmup_fraction: float = 0.08,
         **kwargs,
     ):
         """
         Args:
             l1_coefficient: λ on ‖ReLU(π_gate)‖₁, data scaled to E‖x‖ = sqrt(d_in).
             decoder_constraint: "unit_norm" (dictionary_learning) or "norm_weighted_l1" (SAELens).
-            lr, adam_betas, lr_warmup_fraction, sparsity_warmup_fraction: see the module docstring.
             **kwargs: the shared `Dictionary` arguments.
         """
         if decoder_constraint not in _CONSTRAINTS:
             raise ConfigError(f"--model.decoder_constraint must be one of {_CONSTRAINTS}, got {decoder_constraint!r}")
-        super().__init__(
-            lr=lr, adam_betas=adam_betas, lr_warmup_fraction=lr_warmup_fraction,
-            sparsity_warmup_fraction=sparsity_warmup_fraction, **kwargs,
-        )
+        super().__init__(**kwargs)
         if l1_coefficient < 0:
             raise ConfigError(f"--model.l1_coefficient must be >= 0, got {l1_coefficient}")
         self.l1_coefficient = l1_coefficient
         self.unit_norm_decoder = decoder_constraint == "unit_norm"
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
+
+    def recommended_training(self) -> dict:
+        """lr 5e-5, Adam β (0, 0.999), LR and λ warm-ups over 4 % and 8 % of the run (the module docstring)."""
+        return {"lr": 5e-5, "adam_betas": (0.0, 0.999), "lr_warmup_fraction": 0.04, "sparsity_warmup_fraction": 0.08}
 
     @property
     def b_gate(self) -> Tensor:
@@ -123,7 +119,7 @@ class GatedSAE(Dictionary):
         return (entries.pre * entries.at(self.r_mag.exp()) + entries.at(self.b_mag)).relu()
 
     # ----------------------------------------------------------------- losses
-    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None, step: TrainingStep = TrainingStep()) -> dict[str, Tensor]:
         latents = latents if latents is not None else DenseLatents(pre)
         gate = (latents.pre + latents.at(self.b_gate)).relu()
         # (a·b).sum(), not a @ b: autocast would run the dot in bf16
@@ -133,7 +129,7 @@ class GatedSAE(Dictionary):
         if self.W_skip is not None:
             y_gate = y_gate + x @ self.W_skip.detach().T
         return {
-            "l1": self.l1_coefficient * self.sparsity_coefficient_scale * l1 / latents.n_rows,
+            "l1": self.l1_coefficient * step.sparsity_scale * l1 / latents.n_rows,
             "aux_reconstruction": (y - y_gate).pow(2).sum(-1).mean(),
         }
 

@@ -1,4 +1,4 @@
-"""Initialisation and schedule helpers: geometric median (b_dec), warm-up/decay factors."""
+"""Initialisation and schedule helpers: geometric median (b_dec), warm-up/decay factors, firing quantiles (thresholds)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,12 @@ def warmup_decay_factor(step: int, total: int, warmup: float, decay: float = 0.0
     if decay > 0:
         factor = min(factor, max(0.0, (total - step) / decay))
     return factor
+
+
+def firing_quantile(values: Tensor, fraction: float) -> Tensor:
+    """values [n, m] -> [m]: per column, the value it exceeds on `fraction` of the rows (its
+    (r + 1)-th largest, r = that many rows, at least one). kthvalue, not topk: a JumpReLU start
+    passes every entry of the sample as one column (67M rows), where topk's output would not fit."""
+    n = values.shape[0]
+    kept = min(n - 1, max(1, round(n * fraction)))
+    return values.kthvalue(n - kept, dim=0).values

@@ -60,3 +60,16 @@ def as_rows(value, width: int, name: str, where: str, parameter: Tensor) -> Rows
                          f"move one of them ({name}.to(dictionary.device) or dictionary.to({name}.device))")
     rows = value.reshape(-1, width) if value.dim() != 2 else value
     return Rows(rows.to(parameter.dtype), tuple(value.shape[:-1]), value.dtype)
+
+
+def skip_rows(x, lead: tuple[int, ...], where: str, d_in: int, parameter: Tensor) -> Tensor:
+    """A skip transcoder's decode(z, x): x as [batch, d_in] rows matching z's leading dims `lead`;
+    an InputError line when it is missing or of another shape."""
+    if x is None:
+        raise InputError(f"{where}: a skip transcoder's output needs its input; pass decode(z, x) with x "
+                         f"[..., d_in] with d_in={d_in}, the x that z was encoded from")
+    rows = as_rows(x, d_in, "x", where, parameter)
+    if rows.lead != lead:
+        raise InputError(f"{where}: x has shape {tuple(x.shape)} but z has leading dims {lead}; "
+                         "pass the x that z was encoded from")
+    return rows.rows

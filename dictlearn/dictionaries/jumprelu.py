@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
-from dictlearn.dictionaries.model import Dictionary, firing_quantile
+from dictlearn.dictionaries.model import Dictionary, TrainingStep, firing_quantile
 from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.errors import ConfigError, DataError
 
@@ -116,10 +116,6 @@ class JumpReLUSAE(Dictionary):
         l0_coefficient: float = 1.0,
         bandwidth: float = 0.05,
         threshold_init: float = 0.05,
-        lr: float = 7e-5,
-        adam_betas: tuple[float, float] = (0.0, 0.999),
-        lr_warmup_fraction: float = 0.01,
-        sparsity_warmup_fraction: float = 0.1,
         pre_act_coefficient: float = 0.0,
         apply_b_dec_to_input: bool = False,
         b_dec_init: str = "zeros",
@@ -132,20 +128,13 @@ class JumpReLUSAE(Dictionary):
                 SAELens' default `l0_coefficient` is 1.0 in these units).
             bandwidth: ε of the rectangle kernel, in pre-activation units (see the module docstring).
             threshold_init: initial θ of every latent, same units.
-            lr, adam_betas: 7e-5 and (0, 0.999) (paper App. I; dictionary_learning).
-            lr_warmup_fraction, sparsity_warmup_fraction: 1 % and 10 % of the run (the paper's
-                1,000 / 10,000 steps, as fractions).
             pre_act_coefficient: λ_P of the pre-act loss on dead latents (0: off, the paper;
                 SAELens recommends 3e-6 with its tanh penalty). Not warmed up.
             apply_b_dec_to_input, b_dec_init: no pre-encoder bias and a zero b_dec (Gemma Scope);
                 in the signature so that LightningCLI does not pass the base class's defaults.
             **kwargs: the shared `Dictionary` arguments.
         """
-        super().__init__(
-            lr=lr, adam_betas=adam_betas, lr_warmup_fraction=lr_warmup_fraction,
-            sparsity_warmup_fraction=sparsity_warmup_fraction, apply_b_dec_to_input=apply_b_dec_to_input,
-            b_dec_init=b_dec_init, **kwargs,
-        )
+        super().__init__(apply_b_dec_to_input=apply_b_dec_to_input, b_dec_init=b_dec_init, **kwargs)
         if not l0_coefficient >= 0:
             raise ConfigError(f"--model.l0_coefficient must be >= 0, got {l0_coefficient}")
         if not (bandwidth > 0 and math.isfinite(bandwidth)):
@@ -158,6 +147,11 @@ class JumpReLUSAE(Dictionary):
         self.pre_act_coefficient = pre_act_coefficient
         self.bandwidth = bandwidth
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(threshold_init)))
+
+    def recommended_training(self) -> dict:
+        """lr 7e-5, Adam β (0, 0.999) (paper App. I; dictionary_learning); LR and λ warm-ups over
+        1 % and 10 % of the run (the paper's 1,000 / 10,000 steps, as fractions)."""
+        return {"lr": 7e-5, "adam_betas": (0.0, 0.999), "lr_warmup_fraction": 0.01, "sparsity_warmup_fraction": 0.1}
 
     @property
     def threshold(self) -> Tensor:
@@ -173,11 +167,11 @@ class JumpReLUSAE(Dictionary):
         """z = π · H(π − θ): exact JumpReLU forward, straight-through backward."""
         return JumpReLUFunction.apply(entries.pre, entries.at(self.threshold), self.bandwidth)
 
-    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None, step: TrainingStep = TrainingStep()) -> dict[str, Tensor]:
         latents = latents if latents is not None else DenseLatents(pre)
         fired = StepFunction.apply(latents.pre, latents.at(self.threshold), self.bandwidth)
-        losses = {"l0": self.l0_coefficient * self.sparsity_coefficient_scale * latents.total(fired) / latents.n_rows}
-        dead = self.dead_mask.nonzero().squeeze(1) if self.pre_act_coefficient > 0 else ()
+        losses = {"l0": self.l0_coefficient * step.sparsity_scale * latents.total(fired) / latents.n_rows}
+        dead = step.dead.nonzero().squeeze(1) if self.pre_act_coefficient > 0 and step.dead is not None else ()
         if len(dead) > 0:  # nonzero() syncs with the device, so only when the term is on
             # every token's pre-activation of every dead latent, with gradient to W_enc, b_enc, θ
             entries = latents.at_rows(dead.expand(latents.n_rows, -1).contiguous())

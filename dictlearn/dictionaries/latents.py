@@ -14,6 +14,9 @@ the entries the step needs: sparse.py). What a mechanism may ask of either:
     latents.fire_counts(v)   entries with v != 0, per latent                  -> [d_sae] int32
     latents.at_rows(idx)     the latents of other entries (idx [batch, k] latent indices)
 
+Which of the two a step uses is this module's choice (`training_latents`), not the model's or the
+mechanism's: the constants it reads are measured in docs/performance.md.
+
 A `Selection` is the mechanism's rule for which entries are active in a batch: k per token
 (TopK), the top B·k of the batch (BatchTopK) or a mask (ReLU, gated, JumpReLU). The dense path
 applies it with gathers or a mask; the sparse path turns it into a `Support`.
@@ -22,11 +25,30 @@ applies it with gathers or a mask; the sparse path turns it into a `Support`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from dictlearn.dictionaries.sparse import Support, sparse_decode
+from dictlearn.dictionaries.sparse import Support, dense_affine, sparse_affine, sparse_decode
+
+
+class TrainingStep(NamedTuple):
+    """What the trainer tells a dictionary about one training step (nothing else reaches it)."""
+
+    step: int = 0  # the optimiser step about to be taken (BatchTopK's θ warm-up)
+    sparsity_scale: float = 1.0  # the sparsity coefficient's warm-up factor in [0, 1]
+    dead: Tensor | None = None  # [d_sae] bool: latents that fired in none of the last window's tokens
+    sparse_path: str = "auto"  # "auto", "always" or "never" (docs/performance.md)
+
+
+class StepResult(NamedTuple):
+    """One training step's forward, in training (scaled) units."""
+
+    y_hat: Tensor  # [batch, d_out]
+    losses: dict[str, Tensor]  # weighted loss terms by name; the loss is their sum
+    fire_counts: Tensor  # [d_sae] int32: tokens on which each latent fired
+    sum_abs: Tensor  # scalar: Σ |z| in reported (folded) units, for the L1 metric
 
 
 class DenseLatents:
@@ -205,3 +227,47 @@ class Selection:
         if max_density is not None and int(torch.count_nonzero(mask)) > max_density * mask.numel():
             return None
         return Support.from_mask(mask)
+
+
+def training_latents(model, x: Tensor, sparse_path: str = "auto"):
+    """One training step's latents of `model` on scaled x [batch, d_in] -> (latents, values at
+    their entries): the sparse path's (`SparseLatents`, values [nnz]) when it gains, else the dense
+    reference (`DenseLatents`, values [batch, d_sae]). `sparse_path`: "auto", "always" or "never"."""
+    if not _tries_sparse_path(model, sparse_path):
+        return _dense(model, x)
+    with torch.no_grad():
+        pre = model.pre_acts(x)
+    max_density = None if sparse_path == "always" else model.sparse_cutoff
+    support = model.select(pre, training=True).support(pre.shape[0], model.d_sae, max_density)
+    if support is None:  # a per-batch mechanism found this batch too dense: dense, reusing `pre`
+        return _dense(model, x, dense_affine(x, *model.encoder_affine(), pre))
+    latents = SparseLatents(support, pre, lambda s: sparse_affine(x, *model.encoder_affine(), pre, s))
+    return latents, model.activate_entries(latents, training=True)
+
+
+def _dense(model, x: Tensor, pre: Tensor | None = None):
+    """The reference path over all d_sae latents. In full precision the encoder's backward is
+    `dense_affine`'s: the tied b_dec's gradient is −W_enc ∂b_enc, not the sum of a [batch, d_in]
+    gradient of x − b_dec (one [batch, d_sae] @ [d_sae, d_in] GEMM less, ~1/6 of a dense step).
+    Under autocast, autograd's own backward keeps the encoder's gradient GEMM in low precision."""
+    if pre is None and not torch.is_autocast_enabled(x.device.type):
+        with torch.no_grad():
+            pre = model.pre_acts(x)
+        pre = dense_affine(x, *model.encoder_affine(), pre)
+    pre = model.pre_acts(x) if pre is None else pre
+    return DenseLatents(pre), model.activate(pre, training=True)
+
+
+def _tries_sparse_path(model, sparse_path: str) -> bool:
+    """Whether the step tries the sparse path (a per-batch mechanism may still fall back)."""
+    if sparse_path in ("never", "always"):
+        return sparse_path == "always"
+    if model.d_sae < model.sparse_min_latents:
+        return False
+    # a GPU step under bf16/fp16 autocast: the dense GEMMs run on tensor cores, the sparse path's
+    # gathers gain nothing from the low precision (docs/performance.md)
+    tensor_cores = model.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    if tensor_cores and not model.sparse_beats_tensor_cores:
+        return False
+    l0 = model.sparse_l0()  # None: decided per batch from the selection's density
+    return l0 is None or l0 / model.d_sae <= model.sparse_cutoff

@@ -49,6 +49,7 @@ from torch import Tensor
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.inputs import as_rows
 from dictlearn.dictionaries.latents import DenseLatents
+from dictlearn.dictionaries.model import TrainingStep
 from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.dictionaries.topk import _normalised_mse
 from dictlearn.errors import ConfigError
@@ -77,7 +78,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             prefix_loss: "mean" (w = 1/M per prefix; Bussmann's repository, dictionary_learning)
                 or "sum" (w = 1; SAELens).
             **kwargs: BatchTopKSAE's (threshold_beta, threshold_start_step), TopKSAE's (auxk_alpha,
-                k_aux, lr, adam_eps) and the shared `Dictionary` arguments.
+                k_aux) and the shared `Dictionary` arguments.
         """
         super().__init__(k=k, **kwargs)
         self.prefix_widths = prefix_widths(prefix_fractions, self.d_sae)
@@ -90,10 +91,10 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         """The full-width prefix: w · FVU(y, ŷ)."""
         return self.prefix_weight * _normalised_mse(y, y_hat)
 
-    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None, step: TrainingStep = TrainingStep()) -> dict[str, Tensor]:
         """AuxK (TopK's) and w · FVU(y, ŷ_m) for every inner prefix m, ŷ_m from the shared
         latents below m only (so its gradient reaches decoder rows < m and nothing after)."""
-        losses = super().sparsity_losses(x, y, pre, z, y_hat, latents)
+        losses = super().sparsity_losses(x, y, pre, z, y_hat, latents, step)
         inner = self.prefix_widths[:-1]
         if not inner:
             return losses

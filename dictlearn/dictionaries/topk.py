@@ -11,7 +11,7 @@ import math
 from torch import Tensor
 
 from dictlearn.dictionaries.latents import DenseLatents, Selection
-from dictlearn.dictionaries.model import Dictionary
+from dictlearn.dictionaries.model import Dictionary, TrainingStep
 from dictlearn.dictionaries.registry import Mechanism
 from dictlearn.dictionaries.sparse import topk_indices
 from dictlearn.errors import ConfigError
@@ -28,8 +28,6 @@ class TopKSAE(Dictionary):
         k: int = 32,
         auxk_alpha: float = 1 / 32,
         k_aux: int | None = None,
-        lr: float | None = None,
-        adam_eps: float = 6.25e-10,
         d_sae: int = 4096,
         **kwargs,
     ):
@@ -38,16 +36,10 @@ class TopKSAE(Dictionary):
             k: active latents per token.
             auxk_alpha: weight of the AuxK loss; 1/32 (Gao et al. App. A.2; OpenAI, dictionary_learning).
             k_aux: dead latents used by AuxK; None means d_in // 2 (Gao et al. App. B.1).
-            lr: None means 2e-4 / sqrt(d_sae / 2^14) (Gao et al. Fig. 3, as in sparsify).
-            adam_eps: 6.25e-10 as OpenAI's reference trainer.
             d_sae: number of latents.
             **kwargs: the shared `Dictionary` arguments.
         """
-        if not d_sae > 0:  # before the learning rate is computed from it
-            raise ConfigError(f"--model.d_sae must be > 0, got {d_sae}")
-        if lr is None:
-            lr = 2e-4 / math.sqrt(d_sae / 2**14)
-        super().__init__(lr=lr, adam_eps=adam_eps, d_sae=d_sae, **kwargs)
+        super().__init__(d_sae=d_sae, **kwargs)
         if not 0 < k <= d_sae:
             raise ConfigError(f"--model.k must be in [1, d_sae={d_sae}], got {k}")
         if auxk_alpha < 0:
@@ -57,6 +49,11 @@ class TopKSAE(Dictionary):
         self.k = k
         self.auxk_alpha = auxk_alpha
         self.k_aux = k_aux if k_aux is not None else max(1, self.d_in // 2)
+
+    def recommended_training(self) -> dict:
+        """lr 2e-4 / sqrt(d_sae / 2^14) (Gao et al. Fig. 3, as in sparsify); Adam ε 6.25e-10 as
+        OpenAI's reference trainer."""
+        return {"lr": 2e-4 / math.sqrt(self.d_sae / 2**14), "adam_eps": 6.25e-10}
 
     def select(self, pre: Tensor, training: bool) -> Selection:
         """The k largest pre-activations of each token."""
@@ -75,12 +72,14 @@ class TopKSAE(Dictionary):
         """Batch FVU: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (normalised MSE, Gao et al. §2.1; sparsify)."""
         return _normalised_mse(y, y_hat)
 
-    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None) -> dict[str, Tensor]:
+    def sparsity_losses(self, x, y, pre, z, y_hat, latents=None, step: TrainingStep = TrainingStep()) -> dict[str, Tensor]:
         """AuxK: the residual (no gradient) is reconstructed from the k_aux largest pre-activations
         among dead latents, decoded without the bias, normalised by the residual's variance
         (Gao et al. App. A.2; OpenAI `kernels.normalized_mse`)."""
-        dead = self.dead_mask.nonzero().squeeze(1)
-        if self.auxk_alpha == 0 or len(dead) == 0:
+        if self.auxk_alpha == 0 or step.dead is None:
+            return {}
+        dead = step.dead.nonzero().squeeze(1)
+        if len(dead) == 0:
             return {}
         latents = latents if latents is not None else DenseLatents(pre)
         residual = (y - y_hat).detach()

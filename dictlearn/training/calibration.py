@@ -47,7 +47,7 @@ kernel window lowers θ), so from the target itself λ ran down to near zero whi
 12 on synthetic data (tests/test_compare.py). A larger factor trades one end for the other: 1.5×
 landed at 28.2 at 32 but 3.2 at 4 (synthetic); 3× at 24.8 at 32 (λ overshoots on the way down).
 
-The members' own sparsity warm-up is switched off (`sparsity_warmup_fraction = 0`): the
+The members' own sparsity warm-up is switched off (their training's `sparsity_warmup_fraction = 0`): the
 controller starts from `initial` λ (the mechanism's default) and moves it at once, which is a
 warm-up of its own; a warm-up factor multiplying λ would hide the true coefficient from it.
 
@@ -57,6 +57,7 @@ with exactly the coefficients it stopped with (bit-identical to an uninterrupted
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -134,7 +135,7 @@ class SparsityCalibration(L.Callback):
             attribute = coefficient_attribute(member)
             if attribute is None:
                 raise ConfigError(f"member {name!r} ({type(member).__name__}) has no sparsity coefficient to calibrate")
-            member.sparsity_warmup_fraction = 0.0
+            pl_module.settings[name] = dataclasses.replace(pl_module.settings[name], sparsity_warmup_fraction=0.0)
             if name not in self.log_coefficient:  # a fresh run; a resumed one has its state already
                 self.log_coefficient[name] = math.log(max(getattr(member, attribute), self.bounds[0]))
         self._apply(pl_module)
@@ -183,7 +184,6 @@ class SparsityCalibration(L.Callback):
             attribute = coefficient_attribute(member)
             setattr(member, attribute, value)
             member.hparams[attribute] = value
-            member.hparams["sparsity_warmup_fraction"] = 0.0
 
     def state_dict(self) -> dict:
         return {"log_coefficient": dict(self.log_coefficient), "targets": dict(self.targets),

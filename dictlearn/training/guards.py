@@ -36,5 +36,5 @@ def check_gradients_finite(named_parameters: Iterable[tuple[str, Tensor]], step:
     if bad:
         raise NonFiniteError(
             f"{label}step {step}: non-finite gradient in {', '.join(bad)}; "
-            "lower --model.lr or check the data; no checkpoint was written for this step"
+            "lower --training.lr or check the data; no checkpoint was written for this step"
         )

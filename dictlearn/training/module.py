@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
@@ -24,11 +24,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.init import warmup_decay_factor
-from dictlearn.dictionaries.model import Dictionary, dead_window_for
+from dictlearn.dictionaries.model import Dictionary, TrainingStep
 from dictlearn.errors import ConfigError, DataError, NonFiniteError
 from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
 from dictlearn.training.calibration import coefficient_attribute
+from dictlearn.training.config import DEAD_WINDOW_TOKENS, TrainingConfig, dead_window_for, resolve
 from dictlearn.training.guards import check_batch_finite, check_gradients_finite
+from dictlearn.training.initialise import initialise_from_data
+from dictlearn.training.resample import resample_dead_latents
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -44,12 +47,34 @@ class Member:
             for a transcoder, the input for an SAE.
         seed: draw the initial parameters from this seed, whatever else the process did before
             (None: keep them as constructed). Two members with one seed and shape start equal.
+        training: how this member trains where it differs from the run's `training:` (its set
+            fields win; `TrainingConfig`).
     """
 
     dictionary: Dictionary
     input_key: str | None = None
     target_key: str | None = None
     seed: int | None = None
+    training: TrainingConfig | None = None
+
+
+class LatentActivity(nn.Module):
+    """A member's dead-latent bookkeeping (checkpointed): training tokens since each latent last fired."""
+
+    def __init__(self, d_sae: int) -> None:
+        super().__init__()
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, fire_counts: Tensor, n_tokens: int) -> None:
+        """fire_counts [d_sae] over n_tokens tokens (summed over DDP ranks by the caller: a latent
+        that fired on any rank fired)."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired.masked_fill_(fire_counts > 0, 0)  # not a boolean index: no device sync
+
+    def dead(self, window: int) -> Tensor:
+        """[d_sae] bool: latents that fired in none of the last `window` tokens."""
+        return self.tokens_since_fired >= window
 
 
 class MemberMetrics(nn.Module):
@@ -66,12 +91,19 @@ class MemberMetrics(nn.Module):
 
 
 class DictionaryTraining(L.LightningModule):
-    """Trains `members` (a Dictionary, a Member, or {name: Dictionary | Member}) on the same batches."""
+    """Trains `members` (a Dictionary, a Member, or {name: Dictionary | Member}) on the same
+    batches, each with `training` (the run's `TrainingConfig`) overridden by its Member's own."""
 
-    def __init__(self, members: Dictionary | Member | Mapping[str, Dictionary | Member]):
+    def __init__(self, members: Dictionary | Member | Mapping[str, Dictionary | Member],
+                 training: TrainingConfig | None = None):
         super().__init__()
         specs = _as_members(members)
         self.members = nn.ModuleDict({name: spec.dictionary for name, spec in specs.items()})
+        #: each member's resolved training settings (training/config.py)
+        self.settings = {name: resolve(spec.dictionary, training, spec.training) for name, spec in specs.items()}
+        self.activity = nn.ModuleDict({name: LatentActivity(d.d_sae) for name, d in self.members.items()})
+        # tokens without firing after which a latent is dead; a run-long default set at fit start
+        self.dead_windows = {name: s.dead_window_tokens or DEAD_WINDOW_TOKENS for name, s in self.settings.items()}
         self.member_keys = {name: (spec.input_key, spec.target_key) for name, spec in specs.items()}
         self.metrics = nn.ModuleDict({name: MemberMetrics(d.d_sae, d.d_out) for name, d in self.members.items()})
         self.last_step_l0: dict[str, Tensor] = {}
@@ -135,15 +167,13 @@ class DictionaryTraining(L.LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> Tensor:
         self._check_batch(batch, batch_idx)
-        state, total_steps = self._optimizer_state(), self._total_steps()
         results, loss = {}, 0
         for name, member in self.members.items():
             x_raw, y_raw = self._member_batch(name, batch)
-            member.step, member.total_steps = self.global_step, total_steps
-            member.before_step(x_raw, y_raw, state, self._broadcast)
+            step = self._training_step(name, x_raw, y_raw)
             x = x_raw * member.input_scale
             y = x if y_raw is x_raw else y_raw * member.target_scale
-            result = member.training_losses(x, y)
+            result = member.training_losses(x, y, step)
             member_loss = sum(result.losses.values())
             results[name] = (y_raw, result, member_loss)
             loss = loss + member_loss
@@ -157,13 +187,32 @@ class DictionaryTraining(L.LightningModule):
                 self._log_train(name, y_raw, result, len(batch[0]), member_loss)
         return loss
 
+    def _training_step(self, name: str, x_raw: Tensor, y_raw: Tensor) -> TrainingStep:
+        """What member `name` is told about this step, after resampling its dead latents when
+        this is a resampling step (training/resample.py)."""
+        settings, activity, step = self.settings[name], self.activity[name], self.global_step
+        dead = activity.dead(self.dead_windows[name])
+        every = settings.resample_every_steps
+        if every and step > 0 and step % every == 0 and dead.any():
+            resample_dead_latents(self.members[name], x_raw, y_raw, dead, step, settings.resample_encoder_scale,
+                                  self._optimizer_state(), self._broadcast)
+            activity.tokens_since_fired[dead] = 0
+            dead = activity.dead(self.dead_windows[name])
+        return TrainingStep(step, self.sparsity_scale(name), dead, settings.sparse_path)
+
+    def sparsity_scale(self, name: str) -> float:
+        """Member `name`'s sparsity-coefficient warm-up factor at this step, in [0, 1]
+        (docs/conventions.md#schedules)."""
+        total = self._total_steps()
+        return warmup_decay_factor(self.global_step, total, self.settings[name].sparsity_warmup_fraction * total)
+
     def _raise_nonfinite_loss(self, results: dict, batch_idx: int) -> None:
         for name, (_, result, member_loss) in results.items():
             if not torch.isfinite(member_loss):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
                 raise NonFiniteError(
                     f"{self._label(name)}step {self.global_step} (batch {batch_idx}): loss is {member_loss.item()} "
-                    f"({terms}); lower --model.lr or check the data scale; no checkpoint was written for this step"
+                    f"({terms}); lower --training.lr or check the data scale; no checkpoint was written for this step"
                 )
 
     def _update_fired(self, fire_counts: dict[str, Tensor], n_tokens: int) -> None:
@@ -175,7 +224,7 @@ class DictionaryTraining(L.LightningModule):
             dist.all_reduce(total)
             counts, n_tokens = total[:-1], int(total[-1])
         for (name, _), part in zip(fire_counts.items(), counts.split([len(c) for c in fire_counts.values()])):
-            self.members[name].update_fired(part, n_tokens)
+            self.activity[name].update(part, n_tokens)
 
     def _log_train(self, name: str, y_raw: Tensor, result, n_tokens: int, loss: Tensor) -> None:
         member, metrics, prefix = self.members[name], self.metrics[name], self.prefix(name)
@@ -194,8 +243,8 @@ class DictionaryTraining(L.LightningModule):
             self._log_metrics(f"{prefix}train", metrics.train_reconstruction, metrics.train_sparsity, dense=False)
             attribute = coefficient_attribute(member)
             if attribute is not None:  # λ, which calibration moves and a warm-up scales
-                self.log(f"{prefix}train/{attribute}", float(getattr(member, attribute)) * member.sparsity_coefficient_scale)
-        if metrics.train_density.n_tokens >= member.dead_window_tokens:
+                self.log(f"{prefix}train/{attribute}", float(getattr(member, attribute)) * self.sparsity_scale(name))
+        if metrics.train_density.n_tokens >= self.dead_windows[name]:
             density = metrics.train_density.compute()
             self.log(f"{prefix}train/dead_fraction", density["dead_fraction"])
             self.log(f"{prefix}train/dense_fraction", density["dense_fraction"])
@@ -268,10 +317,11 @@ class DictionaryTraining(L.LightningModule):
             datamodule.check_heldout_finite()
         run_tokens = self._total_steps() * datamodule.batch_size * self.trainer.world_size
         for name, member in self.members.items():
-            if member.dead_window_follows_run:
-                member.dead_window_tokens = dead_window_for(run_tokens)
+            if self.settings[name].dead_window_tokens is None:
+                self.dead_windows[name] = dead_window_for(run_tokens)
             if not bool(member.data_initialised):
-                member.initialise_from_data(datamodule.view(*self.data_keys(name, datamodule)))
+                view = datamodule.view(*self.data_keys(name, datamodule))
+                initialise_from_data(member, view, self.settings[name])
 
     # ----------------------------------------------------------------- optimiser and schedule
     def _total_steps(self) -> int:
@@ -283,16 +333,17 @@ class DictionaryTraining(L.LightningModule):
 
     def configure_optimizers(self):
         """One Adam, one parameter group per member (its lr, betas, eps), one LR factor each."""
+        settings = [self.settings[name] for name in self.members]
         groups = [
-            {"params": list(m.parameters()), "lr": m.lr, "betas": m.adam_betas, "eps": m.adam_eps}
-            for m in self.members.values()
+            {"params": list(m.parameters()), "lr": s.lr, "betas": s.adam_betas, "eps": s.adam_eps}
+            for m, s in zip(self.members.values(), settings)
         ]
         optimizer = torch.optim.Adam(groups, fused=self._fused_adam() or None)
         total = self._total_steps()
         factors = [
-            partial(warmup_decay_factor, total=total, warmup=m.lr_warmup_fraction * total,
-                    decay=m.lr_decay_fraction * total)
-            for m in self.members.values()
+            partial(warmup_decay_factor, total=total, warmup=s.lr_warmup_fraction * total,
+                    decay=s.lr_decay_fraction * total)
+            for s in settings
         ]  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -336,7 +387,8 @@ class DictionaryTraining(L.LightningModule):
     def _member_record(self, name: str, datamodule) -> dict:
         member = self.members[name]
         cls = type(member)
-        record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hyper_parameters": dict(member.hparams)}
+        record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hyper_parameters": dict(member.hparams),
+                  "training": asdict(self.settings[name])}
         if hasattr(datamodule, "view"):
             record["data"] = datamodule.view(*self.data_keys(name, datamodule)).provenance()
         return record
@@ -348,6 +400,7 @@ class DictionaryTraining(L.LightningModule):
             if len(self.members) == 1:
                 name = next(iter(self.members))
                 checkpoint["state_dict"] = _prefixed_state(checkpoint["state_dict"], name)
+        _move_activity(checkpoint["state_dict"], self.members)
         if set(saved) != set(self.members):
             raise DataError(
                 f"checkpoint holds dictionaries {sorted(saved)} but this run has {sorted(self.members)}; "
@@ -397,3 +450,12 @@ def _prefixed_state(state_dict: dict, name: str) -> dict:
         group = "metrics" if key.split(".")[0] in metric_names else "members"
         out[f"{group}.{name}.{key}"] = value
     return out
+
+
+def _move_activity(state_dict: dict, names) -> None:
+    """In place: a checkpoint from before the dead-latent counters moved to the training side
+    (`members.<name>.tokens_since_fired`) in this module's layout (`activity.<name>.…`)."""
+    for name in names:
+        old = f"members.{name}.tokens_since_fired"
+        if old in state_dict:
+            state_dict[f"activity.{name}.tokens_since_fired"] = state_dict.pop(old)
