@@ -39,8 +39,8 @@ def sentences(lines: list[dict]) -> list[str]:
     listed = ", ".join(f"{architecture} {'/'.join(f'{lr:.3g}' for lr in sorted(values))}"
                        for architecture, values in lrs.items())
     if any(line.get("lr_tuned") is True for line in lines):
-        return [f"Learning rates were chosen per architecture by `--tune-lr` on **validation documents** (training-side "
-                f"documents held out of the search runs; the test documents these scores come from were never read "
+        return [f"Learning rates were chosen per architecture by `--tune-lr` on **validation documents** "
+                f"(training-side documents held out of the search runs; the test documents these scores come from were never read "
                 f"by the search): {listed}. See \"Learning-rate search\" in the setup."]
     every = {lr for values in lrs.values() for lr in values}
     if len(every) == 1:
@@ -62,8 +62,8 @@ def search_blocks(folder: Path, notes: list[str]) -> list:
         text = (f"`--tune-lr` trained each architecture once per learning rate at L0 target {record['l0_target']}, "
                 f"d_sae {record['d_sae']}, seed {record['seed']}, {record['steps']:,} steps, on training rows without "
                 f"its {validation['documents']:,} validation documents ({validation['rows']:,} rows, carved from the "
-                f"training side), and scored them there ({record.get('train_seconds', 0):,.0f} s of training). Criterion: "
-                f"{record['criterion']}.")
+                f"training side), and scored them there ({record.get('train_seconds', 0):,.0f} s of training). "
+                f"Criterion: {record['criterion']}.")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         notes.append(f"{path}: not a readable learning-rate search ({error.__class__.__name__}); its table left out")
         return []

@@ -211,7 +211,8 @@ def test_the_report_says_which_lr_each_architecture_got_and_how(tmp_path):
 
     tuned = sentences([line("topk", 3e-3, True), line("relu_l1", 1e-3, True), line("topk", 3e-3, True)])
     assert len(tuned) == 1 and "relu_l1 0.001, topk 0.003" in tuned[0] and "**validation documents**" in tuned[0]
-    assert "same optimiser and learning rate (0.001)" in sentences([line("topk", 1e-3, False), line("gated", 1e-3, False)])[0]
+    shared = sentences([line("topk", 1e-3, False), line("gated", 1e-3, False)])
+    assert "same optimiser and learning rate (0.001)" in shared[0]
     assert "not chosen by a search" in sentences([line("topk", 1e-3, False), line("gated", 2e-3, False)])[0]
     assert sentences([{"architecture": "topk"}]) == []
     notes = []

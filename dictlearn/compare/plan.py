@@ -204,7 +204,8 @@ class CompareConfig:
             return
         grid = self.lr_grid
         if not isinstance(grid, list) or not grid:
-            raise ConfigError(f"--lr-grid {_join(grid)}: give at least one learning rate, e.g. --lr-grid 3e-4,1e-3,3e-3")
+            raise ConfigError(f"--lr-grid {_join(grid)}: give at least one learning rate, e.g. --lr-grid "
+                              "3e-4,1e-3,3e-3")
         for lr in grid:
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
                 raise ConfigError(f"--lr-grid {_join(grid)}: {lr} is not a positive learning rate; e.g. --lr-grid "

@@ -19,9 +19,10 @@ mechanism may need another learning rate, the search makes that a visible, recor
   ``max(1, L0 / target)``. Why a bound: FVU falls as L0 rises, and no faster than ``1 / L0``
   (the default comparison's TopK: FVU 0.142, 0.092, 0.058 at L0 8, 16, 32, about ``L0^-0.65``;
   benchmarks/RESULTS.md), so a run below its target would do no worse at it, and one above it
-  would do no worse than its FVU times the overshoot. An LR cannot win by spending more latents than the target,
-  and a run whose calibration undershoots is not thrown out for it (short runs miss L0 by 10-50 %,
-  and a hard L0 window picks the LR too small to train, whose coefficient calibrates easily).
+  would do no worse than its FVU times the overshoot. An LR cannot win by spending more latents
+  than the target, and a run whose calibration undershoots is not thrown out for it (short runs
+  miss L0 by 10-50 %, and a hard L0 window picks the LR too small to train, whose coefficient
+  calibrates easily).
   FVU is evaluate's (`reconstruction_metrics`, the code that scores the test documents).
 - **Record.** `DIR/lr_search.json`: every run (architecture, lr, validation fvu, l0, chosen), the
   validation split and the criterion; the report shows it as a table. Finished sweeps keep
@@ -93,7 +94,8 @@ def validation_documents(path: str, n_rows: int, fraction: float = VALIDATION_FR
     train_ids, val_ids = (np.unique(ids[ids >= 0]) for ids in (doc[:start], doc[start:]))
     if len(val_ids) < 2 or len(train_ids) < 2:
         raise DataError(f"{path}: its {len(np.unique(doc[doc >= 0]))} training-side documents are too few to hold "
-                        "some out for validation (--tune-lr needs 2 on each side); harvest more tokens or drop --tune-lr")
+                        "some out for validation (--tune-lr needs 2 on each side); harvest more tokens or drop "
+                        "--tune-lr")
     if len(np.intersect1d(train_ids, val_ids)):
         raise DataError(f"{path}: document {int(np.intersect1d(train_ids, val_ids)[0])} has rows on both sides of "
                         f"row {start}; its documents are not contiguous — re-harvest the file")
