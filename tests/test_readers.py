@@ -245,3 +245,16 @@ def test_an_outside_dictionary_exported_by_dictlearn_loads_back_equal(tmp_path, 
     assert matches(again, reference)
     assert again_cfg["metadata"]["dictlearn"]["decoder_rows_unit_norm"] is False
     assert again_cfg["metadata"]["dictlearn"]["data"]["source_format"] == fmt
+
+
+@pytest.mark.parametrize(("fmt", "name", "cls"), FIXTURES, ids=[f"{f}-{n}" for f, n, _ in FIXTURES])
+def test_its_dictlearn_export_means_the_same_to_saelens(tmp_path, fmt, name, cls):
+    """The export of any outside dictionary, read as SAELens reads cfg.json and the safetensors
+    (tests/saelens_reference.py, no dictlearn code), gives the original library's outputs."""
+    from saelens_reference import sae_lens_forward
+
+    folder, keywords, reference = fixture(fmt, name)
+    dictionary, cfg = load_with_config(folder, **keywords)
+    out = export(dictionary, tmp_path / "export", cfg["metadata"]["dictlearn"]["data"])
+    z, y = sae_lens_forward(out, reference["x"])
+    assert relative_error(z, reference["z"]) <= RTOL and relative_error(y, reference["y"]) <= RTOL
