@@ -95,3 +95,13 @@ def test_the_cli_exports_an_outside_folder_in_dictlearns_layout(tmp_path, capsys
     capsys.readouterr()
     assert main(["export", str(tmp_path / "saelens_export"), str(tmp_path / "again")]) == 2
     assert "already a dictlearn export" in capsys.readouterr().err
+
+
+def test_inspect_reads_an_outside_folder_and_writes_nothing_into_it(data, tmp_path):
+    folder = _without_model(tmp_path, "saelens", "topk")
+    before = sorted(p.name for p in folder.iterdir())
+    page = tmp_path / "topk.html"
+    assert main(["inspect", str(folder), "--data", str(data["sae"]), "--input-key", "acts", "--cards", "4",
+                 "--out", str(page)]) == 0
+    assert page.stat().st_size > 0
+    assert sorted(p.name for p in folder.iterdir()) == before  # no latent_statistics.safetensors in it

@@ -223,7 +223,9 @@ def inspect(export, data: str | Path, out: str | Path, options: InspectOptions =
         check_hooks(entry, lm)
     dashboard = build_dashboard(entry, data, options, lm, sections)
     atomic_write_text(out, render(dashboard))
-    if options.record and entry.path is not None and Path(entry.path).is_dir():
+    # into dictlearn's own exports only: another library's folder (SAELens, sparsify, ...) is left as it is
+    if options.record and entry.path is not None and Path(entry.path).is_dir() \
+            and entry.cfg.get("format", "dictlearn") == "dictlearn":
         stats = dashboard.stats
         try:
             export_statistics.record(entry.path, stats.max_activation, stats.fire_count, data,
