@@ -45,7 +45,25 @@ RECIPES = {
 
 
 def test_the_recipes_and_the_example_sweep_stack_on_the_base():
-    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} == {"base", "sweep", *RECIPES}
+    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} == {"base", "sweep", "short_run", *RECIPES}
+
+
+def test_compares_short_run_training_is_a_recipe_that_fit_reads_too(small_file, tmp_path, monkeypatch):
+    """recipes/short_run.yaml is where compare's short-run training lives (no Python dict), and
+    `dictlearn fit --config topk --config short_run` trains with exactly those settings."""
+    import torch
+    import yaml
+
+    from dictlearn.compare.plan import OPTIMIZER, SHORT_RUN
+
+    training = yaml.safe_load((RECIPES_DIR / "short_run.yaml").read_text())["training"]
+    assert {**OPTIMIZER, **SHORT_RUN} == training and training["init_scale_from_data"] is True
+    monkeypatch.chdir(tmp_path)
+    fit_recipe("topk", small_file, tmp_path / "runs", "--config", str(RECIPES_DIR / "short_run.yaml"),
+               "--model.d_sae", "64", "--model.k", "4", steps=4)
+    checkpoint = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
+    trained = checkpoint["dictlearn_members"]["model"]["training"]
+    assert {key: trained[key] for key in training} == {**training, "adam_betas": tuple(training["adam_betas"])}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

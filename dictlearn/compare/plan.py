@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+import dictlearn.recipes
 from dictlearn.compare.scan import SCAN_ARCHITECTURES, SCAN_L0
 from dictlearn.errors import ConfigError
 
@@ -29,20 +30,14 @@ DEFAULTS = {
     "cuda": dict(tokens=2_000_000, train_tokens=8_000_000, d_sae=(2048,), l0=(8, 16, 32, 64), batch_size=4096,
                  contexts=64),
 }
-# One optimiser and schedule for every architecture of a comparison (equal treatment: a verdict
-# between two architectures must not be a verdict between two learning rates). The recipes' own
-# settings are tuned for 10^8+ tokens and differ per paper (JumpReLU and gated: beta1 0 and a
-# warm-up; the rest plain Adam); a short run needs a larger LR so a few hundred steps train the
-# dictionary. The LR decays to 0 over the last 30 % of steps, which begins before the calibrated
-# coefficients freeze (at 80 %, SparsityCalibration), so L0 barely drifts after. `optimizer:` in
-# the YAML changes it for every architecture at once; results lines record what each dictionary got.
-OPTIMIZER = {"lr": 1e-3, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8, "lr_warmup_fraction": 0.0,
-             "lr_decay_fraction": 0.3}
-# What the short run changes in every mechanism's training besides the optimiser: the first
-# reconstructions at the input's norm. Each mechanism adds its own (`Mechanism.short_run`, `.short_run_steps`,
-# declared on its class in dictlearn/dictionaries/): starting coefficients near the ones the
-# controller reached on the embedded model and on synthetic data. The rest are the recipes'.
-SHORT_RUN = {"init_scale_from_data": True}
+# The short runs' training, for every architecture alike: recipes/short_run.yaml says why these
+# values. OPTIMIZER: the optimiser's keys (a compare YAML's `optimizer:` overrides them); SHORT_RUN:
+# the rest. Each mechanism adds its own constructor arguments (`Mechanism.short_run`, `.short_run_steps`).
+SHORT_RUN_RECIPE = Path(dictlearn.recipes.__file__).resolve().parent / "short_run.yaml"
+_OPTIMIZER_KEYS = ("lr", "adam_betas", "adam_eps", "lr_warmup_fraction", "lr_decay_fraction")
+_SHORT_RUN_TRAINING = yaml.safe_load(SHORT_RUN_RECIPE.read_text())["training"]
+OPTIMIZER = {key: _SHORT_RUN_TRAINING[key] for key in _OPTIMIZER_KEYS}
+SHORT_RUN = {key: value for key, value in _SHORT_RUN_TRAINING.items() if key not in _OPTIMIZER_KEYS}
 RUNTIME_FIELDS = ("out", "device", "quiet")
 # --tune-lr's default grid: the common LR times these (steps of about half a decade, spanning one
 # decade around it; three values keep the search at a third of the comparison's training)
