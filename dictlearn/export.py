@@ -172,8 +172,13 @@ def load_with_config(path: str | Path, member: str | None = None, *, format: str
     dictlearn export would have, with the folder's recorded model and hook under `metadata` and
     top-level `format` and `source`; None for a checkpoint (its cfg comes from the checkpoint)."""
     path = Path(path)
+    if path.is_file() and path.name == "ae.pt" and (path.parent / "config.json").is_file():
+        path = path.parent  # dictionary_learning's weights file: its folder holds the config too
     if format is not None and format not in FORMATS:
         raise DataError(f"format={format!r}: dictlearn reads {', '.join(FORMATS)}")
+    if hookpoint is not None and not (path.is_dir() and (format or detect(path)) == "sparsify"):
+        raise DataError(f"hookpoint={hookpoint!r}: only sparsify run folders hold several hookpoints; {path} is "
+                        "not one (drop hookpoint / --hookpoint)")
     if path.is_dir():
         format = format or detect(path)
         if format == "dictlearn":

@@ -97,6 +97,11 @@ def test_what_the_folders_record_becomes_the_dictionarys_model_and_hook():
     assert cfg["metadata"]["model_name"] == "EleutherAI/pythia-70m" and cfg["format"] == "dictionary_learning"
 
 
+def test_a_dictionary_learning_weights_file_reads_as_its_folder():
+    folder, _, reference = fixture("dictionary_learning", "batchtopk")
+    assert matches(dictlearn.load(folder / "ae.pt"), reference)
+
+
 def test_settings_read_from_the_files():
     assert dictlearn.load(PEERS / "saelens" / "standard").apply_b_dec_to_input
     assert not dictlearn.load(PEERS / "saelens" / "standard_no_b_dec").apply_b_dec_to_input
@@ -227,6 +232,9 @@ def test_a_sparsify_run_with_several_hookpoints_asks_for_one():
         dictlearn.load(PEERS / "sparsify" / "run", hookpoint="layers.7")
     with pytest.raises(DataError, match=r"only sparsify run folders"):
         read(PEERS / "saelens" / "topk", hookpoint="layers.0")
+    for folder in (PEERS / "saelens" / "topk", PEERS / "dictionary_learning" / "topk"):
+        with pytest.raises(DataError, match=r"only sparsify run folders hold several hookpoints"):
+            dictlearn.load(folder, hookpoint="layers.0")
 
 
 # ------------------------------------------------------------------ dictlearn's export of them
