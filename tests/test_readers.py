@@ -92,9 +92,18 @@ def test_what_the_folders_record_becomes_the_dictionarys_model_and_hook():
     dictionary, cfg = load_with_config(PEERS / "sparsify" / "run", hookpoint="layers.1")
     assert cfg["metadata"]["model_name"] == "EleutherAI/pythia-70m" and "hook_name" not in cfg["metadata"]
     assert cfg["metadata"]["dictlearn"]["data"]["sparsify_hookpoint"] == "layers.1"
+    assert cfg["metadata"]["dictlearn"]["data"]["source_architecture"] == "topk_sae"
     assert dictionary.k == 6
     _, cfg = load_with_config(PEERS / "dictionary_learning" / "matryoshka")
     assert cfg["metadata"]["model_name"] == "EleutherAI/pythia-70m" and cfg["format"] == "dictionary_learning"
+    assert cfg["metadata"]["dictlearn"]["data"]["source_architecture"] == "MatryoshkaBatchTopKSAE"
+    assert cfg["architecture"] == "jumprelu"  # the name of its dictlearn export (SAELens layout)
+    _, cfg = load_with_config(PEERS / "saelens" / "jumprelu_skip_transcoder")
+    assert cfg["metadata"]["dictlearn"]["data"]["source_architecture"] == "jumprelu_skip_transcoder"
+
+
+def test_the_committed_fixtures_stay_small():
+    assert sum(p.stat().st_size for p in PEERS.rglob("*") if p.is_file()) < 1_000_000
 
 
 def test_a_dictionary_learning_weights_file_reads_as_its_folder():

@@ -24,7 +24,10 @@ class Outside:
     """A dictionary read from another library's folder, and what the folder records about it.
 
     metadata: the keys dictlearn's own exports keep under cfg.json's `metadata`, where the folder
-    records them: `model_name`, `hook_name`, `hook_name_out`, `context_size`."""
+    records them (`model_name`, `hook_name`, `hook_name_out`, `context_size`), and what else the
+    reader keeps: `source_architecture` (the library's name for it: SAELens' architecture,
+    dictionary_learning's class, sparsify's topk_sae / topk_transcoder / topk_skip_transcoder),
+    `sparsify_hookpoint`, `dictionary_learning_submodule`, `dictionary_learning_layer`."""
 
     dictionary: Dictionary
     format: str

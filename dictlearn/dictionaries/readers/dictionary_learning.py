@@ -91,7 +91,8 @@ def read(folder: Path) -> Outside:
         tensors["threshold"] = tensor(state, "threshold", (), weights_path, f" ({name})").expand(d_sae).clone()
     if mechanism == "matryoshka":
         arguments["prefix_fractions"] = _prefix_fractions(state, d_sae, weights_path)
-    metadata = {"model_name": trainer.get("lm_name"), "dictionary_learning_submodule": trainer.get("submodule_name"),
+    metadata = {"source_architecture": name, "model_name": trainer.get("lm_name"),
+                "dictionary_learning_submodule": trainer.get("submodule_name"),
                 "dictionary_learning_layer": trainer.get("layer")}
     return Outside(build(mechanism, tensors, weights_path, **arguments), "dictionary_learning", folder,
                    {k: v for k, v in metadata.items() if v is not None})

@@ -75,8 +75,9 @@ def read(folder: Path) -> Outside:
             _fold_decoder_norm(tensors)
     _fold_scale(tensors, _normalisation_scale(cfg, folder), transcoder)
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg  # before 6.0: top level
+    recorded = {k: metadata[k] for k in METADATA_KEYS if metadata.get(k) is not None}
     return Outside(build(mechanism, tensors, weights_path, **arguments), "saelens", folder,
-                   {k: metadata[k] for k in METADATA_KEYS if metadata.get(k) is not None})
+                   recorded | {"source_architecture": architecture})
 
 
 def _normalisation_scale(cfg: dict, folder: Path) -> float:

@@ -82,7 +82,8 @@ def _read_coder(folder: Path, run: Path | None) -> Outside:
         tensors["W_skip"] = tensor(raw, "W_skip", (d_out, d_in), weights_path, " (skip_connection is true)")
     dictionary = build("topk", tensors, weights_path, d_in=d_in, d_sae=d_sae, d_out=d_out, k=k,
                        transcoder=transcoder, skip_connection=skip, apply_b_dec_to_input=not transcoder)
-    metadata = {"sparsify_hookpoint": folder.name}
+    kind = "skip_transcoder" if skip else "transcoder" if transcoder else "sae"
+    metadata = {"sparsify_hookpoint": folder.name, "source_architecture": f"topk_{kind}"}
     if run is not None and (run / RUN_CONFIG).is_file():
         model = read_json(run / RUN_CONFIG).get("model")
         if isinstance(model, str) and model:
