@@ -187,6 +187,10 @@ def evaluate_included(config: CompareConfig, data: Path, included: list[Included
     if not included:
         return []
     folder = Path(config.out) / "evaluations" / "included"
+    if probes is None and options.interpret:
+        from dictlearn.metrics.concepts import ProbeCache
+
+        probes = ProbeCache()  # the probe rows and linear baseline: once for all included dictionaries
     progress.stage("evaluate included", len(included), unit="dict")
     lines = []
     for i, inc in enumerate(included):
