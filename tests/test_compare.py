@@ -254,3 +254,28 @@ def test_compare_under_ddp_two_processes(synth_file, tmp_path):
 
     final = torch.load(out / "train" / "seed0" / "final.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 40 // 2  # each rank took half of the batches: 20 steps of 2 × 256 tokens
+
+
+# ------------------------------------------------------------------ one training path
+@pytest.mark.slow
+def test_dictlearn_fit_reproduces_a_compare_sweep_from_its_written_config(synth_file, tmp_path):
+    """compare writes each seed's sweep as DIR/train/seed<N>.yaml; `dictlearn fit --config` on it
+    trains the same members, bit-identical to compare's (trainer settings from recipes/base.yaml
+    in both, each member's training, the calibration callback, the data module's arguments)."""
+    import torch
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["compare", "--out", str(out), "--data", synth_file, "--input-key", "acts",
+                 "--architectures", "topk,relu_l1", "--l0", "4", "--d-sae", "64", "--seeds", "0",
+                 "--train-tokens", "10240", "--batch-size", "256", "--no-downstream", "--no-interpret",
+                 "--quiet"]) == 0  # fmt: skip
+    written = out / "train" / "seed0.yaml"
+    sweep = yaml.safe_load(written.read_text())["sweep"]
+    assert sweep["relu_l1_l0-4_s0"]["training"]["lr"] == 1e-3 and "lr" not in sweep["topk_l0-4_s0"]["dictionary"]
+    assert main(["fit", "--config", str(written), "--trainer.default_root_dir", str(tmp_path / "fit"),
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    again = next((tmp_path / "fit").rglob("last.ckpt"))
+    ours, theirs = (torch.load(p, weights_only=False)["state_dict"] for p in (out / "train" / "seed0" / "final.ckpt", again))
+    members = [k for k in ours if k.startswith(("members.", "activity."))]
+    assert members and all(torch.equal(ours[k], theirs[k]) for k in members), [k for k in members if not torch.equal(ours[k], theirs[k])]

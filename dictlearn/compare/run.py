@@ -299,6 +299,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     from dictlearn.data.h5 import H5Array
     from dictlearn.training import DictionaryTraining, Member, TrainingConfig
     from dictlearn.training.calibration import SparsityCalibration
+    from dictlearn.training.recipe import base_trainer_arguments, sweep_config, to_yaml
 
     quiet_lightning(*_RESUME_WARNINGS)
     steps = config.steps
@@ -311,21 +312,27 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
                                  training=TrainingConfig(**p.training))
     module = DictionaryTraining(members)
     data = sweep_data(config, source, group[0].seed) if data is None else data
-    calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated},
-                                      **config.calibration)
+    targets = {p.name: p.l0_target for p in group if p.calibrated}
+    calibration = SparsityCalibration(targets, **config.calibration)
     guard = RunGuard()
-    every = max(1, steps // 10)
+    # recipes/base.yaml's trainer settings, compare's run length, devices and logging on top
     cuda = config.device.startswith("cuda")
+    own = dict(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=config.devices,
+               strategy="ddp" if config.devices > 1 else "auto", log_every_n_steps=max(1, min(50, steps // 20)),
+               val_check_interval=max(1, steps // 4))
+    checkpoints = dict(every_n_train_steps=max(1, steps // 10), save_top_k=0, save_last=True)
+    if _rank() == 0:  # the sweep as `dictlearn fit --config DIR/train/<label>.yaml` trains it again
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        callbacks = [{"class_path": "dictlearn.training.calibration.SparsityCalibration",
+                      "init_args": {"targets": targets, **config.calibration}},
+                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoints}]
+        atomic_write_text(folder.parent / f"{folder.name}.yaml", to_yaml(
+            sweep_config(members, dict(data.hparams), own, callbacks, group[0].seed)))
     trainer = L.Trainer(
-        max_steps=steps, max_epochs=-1, accelerator="gpu" if cuda else "cpu", devices=config.devices,
-        strategy="ddp" if config.devices > 1 else "auto", precision="32-true", gradient_clip_val=1.0,
+        **{**base_trainer_arguments(), **own}, enable_progress_bar=False, default_root_dir=str(folder),
         logger=CSVLogger(save_dir=str(folder.parent), name=folder.name, version=0),
         callbacks=[guard, calibration, TrainingProgress(progress, config.batch_size * len(group)), KeepFreedMemory(),
-                   ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=every, save_top_k=0,
-                                   save_last=True)],
-        log_every_n_steps=max(1, min(50, steps // 20)), val_check_interval=max(1, steps // 4),
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(folder),
+                   ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoints)],
     )  # fmt: skip
     resume = _latest_checkpoint(folder / "checkpoints")
     if resume is not None:
