@@ -197,6 +197,9 @@ def test_compare_includes_an_export_and_every_format_end_to_end(tmp_path):
         assert f"elsewhere ({formats[name]})" in report  # the table's column
         assert all(name not in (r["a"], r["b"]) for r in verdicts["records"])
     assert lines["mine"]["l0"] == pytest.approx(6.0)
+    # the library's own name for each (SAELens' architecture, sparsify's kind, dictionary_learning's class)
+    assert [lines[n]["architecture"] for n in ("mine", "lens", "sp", "dl")] == ["topk", "topk", "topk_sae",
+                                                                              "AutoEncoderTopK"]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"trained", "source", "format"} <= set(header)
     # rerun: nothing retrained, the included records reused while their files are unchanged

@@ -107,8 +107,9 @@ def check_included(config: CompareConfig, source, lm, planned: list[Planned]) ->
         recorded = {k: meta.get(k) or None for k in ("model_name", "hook_name", "hook_name_out")}
         keys = _keys(source, mapping, flag)
         site, widths = _run_site(source, lm, keys)
-        included = Included(name, path, format, str(entry.cfg.get("architecture") or type(dictionary).__name__),
-                            mapping, keys, site, recorded, entry)
+        # the library's own name for it (SAELens' architecture, dictionary_learning's class), else dictlearn's
+        architecture = entry.data.get("source_architecture") or entry.cfg.get("architecture") or type(dictionary).__name__
+        included = Included(name, path, format, str(architecture), mapping, keys, site, recorded, entry)
         _check_fit(included, widths)
         found.append(included)
     return found
