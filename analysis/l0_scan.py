@@ -45,7 +45,7 @@ def _probe_key(lines: list[dict]) -> str | None:
 @styled
 def plot(lines: list[dict], found: list[dict], title: str | None = None):
     n = {r["nth_decoder_projection_n"] for r in found}
-    label = "s_n^dec" + (f" (n = {n.pop()})" if len(n) == 1 else "")
+    label = r"$s_n^{\mathrm{dec}}$" + (f" (n = {n.pop()})" if len(n) == 1 else "")
     specs = [MetricSpec(PROXY, f"nth decoder projection {label}")]
     probe = _probe_key(lines)
     if probe is not None:
