@@ -50,7 +50,7 @@ def minimum(l0s: list[float], values: list[float]) -> tuple[float | None, str | 
     return math.exp(min(max(vertex, x0), x2)), None
 
 
-def _means(lines: list[dict], key: str) -> list[float | None]:
+def _means(lines: list[dict], key: str) -> float | None:
     found = [v for v in (_number(line, key) for line in lines) if v is not None]
     return sum(found) / len(found) if found else None
 
