@@ -8,7 +8,7 @@ Chanin & Garriga-Alonso 2025; d_sae = the number of true features (n of the prox
 above the true L0); pairs of features firing together with probability 0.8, Zipf exponent 0.5,
 log-normal magnitudes. Measured: the proxy is lowest at k = 6 and the rule gives 6.21; FVU falls
 from 0.302 (k 3) to 0.094 (k 12, the largest). At a true L0 of 16 (64 features in d = 64, the
-same training) the proxy was still falling at k = 25 of the grid 8 ... 32, so the rule does not
+same training) the proxy was still falling at k = 32, the end of the grid 8 ... 32, so the rule does not
 locate it there and that case is not asserted (docs/metrics.md, "Which L0?"). Training: dictlearn's own TopKSAE and its training
 step (`training_losses`, the decoder constraints, the dead-latent counters) in a plain Adam loop,
 b_dec at the data mean, the LR decayed over the last 30 % — the LightningModule adds logging and
