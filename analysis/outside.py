@@ -29,7 +29,7 @@ def _mapping(line: dict) -> str:
 
 def against_series(line: dict, trained: list[dict], metric: str) -> list[tuple[str, list[float]]]:
     """[(series label, [each seed's value at the included line's L0])] of the run's series of the
-    same mapping whose seeds' curves reach that L0."""
+    same mapping whose seeds' curves reach that L0 (an empty list for one that does not)."""
     l0 = value(line, "l0")
     curves: dict[str, dict] = {}
     for other in trained:
@@ -39,9 +39,7 @@ def against_series(line: dict, trained: list[dict], metric: str) -> list[tuple[s
     found = []
     for label, seeds in curves.items():
         at = [float(interpolate_at_l0([p[0] for p in pts], [p[1] for p in pts], l0)[0]) for pts in seeds.values()]
-        at = [y for y in at if math.isfinite(y)]
-        if at:
-            found.append((label, at))
+        found.append((label, [y for y in at if math.isfinite(y)]))
     return found
 
 
@@ -81,9 +79,14 @@ def sentences(lines: list[dict]) -> list[str]:
             y = value(line, metric)
             if y is None:
                 continue
-            placed = [place(y, other, seeds, higher) for other, seeds in against_series(line, trained, metric)]
+            series = against_series(line, trained, metric)
+            placed = [place(y, other, seeds, higher) for other, seeds in series if seeds]
+            unreached = [other for other, seeds in series if not seeds]
             frontier = _on_frontier(lines, line, metric, higher)
-            where = "; ".join(placed) if placed else "no run series reaches this L0 (nothing is extrapolated)"
+            where = "; ".join(placed) if placed else "no run series reaches this L0"
+            if unreached:
+                curves = "its curve does" if len(unreached) == 1 else "their curves do"
+                where += f" ({', '.join(unreached)} not compared: {curves} not reach this L0, nothing is extrapolated)"
             parts.append(f"{name} {_n(y)}{' (Pareto-optimal)' if frontier else ''}: {where}")
         said.append(head + f". At its L0 of {_n(l0)}: " + (". ".join(parts) if parts else "no frontier metric") + ".")
     if outside:

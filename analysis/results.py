@@ -130,12 +130,14 @@ def is_outside(line: dict) -> bool:
 
 
 def outside_label(line: dict) -> str:
-    """"mine (saelens, not trained here)": the included dictionary's name and format."""
-    return f"{line.get('name') or line['architecture']} ({line.get('format') or 'unknown format'}, {OUTSIDE_MARK})"
+    """"mine (saelens, not trained here)": the included dictionary's name and format (the format
+    once when it is the name: "saelens (not trained here)")."""
+    name, format = line.get("name") or line["architecture"], line.get("format") or "unknown format"
+    return f"{name} ({OUTSIDE_MARK})" if name == format else f"{name} ({format}, {OUTSIDE_MARK})"
 
 
 def is_outside_series(series: Series) -> bool:
-    return series[0].endswith(f", {OUTSIDE_MARK})")
+    return series[0].endswith(f"{OUTSIDE_MARK})")
 
 
 def series_label(series: Series) -> str:

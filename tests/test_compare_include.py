@@ -123,7 +123,10 @@ def test_an_outside_point_is_placed_against_the_seeds_never_tested():
     lines = from_records(lines, "/runs/a/results.jsonl")
     mine = lines[-1]
     assert is_outside_series(mine["_series"]) and mine["_series"][0] == "mine (saelens, not trained here)"
-    ((label, at),) = against_series(mine, lines[:-1], "fvu")
+    lines.insert(0, {**lines[0], "name": "relu_far", "architecture": "relu", "_series": ("relu", ""), "l0": 30.0})
+    lines.insert(0, {**lines[1], "name": "relu_far2", "architecture": "relu", "_series": ("relu", ""), "l0": 40.0})
+    (unreached, (label, at)) = against_series(mine, lines[:-1], "fvu")
+    assert unreached == ("relu", [])  # its curve (L0 30-40) does not reach 8: nothing extrapolated
     expected = []
     for (x0, y0), (x1, y1) in seeds.values():
         w = (math.log(8.0) - math.log(x0)) / (math.log(x1) - math.log(x0))
@@ -142,6 +145,7 @@ def test_an_outside_point_is_placed_against_the_seeds_never_tested():
     sentence, caveat = sentences(lines)
     assert "mine (saelens, not trained here)" in sentence and "`/x/mine`" in sentence
     assert "(Pareto-optimal)" in sentence and caveat.startswith("No paired test is made")
+    assert "relu not compared: its curve does not reach this L0" in sentence, sentence
 
 
 def test_outside_lines_join_no_verdict():
