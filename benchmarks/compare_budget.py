@@ -14,6 +14,7 @@ the timed window: they are per-run costs, not per-step). Prints, for the timed s
 
     python benchmarks/compare_budget.py                 # ~1 min on 2 cores
     python benchmarks/compare_budget.py --profile       # + the top torch.profiler / cProfile entries per step
+    python benchmarks/compare_budget.py --stack both    # one-by-one and stacked members, alternated: their ratio
 
 Measure on a quiet machine (`uptime`); on a shared one, compare runs interleaved in the same
 minutes and report ratios.
@@ -42,14 +43,15 @@ from dictlearn.training.calibration import SparsityCalibration
 D = 128
 
 
-def build(data: Path):
-    """(config, planned members of seed 0, DictionaryTraining, SparsityCalibration) as compare builds them."""
+def build(data: Path, stack: bool = False):
+    """(config, planned members of seed 0, DictionaryTraining, SparsityCalibration) as compare builds
+    them; `stack`: members of one mechanism and shape as one computation (training/stack.py)."""
     config = CompareConfig(data=str(data), input_key="acts", target_key="target", seeds=[0]).resolved()
     group = plan(config)
     members = {p.name: Member(p.build(D, D), "acts", "target" if p.mapping != "sae" else None, seed=p.seed,
                               training=TrainingConfig(**p.training)) for p in group}
     calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated}, **config.calibration)
-    return config, group, DictionaryTraining(members), calibration
+    return config, group, DictionaryTraining(members, stack=stack), calibration
 
 
 class StepClock(L.Callback):
@@ -95,6 +97,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="an HDF5 file with 'acts' and 'target' [rows, 128]")
     parser.add_argument("--profile", action="store_true", help="print the top torch.profiler and cProfile entries")
     parser.add_argument("--top", type=int, default=25, help="entries printed per profiler (default 25)")
+    parser.add_argument("--stack", choices=("off", "on", "both"), default="off",
+                        help="train members of one mechanism and shape stacked (training/stack.py); both: "
+                             "alternate one-by-one and stacked runs in this process and print their ratio")
+    parser.add_argument("--rounds", type=int, default=2, help="with --stack both: pairs of runs (default 2)")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="dictlearn_compare_budget_"))
@@ -102,8 +108,25 @@ def main() -> None:
     if args.data is None:
         write_synth_file(data, n_rows=1024 * (args.warmup + args.steps + 20), d=D, n_features=1024,
                          mean_active=8, d_out=D)
-    config, group, module, calibration = build(data)
     matmul = matmul_gflops()
+    if args.stack != "both":
+        config, group, module, clock = fit(args, data, work, args.stack == "on")
+        report(args, config, group, module, clock, matmul, step_gemm_gflops(config.batch_size, group[0].d_sae))
+        return
+    seconds = {False: [], True: []}
+    for round_ in range(args.rounds):  # alternated, so that a change of load falls on both
+        for stack in (False, True):
+            seconds[stack].append(fit(args, data, work, stack)[3].seconds / args.steps)
+            print(f"round {round_ + 1}: {'stacked' if stack else 'one by one'} {1e3 * seconds[stack][-1]:.1f} ms "
+                  "per sweep step", flush=True)
+    alone, stacked = (sorted(seconds[s])[len(seconds[s]) // 2] for s in (False, True))
+    print(f"median step: one by one {1e3 * alone:.1f} ms, stacked {1e3 * stacked:.1f} ms; stacked is "
+          f"{alone / stacked:.2f}x (load {os.getloadavg()[0]:.2f}; a ratio from one process, not a quiet timing)")
+
+
+def fit(args, data: Path, work: Path, stack: bool):
+    """Build the sweep and train it for warmup + steps steps; -> (config, group, module, StepClock)."""
+    config, group, module, calibration = build(data, stack)
     clock = StepClock(args.warmup, args.steps, args.profile)
     trainer = L.Trainer(
         max_steps=config.steps, max_epochs=-1, accelerator="cpu", devices=1, precision="32-true",
@@ -114,8 +137,7 @@ def main() -> None:
     )  # fmt: skip
     datamodule = ActivationDataModule(str(data), input_key="acts", batch_size=config.batch_size, seed=0)
     trainer.fit(module, datamodule)
-    matmul_step = step_gemm_gflops(config.batch_size, group[0].d_sae)
-    report(args, config, group, module, clock, matmul, matmul_step)
+    return config, group, module, clock
 
 
 def step_gemm_gflops(batch: int, d_sae: int, repeats: int = 50) -> float:

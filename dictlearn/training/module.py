@@ -32,6 +32,7 @@ from dictlearn.training.config import DEAD_WINDOW_TOKENS, TrainingConfig, dead_w
 from dictlearn.training.guards import check_batch_finite, check_gradients_finite
 from dictlearn.training.initialise import initialise_from_data
 from dictlearn.training.resample import resample_dead_latents
+from dictlearn.training.stack import stack_key, stacked_training_losses, stacks
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -92,11 +93,15 @@ class MemberMetrics(nn.Module):
 
 class DictionaryTraining(L.LightningModule):
     """Trains `members` (a Dictionary, a Member, or {name: Dictionary | Member}) on the same
-    batches, each with `training` (the run's `TrainingConfig`) overridden by its Member's own."""
+    batches, each with `training` (the run's `TrainingConfig`) overridden by its Member's own;
+    `stack`: members of one mechanism and shape as one stacked computation (training/stack.py)."""
 
     def __init__(self, members: Dictionary | Member | Mapping[str, Dictionary | Member],
-                 training: TrainingConfig | None = None):
+                 training: TrainingConfig | None = None, stack: bool = False):
         super().__init__()
+        #: train members of one mechanism and shape as one stacked computation (training/stack.py);
+        #: each member's results are those it gets alone
+        self.stack = stack
         specs = _as_members(members)
         self.members = nn.ModuleDict({name: spec.dictionary for name, spec in specs.items()})
         #: each member's resolved training settings (training/config.py)
@@ -168,15 +173,18 @@ class DictionaryTraining(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         self._check_batch(batch, batch_idx)
         results, loss = {}, 0
-        for name, member in self.members.items():
-            x_raw, y_raw = self._member_batch(name, batch)
-            step = self._training_step(name, x_raw, y_raw)
-            x = x_raw * member.input_scale
-            y = x if y_raw is x_raw else y_raw * member.target_scale
-            result = member.training_losses(x, y, step)
-            member_loss = sum(result.losses.values())
-            results[name] = (y_raw, result, member_loss)
-            loss = loss + member_loss
+        for group in self._stacks():
+            inputs = {}
+            for name in group:
+                member = self.members[name]
+                x_raw, y_raw = self._member_batch(name, batch)
+                step = self._training_step(name, x_raw, y_raw)
+                x = x_raw * member.input_scale
+                inputs[name] = (x_raw, y_raw, x, x if y_raw is x_raw else y_raw * member.target_scale, step)
+            for name, result in zip(group, self._group_losses(group, inputs)):
+                member_loss = sum(result.losses.values())
+                results[name] = (inputs[name][1], result, member_loss)
+                loss = loss + member_loss
         if not torch.isfinite(loss):  # one check (a device sync) for all members; name the first bad one
             self._raise_nonfinite_loss(results, batch_idx)
         with torch.no_grad():
@@ -186,6 +194,22 @@ class DictionaryTraining(L.LightningModule):
             for name, (y_raw, result, member_loss) in results.items():
                 self._log_train(name, y_raw, result, len(batch[0]), member_loss)
         return loss
+
+    def _stacks(self) -> list[list[str]]:
+        """The members in training groups: a stack of several trains as one computation
+        (training/stack.py), a group of one alone. Without `stack`, every member alone."""
+        if not self.stack or torch.is_autocast_enabled(self.device.type):
+            return [[name] for name in self.members]
+        return stacks({name: stack_key(member, self.settings[name].sparse_path)
+                       for name, member in self.members.items()})
+
+    def _group_losses(self, group: list[str], inputs: dict) -> list:
+        """Each member's StepResult of a training group (`_stacks`) from its (x_raw, y_raw, x, y, step)."""
+        if len(group) == 1:
+            _, _, x, y, step = inputs[group[0]]
+            return [self.members[group[0]].training_losses(x, y, step)]
+        columns = list(zip(*(inputs[name] for name in group)))
+        return stacked_training_losses([self.members[name] for name in group], *columns[2:])
 
     def _training_step(self, name: str, x_raw: Tensor, y_raw: Tensor) -> TrainingStep:
         """What member `name` is told about this step, after resampling its dead latents when
