@@ -22,8 +22,10 @@ _PUBLIC = {
 
 
 def _architectures() -> dict[str, type]:
-    """{class name: class} of the shipped mechanisms (imports torch: only when one is asked for)."""
-    return importlib.import_module("dictlearn.dictionaries").SHIPPED
+    """{class name: class} of the shipped mechanisms and cross-layer transcoders (imports torch:
+    only when one is asked for)."""
+    dictionaries = importlib.import_module("dictlearn.dictionaries")
+    return {**dictionaries.SHIPPED, **dictionaries.CROSS_LAYER}
 
 
 # `__all__` too is answered on first use: it holds the architectures' names

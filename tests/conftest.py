@@ -126,10 +126,11 @@ class _Crash(L.Callback):
 
 
 def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, checkpoint_every: int,
-                     crash_at: int, resume_step: int, callbacks=()) -> tuple:
+                     crash_at: int, resume_step: int, callbacks=(), data_kwargs=None) -> tuple:
     """Trains `make_model()` (seeded; a Dictionary, a Member or a DictionaryTraining) for `steps` steps of 256 tokens with a checkpoint every
     `checkpoint_every`; trains it again, crashing at step `crash_at`; resumes that run from its
-    checkpoint at `resume_step`. `callbacks` join the reference run only.
+    checkpoint at `resume_step`. `callbacks` join the reference run only; `data_kwargs` go to
+    the data module (keys).
     -> (reference, resumed: the Dictionary, or the DictionaryTraining when make_model gave a Member
     or one; the checkpoint's path)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -143,7 +144,8 @@ def crash_and_resume(make_model, data_path: str, folder: Path, *, steps: int, ch
         checkpoint = ModelCheckpoint(dirpath=run_folder, every_n_train_steps=checkpoint_every, save_top_k=-1)
         trainer = quiet_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, RunGuard(), *extra])
         training = model if isinstance(model, DictionaryTraining) else DictionaryTraining(model)
-        trainer.fit(training, ActivationDataModule(data_path, batch_size=256, block_size=64), ckpt_path=ckpt_path)
+        data = ActivationDataModule(data_path, batch_size=256, block_size=64, **(data_kwargs or {}))
+        trainer.fit(training, data, ckpt_path=ckpt_path)
         return training if isinstance(model, Member) else model
 
     reference = fit(Path(folder) / "reference", callbacks)

@@ -17,7 +17,9 @@ from dictlearn.errors import DictLearnError, InputError
 from dictlearn.export import export
 
 D_IN, D_OUT, D_SAE = 6, 5, 16
-CLASSES = [getattr(dictionaries, name) for name in dictionaries.__all__ if name != "Dictionary"]
+# the mechanisms (a cross-layer transcoder is one of them with masked weights: tests/test_crosslayer.py)
+CLASSES = [getattr(dictionaries, name) for name in dictionaries.__all__
+           if name != "Dictionary" and name not in dictionaries.CROSS_LAYER]
 MAPPINGS = {
     "sae": {},
     "transcoder": {"d_out": D_OUT, "transcoder": True},

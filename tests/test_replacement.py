@@ -268,3 +268,42 @@ def test_sites_out_of_order_are_one_line(lm):
         mlp_sites(lm.model, [2, 1])
     with pytest.raises(ConfigError, match="no module"):
         mlp_sites(lm.model, [4])
+
+
+def test_a_crosslayer_transcoder_splice_matches_the_float64_reference(lm, batches):
+    """A CLT spliced into all 4 MLPs: layer ℓ' writes Σ_{ℓ ≤ ℓ'} a_ℓ W_dec^{ℓ→ℓ'} + b_dec^{ℓ'},
+    a_ℓ from layer ℓ's input in the *replaced* forward — computed here from the reference's own
+    MLP inputs, block by block."""
+    from dictlearn.dictionaries import CrossLayerTopK
+
+    n, d, m, k = 4, 128, 16, 3
+    torch.manual_seed(0)
+    clt = CrossLayerTopK(n_layers=n, d_in=n * d, d_sae=n * m, k=k)
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.5)
+        clt.b_dec.normal_(0, 0.05)
+        clt.W_dec.mul_(0.3)  # rows of norm 0.3: reported latents are 0.3 x the training ones
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (clt.W_enc, clt.b_enc, clt.W_dec, clt.b_dec))
+
+    def clt_out(cross: bool):
+        seen: list[Tensor] = []
+
+        def out(layer: int, x: Tensor) -> Tensor:
+            x2 = x.reshape(-1, d)
+            pre = x2 @ W_enc[layer * d:(layer + 1) * d, layer * m:(layer + 1) * m] + b_enc[layer * m:(layer + 1) * m]
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(k, dim=1).indices, True)
+            seen.append(torch.where(keep, pre.relu(), 0.0))
+            sources = range(layer + 1) if cross else [layer]
+            y = b_dec[layer * d:(layer + 1) * d] + sum(
+                seen[src] @ W_dec[src * m:(src + 1) * m, layer * d:(layer + 1) * d] for src in sources)
+            return y.reshape(x.shape)
+
+        return out
+
+    tokens, special = batches[0]
+    expected = reference_logits(lm.model, tokens, special, clt_out(cross=True))
+    with torch.no_grad(), replaced(lm.model, mlp_sites(lm.model, range(n)), clt, special):
+        got = lm.model(tokens, use_cache=False).logits
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    own_layer_only = reference_logits(lm.model, tokens, special, clt_out(cross=False))
+    assert (own_layer_only - expected).abs().max() > 1e-2  # the cross-layer terms matter here
