@@ -68,15 +68,16 @@ class CrossLayer(Dictionary):
     #: depend on its own input only (what `encode_layer` relies on)
     n_layers: int
 
-    def __init__(self, n_layers: int = 2, **kwargs):
+    def __init__(self, n_layers: int = 2, transcoder: bool = True, **kwargs):
         """
         Args:
             n_layers: layers L side by side in the input and the target (>= 2).
-            **kwargs: the mechanism's and `Dictionary`'s arguments; `transcoder` is always true.
+            transcoder: always true (in the signature so that the recorded arguments say so).
+            **kwargs: the mechanism's and `Dictionary`'s arguments.
         """
         if not (isinstance(n_layers, int) and n_layers >= 2):
             raise ConfigError(f"--model.n_layers must be a whole number >= 2 for a cross-layer transcoder, got {n_layers}")
-        if kwargs.get("skip_connection") or kwargs.get("transcoder") is False:
+        if kwargs.get("skip_connection") or not transcoder:
             raise ConfigError("a cross-layer transcoder is a transcoder without a skip connection; drop "
                               "--model.transcoder false / --model.skip_connection")
         object.__setattr__(self, "n_layers", n_layers)  # read by _initial_weights, before nn.Module's init
@@ -86,7 +87,6 @@ class CrossLayer(Dictionary):
             if value and value % n_layers:
                 raise ConfigError(f"--model.{name} {value}: a cross-layer transcoder over {n_layers} layers needs a "
                                   f"multiple of {n_layers} (the layers side by side, of equal widths)")
-        kwargs.pop("transcoder", None)
         super().__init__(transcoder=True, **kwargs)
 
     # ----------------------------------------------------------------- the masked mapping
