@@ -133,9 +133,8 @@ def test_a_sweep_of_clts_and_per_layer_transcoders_resumes_bit_identical(tmp_pat
 
     def make():
         return DictionaryTraining({
-            "clt_topk": Member(CrossLayerTopK(n_layers=NL, d_in=NL * D, d_sae=NL * M, k=K, lr=3e-3,
-                                              dead_window_tokens=256 * 3), seed=0),
-            "clt_jumprelu": Member(CrossLayerJumpReLU(n_layers=NL, d_in=NL * D, d_sae=NL * M, lr=3e-3), seed=0),
+            "clt_topk": Member(CrossLayerTopK(n_layers=NL, d_in=NL * D, d_sae=NL * M, k=K), seed=0),
+            "clt_jumprelu": Member(CrossLayerJumpReLU(n_layers=NL, d_in=NL * D, d_sae=NL * M), seed=0),
             "tc0": Member(TopKSAE(d_in=D, d_sae=M, k=K, transcoder=True), input_key=input_key(0),
                           target_key=output_key(0), seed=0),
         })
