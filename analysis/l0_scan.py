@@ -97,7 +97,7 @@ def sentence(record: dict) -> str:
         end = targets[0] if record["proxy_lowest_at"] == "smallest" else targets[-1]
         return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
                 f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it "
-                "(`dictlearn compare --l0 scan` trains a wider range).")
+                "(`dictlearn compare --l0 scan` trains a wider range)." + _probe_clause(record) + _n_clause(record))
     low, high = record["interval"]
     interval = f"{'≤' if low is None else f'{low:.3g}'}–{'≥' if high is None else f'{high:.3g}'}"
     groups: dict[str, list] = {"below": [], "around": [], "above": []}
@@ -108,7 +108,16 @@ def sentence(record: dict) -> str:
     where = "; ".join(f"{_targets(v)} {'lie' if len(v) > 1 else 'lies'} {k} it" for k, v in groups.items() if v)
     text = (f"**{name}**: the proxy is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
-    return text + _probe_clause(record)
+    return text + _probe_clause(record) + _n_clause(record)
+
+
+def _n_clause(record: dict) -> str:
+    """The proxy reads latents that should stay silent only when n lies above the L0s compared."""
+    n = record.get("nth_decoder_projection_n")
+    if isinstance(n, int) and n <= record["scanned_l0"][-1]:
+        return (f" Caution: n = {n} is not above the largest target ({record['scanned_l0'][-1]:g}); a wider "
+                "dictionary (n = 3/8 d_sae) reads it better.")
+    return ""
 
 
 def _probe_clause(record: dict) -> str:
