@@ -27,14 +27,16 @@ n = 4
 ins = [standard_hooks(lm.model, i)["mlp_in"] for i in range(n)]
 outs = [standard_hooks(lm.model, i)["mlp_out"] for i in range(n)]
 L.seed_everything(0)
-members = {"clt_topk": Member(CrossLayerTopK(n_layers=n, d_in=n * 128, d_sae=n * m, k=k), ",".join(ins), ",".join(outs), seed=0)}
+clt = CrossLayerTopK(n_layers=n, d_in=n * 128, d_sae=n * m, k=k)
+members = {"clt_topk": Member(clt, ",".join(ins), ",".join(outs), seed=0)}
 for i in range(n):
     members[f"tc{i}"] = Member(TopKSAE(d_in=128, d_sae=m, k=k, transcoder=True), ins[i], outs[i], seed=0)
 training = DictionaryTraining(members)
 data = ActivationDataModule(out, input_key=ins[0], target_key=outs[0], batch_size=1024)
 t = time.time()
 L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0).fit(training, data)
+          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+          gradient_clip_val=1.0).fit(training, data)
 print("train", round(time.time() - t), "s", flush=True)
 batches = heldout_batches(lm.tokenizer, None, 128, 64, True, 16, data=out)
 sites = mlp_sites(lm.model, range(n))

@@ -212,7 +212,8 @@ def _clean_mlp_pair(model, tokens: Tensor, layer: int) -> tuple[Tensor, Tensor]:
 
 def test_mlp_copies_reproduce_the_clean_loss_exactly(lm, batches):
     sites = mlp_sites(lm.model, [0, 1, 2, 3])
-    got = replacement_metrics(lm.model, sites, MLPCopies([copy.deepcopy(b.mlp) for b in lm.model.transformer.h]), batches)
+    copies = MLPCopies([copy.deepcopy(b.mlp) for b in lm.model.transformer.h])
+    got = replacement_metrics(lm.model, sites, copies, batches)
     assert got["replacement_ce_spliced"] == got["replacement_ce_clean"]
     assert got["replacement_kl_div"] == 0.0 and got["replacement_ce_loss_recovered"] == 1.0
     for layer in got["layers"].values():

@@ -76,7 +76,8 @@ class CrossLayer(Dictionary):
             **kwargs: the mechanism's and `Dictionary`'s arguments.
         """
         if not (isinstance(n_layers, int) and n_layers >= 2):
-            raise ConfigError(f"--model.n_layers must be a whole number >= 2 for a cross-layer transcoder, got {n_layers}")
+            raise ConfigError(f"--model.n_layers must be a whole number >= 2 for a cross-layer transcoder, "
+                              f"got {n_layers}")
         if kwargs.get("skip_connection") or not transcoder:
             raise ConfigError("a cross-layer transcoder is a transcoder without a skip connection; drop "
                               "--model.transcoder false / --model.skip_connection")
