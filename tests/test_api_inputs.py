@@ -39,8 +39,7 @@ def make(cls, mapping: str = "sae", seed: int = 0) -> dictionaries.Dictionary:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.5)
         model.input_scale.fill_(2.0)
         model.target_scale.fill_(0.5 if model.transcoder else 2.0)  # an SAE's target is its input
-        if model.unit_norm_decoder:  # as training keeps it (TopK's fold is exact only then)
-            model.normalise_decoder()
+        model.constrain_parameters()  # unit-norm rows as training keeps them (TopK's fold is exact only then)
     return model.eval()
 
 
