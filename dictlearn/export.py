@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from dictlearn.dictionaries.model import Dictionary, model_arguments
 from dictlearn.dictionaries.readers import FORMATS, Outside, detect
 from dictlearn.dictionaries.readers import read as read_outside
+from dictlearn.dictionaries.readers.common import read_json
 from dictlearn.errors import DataError
 from dictlearn.io import atomic_dir
 from dictlearn.version import dictlearn_version
@@ -263,16 +264,7 @@ def read_config(path: str | Path) -> dict:
     for required in (cfg_path, path / WEIGHTS_NAME):
         if not required.is_file():
             raise DataError(f"{path}: missing {required.name}; not an export folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except UnicodeDecodeError:
-        raise DataError(f"{cfg_path}: not UTF-8 text; {_REEXPORT}") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{cfg_path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
-                        f"{_REEXPORT}") from None
-    if not isinstance(cfg, dict):
-        raise DataError(f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object; {_REEXPORT}")
-    return cfg
+    return read_json(cfg_path, advice=_REEXPORT)
 
 
 def _for_inference(model: Dictionary) -> Dictionary:

@@ -199,12 +199,18 @@ class JumpReLUSAE(Dictionary):
         # π is multiplied by latent_scale in the folded encoder; θ must follow (SAELens fold_W_dec_norm).
         return {**tensors, "threshold": self.threshold * latent_scale}
 
-    @torch.no_grad()
-    def load_folded(self, tensors: dict[str, Tensor]) -> None:
+    def pop_threshold(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """-> (the other tensors, 'threshold' [d_sae]); a one-line DataError when it is missing or
+        of another shape."""
         tensors = dict(tensors)
         threshold = tensors.pop("threshold", None)
         if threshold is None or threshold.shape != (self.d_sae,):
             got = "none" if threshold is None else tuple(threshold.shape)
-            raise DataError(f"a jumprelu export needs a 'threshold' tensor of shape ({self.d_sae},); got {got}")
+            raise DataError(f"a jumprelu dictionary needs a 'threshold' tensor of shape ({self.d_sae},); got {got}")
+        return tensors, threshold
+
+    @torch.no_grad()
+    def load_folded(self, tensors: dict[str, Tensor]) -> None:
+        tensors, threshold = self.pop_threshold(tensors)
         super().load_folded(tensors)
         self.log_threshold.copy_(threshold.to(self.log_threshold.dtype).log())

@@ -35,19 +35,20 @@ class Outside:
     metadata: dict = field(default_factory=dict)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; a one-line DataError naming the file otherwise."""
+def read_json(path: Path, advice: str = "copy the folder again") -> dict:
+    """A JSON object from `path`; a one-line DataError naming the file (and ending in `advice`)
+    otherwise."""
     if not path.is_file():
         raise DataError(f"{path}: missing; the folder is not complete")
     try:
         value = json.loads(path.read_text())
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; copy the folder again") from None
+        raise DataError(f"{path}: not UTF-8 text; {advice}") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
-                        "copy the folder again") from None
+                        f"{advice}") from None
     if not isinstance(value, dict):
-        raise DataError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+        raise DataError(f"{path}: holds a JSON {type(value).__name__}, not an object; {advice}")
     return value
 
 

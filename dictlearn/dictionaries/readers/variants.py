@@ -27,7 +27,6 @@ from dictlearn.dictionaries.jumprelu import JumpReLUFunction, JumpReLUSAE
 from dictlearn.dictionaries.matryoshka import MatryoshkaBatchTopKSAE
 from dictlearn.dictionaries.relu_l1 import ReLUL1SAE
 from dictlearn.dictionaries.topk import TopKSAE
-from dictlearn.errors import DataError
 
 
 class _AsTheirLibrary:
@@ -81,11 +80,7 @@ class OutsideJumpReLUSAE(_AsTheirLibrary, JumpReLUSAE):
 
     @torch.no_grad()
     def load_folded(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        threshold = tensors.pop("threshold", None)
-        if threshold is None or threshold.shape != (self.d_sae,):
-            got = "none" if threshold is None else tuple(threshold.shape)
-            raise DataError(f"a jumprelu dictionary needs a 'threshold' tensor of shape ({self.d_sae},); got {got}")
+        tensors, threshold = self.pop_threshold(tensors)
         super(JumpReLUSAE, self).load_folded(tensors)
         self.stored_threshold.copy_(threshold)
 
