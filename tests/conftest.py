@@ -193,3 +193,14 @@ def transcoder_files(tmp_path_factory):
                          seed=0, d_out=64, dense_linear=dense_linear)
         paths[magnitude, dense_linear] = path
     return paths
+
+
+def assert_one_line_cli_error(code: int, capsys, words, untouched: Path) -> None:
+    """A CLI call that refused: exit 2, one `dictlearn: error:` line holding each of `words`, and
+    `untouched` never created."""
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("dictlearn: error: "), error
+    for word in words:
+        assert word in error, error
+    assert not untouched.exists()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_cli_error
 
 import dictlearn
 from dictlearn.cli import main
@@ -104,12 +105,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(synth_file, tmp_path, capsys, 
     out = tmp_path / "run"
     keys = [] if "--input-key" in flags else ["--input-key", "acts"]
     code = main(["compare", "--out", str(out), "--data", synth_file, "--quiet", *keys, *flags])
-    error = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(error.splitlines()) == 1 and error.startswith("dictlearn: error: "), error
-    for word in words:
-        assert word in error, error
-    assert not out.exists()
+    assert_one_line_cli_error(code, capsys, words, untouched=out)
 
 
 def test_out_holding_another_comparison_is_refused(synth_file, tmp_path, capsys):

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from scipy import stats
+from conftest import assert_one_line_cli_error
 
 from dictlearn.analysis.outside import against_series, place, sentences
 from dictlearn.analysis.results import from_records, is_outside_series
@@ -61,12 +62,7 @@ def test_bad_include_is_one_line_and_writes_nothing(files, tmp_path, capsys, inc
     paths = ",".join(files.get(name, str(tmp_path / name)) for name in include.split(","))
     code = main(["compare", "--out", str(out), "--data", files["data"], "--input-key", "acts", "--quiet",
                  "--architectures", "topk", "--l0", "4", "--d-sae", "16", "--seeds", "0", "--include", paths])
-    error = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(error.splitlines()) == 1 and error.startswith("dictlearn: error: "), error
-    for word in words:
-        assert word in error, error
-    assert not out.exists()
+    assert_one_line_cli_error(code, capsys, words, untouched=out)
 
 
 def test_before_a_harvest_the_models_hooks_decide(tmp_path, capsys):
