@@ -157,12 +157,13 @@ def _import_class(class_path: str) -> type[Dictionary]:
 def load(path: str | Path, member: str | None = None, *, format: str | None = None,
          hookpoint: str | None = None) -> Dictionary:
     """A Dictionary from an export folder, a Lightning checkpoint or another library's folder
-    (SAELens, sparsify, dictionary_learning: `dictlearn.dictionaries.readers`), in eval mode.
+    (SAELens, sparsify, dictionary_learning, circuit-tracer: `dictlearn.dictionaries.readers`), in eval mode.
 
     Exports and checkpoints give the same `encode`/`decode` on raw activations; an outside folder
     gives its library's own. A sweep's checkpoint holds several dictionaries: name the one you
     want with `member`. `format` names a folder's format (None: detected from its files);
-    `hookpoint` picks one coder of a sparsify run folder.
+    `hookpoint` picks one coder of a sparsify run folder, or one layer (`layer_3`) of a circuit-tracer
+    transcoder set.
     """
     return load_with_config(path, member, format=format, hookpoint=hookpoint)[0]
 
@@ -177,8 +178,9 @@ def load_with_config(path: str | Path, member: str | None = None, *, format: str
         path = path.parent  # dictionary_learning's weights file: its folder holds the config too
     if format is not None and format not in FORMATS:
         raise DataError(f"format={format!r}: dictlearn reads {', '.join(FORMATS)}")
-    if hookpoint is not None and not (path.is_dir() and (format or detect(path)) == "sparsify"):
-        raise DataError(f"hookpoint={hookpoint!r}: only sparsify run folders hold several hookpoints; {path} is "
+    if hookpoint is not None and not (path.is_dir() and (format or detect(path)) in ("sparsify", "circuit_tracer")):
+        raise DataError(f"hookpoint={hookpoint!r}: only sparsify run folders and circuit-tracer sets hold several "
+                        f"hookpoints; {path} is "
                         "not one (drop hookpoint / --hookpoint)")
     if path.is_dir():
         format = format or detect(path)

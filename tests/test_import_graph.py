@@ -21,7 +21,7 @@ LAYERS = {
     **dict.fromkeys(("errors", "io", "runtime", "lazy", "version", "recipes"), 0),
     **dict.fromkeys(("data", "models"), 1),
     **dict.fromkeys(("harvest", "dictionaries"), 2),
-    **dict.fromkeys(("metrics", "export", "downstream", "replacement"), 3),
+    **dict.fromkeys(("metrics", "export", "export_circuit", "downstream", "replacement"), 3),
     **dict.fromkeys(("training", "callbacks"), 4),
     "evaluate": 5,
     "interpret": 6,

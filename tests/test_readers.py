@@ -242,7 +242,7 @@ def test_a_sparsify_run_with_several_hookpoints_asks_for_one():
     with pytest.raises(DataError, match=r"only sparsify run folders"):
         read(PEERS / "saelens" / "topk", hookpoint="layers.0")
     for folder in (PEERS / "saelens" / "topk", PEERS / "dictionary_learning" / "topk"):
-        with pytest.raises(DataError, match=r"only sparsify run folders hold several hookpoints"):
+        with pytest.raises(DataError, match=r"only sparsify run folders and circuit-tracer sets hold several hookpoints"):
             dictlearn.load(folder, hookpoint="layers.0")
 
 

@@ -16,7 +16,7 @@ from dictlearn.dictionaries.model import Dictionary
 from dictlearn.dictionaries.readers.variants import OUTSIDE_CLASSES
 from dictlearn.errors import DataError
 
-FORMATS = ("dictlearn", "saelens", "sparsify", "dictionary_learning")
+FORMATS = ("dictlearn", "saelens", "sparsify", "dictionary_learning", "circuit_tracer")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
+from dictlearn.dictionaries.crosslayer import CrossLayer, CrossLayerJumpReLU
 from dictlearn.dictionaries.gated import GatedSAE
 from dictlearn.dictionaries.jumprelu import JumpReLUFunction, JumpReLUSAE
 from dictlearn.dictionaries.matryoshka import MatryoshkaBatchTopKSAE
@@ -85,8 +86,43 @@ class OutsideJumpReLUSAE(_AsTheirLibrary, JumpReLUSAE):
         self.stored_threshold.copy_(threshold)
 
 
+class _StoredThresholdNoReLU:
+    """π · 1[π > θ] with θ [d_sae] kept as stored, any sign, and no ReLU after it: circuit-tracer's
+    `JumpReLU` (transcoder/activation_functions.py), whose latents may be negative where θ < 0."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_threshold.requires_grad_(False)  # unused: θ is the buffer below
+        self.register_buffer("stored_threshold", torch.zeros(self.d_sae))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.stored_threshold
+
+    @torch.no_grad()
+    def load_folded(self, tensors: dict[str, Tensor]) -> None:
+        tensors, threshold = self.pop_threshold(tensors)
+        super(JumpReLUSAE, self).load_folded(tensors)
+        self.stored_threshold.copy_(threshold)
+
+
+class CircuitTracerJumpReLUSAE(_AsTheirLibrary, _StoredThresholdNoReLU, JumpReLUSAE):
+    """A circuit-tracer per-layer JumpReLU transcoder (`SingleLayerTranscoder` with a threshold)."""
+
+
+class CircuitTracerCrossLayerJumpReLU(_AsTheirLibrary, _StoredThresholdNoReLU, CrossLayerJumpReLU):
+    """A circuit-tracer JumpReLU `CrossLayerTranscoder`: per-layer encoders, decoders to every
+    later layer, θ per latent as stored."""
+
+
+class CircuitTracerCrossLayerReLU(_AsTheirLibrary, CrossLayer, ReLUL1SAE):
+    """A circuit-tracer ReLU `CrossLayerTranscoder` (no threshold stored)."""
+
+
 #: the class a reader builds for each mechanism name
 OUTSIDE_CLASSES = {
     "relu_l1": OutsideReLUSAE, "topk": OutsideTopKSAE, "gated": OutsideGatedSAE, "jumprelu": OutsideJumpReLUSAE,
     "batchtopk": OutsideBatchTopKSAE, "matryoshka": OutsideMatryoshkaSAE,
+    "circuit_tracer_jumprelu": CircuitTracerJumpReLUSAE, "circuit_tracer_clt_jumprelu": CircuitTracerCrossLayerJumpReLU,
+    "circuit_tracer_clt_relu": CircuitTracerCrossLayerReLU,
 }  # fmt: skip
