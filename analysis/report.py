@@ -273,5 +273,9 @@ def read_timings(folder: Path, notes: list[str]) -> tuple[str | None, dict[str, 
         machine = ", ".join(f"{k}: {v}" for k, v in machine.items())
     stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else raw
     stages = {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if raw.get("complete") is False:  # written by compare just before this report: its own stage is not over
+        stages.pop("report", None)
+        if "total" in stages:
+            stages["total before the report"] = stages.pop("total")
     return (str(machine) if machine else None), stages
 

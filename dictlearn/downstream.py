@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError, DataError, note
 from dictlearn.metrics.bootstrap import per_document, ratio_se
 from dictlearn.metrics.downstream import DownstreamMetrics, spliced_token_losses, token_cross_entropy
 from dictlearn.models.hooks import HookPoint, capture, run_until_captured, splice
@@ -378,8 +377,8 @@ def heldout_windows(
         raise DataError(f"corpus {corpus_name(corpus)}: no whole held-out window of {context} tokens in {where}; "
                         "lower --context or pass a larger --corpus")
     if len(windows) < count:
-        print(f"dictlearn: note: {where} hold {len(windows)} windows of {context} tokens, "
-              f"fewer than the {count} asked for", file=sys.stderr)
+        note(f"{where} hold {len(windows)} windows of {context} tokens, "
+              f"fewer than the {count} asked for")
     batches, documents = [], []
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]

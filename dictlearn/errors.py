@@ -23,3 +23,17 @@ class NonFiniteError(DictLearnError, FloatingPointError):
 
 class InputError(DictLearnError, ValueError):
     """A tensor handed to a dictionary's encode/decode/forward of the wrong shape, dtype or device."""
+
+
+def note(message: str) -> None:
+    """Print `dictlearn: note: <message>` on stderr, on a line of its own.
+
+    On a terminal a progress line (tqdm's, or compare's) may be drawn without its newline; the
+    note first clears it, so the note is not glued to the end of that line, and the progress
+    line is redrawn below at its next update."""
+    import sys
+
+    stream = sys.stderr
+    clear = "\r\033[K" if hasattr(stream, "isatty") and stream.isatty() else ""
+    stream.write(f"{clear}dictlearn: note: {message}\n")
+    stream.flush()

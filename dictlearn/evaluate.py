@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.data.split import HeldOutSplit
 from dictlearn.dictionaries.model import Dictionary
 from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, prepare
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError, DataError, note
 from dictlearn.export import export_config, load_with_config
 from dictlearn.metrics import (
     INTERPRETATION_NAMES, RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs,
@@ -393,11 +392,11 @@ def _model_name(entry: Entry, data: HeldOutData, options: EvaluateOptions) -> st
     """The option, else the export's model, else the file's; None (with a note) when none is known."""
     name = options.model or entry.meta.get("model_name") or data.attrs.get("model_name")
     if not name:
-        print(f"dictlearn: note: {entry.name}: no model recorded in the export or {data.path} and no --model; "
-              "downstream metrics skipped", file=sys.stderr)
+        note(f"{entry.name}: no model recorded in the export or {data.path} and no --model; "
+              "downstream metrics skipped")
     elif options.model and entry.meta.get("model_name") not in (None, options.model):
-        print(f"dictlearn: note: {entry.name} was trained on {entry.meta['model_name']}; splicing into "
-              f"{options.model}", file=sys.stderr)
+        note(f"{entry.name} was trained on {entry.meta['model_name']}; splicing into "
+              f"{options.model}")
     return name
 
 
@@ -442,8 +441,7 @@ def transcoder_jacobian_cos(model: torch.nn.Module, site: SpliceSite, dictionary
 
     write = HookPoint.parse(site.write)
     if site.read is None or HookPoint.parse(site.read) != HookPoint(write.module, "input"):
-        print(f"dictlearn: note: transcoder reads {site.read!r}, not {write.module}:input; jacobian_cos skipped",
-              file=sys.stderr)
+        note(f"transcoder reads {site.read!r}, not {write.module}:input; jacobian_cos skipped")
         return None
     first, n_rows = data.split.heldout
     rows = (first + sample_rows(n_rows - first)).tolist()

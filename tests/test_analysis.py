@@ -337,6 +337,22 @@ def test_write_report_from_records_in_memory(tmp_path):
     assert len(FIGURES) == 3 and MetricSpec("probe_auc_k1", "probe AUC", "higher").better == "higher"
 
 
+def test_timings_written_before_the_report_leave_out_its_own_stage(tmp_path):
+    """compare writes timings.json just before the report (`complete: false`): the report's own
+    stage is not over, so the table must not show its partial seconds nor call that sum the total."""
+    stages = {"harvest": 12.4, "train": 309.9, "report": 0.0, "total": 390.0}
+    (tmp_path / "timings.json").write_text(json.dumps({"stages": stages, "machine": "2 CPUs", "complete": False}))
+    text = write_report(tmp_path, list(WINNER_CHANGES), echo=False).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert any("total before the report" in row and "390.0" in row for row in rows)
+    assert not any(row.split("|")[1].strip() in ("report", "total") for row in rows)
+    stages["report"], stages["total"] = 6.4, 396.4  # the file compare writes at its end
+    (tmp_path / "timings.json").write_text(json.dumps({"stages": stages, "machine": "2 CPUs", "complete": True}))
+    rows = [line for line in write_report(tmp_path, list(WINNER_CHANGES), echo=False).read_text().splitlines()
+            if line.startswith("|")]
+    assert any(row.split("|")[1].strip() == "total" and "396.4" in row for row in rows)
+
+
 def _three_seed_lines(gap: float, noise: float = 0.002, rng_seed: int = 0) -> list[dict]:
     """topk and relu_l1 at L0 8, 16, 32 over 3 seeds; relu_l1's FVU is `gap` above topk's and lands
     10 % above each target (so the ranking must interpolate); seed effects shared by both series."""

@@ -192,7 +192,8 @@ def test_compare_writes_the_run_folder_and_resumes_after_a_kill(tmp_path):
     assert transcoder["hook_name_out"] and transcoder["target_key"]
     assert (out / "results.csv").read_text().count("\n") == len(lines) + 1
     timings = json.loads((out / "timings.json").read_text())
-    assert {"train", "evaluate", "total"} <= set(timings["stages"]) and timings["machine"]["fp32_matmul_gflops"] > 0
+    assert {"train", "evaluate", "report", "total"} <= set(timings["stages"]) and timings["machine"]["fp32_matmul_gflops"] > 0
+    assert timings["complete"] is True  # rewritten after the report, which saw `complete: false`
     assert "fp32_matmul_gflops" in (out / "report.md").read_text()
     # the resolved config reruns the same comparison: everything is done, nothing retrained
     again = main(["compare", "--config", str(out / "compare.yaml"), "--quiet"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import sys
 
 import pytest
 
@@ -74,3 +76,23 @@ def test_failed_writes_remove_the_parent_folders_they_made(tmp_path, writer):
         with (atomic_path(final) if writer == "file" else atomic_dir(final)):
             raise RuntimeError("write failed")
     assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["a"]  # a existed before
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_note_on_a_terminal_clears_the_progress_line_first(monkeypatch):
+    """A progress line is drawn without its newline; a note printed after it must start a line of
+    its own (the harvest's tokenize note used to be glued to the end of the bar)."""
+    from dictlearn.errors import note
+
+    terminal, log = _Terminal(), io.StringIO()
+    terminal.write("harvest  42%|████      | 420k/1.0M")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    note("3 of 530 Python files did not tokenize")
+    assert terminal.getvalue().endswith("1.0M\r\033[Kdictlearn: note: 3 of 530 Python files did not tokenize\n")
+    monkeypatch.setattr(sys, "stderr", log)
+    note("x")
+    assert log.getvalue() == "dictlearn: note: x\n"  # a log file gets no control characters

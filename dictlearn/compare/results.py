@@ -53,12 +53,14 @@ def write_results(out: Path, records: list[dict]) -> None:
     atomic_write_text(out / "results.csv", buffer.getvalue())
 
 
-def write_timings(out: Path, progress, total: float, host: dict) -> None:
+def write_timings(out: Path, progress, total: float, host: dict, complete: bool = True) -> None:
     """DIR/timings.json: `progress`'s seconds per stage of this invocation and the machine it ran
-    on (`machine()`, measured once per invocation: the report and the file show the same rate)."""
+    on (`machine()`, measured once per invocation: the report and the file show the same rate).
+    `complete` False: written for the report, before the report stage ends (the report leaves
+    that stage out and calls the total what it is); the run writes the file again at its end."""
     stages = {k: round(v, 1) for k, v in progress.seconds.items()}
     atomic_write_text(out / "timings.json", json.dumps(
-        {"stages": stages | {"total": round(total, 1)}, "machine": host}, indent=2))
+        {"stages": stages | {"total": round(total, 1)}, "machine": host, "complete": complete}, indent=2))
 
 
 def machine(device: str) -> dict:

@@ -173,7 +173,7 @@ def compare(config: CompareConfig) -> Path:
         write_l0_scan(out, records)
     progress.stage("report", 1, unit="file")
     host = machine(config.device)  # ~0.1 s of matmuls: once, not once per timings write
-    write_timings(out, progress, time.perf_counter() - started, host)
+    write_timings(out, progress, time.perf_counter() - started, host, complete=False)
     _import_analysis().write_report(out, records, echo=not config.quiet)
     progress.finish()
     write_timings(out, progress, time.perf_counter() - started, host)

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from dictlearn.data.h5 import BF16_ATTR, open_for_write
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError, DataError, note
 from dictlearn.harvest.concepts import ConceptWriter, has_python, supports
 from dictlearn.harvest.plan import (
     HELDOUT_EVERY, WINDOWS_PER_DOCUMENT, Plan, plan_harvest, planned_windows, write_plan,
@@ -281,9 +281,8 @@ def harvest(
             raise DataError(f"corpus {corpus_name(corpus)}: yielded {writer.row} rows, {plan.rows} counted before;"
                             " was it modified during the harvest? re-run")
         if not write_plan(f, plan, writer.document_rows):
-            print(f"dictlearn: note: {where}: the harvest read {len(plan.train) + len(plan.heldout)} documents, too "
-                  f"few to hold out whole ones (1 in {HELDOUT_EVERY}); readers hold out the file's tail",
-                  file=sys.stderr)
+            note(f"{where}: the harvest read {len(plan.train) + len(plan.heldout)} documents, too "
+                  f"few to hold out whole ones (1 in {HELDOUT_EVERY}); readers hold out the file's tail")
     return out
 
 

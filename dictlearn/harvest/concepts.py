@@ -19,14 +19,13 @@ model has read the whole token there. A tokenizer without offsets gets no labels
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from dictlearn.errors import DataError
+from dictlearn.errors import DataError, note
 from dictlearn.data.concepts import GROUP
 from dictlearn.harvest.labels import CONCEPTS, PARENTS, PYTHON_SUFFIXES, label_source, label_text
 from dictlearn.models.corpus import Document
@@ -217,6 +216,5 @@ class ConceptWriter:
         attrs["failed_names"] = json.dumps(source.failed[:FAILED_NAMES_KEPT])
         attrs["token_rule"] = TOKEN_RULE_BYTES if self.byte_level else TOKEN_RULE_LAST
         if source.failed:
-            print(f"dictlearn: note: {len(source.failed)} of {source.python_documents} Python files did not "
-                  f"tokenize to the end (first: {source.failed[0]}); labelled up to the failure",
-                  file=sys.stderr)
+            note(f"{len(source.failed)} of {source.python_documents} Python files did not "
+                  f"tokenize to the end (first: {source.failed[0]}); labelled up to the failure")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dictlearn.data.h5 import H5Array, check_activation_file
-from dictlearn.errors import ConfigError, DataError
+from dictlearn.errors import ConfigError, DataError, note
 from dictlearn.interpret.cards import Card, Dashboard, Interval, SectionMaker
 from dictlearn.interpret.contexts import TokenRows, latent_column, read_contexts, token_display
 from dictlearn.interpret.dashboard_html import render
@@ -231,8 +231,8 @@ def inspect(export, data: str | Path, out: str | Path, options: InspectOptions =
             export_statistics.record(entry.path, stats.max_activation, stats.fire_count, data,
                                      input_array(entry, data, options.input_key).key, stats.first_row, stats.n_rows)
         except OSError as error:  # a read-only export: the page is written, steering will measure instead
-            print(f"dictlearn: note: could not record the latents' maxima in {entry.path} ({error.strerror}); "
-                  "dictlearn steer will measure them from --data", file=sys.stderr)
+            note(f"could not record the latents' maxima in {entry.path} ({error.strerror}); "
+                  "dictlearn steer will measure them from --data")
     if echo:
         print(f"dictlearn: dashboard of {len(dashboard.cards)} latents written to {out}", file=sys.stderr)
     return Path(out)
@@ -242,8 +242,8 @@ def load_checked_model(entry, name: str | None, data: str | None = None):
     """The language model `name` (None when no model is known: a note), after checking that it
     has the modules of the export's hooks."""
     if not name:
-        print(f"dictlearn: note: no model recorded in {entry.name} or {data or 'the data'} and no --model: no logit lens, "
-              "tokens shown as ids", file=sys.stderr)
+        note(f"no model recorded in {entry.name} or {data or 'the data'} and no --model: no logit lens, "
+              "tokens shown as ids")
         return None
     from dictlearn.models.loading import load_model
 

@@ -18,7 +18,6 @@ baseline per input.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from dictlearn.data.h5 import H5Array
 from dictlearn.data.split import HeldOutSplit
+from dictlearn.errors import note
 from dictlearn.metrics.coverage import ConceptCoverage
 from dictlearn.metrics import INTERPRETATION_NAMES
 from dictlearn.metrics.probes import ProbeOptions, ProbePool, linear_baseline, sparse_probes
@@ -76,7 +76,7 @@ class ProbeCache:
     def note_once(self, path: str, message: str) -> None:
         if path not in self._noted:
             self._noted.add(path)
-            print(f"dictlearn: note: {message}", file=sys.stderr)
+            note(message)
 
 
 def null_keys() -> dict:
