@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,9 @@ def _proxy(handle, label: str):
                   linewidth=line.get_linewidth(), label=label)
 
 
+LEGEND_LABEL_CHARS = 34  # a legend label wraps past this many characters
+
+
 def legend_outside(fig: Figure, axes: list, above: bool = False, title: str | None = None) -> None:
     """One legend for the figure, outside the axes (right, or `above` them: side-by-side panels
     keep their width) so it never covers data; series first, "Pareto-optimal" last. `title`
@@ -181,7 +185,10 @@ def legend_outside(fig: Figure, axes: list, above: bool = False, title: str | No
                for label, handle in ordered]
     if not handles:
         return
-    options = dict(handles=handles, frameon=False, handlelength=2.6, title=title,
+    # long labels (an outside dictionary's "name (format, not trained here) (dead …, L0 …)") wrap:
+    # on one line they took the figure's width from the axes
+    labels = [textwrap.fill(label, LEGEND_LABEL_CHARS, break_long_words=False) for label, _ in ordered]
+    options = dict(handles=handles, labels=labels, frameon=False, handlelength=2.6, title=title,
                    title_fontproperties={"weight": "bold", "size": RC["legend.fontsize"]})
     if above:
         fig.legend(loc="outside upper center", ncols=min(4, len(handles)), **options)

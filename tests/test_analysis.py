@@ -353,6 +353,22 @@ def test_timings_written_before_the_report_leave_out_its_own_stage(tmp_path):
     assert any(row.split("|")[1].strip() == "total" and "396.4" in row for row in rows)
 
 
+def test_long_outside_labels_wrap_and_leave_the_axes_their_width():
+    """An outside dictionary's legend label ("name (format, not trained here) (dead …, L0 …)")
+    once took the figure's width, squeezing the density axes to a sliver and clipping the x label."""
+    rng = np.random.default_rng(0)
+    lines = [{"name": f"{a}_16", "architecture": a, "mapping": "sae", "l0": 16, "fvu": 0.1, "seed": 0,
+              "l0_target": 16, "feature_density": list(10 ** rng.uniform(-4, -0.5, 64))} for a in ("topk", "gated")]
+    lines.append({"name": "dictionary_learning_batchtopk", "architecture": "batchtopk", "mapping": "sae", "l0": 16.3,
+                  "fvu": 0.1, "trained": False, "format": "dictionary_learning", "source": "/x",
+                  "feature_density": list(10 ** rng.uniform(-4, -0.5, 64))})
+    fig = density.plot_density(from_records(lines, "results.jsonl"), 16)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert max(len(line) for t in legend.get_texts() for line in t.get_text().splitlines()) <= 34
+    assert fig.axes[0].get_position().width > 0.45  # 0.03 before the labels wrapped
+
+
 def _three_seed_lines(gap: float, noise: float = 0.002, rng_seed: int = 0) -> list[dict]:
     """topk and relu_l1 at L0 8, 16, 32 over 3 seeds; relu_l1's FVU is `gap` above topk's and lands
     10 % above each target (so the ranking must interpolate); seed effects shared by both series."""
