@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A separate virtual environment with dictlearn and its peers (SAELens, sparsify, dictionary_learning)
+# A separate virtual environment with dictlearn and its peers (SAELens, sparsify, dictionary_learning,
+# circuit-tracer)
 # for benchmarks/throughput.py; the project's own .venv is left alone. Safe to run again.
 #
 #     bash benchmarks/install_peers.sh              # creates or updates .bench-venv
@@ -21,6 +22,11 @@ pip install -e "$root[dev,bench]"  # the `bench` extra: SAELens and sparsify (ea
 pip install --no-deps dictionary-learning==0.1.0 nnsight==0.3.7
 pip install python-socketio
 
+# circuit-tracer 0.5 (benchmarks/check_circuit_tracer.py) asks for nnsight>=0.6, which the pin above
+# rules out; nnsight is imported by its nnsight backend only, and the TransformerLens backend used
+# here needs transformer-lens (installed with sae-lens), einops, safetensors and PyYAML.
+pip install --no-deps circuit-tracer==0.5.0
+
 "$venv/bin/python" - <<'EOF'
 import importlib.metadata as metadata
 import warnings
@@ -28,8 +34,11 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch
 import dictionary_learning.trainers  # noqa: F401  (fails here if an import is missing)
+import circuit_tracer.replacement_model.replacement_model_transformerlens  # noqa: F401
+import circuit_tracer.utils.caching  # noqa: F401
 
 assert torch.__version__.endswith("+cpu"), f"torch {torch.__version__}: expected the CPU build"
-for name in ("torch", "dictlearn", "sae-lens", "eai-sparsify", "dictionary-learning", "nnsight"):
+for name in ("torch", "dictlearn", "sae-lens", "eai-sparsify", "dictionary-learning", "nnsight", "circuit-tracer",
+             "transformer-lens"):
     print(f"{name} {metadata.version(name)}")
 EOF
