@@ -431,6 +431,7 @@ class DownstreamCache:
     windows: dict[tuple, list[TokenBatch]] = field(default_factory=dict)
     documents: dict[tuple, list[Tensor]] = field(default_factory=dict)  # per key of `windows`
     cleans: dict[tuple, CleanRuns] = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # evaluate's per-file values (`HeldOutData.memo`)
 
     def model(self, name: str) -> LanguageModel:
         """`load_model(name)` on this cache's device, loaded on first use."""

@@ -37,7 +37,7 @@ import torch
 from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.data.split import HeldOutSplit
 from dictlearn.dictionaries.model import Dictionary
-from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, prepare
+from dictlearn.downstream import MEAN_SAMPLE_ROWS, DownstreamCache, SpliceSite, ablation_mean, prepare
 from dictlearn.errors import ConfigError, DataError, note
 from dictlearn.export import export_config, load_with_config
 from dictlearn.metrics import (
@@ -62,6 +62,9 @@ STANDARD_ERROR_KEYS = ("fvu_se", "l0_se", "ce_loss_recovered_se", "kl_div_se")
 SPLIT_KEYS = ("heldout", "heldout_rows", "heldout_documents")  # which rows measured (`HeldOutSplit.summary`)
 RECORD_KEYS = CONFIG_KEYS + SPLIT_KEYS + METRIC_KEYS + STANDARD_ERROR_KEYS + INTERPRETATION_DETAIL_KEYS
 ROWS_PER_READ = 8192
+# Rows read once and shared by every dictionary of an evaluation up to this size (`HeldOutData.memo`):
+# the default comparison file's are ~60 MB.
+SHARED_BYTES = 1 << 30
 DENSITY_ROWS = 65_536  # rows the dead/dense fractions and feature densities count over (`reconstruction_metrics`)
 DEFAULT_CONTEXTS, DEFAULT_BATCH_SIZE = 64, 8
 MIN_HELDOUT_ROWS = 2  # fvu and explained_variance divide by a variance about the mean
@@ -163,6 +166,20 @@ class HeldOutData:
     inputs: H5Array
     targets: H5Array | None
     split: HeldOutSplit
+    shared: dict = dataclasses.field(default_factory=dict)  # `memo`'s values; a DownstreamCache's `shared`
+
+    def memo(self, what: tuple, compute):
+        """`compute()` once per file, datasets and split for every dictionary evaluated with the same
+        `shared` dict (the rows every dictionary reads, the mean-ablation vector); kept while the
+        tensors kept stay under SHARED_BYTES, else computed again for each dictionary."""
+        key = (str(Path(self.path).resolve()), self.input_key, self.target_key, self.split, *what)
+        if key in self.shared:
+            return self.shared[key]
+        value = compute()
+        held = sum(_nbytes(v) for v in self.shared.values())
+        if held + _nbytes(value) <= SHARED_BYTES:
+            self.shared[key] = value
+        return value
 
     @property
     def attrs(self) -> dict:
@@ -301,25 +318,18 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
     documents = data.heldout_documents()
     errors = None if documents is None else DocumentErrors(documents, dictionary.d_out)
     proxy = NthDecoderProjection(dictionary.W_dec)
-    for start in range(first, n_rows, ROWS_PER_READ):
-        stop = min(start + ROWS_PER_READ, n_rows)
-        x = data.inputs.read(start, stop).to(device)
-        y = x if data.targets is None else data.targets.read(start, stop).to(device)
+    for start, stop, x, y in heldout_rows(data):
+        x, y = x.to(device), y.to(device)
         z = dictionary.encode(x)  # as in validation
         y_hat = dictionary.decode(z, x)
         recon.update(y, y_hat)
-        sparsity.update(z)
-        proxy.update(y - dictionary.decode(torch.zeros_like(z), x))  # what the latents write: y − b_dec (− skip)
-        census.update(z)
+        counts = SparsityMetrics.statistics(z)  # one counting pass for both counters
+        sparsity.update(**counts)
+        census.update(**counts)
+        proxy.update(y - _zero_latent_output(dictionary, z, x))  # what the latents write: y − b_dec (− skip)
         if errors is not None:
             errors.update(slice(start - first, stop - first), y, y_hat, z)
-    slices = data.split.sample_slices(max(0, density_rows - (n_rows - first)), seed=0)
-    per_read = max(1, ROWS_PER_READ // data.split.block_size)
-    for group in (slices[i:i + per_read] for i in range(0, len(slices), per_read)):
-        x = data.inputs.read_slices(group)
-        if not torch.isfinite(x).all():
-            raise DataError(f"{data.path}: dataset '{data.input_key}' has NaN/Inf values in rows "
-                            f"{group[0][0]}-{group[-1][1] - 1}; fix the file or pass --density-rows 0")
+    for x in density_rows_of(data, max(0, density_rows - (n_rows - first))):
         census.update(dictionary.encode(x.to(device)))
     values = {**recon.compute(), **sparsity.compute(), **proxy.compute(),
               "decoder_pairwise_cosine": decoder_pairwise_cosine(dictionary.W_dec)}
@@ -329,6 +339,55 @@ def reconstruction_metrics(dictionary: Dictionary, data: HeldOutData, device: st
     metrics |= {"feature_density": census.feature_density().tolist()}
     metrics |= {} if errors is None else errors.compute()
     return metrics, n_rows - first, int(census.n_tokens)
+
+
+def heldout_rows(data: HeldOutData) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """The held-out rows in reads of ROWS_PER_READ: (start, stop, x [n, d_in], y [n, d_out]) (y is
+    x for an SAE), read once per file for every dictionary (`HeldOutData.memo`)."""
+    def read() -> list:
+        first, n_rows = data.split.heldout
+        reads = []
+        for start in range(first, n_rows, ROWS_PER_READ):
+            stop = min(start + ROWS_PER_READ, n_rows)
+            x = data.inputs.read(start, stop)
+            reads.append((start, stop, x, x if data.targets is None else data.targets.read(start, stop)))
+        return reads
+
+    return data.memo(("heldout",), read)
+
+
+def density_rows_of(data: HeldOutData, n_rows: int) -> list[torch.Tensor]:
+    """Up to `n_rows` training rows of the input from seeded whole blocks (`sample_slices`, seed 0)
+    in reads of about ROWS_PER_READ rows [n, d_in], checked finite; read once per file."""
+    def read() -> list:
+        slices = data.split.sample_slices(n_rows, seed=0)
+        per_read = max(1, ROWS_PER_READ // data.split.block_size)
+        reads = []
+        for group in (slices[i:i + per_read] for i in range(0, len(slices), per_read)):
+            x = data.inputs.read_slices(group)
+            if not torch.isfinite(x).all():
+                raise DataError(f"{data.path}: dataset '{data.input_key}' has NaN/Inf values in rows "
+                                f"{group[0][0]}-{group[-1][1] - 1}; fix the file or pass --density-rows 0")
+            reads.append(x)
+        return reads
+
+    return data.memo(("density", n_rows), read)
+
+
+def _zero_latent_output(dictionary: Dictionary, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """decode(0, x): [n, d_out], or [1, d_out] where it does not depend on x (no skip), the same row:
+    a zero row times W_dec is exactly zero whatever the GEMM's blocking, so one row is every row."""
+    if dictionary.W_skip is None:
+        return dictionary.decode(torch.zeros_like(z[:1]), x[:1])
+    return dictionary.decode(torch.zeros_like(z), x)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 class DocumentErrors:
@@ -422,7 +481,9 @@ def run_downstream(
         return None
     site = _site(entry, data, options.hook)
     lm = cache.model(name)
-    inputs = prepare(lm, site, data.attrs, data.ablation_rows(MEAN_SAMPLE_ROWS), contexts=options.contexts,
+    # the mean-ablation vector once per file, passed as its own one-row sample (whose mean it is, exactly)
+    mean = data.memo(("ablation_mean",), lambda: ablation_mean(data.ablation_rows(MEAN_SAMPLE_ROWS)))
+    inputs = prepare(lm, site, data.attrs, mean.unsqueeze(0), contexts=options.contexts,
                      batch_size=options.batch_size, corpus=options.corpus,
                      context=options.context or entry.meta.get("context_size"), cache=cache, data=data.path)
     inputs.check_widths(entry.dictionary.d_in, entry.dictionary.d_out, entry.name)
@@ -486,6 +547,7 @@ def _evaluate_one(entry: Entry, data_path: str, options: EvaluateOptions, cache:
     try:
         keys = data_keys(entry, options.input_key, options.target_key, options.hook)
         data = open_data(entry, data_path, keys, options)
+        data.shared = cache.shared  # rows and the ablation mean read once for every dictionary of the cache
         try:
             if options.downstream and (options.model or entry.meta.get("model_name") or data.attrs.get("model_name")):
                 _site(entry, data, options.hook)  # before any metric: a missing hook is one line, up front

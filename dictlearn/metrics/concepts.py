@@ -85,12 +85,12 @@ def null_keys() -> dict:
 
 def encode_rows(dictionary, x: np.ndarray, device: str) -> np.ndarray:
     """x: [n, d_in] -> latents float32 [n, d_sae], ROWS_PER_ENCODE rows at a time."""
-    parts = []
+    out = np.empty((len(x), dictionary.d_sae), np.float32)  # written in place: no concatenated copy
     with torch.no_grad():
         for start in range(0, len(x), ROWS_PER_ENCODE):
             rows = torch.from_numpy(x[start:start + ROWS_PER_ENCODE]).to(device)
-            parts.append(dictionary.encode(rows).float().cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, dictionary.d_sae), np.float32)
+            torch.from_numpy(out[start:start + len(rows)]).copy_(dictionary.encode(rows))
+    return out
 
 
 def interpretation(dictionary, path: str, input_key: str, split: HeldOutSplit, cache: ProbeCache,

@@ -29,6 +29,7 @@ repository computes as an alternative ("Decoder Pairwise Cosine Similarity"; no 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,9 +47,11 @@ def default_n(d_sae: int) -> int:
 def nth_projection(residual: Tensor, unit_decoder: Tensor, n: int) -> float:
     """residual: [B, d_out] (y − b_dec), unit_decoder: [d_sae, d_out] -> the (n·B)-th largest of the
     B·d_sae projections (0-based), i.e. the B·(d_sae − n)-th smallest (1-based)."""
-    projections = (residual @ unit_decoder.T).flatten()
+    projections = (residual @ unit_decoder.T).flatten().float().cpu().numpy()
     rows, d_sae = len(residual), unit_decoder.shape[0]
-    return float(torch.kthvalue(projections.float().cpu(), rows * (d_sae - n)).values)
+    k = rows * (d_sae - n) - 1  # 0-based
+    # np.partition's introselect: the same exact order statistic as torch.kthvalue, ~2x faster on CPU
+    return float(np.partition(projections, k)[k])
 
 
 class NthDecoderProjection:

@@ -48,16 +48,22 @@ class SparsityMetrics(SumStateMetric):
         if latents is not None:
             if latents.shape[-1] != self.d_sae:
                 raise ValueError(f"SparsityMetrics(d_sae={self.d_sae}) got latents of width {latents.shape[-1]}")
-            z = latents.detach().reshape(-1, self.d_sae)
-            # One counting pass; L1 per row in float32 (exact enough for a row) summed in float64,
-            # never a float64 copy of z.
-            fire_counts, n_tokens = torch.count_nonzero(z, dim=0), z.shape[0]
-            sum_abs = torch.linalg.vector_norm(z, ord=1, dim=-1, dtype=torch.float32).sum(dtype=torch.float64)
+            fire_counts, n_tokens, sum_abs = self.statistics(latents).values()
         elif fire_counts is None or n_tokens is None or sum_abs is None:
             raise ValueError("SparsityMetrics.update needs latents, or fire_counts, n_tokens and sum_abs")
         self.fire_counts += fire_counts.to(self.fire_counts.device, torch.int64)
         self.n_tokens += int(n_tokens)
         self.sum_abs += torch.as_tensor(sum_abs, dtype=torch.float64, device=self.sum_abs.device)
+
+    @staticmethod
+    def statistics(latents: Tensor) -> dict:
+        """latents [..., d_sae] -> {fire_counts [d_sae], n_tokens, sum_abs}: what `update` adds, for
+        feeding several counters from one counting pass (`update(**statistics(z))`)."""
+        z = latents.detach().reshape(-1, latents.shape[-1])
+        # One counting pass; L1 per row in float32 (exact enough for a row) summed in float64,
+        # never a float64 copy of z.
+        sum_abs = torch.linalg.vector_norm(z, ord=1, dim=-1, dtype=torch.float32).sum(dtype=torch.float64)
+        return {"fire_counts": torch.count_nonzero(z, dim=0), "n_tokens": z.shape[0], "sum_abs": sum_abs}
 
     def _density(self) -> Tensor:
         return self.fire_counts.to(torch.float64) / self.n_tokens.to(torch.float64)
