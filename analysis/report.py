@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dictlearn.analysis import (curves, density, frontier, l0_scan, learning_rates, probing, recovery, shrinkage,
-                                sparsity, splitting)
+from dictlearn.analysis import (curves, density, frontier, l0_scan, learning_rates, probing, recovery, replacement,
+                                shrinkage, sparsity, splitting)
 from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
@@ -59,21 +59,47 @@ def write_report(run_dir: str | Path, results: list[dict], out_dir: str | Path |
 
 def _write(lines: list[dict], out_dir: Path, echo: bool) -> Path:
     notes: list[str] = []
+    replaced = [line for line in lines if replacement.is_replacement(line)]  # --replace: their own section
+    lines = [line for line in lines if not replacement.is_replacement(line)]
     outside_styles(series_label(line["_series"]) for line in lines if is_outside(line))  # one colour each
     sites = group_by_site(lines)
     if len(sites) > 1:
         notes.append(f"the results hold {len(sites)} (model, hook) sites: "
                      + "; ".join(f"{model}, {hook}" for model, hook in sites) + "; each is drawn and summarised apart")
     drawn = draw_all(lines, out_dir / "figures", notes)
-    document = verdicts(lines)  # every claim of the report comes from here
+    document = verdicts(lines) if lines else None  # every claim of the report comes from here
+    extra: list = []
+    if replaced:
+        extra, document = _replacement_section(replaced, out_dir, notes, document, len(drawn))
     atomic_write_text(out_dir / "verdicts.json", json.dumps(document, indent=1) + "\n")
-    blocks = report_blocks(lines, drawn, notes, document) + dashboard_blocks(out_dir)
+    if lines:
+        blocks = report_blocks(lines, drawn, notes, document)
+        at = next((i for i, b in enumerate(blocks) if b == Heading(2, "Notes")), len(blocks))
+        blocks = blocks[:at] + extra + blocks[at:]
+    else:
+        blocks = setup_blocks(replaced, notes) + extra + ([Heading(2, "Notes"), Bullets(tuple(notes))] if notes else [])
+    blocks += dashboard_blocks(out_dir)
     if echo:
         print_notes(notes)
     title = "dictlearn comparison: " + ", ".join(sorted({str(line["_run"]) for line in lines}))
     atomic_write_text(out_dir / "report.md", markdown([Heading(1, title)] + blocks, out_dir))
     atomic_write_text(out_dir / "report.html", html_page([Heading(1, title)] + blocks, title))
     return out_dir / "report.md"
+
+
+def _replacement_section(replaced: list[dict], out_dir: Path, notes: list[str], document: dict | None,
+                         figures_before: int) -> tuple[list, dict]:
+    """The replacement models' blocks, and the verdicts document with their records added
+    (dictlearn.analysis.replacement)."""
+    drawn = replacement.draw(replaced, out_dir / "figures", notes)
+    found = replacement.verdicts(replaced)
+    if document is None:
+        document = found
+    else:
+        document = {**document, "records": document["records"] + found["records"],
+                    "notes": document["notes"] + found["notes"],
+                    "replacement_report_family_size": found["report_family_size"]}
+    return replacement.blocks(replaced, drawn, found, first_figure=figures_before + 1), document
 
 
 def report_blocks(lines: list[dict], drawn: list[Drawn], notes: list[str], document: dict | None = None) -> list:

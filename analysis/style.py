@@ -36,6 +36,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "matryoshka": ("#E69F00", "P"),
     "topk_transcoder": ("#8C564B", "X"),
     "topk_skip_transcoder": ("#555555", "h"),
+    # whole replacement models (`dictlearn compare --replace mlp`): cross-layer transcoders
+    "topk_clt": ("#9467BD", "*"),
+    "jumprelu_clt": ("#2CA02C", "P"),
 }
 _EXTRA_COLOURS = ("#BCBD22", "#17BECF", "#9467BD", "#E377C2", "#7F7F7F", "#2CA02C", "#1F77B4")
 _EXTRA_MARKERS = ("p", "*", "<", ">", "d", "H", "8")

@@ -76,6 +76,9 @@ def build_parser() -> OneLineParser:
     add("--include", type=_names, default=None,
         help="dictionaries trained elsewhere (SAELens, sparsify, dictionary_learning folders or dictlearn exports), "
              "PATH or NAME=PATH, comma-separated: evaluated and drawn beside the run's, not trained")
+    add("--replace", default=None, choices=["mlp"],
+        help="mlp: replace every MLP at once and compare per-layer transcoders, skip transcoders and cross-layer "
+             "transcoders at matched total L0 (--l0 is then the total over layers; docs/compare.md)")
     add("--contexts", type=int, default=None, help="held-out corpus windows for the downstream metrics")
     add("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
     add("--devices", type=int, default=None, help="processes/GPUs for DDP training (default: 1)")
@@ -97,7 +100,8 @@ def config_from_args(argv: list[str]) -> CompareConfig:
 
 def main(argv: list[str]) -> int:
     config = config_from_args(argv)  # --help and usage errors answer before the training stack loads
-    from dictlearn.compare.run import Stopped, _rank, compare
+    from dictlearn.compare.main import compare
+    from dictlearn.compare.run import Stopped, _rank
 
     try:
         out = compare(config)

@@ -83,6 +83,9 @@ class CompareConfig:
     contexts: int | None = None
     # dictionaries trained elsewhere, evaluated and drawn beside the run's (`PATH` or `NAME=PATH`)
     include: list[str] = field(default_factory=list)
+    # "mlp": replace every MLP at once and compare whole replacements at matched total L0
+    # (dictlearn/compare/replace.py); None: the single-site comparison
+    replace: str | None = None
     # where it runs
     device: str = "auto"
     devices: int = 1
@@ -112,6 +115,10 @@ class CompareConfig:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         kind = "cuda" if device.startswith("cuda") else "cpu"
         values = dataclasses.asdict(self) | {"device": device}
+        if values["replace"] is not None:  # its own defaults and checks (dictlearn/compare/replace.py)
+            from dictlearn.compare import replace
+
+            values = replace.resolved_values(values, kind)
         if values["l0"] == "scan":
             values |= {"l0": list(SCAN_L0[kind]), "l0_scan": True}
             values["architectures"] = values["architectures"] or list(SCAN_ARCHITECTURES)
@@ -142,6 +149,10 @@ class CompareConfig:
 
     # ----------------------------------------------------------------- checks (one line each)
     def check(self) -> None:
+        if self.replace is not None:
+            from dictlearn.compare import replace
+
+            return replace.check_config(self)
         for name in self.architectures:
             parse_architecture(name)
         if not self.architectures:

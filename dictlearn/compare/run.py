@@ -132,6 +132,8 @@ def compare(config: CompareConfig) -> Path:
     """Run (or resume) the comparison; -> the run folder. Raises `Stopped` on a signal."""
     check_device(config.device, allow_auto=True)  # before anything is written (compare.yaml included)
     config = config.resolved()
+    if config.replace is not None:
+        raise ConfigError("--replace: run it with dictlearn.compare.compare (dictlearn/compare/replace_run.py)")
     rank = _rank()
     out = check_out(config)
     source, lm = check_source(config, out)

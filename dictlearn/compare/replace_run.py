@@ -1,0 +1,223 @@
+"""`compare(config)` for `--replace mlp`: harvest every layer -> train -> splice -> results -> report.
+
+The run folder keeps compare's contract (DESIGN.md): compare.yaml, activations.h5 (every layer's
+MLP input and output, row-aligned; absent with --data), train/seed<S>/ (one sweep per seed
+holding every replacement's members), exports/<member>/, evaluations/<replacement>.json,
+results.jsonl (one line per replacement), figures/, report.md/html, timings.json. Every stage
+leaves whole files or nothing, so a rerun resumes from what is there; a signal stops between
+units of work (compare.run.Stopped).
+
+Each replacement is evaluated by `dictlearn.replacement.replacement_metrics` on the run's
+held-out windows (the held-out documents the harvest recorded), every MLP replaced at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dictlearn.compare import run
+from dictlearn.compare.plan import CompareConfig
+from dictlearn.compare.progress import Progress
+from dictlearn.compare.replace import check_targets
+from dictlearn.compare.replace_plan import ReplacementPlan, plan_replacements
+from dictlearn.compare.results import machine, write_results, write_timings
+from dictlearn.errors import ConfigError, DataError
+from dictlearn.io import atomic_write_text
+
+DOWNSTREAM_BATCH = 8  # held-out windows per forward pass
+
+
+@dataclass
+class ReplaceSource(run.Source):
+    """The activation file, the replaced layers and each layer's MLP input and output keys."""
+
+    layers: tuple[int, ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    def keys(self, planned) -> tuple[str, str]:
+        return planned.input_key, planned.target_key
+
+
+def check_source(config: CompareConfig, out: Path):
+    """-> (ReplaceSource, the loaded language model); every bad input one line, nothing written."""
+    from dictlearn.data.h5 import H5Array, check_activation_file
+    from dictlearn.harvest.activations import n_layers
+    from dictlearn.models.hooks import standard_hooks
+
+    if config.corpus is not None and not Path(config.corpus).exists():
+        raise ConfigError(f"--corpus {config.corpus}: no such file or folder; pass a text file or a folder of them")
+    lm = run._load_model(config.model)
+    count = n_layers(lm.model)
+    if count is None:
+        raise ConfigError(f"--model {config.model}: it records no config.num_hidden_layers; --replace needs to "
+                          "know every layer")
+    hooks = [standard_hooks(lm.model, layer) for layer in range(count)]
+    if config.data is None:
+        layers = list(range(count))
+        inputs, outputs = [h["mlp_in"] for h in hooks], [h["mlp_out"] for h in hooks]
+        path = out / "activations.h5"
+    else:
+        path = Path(check_activation_file(config.data))
+        inputs, outputs = _split(config.input_key, hooks, "mlp_in"), _split(config.target_key, hooks, "mlp_out")
+        layers = _layers_of(inputs, hooks, "mlp_in", "--input-key")
+        if _layers_of(outputs, hooks, "mlp_out", "--target-key") != layers:
+            raise ConfigError(f"--target-key {','.join(outputs)}: names other layers than --input-key "
+                              f"({','.join(inputs)}); give each layer's MLP output in the same order")
+        if len(layers) < 2:
+            raise ConfigError(f"--input-key {','.join(inputs)}: --replace compares cross-layer transcoders, which "
+                              "need at least 2 layers; list 2 or more")
+        for flag, keys in (("--input-key", inputs), ("--target-key", outputs)):
+            try:
+                H5Array(path, ",".join(keys))
+            except DataError as error:
+                raise DataError(f"{flag}: {error}" + (
+                    " (harvest every layer with dictlearn harvest --layers all)" if "not found" in str(error) else ""
+                )) from None
+    check_targets(config, len(layers))
+    source = ReplaceSource(path, (inputs[0], None), None, None if config.data else inputs + outputs,
+                           tuple(layers), tuple(inputs), tuple(outputs))
+    return source, lm
+
+
+def _split(keys: str | None, hooks: list[dict], which: str) -> list[str]:
+    """A comma-separated key list, or every layer's standard hook when none is given."""
+    if not keys:
+        return [h[which] for h in hooks]
+    return [k.strip() for k in keys.split(",") if k.strip()]
+
+
+def _layers_of(keys: list[str], hooks: list[dict], which: str, flag: str) -> list[int]:
+    """The model layer of each key (its standard `which` hook), checked to increase."""
+    where = {h[which]: layer for layer, h in enumerate(hooks)}
+    layers = []
+    for key in keys:
+        if key not in where:
+            raise ConfigError(f"{flag} {key}: not a layer's {which} hook of the model (they are "
+                              f"{', '.join(list(where)[:2])}, …); pass the model the file was harvested from")
+        layers.append(where[key])
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"{flag} {','.join(keys)}: not in layer order (layers {layers}); list each layer once, "
+                          "first to last")
+    return layers
+
+
+# ----------------------------------------------------------------------------- the run
+def compare_replacements(config: CompareConfig) -> Path:
+    """Run (or resume) a `--replace mlp` comparison; -> the run folder."""
+    from dictlearn.runtime import check_device
+
+    check_device(config.device, allow_auto=True)  # before anything is written
+    config = config.resolved()
+    out = run.check_out(config)
+    source, lm = check_source(config, out)
+    planned = plan_replacements(config, list(source.layers), list(source.inputs), list(source.outputs))
+    progress = Progress(len(planned), enabled=not config.quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.yaml", config.to_yaml())
+    started = time.perf_counter()
+    with run._signals_to_flag() as stop:
+        if source.hooks is not None and not source.path.is_file():
+            run._harvest(config, lm, source, progress, stop)
+        for seed in config.seeds:
+            _train_seed(config, source, [p for p in planned if p.seed == seed], progress, stop)
+        records = _evaluate_all(config, source, planned, lm, progress, stop)
+    write_results(out, records)
+    progress.stage("report", 1, unit="file")
+    host = machine(config.device)
+    write_timings(out, progress, time.perf_counter() - started, host)
+    run._import_analysis().write_report(out, records, echo=not config.quiet)
+    progress.finish()
+    write_timings(out, progress, time.perf_counter() - started, host)
+    return out
+
+
+def _train_seed(config: CompareConfig, source: ReplaceSource, group: list[ReplacementPlan], progress: Progress,
+                stop: threading.Event) -> None:
+    """One sweep per seed: every member of every replacement of that seed, then their exports."""
+    out = Path(config.out)
+    members = [m for p in group for m in p.members]
+    pending = [m for m in members if not (out / "exports" / m.name / "cfg.json").is_file()]
+    if not pending:
+        progress.done_dictionaries += len(group)
+        return
+    run._check_stop(stop)
+    folder = out / "train" / f"seed{group[0].seed}"
+    if not (folder / "final.ckpt").is_file():
+        run._fit(config, source, members, folder, progress)
+    run._export_from(folder / "final.ckpt", pending, out, source)
+    progress.done_dictionaries += len(group)
+
+
+def load_replacement(out: Path, p: ReplacementPlan):
+    """The replacement `p` from its exports: a TranscoderSet, or the CLT itself."""
+    from dictlearn.export import load
+    from dictlearn.replacement import TranscoderSet
+
+    loaded = [load(out / "exports" / m.name).eval() for m in p.members]
+    return loaded[0] if p.mapping == "clt" else TranscoderSet(loaded)
+
+
+def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[ReplacementPlan], lm, progress: Progress,
+                  stop: threading.Event) -> list[dict]:
+    from dictlearn.data.h5 import H5Array
+    from dictlearn.downstream import DownstreamCache, recorded_corpus
+    from dictlearn.models.tiny import DEFAULT_CONTEXT
+    from dictlearn.replacement import mlp_sites, replacement_metrics
+
+    out = Path(config.out)
+    todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+    progress.stage("evaluate", max(1, len(todo)), unit="replacement")
+    if todo:
+        attrs = H5Array(source.path, source.inputs[0]).attrs()
+        lm = lm or run._load_model(config.model)
+        lm.model.to(config.device)
+        cache = DownstreamCache(config.device)
+        batches = cache.batches(lm, recorded_corpus(attrs.get("corpus")) or config.corpus,
+                                int(attrs.get("context_size") or DEFAULT_CONTEXT), config.contexts,
+                                bool(attrs.get("exclude_special", True)), DOWNSTREAM_BATCH, data=str(source.path))
+        sites = mlp_sites(lm.model, list(source.layers))
+    for i, p in enumerate(todo):
+        run._check_stop(stop)
+        replacement = load_replacement(out, p).to(config.device)
+        # per_layer=False: the one-layer-replaced runs would triple the cost (docs/compare.md); the
+        # per-layer FVU and L0 come from the clean run either way
+        record = replacement_metrics(lm.model, sites, replacement, batches, per_layer=False)
+        record |= {"model_name": lm.name, "data": str(source.path), "context_size": int(batches[0][0].shape[1]),
+                   "n_contexts": sum(int(t.shape[0]) for t, _ in batches)}
+        atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record))
+        progress.update(i + 1)
+    return [results_line(config, p, source, out, sum(len(q.members) for q in planned if q.seed == p.seed))
+            for p in planned]
+
+
+def results_line(config: CompareConfig, p: ReplacementPlan, source: ReplaceSource, out: Path, in_sweep: int) -> dict:
+    """The evaluation record + what the comparison knows of the replacement (docs/metrics.md)."""
+    from dictlearn.compare.plan import OPTIMIZER
+    from dictlearn.dictionaries.registry import mechanism_class
+
+    record = json.loads((out / "evaluations" / f"{p.name}.json").read_text())
+    seconds_file = out / "train" / f"seed{p.seed}" / "train_seconds.json"
+    # the sweep's wall time shared out by members (a CLT costs more than one layer's transcoder)
+    seconds = (json.loads(seconds_file.read_text())["seconds"] * len(p.members) / in_sweep
+               if seconds_file.is_file() else None)
+    line = {
+        **record, "name": p.name, "architecture": p.architecture, "mechanism": p.mechanism, "mapping": p.mapping,
+        "replace": "mlp", "layers_replaced": list(p.layers), "hook_name": ",".join(source.inputs),
+        "hook_name_out": ",".join(source.outputs), "l0_target": p.l0_target, "d_sae": p.d_sae, "seed": p.seed,
+        "k": p.k, "train_tokens": config.steps * config.batch_size, "train_seconds": seconds,
+        "export": [str((out / "exports" / m.name).resolve()) for m in p.members],
+        "members": [m.name for m in p.members], "log_dir": str(Path("train") / f"seed{p.seed}" / "version_0"),
+        "batch_size": config.batch_size, "trained": True, "lr_tuned": False,
+        "optimizer": {key: p.members[0].training[key] for key in OPTIMIZER if key in p.members[0].training},
+    }  # fmt: skip
+    coefficient = mechanism_class(p.mechanism).mechanism.coefficient
+    if coefficient is not None:  # the calibrated λ of the CLT
+        cfg = json.loads((out / "exports" / p.members[0].name / "cfg.json").read_text())
+        line[coefficient] = ((cfg.get("metadata") or {}).get("dictlearn") or {}).get("hyper_parameters", {}).get(
+            coefficient)
+    return line
