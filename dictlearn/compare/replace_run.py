@@ -129,7 +129,7 @@ def compare_replacements(config: CompareConfig) -> Path:
     write_results(out, records)
     progress.stage("report", 1, unit="file")
     host = machine(config.device)
-    write_timings(out, progress, time.perf_counter() - started, host)
+    write_timings(out, progress, time.perf_counter() - started, host, complete=False)
     run._import_analysis().write_report(out, records, echo=not config.quiet)
     progress.finish()
     write_timings(out, progress, time.perf_counter() - started, host)
