@@ -471,3 +471,31 @@ def test_a_transcoders_jacobian_cos_is_the_mean_cosine_with_the_mlp_it_replaces(
         cosines.append(float(a @ b / (a.norm() * b.norm())))
     assert len(cosines) == 256
     assert line["jacobian_cos"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)
+
+
+def test_rows_shared_between_dictionaries_leave_each_record_as_alone(setup):
+    """The per-file rows and mean-ablation vector kept in one cache (`HeldOutData.memo`) serve an
+    SAE and a transcoder of the same file, in any order, with the numbers each gets alone: a key
+    that missed the input or target dataset would hand the transcoder the SAE's rows."""
+    options = EvaluateOptions(contexts=6, batch_size=4, device="cpu", interpret=False, feature_density=True)
+    alone = [evaluate([path], setup["data"], options=options)[0] for path in (setup["transcoder"], setup["sae"])]
+    cache = DownstreamCache("cpu")
+    shared = evaluate([setup["transcoder"], setup["sae"], setup["transcoder"]], setup["data"], options=options,
+                      cache=cache)
+    assert [_without_timings(r) for r in shared] == [_without_timings(r) for r in alone + alone[:1]]
+    assert len(cache.shared) == 6  # per dataset pair: held-out rows, census rows, the ablation mean
+
+
+def test_zero_latent_output_is_decode_of_zeros_bit_for_bit():
+    from dictlearn.evaluate import _zero_latent_output
+
+    torch.manual_seed(0)
+    for transcoder, skip in ((False, False), (True, False), (True, True)):
+        dictionary = TopKSAE(d_in=8, d_sae=16, k=2, transcoder=transcoder, skip_connection=skip)
+        with torch.no_grad():
+            for p in dictionary.parameters():
+                p.normal_()
+        x = torch.randn(37, 8)
+        z = dictionary.encode(x)
+        y = torch.randn(37, dictionary.d_out)
+        assert torch.equal(y - _zero_latent_output(dictionary, z, x), y - dictionary.decode(torch.zeros_like(z), x))
