@@ -3,7 +3,8 @@
 - `RunGuard`: checkpoints written atomically; SIGINT handled like SIGTERM (stop at the end of the
   step, save `interrupted-step=N.ckpt`, exit non-zero); a run that fails on bad input before any
   checkpoint leaves no log folder behind (nor the `default_root_dir` folders it created).
-- `ExportOnFitEnd`: the finished run writes its SAELens-layout export into its log folder.
+- `ExportOnFitEnd`: the finished run writes its SAELens-layout exports (into its log folder, or a
+  folder given: compare's `DIR/exports`).
 """
 
 from __future__ import annotations
@@ -261,21 +262,27 @@ class KeepFreedMemory(L.Callback):
 
 class ExportOnFitEnd(L.Callback):
     """At the end of a completed fit, write each dictionary's export (rank 0): `<log_dir>/export`
-    for a single dictionary, `<log_dir>/exports/<name>` for each member of a sweep."""
+    for a single dictionary, `<log_dir>/exports/<name>` for each member of a sweep; with `folder`
+    given, `<folder>/<name>` for every member (compare's `DIR/exports/<name>`). `echo`: print where."""
+
+    def __init__(self, folder: str | Path | None = None, echo: bool = True) -> None:
+        self.folder, self.echo = (Path(folder) if folder is not None else None), echo
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or not trainer.is_global_zero:
             return
         from dictlearn.export import export  # export builds on the dictionaries; imported late
 
+        single = len(pl_module.members) == 1 and self.folder is None
         log_dir = Path(_log_dir(trainer) or trainer.default_root_dir)
+        root = self.folder if self.folder is not None else log_dir / ("export" if single else "exports")
         datamodule = trainer.datamodule
         for name, member in pl_module.members.items():
-            folder = log_dir / "export" if len(pl_module.members) == 1 else log_dir / "exports" / name
             view = datamodule.view(*pl_module.data_keys(name, datamodule)) if hasattr(datamodule, "view") else None
-            export(member, folder, view.provenance() if view is not None else {})
-        noun = "export" if len(pl_module.members) == 1 else f"{len(pl_module.members)} exports"
-        print(f"dictlearn: {noun} written to {log_dir / ('export' if len(pl_module.members) == 1 else 'exports')}")
+            export(member, root if single else root / name, view.provenance() if view is not None else {})
+        if self.echo:
+            noun = "export" if single else f"{len(pl_module.members)} exports"
+            print(f"dictlearn: {noun} written to {root}")
 
 
 class DownstreamMetricsCallback(L.Callback):

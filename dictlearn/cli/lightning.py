@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dictlearn.callbacks import ExportOnFitEnd, KeepFreedMemory, RunGuard, RunProgress, _log_dir, user_error
+from dictlearn.callbacks import ExportOnFitEnd, RunGuard, RunProgress, _log_dir, user_error
 from dictlearn.cli.fit_checks import check_command_line, check_training_memory, resolve_configs
 from dictlearn.cli.recipes import BASE_RECIPE
 from dictlearn.data import ActivationDataModule
@@ -30,6 +30,7 @@ from dictlearn.dictionaries import Dictionary
 from dictlearn.errors import ConfigError, DictLearnError
 from dictlearn.runtime import quiet_lightning
 from dictlearn.training import DictionaryTraining, Member, TrainingConfig
+from dictlearn.training.fit import Stopped, run_callbacks, train
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 FIT_DESCRIPTION = (
@@ -135,6 +136,12 @@ class DictLearnCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_start = time.perf_counter()
+
+    def fit(self, model: DictionaryTraining, datamodule: ActivationDataModule, ckpt_path: str | None = None,
+            **dataloaders) -> None:
+        """What LightningCLI runs for `fit` (in place of `Trainer.fit`): the one training path
+        `dictlearn compare` also trains through; a stop by signal raises `Stopped`."""
+        train(self.trainer, model, datamodule, ckpt_path)
 
     def after_fit(self) -> None:
         """Validate the final model (unless the last validation already ran at the last step)
@@ -294,12 +301,15 @@ def main(argv: list[str]) -> int:
             parser_class=OneLineArgumentParser,
             save_config_kwargs={"overwrite": True},
             parser_kwargs=parser_kwargs,
-            trainer_defaults={"callbacks": [guard, ExportOnFitEnd(), KeepFreedMemory()]},
+            trainer_defaults={"callbacks": run_callbacks(guard, ExportOnFitEnd())},
             args=argv,
             guard=guard,
         )
-    except SIGTERMException:
-        print(f"dictlearn: stopped by signal; checkpoint saved, exiting {guard.exit_code}", file=sys.stderr)
+    except Stopped as stop:  # fit, through `train`: the checkpoint of the last whole step is saved
+        print(f"dictlearn: stopped by signal; checkpoint saved, exiting {stop.code}", file=sys.stderr)
+        return stop.code
+    except SIGTERMException:  # validate, test
+        print(f"dictlearn: stopped by signal, exiting {guard.exit_code}", file=sys.stderr)
         return guard.exit_code
     except DictLearnError:
         raise

@@ -25,25 +25,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from dictlearn.callbacks import ExportOnFitEnd, RunGuard
 from dictlearn.compare.include import check_included, evaluate_included
 from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
 from dictlearn.compare.scan import write_l0_scan
+from dictlearn.data import ActivationDataModule
+from dictlearn.data.h5 import H5Array, check_activation_file
+from dictlearn.data.split import HeldOutSplit
 from dictlearn.errors import ConfigError, DataError
+from dictlearn.export import export, load
 from dictlearn.io import atomic_write_text, check_writable_folder
 from dictlearn.runtime import check_device, quiet_lightning
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
+from dictlearn.training.calibration import SparsityCalibration
+from dictlearn.training.fit import Stopped, build_trainer, checkpoint_step, latest_checkpoint, run_callbacks, train
+from dictlearn.training.recipe import sweep_config, to_yaml
 
 OWN_ENTRIES = {"compare.yaml", "activations.h5", "train", "exports", "evaluations", "results.jsonl", "results.csv",
                "timings.json", "figures", "report.md", "report.html", "dashboards", "lr_search.json"}
-
-
-class Stopped(Exception):
-    """SIGTERM/SIGINT outside training: stop between units of work. `code` is 128 + signal."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"stopped by signal; rerun the same command to resume (exit {code})")
-        self.code = code
 
 
 @dataclass
@@ -67,8 +72,6 @@ def _rank() -> int:
 def check_source(config: CompareConfig, out: Path):
     """-> (Source, the loaded language model or None); every bad input a one-line error, nothing written."""
     if config.data is not None:
-        from dictlearn.data.h5 import H5Array, check_activation_file
-
         path = Path(check_activation_file(config.data))
 
         for flag, key in (("--input-key", config.input_key), ("--target-key", config.target_key)):
@@ -282,27 +285,20 @@ def _train_group(config: CompareConfig, source: Source, group: list[Planned], la
     _check_stop(stop)
     final = folder / "final.ckpt"
     trained = not final.is_file()
-    if trained:
-        _fit(config, source, group, folder, progress)
+    if trained:  # the fit's end writes every member's export (ExportOnFitEnd), then final.ckpt
+        _fit(config, source, group, folder, progress, exports=out / "exports")
+    elif _rank() == 0:  # a finished sweep whose exports went missing: from its final checkpoint
+        _export_from(final, pending, out)
     if _rank() == 0:
-        _export_from(final, pending, out, source)
         progress.done_dictionaries += len(group)
     return trained
 
 
 def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Path, progress: Progress,
-         data=None) -> None:
-    """Train `group` into `folder` (resuming its checkpoints) on `data` (None: `sweep_data`)."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    from dictlearn.callbacks import KeepFreedMemory, RunGuard
-    from dictlearn.data.h5 import H5Array
-    from dictlearn.training import DictionaryTraining, Member, TrainingConfig
-    from dictlearn.training.calibration import SparsityCalibration
-    from dictlearn.training.recipe import base_trainer_arguments, sweep_config, to_yaml
-
+         data=None, exports: Path | None = None) -> None:
+    """Train `group` into `folder` (resuming its checkpoints) on `data` (None: `sweep_data`) through
+    the one training path (`dictlearn.training.fit`); each member exported to `exports/<name>` at the
+    end (None: not exported)."""
     quiet_lightning(*_RESUME_WARNINGS)
     steps = config.steps
     members = {}
@@ -315,9 +311,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     module = DictionaryTraining(members)
     data = sweep_data(config, source, group[0].seed) if data is None else data
     targets = {p.name: p.l0_target for p in group if p.calibrated}
-    calibration = SparsityCalibration(targets, **config.calibration)
-    guard = RunGuard()
-    # recipes/base.yaml's trainer settings, compare's run length, devices and logging on top
+    # compare's run length, devices and logging on top of recipes/base.yaml's trainer settings
     cuda = config.device.startswith("cuda")
     own = dict(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=config.devices,
                strategy="ddp" if config.devices > 1 else "auto", log_every_n_steps=max(1, min(50, steps // 20)),
@@ -330,28 +324,21 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
                      {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoints}]
         atomic_write_text(folder.parent / f"{folder.name}.yaml", to_yaml(
             sweep_config(members, dict(data.hparams), own, callbacks, group[0].seed)))
-    trainer = L.Trainer(
-        **{**base_trainer_arguments(), **own}, enable_progress_bar=False, default_root_dir=str(folder),
-        logger=CSVLogger(save_dir=str(folder.parent), name=folder.name, version=0),
-        callbacks=[guard, calibration, TrainingProgress(progress, config.batch_size * len(group)), KeepFreedMemory(),
-                   ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoints)],
-    )  # fmt: skip
-    resume = _latest_checkpoint(folder / "checkpoints")
+    export = ExportOnFitEnd(exports, echo=False) if exports is not None else None
+    callbacks = [*run_callbacks(RunGuard(), export), SparsityCalibration(targets, **config.calibration),
+                 TrainingProgress(progress, config.batch_size * len(group)),
+                 ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoints)]
+    logger = CSVLogger(save_dir=str(folder.parent), name=folder.name, version=0)
+    trainer = build_trainer(own, root=folder, logger=logger, callbacks=callbacks)
+    resume = latest_checkpoint(folder / "checkpoints")
     if resume is not None:
         progress.note(f"{folder.name}: resuming from {resume.name}")
-    start = _checkpoint_step(resume) if resume is not None else 0
-    progress.stage(f"train {folder.name}", steps - start)
+    progress.stage(f"train {folder.name}", steps - (checkpoint_step(resume) if resume is not None else 0))
     started = time.perf_counter()
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
-        trainer.fit(module, data, ckpt_path=str(resume) if resume is not None else None)
-    except SIGTERMException:
-        raise Stopped(guard.exit_code) from None
+        train(trainer, module, data, resume)
     finally:
         _add_seconds(folder, time.perf_counter() - started)
-    if trainer.interrupted:
-        raise Stopped(guard.exit_code)
     trainer.save_checkpoint(folder / "final.ckpt")  # atomic (RunGuard's checkpoint IO), all ranks join
 
 
@@ -362,10 +349,6 @@ def sweep_data(config: CompareConfig, source: Source, seed: int):
     """The data module of one seed's sweep. The seed sets the data order as well as the initial
     weights: every architecture of a seed reads the same batches (so differences pair by seed), and
     the spread over seeds includes the data's, not only the initialisation's."""
-    from dictlearn.data import ActivationDataModule
-    from dictlearn.data.h5 import H5Array
-    from dictlearn.data.split import HeldOutSplit
-
     # Validation here only draws the training curves: with held-out documents, their first
     # VALIDATION_ROWS rows do (training never reads any held-out row either way). A tail split keeps
     # evaluate's default, so the rows evaluate scores are never trained on.
@@ -373,18 +356,6 @@ def sweep_data(config: CompareConfig, source: Source, seed: int):
     val_rows = min(VALIDATION_ROWS, split.n_val) if split.kind == "documents" else None
     return ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size,
                                 seed=seed, val_rows=val_rows)
-
-
-def _latest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint with the most steps (last.ckpt or interrupted-step=N.ckpt), or None."""
-    found = [(p, _checkpoint_step(p)) for p in folder.glob("*.ckpt")] if folder.is_dir() else []
-    return max(found, key=lambda item: item[1])[0] if found else None
-
-
-def _checkpoint_step(path: Path) -> int:
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def _add_seconds(folder: Path, seconds: float) -> None:
@@ -396,12 +367,8 @@ def _add_seconds(folder: Path, seconds: float) -> None:
     atomic_write_text(path, json.dumps({"seconds": total + seconds}))
 
 
-def _export_from(checkpoint: Path, pending: list[Planned], out: Path, source: Source) -> None:
+def _export_from(checkpoint: Path, pending: list[Planned], out: Path) -> None:
     """Each pending member of a finished sweep's final checkpoint -> DIR/exports/<name> (atomic)."""
-    import torch
-
-    from dictlearn.export import export, load
-
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["dictlearn_members"]
     for p in pending:
         export(load(checkpoint, member=p.name), out / "exports" / p.name, saved[p.name].get("data", {}))
