@@ -15,6 +15,7 @@ from conftest import assert_same_state, crash_and_resume, quiet_trainer
 from dictlearn.dictionaries.latents import _tries_sparse_path
 from dictlearn.dictionaries.model import TrainingStep
 from dictlearn.training import DictionaryTraining, Member, TrainingConfig
+from dictlearn.training.optimiser import fused_adam_possible
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import (
@@ -327,7 +328,8 @@ def test_bf16_mixed_training_clips_with_fused_adam(small_file):
     trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", gradient_clip_val=1e-3, callbacks=[norms])
     trainer.fit(DictionaryTraining(model, TrainingConfig(lr=3e-3, sparse_path="always")),
                 ActivationDataModule(small_file, batch_size=256, block_size=64))
-    assert trainer.global_step == 3 and trainer.lightning_module._fused_adam()
+    assert trainer.global_step == 3
+    assert fused_adam_possible(trainer.lightning_module.parameters(), str(trainer.precision))
     assert trainer.optimizers[0].defaults["fused"]
     assert max(norms.norms) <= 1e-3 * (1 + 1e-5)
     assert model.W_dec.dtype == torch.float32 and torch.isfinite(model.W_dec).all()

@@ -38,3 +38,16 @@ def check_gradients_finite(named_parameters: Iterable[tuple[str, Tensor]], step:
             f"{label}step {step}: non-finite gradient in {', '.join(bad)}; "
             "lower --training.lr or check the data; no checkpoint was written for this step"
         )
+
+
+def raise_nonfinite_loss(losses: dict[str, Tensor], terms: dict[str, dict[str, Tensor]], step: int,
+                         batch_idx: int) -> None:
+    """After the sum of all members' losses was not finite: name the first member whose loss is
+    not, with its loss terms. `losses`/`terms` are keyed by the member's label ("" alone)."""
+    for label, loss in losses.items():
+        if not torch.isfinite(loss):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in terms[label].items())
+            raise NonFiniteError(
+                f"{label}step {step} (batch {batch_idx}): loss is {loss.item()} "
+                f"({parts}); lower --training.lr or check the data scale; no checkpoint was written for this step"
+            )

@@ -12,84 +12,24 @@ member trained alone on the same batches and seed (tests/test_sweep.py).
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from functools import partial
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from dictlearn.dictionaries.init import warmup_decay_factor
 from dictlearn.dictionaries.model import Dictionary, TrainingStep
-from dictlearn.errors import ConfigError, DataError, NonFiniteError
-from dictlearn.metrics import ReconstructionMetrics, SparsityMetrics
+from dictlearn.errors import ConfigError
 from dictlearn.training.calibration import coefficient_attribute
+from dictlearn.training.checkpoints import check_and_upgrade, save_members
 from dictlearn.training.config import DEAD_WINDOW_TOKENS, TrainingConfig, dead_window_for, resolve
-from dictlearn.training.guards import check_batch_finite, check_gradients_finite
+from dictlearn.training.guards import check_batch_finite, check_gradients_finite, raise_nonfinite_loss
 from dictlearn.training.initialise import initialise_from_data
+from dictlearn.training.members import LatentActivity, Member, MemberMetrics, as_members, update_activity
+from dictlearn.training.optimiser import adam_with_schedules, clip_members, fused_adam_possible, split, total_steps
 from dictlearn.training.resample import resample_dead_latents
 from dictlearn.training.stack import stack_key, stacked_training_losses, stacks
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
-
-
-@dataclass
-class Member:
-    """One dictionary of a sweep and the data it reads.
-
-    Args:
-        dictionary: the model to train.
-        input_key: dataset of its inputs; None: the data module's `input_key`.
-        target_key: dataset of its targets (transcoders); None: the data module's `target_key`
-            for a transcoder, the input for an SAE.
-        seed: draw the initial parameters from this seed, whatever else the process did before
-            (None: keep them as constructed). Two members with one seed and shape start equal.
-        training: how this member trains where it differs from the run's `training:` (its set
-            fields win; `TrainingConfig`).
-    """
-
-    dictionary: Dictionary
-    input_key: str | None = None
-    target_key: str | None = None
-    seed: int | None = None
-    training: TrainingConfig | None = None
-
-
-class LatentActivity(nn.Module):
-    """A member's dead-latent bookkeeping (checkpointed): training tokens since each latent last fired."""
-
-    def __init__(self, d_sae: int) -> None:
-        super().__init__()
-        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, fire_counts: Tensor, n_tokens: int) -> None:
-        """fire_counts [d_sae] over n_tokens tokens (summed over DDP ranks by the caller: a latent
-        that fired on any rank fired)."""
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired.masked_fill_(fire_counts > 0, 0)  # not a boolean index: no device sync
-
-    def dead(self, window: int) -> Tensor:
-        """[d_sae] bool: latents that fired in none of the last `window` tokens."""
-        return self.tokens_since_fired >= window
-
-
-class MemberMetrics(nn.Module):
-    """One member's torchmetrics: a log interval's train metrics, the dead-latent window, validation."""
-
-    def __init__(self, d_sae: int, d_out: int) -> None:
-        super().__init__()
-        self.train_reconstruction = ReconstructionMetrics(d_out or None)
-        self.train_sparsity = SparsityMetrics(d_sae)
-        # Dead/dense fractions need a long window of tokens, logged once per window.
-        self.train_density = SparsityMetrics(d_sae)
-        self.val_reconstruction = ReconstructionMetrics(d_out or None)
-        self.val_sparsity = SparsityMetrics(d_sae)
-
 
 class DictionaryTraining(L.LightningModule):
     """Trains `members` (a Dictionary, a Member, or {name: Dictionary | Member}) on the same
@@ -102,7 +42,7 @@ class DictionaryTraining(L.LightningModule):
         #: train members of one mechanism and shape as one stacked computation (training/stack.py);
         #: each member's results are those it gets alone
         self.stack = stack
-        specs = _as_members(members)
+        specs = as_members(members)
         self.members = nn.ModuleDict({name: spec.dictionary for name, spec in specs.items()})
         #: each member's resolved training settings (training/config.py)
         self.settings = {name: resolve(spec.dictionary, training, spec.training) for name, spec in specs.items()}
@@ -186,7 +126,9 @@ class DictionaryTraining(L.LightningModule):
                 results[name] = (inputs[name][1], result, member_loss)
                 loss = loss + member_loss
         if not torch.isfinite(loss):  # one check (a device sync) for all members; name the first bad one
-            self._raise_nonfinite_loss(results, batch_idx)
+            labelled = {self._label(name): r for name, r in results.items()}
+            raise_nonfinite_loss({label: r[2] for label, r in labelled.items()},
+                                 {label: r[1].losses for label, r in labelled.items()}, self.global_step, batch_idx)
         with torch.no_grad():
             # this step's training L0 per member, a 0-d tensor (read by sparsity controllers)
             self.last_step_l0 = {name: r[1].fire_counts.sum() / len(batch[0]) for name, r in results.items()}
@@ -230,25 +172,9 @@ class DictionaryTraining(L.LightningModule):
         total = self._total_steps()
         return warmup_decay_factor(self.global_step, total, self.settings[name].sparsity_warmup_fraction * total)
 
-    def _raise_nonfinite_loss(self, results: dict, batch_idx: int) -> None:
-        for name, (_, result, member_loss) in results.items():
-            if not torch.isfinite(member_loss):
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
-                raise NonFiniteError(
-                    f"{self._label(name)}step {self.global_step} (batch {batch_idx}): loss is {member_loss.item()} "
-                    f"({terms}); lower --training.lr or check the data scale; no checkpoint was written for this step"
-                )
-
     def _update_fired(self, fire_counts: dict[str, Tensor], n_tokens: int) -> None:
-        """Every member's dead-latent counters; a latent that fired on any rank fired (one
-        all-reduce for all members)."""
-        counts = torch.cat([c.to(torch.int64) for c in fire_counts.values()])
-        if dist.is_available() and dist.is_initialized():
-            total = torch.cat([counts, counts.new_tensor([n_tokens])])
-            dist.all_reduce(total)
-            counts, n_tokens = total[:-1], int(total[-1])
-        for (name, _), part in zip(fire_counts.items(), counts.split([len(c) for c in fire_counts.values()])):
-            self.activity[name].update(part, n_tokens)
+        """Every member's dead-latent counters (members.py `update_activity`)."""
+        update_activity(self.activity, fire_counts, n_tokens)
 
     def _log_train(self, name: str, y_raw: Tensor, result, n_tokens: int, loss: Tensor) -> None:
         member, metrics, prefix = self.members[name], self.metrics[name], self.prefix(name)
@@ -297,7 +223,7 @@ class DictionaryTraining(L.LightningModule):
         # sync) and, reused by `configure_gradient_clipping`, each member's clipping norm.
         grads = [[p.grad for p in m.parameters() if p.grad is not None] for m in self.members.values()]
         norms = torch._foreach_norm([g for member_grads in grads for g in member_grads], 2.0)
-        self._grad_norms = list(zip(grads, _split(norms, [len(g) for g in grads])))
+        self._grad_norms = list(zip(grads, split(norms, [len(g) for g in grads])))
         if norms and not torch.isfinite(torch.stack(norms).sum()):
             for name, member in self.members.items():
                 check_gradients_finite(member.named_parameters(), self.global_step, self._label(name))
@@ -349,137 +275,22 @@ class DictionaryTraining(L.LightningModule):
 
     # ----------------------------------------------------------------- optimiser and schedule
     def _total_steps(self) -> int:
-        trainer = self._trainer
-        if trainer is None:
-            return 1
-        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        return max(1, int(steps)) if math.isfinite(steps) else 1
+        return total_steps(self._trainer)
 
     def configure_optimizers(self):
         """One Adam, one parameter group per member (its lr, betas, eps), one LR factor each."""
-        settings = [self.settings[name] for name in self.members]
-        groups = [
-            {"params": list(m.parameters()), "lr": s.lr, "betas": s.adam_betas, "eps": s.adam_eps}
-            for m, s in zip(self.members.values(), settings)
-        ]
-        optimizer = torch.optim.Adam(groups, fused=self._fused_adam() or None)
-        total = self._total_steps()
-        factors = [
-            partial(warmup_decay_factor, total=total, warmup=s.lr_warmup_fraction * total,
-                    decay=s.lr_decay_fraction * total)
-            for s in settings
-        ]  # fmt: skip
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _fused_adam(self) -> bool:
-        """Fused Adam: one kernel per parameter instead of ~8 passes (~5× less time on CPU;
-        deterministic). Not under fp16 `16-mixed`, whose loss scaler must unscale the gradients
-        before clipping (a fused optimizer unscales inside its step)."""
         precision = str(getattr(self._trainer, "precision", "32-true"))
-        return precision != "16-mixed" and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.parameters()
-        )
+        return adam_with_schedules(self.members, self.settings, self._total_steps(),
+                                   fused=fused_adam_possible(self.parameters(), precision))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Each member is clipped by its own gradient norm, as it would be alone. Directly, not
-        # through Lightning's plugin, which refuses any optimizer that unscales its own gradients
-        # (fused Adam) under mixed precision; gradients are already unscaled here.
+        # Each member is clipped by its own gradient norm, as it would be alone (training/optimiser.py).
         norms, self._grad_norms = getattr(self, "_grad_norms", None), None
-        if not gradient_clip_val:
-            return
-        if gradient_clip_algorithm == "value":
-            for member in self.members.values():
-                torch.nn.utils.clip_grad_value_(member.parameters(), gradient_clip_val)
-            return
-        if norms is None:  # no on_before_optimizer_step (a loop of its own)
-            for member in self.members.values():
-                torch.nn.utils.clip_grad_norm_(member.parameters(), gradient_clip_val)
-            return
-        for member_grads, member_norms in norms:  # clip_grad_norm_'s arithmetic, on the norms above
-            if member_grads:
-                total = torch.linalg.vector_norm(torch.stack(member_norms), 2.0)
-                torch._foreach_mul_(member_grads, torch.clamp(gradient_clip_val / (total + 1e-6), max=1.0))
+        clip_members(self.members.values(), norms, gradient_clip_val, gradient_clip_algorithm)
 
-    # ----------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------- checkpoints (training/checkpoints.py)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        checkpoint["dictlearn_members"] = {name: self._member_record(name, datamodule) for name in self.members}
-        if len(self.members) == 1 and datamodule is not None:  # where the data came from, for the export
-            checkpoint["dictlearn_data"] = checkpoint["dictlearn_members"][next(iter(self.members))]["data"]
-
-    def _member_record(self, name: str, datamodule) -> dict:
-        member = self.members[name]
-        cls = type(member)
-        record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hyper_parameters": dict(member.hparams),
-                  "training": asdict(self.settings[name])}
-        if hasattr(datamodule, "view"):
-            record["data"] = datamodule.view(*self.data_keys(name, datamodule)).provenance()
-        return record
+        save_members(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("dictlearn_members")
-        if saved is None:  # a checkpoint of one dictionary from before sweeps: its keys, prefixed
-            saved = {name: {"hyper_parameters": checkpoint.get("hyper_parameters", {})} for name in self.members}
-            if len(self.members) == 1:
-                name = next(iter(self.members))
-                checkpoint["state_dict"] = _prefixed_state(checkpoint["state_dict"], name)
-        _move_activity(checkpoint["state_dict"], self.members)
-        if set(saved) != set(self.members):
-            raise DataError(
-                f"checkpoint holds dictionaries {sorted(saved)} but this run has {sorted(self.members)}; "
-                "resume with the same sweep file"
-            )
-        for name, member in self.members.items():
-            hyper = saved[name].get("hyper_parameters", {})
-            for size in ("d_in", "d_out", "d_sae"):
-                mine, theirs = getattr(member, size), hyper.get(size, getattr(member, size))
-                if size == "d_out" and theirs is None:
-                    theirs = hyper.get("d_in")
-                if theirs != mine:
-                    raise DataError(
-                        f"{self._label(name)}--ckpt_path: the checkpoint was trained with {size}={theirs} but this "
-                        f"run has {size}={mine}; use the data file and --model sizes it was trained with"
-                    )
-
-
-def _as_members(members) -> dict[str, Member]:
-    """{name: Member} from a Dictionary, a Member or a mapping of either; names checked."""
-    if isinstance(members, (Dictionary, Member)):
-        members = {"model": members}
-    if not isinstance(members, Mapping) or not members:
-        raise ConfigError("a sweep needs at least one member: {name: dictionary}")
-    specs = {}
-    for name, spec in members.items():
-        if not _NAME.match(str(name)):
-            raise ConfigError(f"sweep member name {name!r}: use letters, digits, '_' and '-' (it names a folder)")
-        specs[str(name)] = spec if isinstance(spec, Member) else Member(spec)
-        if not isinstance(specs[str(name)].dictionary, Dictionary):
-            raise ConfigError(f"sweep member {name!r} is not a dictlearn Dictionary")
-    return specs
-
-
-def _split(items: list, sizes: list[int]) -> list[list]:
-    """items cut into consecutive runs of `sizes`."""
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [items[start:start + size] for start, size in zip(starts, sizes)]
-
-
-def _prefixed_state(state_dict: dict, name: str) -> dict:
-    """An old single-dictionary state dict (`W_enc`, `train_sparsity.n_tokens`, ...) in this
-    module's layout (`members.<name>.W_enc`, `metrics.<name>.train_sparsity.n_tokens`)."""
-    metric_names = ("train_reconstruction", "train_sparsity", "train_density", "val_reconstruction", "val_sparsity")
-    out = {}
-    for key, value in state_dict.items():
-        group = "metrics" if key.split(".")[0] in metric_names else "members"
-        out[f"{group}.{name}.{key}"] = value
-    return out
-
-
-def _move_activity(state_dict: dict, names) -> None:
-    """In place: a checkpoint from before the dead-latent counters moved to the training side
-    (`members.<name>.tokens_since_fired`) in this module's layout (`activity.<name>.…`)."""
-    for name in names:
-        old = f"members.{name}.tokens_since_fired"
-        if old in state_dict:
-            state_dict[f"activity.{name}.tokens_since_fired"] = state_dict.pop(old)
+        check_and_upgrade(self, checkpoint)
