@@ -1,13 +1,15 @@
 """The package's import graph: data flows one way (STYLE.md, "Layout"), so no module imports a
 later stage and no two modules import each other, directly or around a circle.
 
-Read from the source with `ast` (every import, at module top or inside a function), so the test
-costs milliseconds and needs no import of the package.
+Read from the source with `ast` (every import, at module top or inside a function, and every
+string that names a package module: lazy `__getattr__` maps, `importlib.import_module`), so the
+test costs milliseconds and needs no import of the package.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import dictlearn
@@ -44,13 +46,21 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+#: a string naming a dictlearn module or one of its attributes ("dictlearn.compare.run",
+#: "dictlearn.training.calibration.SparsityCalibration")
+_DOTTED = re.compile(r"dictlearn(\.[A-Za-z_]\w*)+")
+
+
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package modules `name` imports (`from a import b` counts as a.b when that is a module)."""
+    """The package modules `name` imports (`from a import b` counts as a.b when that is a module),
+    and those it names in a string: what `importlib.import_module` or a lazy `__getattr__` loads."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _DOTTED.fullmatch(node.value):
+            targets = [node.value]  # a module named in a string: a lazy map, import_module, a class_path
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:

@@ -19,7 +19,8 @@ from dictlearn.analysis.style import ARCHITECTURES, architecture_style
 from dictlearn.cli import RECIPES_DIR, main
 from dictlearn.compare.plan import OPTIMIZER, SHORT_RUN, CompareConfig, parse_architecture, plan
 from dictlearn.data import write_synth_file
-from dictlearn.dictionaries import SHIPPED
+from dictlearn.dictionaries import SHIPPED, Dictionary
+from dictlearn.dictionaries.latents import Selection
 from dictlearn.dictionaries.registry import Mechanism, mechanism_class, mechanism_of, mechanisms
 from dictlearn.errors import ConfigError
 from dictlearn.training.calibration import calibration_start, coefficient_attribute
@@ -40,6 +41,30 @@ class ToyL1SAE(ReLUL1SAE):
     mechanism = Mechanism("toy_l1", coefficient="l1_coefficient", short_run={"decoder_constraint": "unit_norm"})
 
 
+class ToyScratchSAE(Dictionary):
+    """A mechanism on the base class alone, no shipped mechanism under it: the k largest
+    pre-activations of each token, through a ReLU, and no loss term of its own."""
+
+    sae_lens_architecture = "topk"
+    mechanism = Mechanism("toy_scratch")
+
+    def __init__(self, k: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.k = k
+
+    def select(self, pre: torch.Tensor, training: bool) -> Selection:
+        return Selection.of_rows(pre.topk(self.k, dim=-1).indices)
+
+    def activate_entries(self, entries, training: bool) -> torch.Tensor:
+        return entries.pre.relu()
+
+    def sparse_l0(self) -> float:
+        return self.k
+
+    def export_fields(self) -> dict:
+        return {"k": self.k}
+
+
 SHIPPED_NAMES = {"relu_l1", "topk", "batchtopk", "gated", "jumprelu", "matryoshka"}
 
 
@@ -52,7 +77,7 @@ def _parameters(cls: type) -> set[str]:
 # ------------------------------------------------------------------ what the shipped mechanisms declare
 def test_the_registry_holds_the_shipped_mechanisms_and_what_they_declare():
     registry = mechanisms()
-    assert set(registry) == SHIPPED_NAMES | {"toy", "toy_l1"}
+    assert set(registry) == SHIPPED_NAMES | {"toy", "toy_l1", "toy_scratch"}
     assert {name: cls.__name__ for name, cls in registry.items() if name in SHIPPED_NAMES} == {
         "relu_l1": "ReLUL1SAE", "topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "gated": "GatedSAE",
         "jumprelu": "JumpReLUSAE", "matryoshka": "MatryoshkaBatchTopKSAE"}  # fmt: skip
@@ -151,9 +176,10 @@ def toy_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_a_toy_mechanism_trains_through_dictlearn_fit(toy_file, tmp_path):
+@pytest.mark.parametrize("toy", [ToyTopKSAE, ToyScratchSAE])
+def test_a_toy_mechanism_trains_through_dictlearn_fit(toy_file, tmp_path, toy):
     recipe = tmp_path / "toy.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"class_path": f"{__name__}.ToyTopKSAE",
+    recipe.write_text(yaml.safe_dump({"model": {"class_path": f"{__name__}.{toy.__name__}",
                                                 "init_args": {"d_sae": 32, "k": 3}}}))
     code = main(["fit", "--config", str(recipe), "--data.path", toy_file, "--data.input_key", "acts",
                  "--data.batch_size", "256", "--trainer.max_steps", "10", "--trainer.default_root_dir",
@@ -161,7 +187,7 @@ def test_a_toy_mechanism_trains_through_dictlearn_fit(toy_file, tmp_path):
     assert code == 0
     (export,) = Path(tmp_path / "runs").rglob("export/cfg.json")
     model = load(export.parent)
-    assert type(model) is ToyTopKSAE and (model.d_sae, model.k) == (32, 3)
+    assert type(model) is toy and (model.d_sae, model.k) == (32, 3)
     x = torch.randn(5, 16)
     assert (model.encode(x) > 0).sum(1).le(3).all()
 
@@ -170,13 +196,15 @@ def test_a_toy_mechanism_trains_through_dictlearn_fit(toy_file, tmp_path):
 def test_a_toy_mechanism_runs_in_dictlearn_compare(toy_file, tmp_path):
     out = tmp_path / "run"
     code = main(["compare", "--out", str(out), "--data", toy_file, "--input-key", "acts",
-                 "--architectures", "toy,toy_l1", "--l0", "4", "--d-sae", "32", "--seeds", "0",
+                 "--architectures", "toy,toy_l1,toy_scratch", "--l0", "4", "--d-sae", "32", "--seeds", "0",
                  "--train-tokens", "5120", "--batch-size", "256", "--no-downstream", "--no-interpret", "--quiet"])
     assert code == 0
     lines = {line["mechanism"]: line for line in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert set(lines) == {"toy", "toy_l1"}
+    assert set(lines) == {"toy", "toy_l1", "toy_scratch"}
     assert lines["toy"]["k"] == 4 and "l1_coefficient" not in lines["toy"]
     assert type(load(lines["toy"]["export"])) is ToyTopKSAE
+    scratch = load(lines["toy_scratch"]["export"])  # trained by compare with its k, then evaluated
+    assert type(scratch) is ToyScratchSAE and scratch.k == 4 and 0 < lines["toy_scratch"]["l0"] <= 4
     # calibrated: λ moved from its start (the declared 0.1 of relu_l1 is not the toy's; ReLU-L1's own 5.0 is)
     assert lines["toy_l1"]["k"] is None and lines["toy_l1"]["l1_coefficient"] != pytest.approx(5.0)
     assert (out / "report.md").is_file()
