@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from dictlearn.errors import ConfigError, DictLearnError
+from dictlearn.export import export
 from dictlearn.io import atomic_path
 from dictlearn.runtime import keep_freed_memory
 
@@ -271,8 +272,6 @@ class ExportOnFitEnd(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or not trainer.is_global_zero:
             return
-        from dictlearn.export import export  # export builds on the dictionaries; imported late
-
         single = len(pl_module.members) == 1 and self.folder is None
         log_dir = Path(_log_dir(trainer) or trainer.default_root_dir)
         root = self.folder if self.folder is not None else log_dir / ("export" if single else "exports")

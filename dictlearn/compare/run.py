@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from dictlearn.callbacks import ExportOnFitEnd, RunGuard
+from dictlearn.compare import tune
 from dictlearn.compare.include import check_included, evaluate_included
 from dictlearn.compare.plan import CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
@@ -140,7 +142,7 @@ def compare(config: CompareConfig) -> Path:
     rank = _rank()
     out = check_out(config)
     source, lm = check_source(config, out)
-    _tune().check(config, source)
+    tune.check(config, source)
     planned = plan(config)
     included = check_included(config, source, lm, planned)  # outside dictionaries: refused here or never
     progress = Progress(len(planned), enabled=not config.quiet and rank == 0)
@@ -187,19 +189,10 @@ def compare(config: CompareConfig) -> Path:
 
 def _leave_process_group(barrier: bool = True) -> None:
     """End DDP's process group (all ranks, after the last sweep), if there is one."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def _tune():
-    """compare/tune.py, the --tune-lr search."""
-    from dictlearn.compare import tune
-
-    return tune
 
 
 def _search_lr(config: CompareConfig, source: Source, progress: Progress, stop: threading.Event) -> dict[str, float]:
@@ -211,7 +204,7 @@ def _search_lr(config: CompareConfig, source: Source, progress: Progress, stop: 
         data.use_split(documents.split(data.block_size, min(VALIDATION_ROWS, documents.stop - documents.start)))
         _fit(config, source, group, folder, progress, data=data)
 
-    return _tune().search(config, source, train)
+    return tune.search(config, source, train)
 
 
 def _import_analysis():

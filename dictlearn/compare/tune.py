@@ -45,8 +45,10 @@ import h5py
 import numpy as np
 
 from dictlearn.compare.plan import CompareConfig, Planned, plan, with_lr
+from dictlearn.data.h5 import H5Array
 from dictlearn.data.split import HeldOutSplit
 from dictlearn.errors import DataError
+from dictlearn.export import load
 from dictlearn.io import atomic_write_text
 
 VALIDATION_FRACTION = 0.1  # of the training rows: ~10 % of the training documents validate
@@ -105,8 +107,6 @@ def validation_documents(path: str, n_rows: int, fraction: float = VALIDATION_FR
 def check(config: CompareConfig, source) -> None:
     """Before anything is written: a given --data file can hold validation documents."""
     if config.tune_lr and source.hooks is None:
-        from dictlearn.data.h5 import H5Array
-
         validation_documents(str(source.path), H5Array(source.path, source.sae_keys[0]).n_rows)
 
 
@@ -129,8 +129,6 @@ def search(config: CompareConfig, source, train: Callable[[list[Planned], Path, 
     """Train (`train(runs, folder, documents)`: compare/run.py's sweep training on `documents`'
     split) and score every search run not already scored; write DIR/lr_search.json;
     -> {architecture: chosen lr}."""
-    from dictlearn.data.h5 import H5Array
-
     out = Path(config.out)
     documents = validation_documents(str(source.path), H5Array(source.path, source.sae_keys[0]).n_rows)
     searched, rows = search_runs(config), []
@@ -189,9 +187,7 @@ def _scored(config: CompareConfig, source, documents: ValidationDocuments, archi
 def validation_scores(checkpoint: Path, p: Planned, source, documents: ValidationDocuments,
                       device: str) -> tuple[float, float]:
     """(fvu, l0) of search run `p` on every validation-document row, by evaluate's own code."""
-    from dictlearn.data.h5 import H5Array
     from dictlearn.evaluate import HeldOutData, reconstruction_metrics
-    from dictlearn.export import load
 
     dictionary = load(checkpoint, member=p.name).to(device)
     input_key, target_key = source.keys(p)
