@@ -147,9 +147,10 @@ def _train_seed(config: CompareConfig, source: ReplaceSource, group: list[Replac
         return
     run._check_stop(stop)
     folder = out / "train" / f"seed{group[0].seed}"
-    if not (folder / "final.ckpt").is_file():
-        run._fit(config, source, members, folder, progress)
-    run._export_from(folder / "final.ckpt", pending, out, source)
+    if not (folder / "final.ckpt").is_file():  # exported when the fit ends (training/fit.py), as compare's sweeps
+        run._fit(config, source, members, folder, progress, exports=out / "exports")
+    else:  # a finished sweep that lost an export
+        run._export_from(folder / "final.ckpt", pending, out)
     progress.done_dictionaries += len(group)
 
 
