@@ -38,14 +38,14 @@ from dictlearn.export_circuit import export_circuit_tracer
 from dictlearn.harvest import harvest, layer_hooks
 from dictlearn.models.hooks import standard_hooks
 from dictlearn.models.loading import load_model
-from dictlearn.training import DictionaryTraining, Member
+from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 
 warnings.filterwarnings("ignore")
 N_LAYERS, D = 4, 128
 PROMPT = "import os\nimport sys\n\n\ndef main():\n    return os.path.join(sys."
 
 
-def train(lm, acts: Path, tokens: int, steps: int, m: int):
+def train(lm, acts: Path, tokens: int, steps: int, m: int, lr: float | None = None):
     """(JumpReLU CLT, four JumpReLU transcoders, input hooks, output hooks); the trained ones are
     kept as dictlearn exports beside `acts` and loaded from there by a later run."""
     if not acts.exists():
@@ -56,10 +56,12 @@ def train(lm, acts: Path, tokens: int, steps: int, m: int):
     if (kept / "tc3").is_dir():
         return load(kept / "clt"), [load(kept / f"tc{i}") for i in range(N_LAYERS)], ins, outs
     L.seed_everything(0)
+    config = None if lr is None else TrainingConfig(lr=lr)  # None: JumpReLU's own (7e-5, for long runs)
     members = {"clt": Member(CrossLayerJumpReLU(n_layers=N_LAYERS, d_in=N_LAYERS * D, d_sae=N_LAYERS * m),
-                             ",".join(ins), ",".join(outs), seed=0)}
+                             ",".join(ins), ",".join(outs), seed=0, training=config)}
     for i in range(N_LAYERS):
-        members[f"tc{i}"] = Member(JumpReLUSAE(d_in=D, d_sae=m, transcoder=True), ins[i], outs[i], seed=0)
+        members[f"tc{i}"] = Member(JumpReLUSAE(d_in=D, d_sae=m, transcoder=True), ins[i], outs[i], seed=0,
+                                   training=config)
     training = DictionaryTraining(members)
     data = ActivationDataModule(acts, input_key=ins[0], target_key=outs[0], batch_size=1024)
     L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -153,6 +155,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--latents", type=int, default=256, help="latents per layer")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: JumpReLU's 7e-5)")
     p.add_argument("--out", default="runs/circuit_tracer")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -162,8 +165,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(None)
     start = time.time()
-    clt, tcs, ins, outs = train(lm, out / "acts.h5", args.tokens, args.steps, args.latents)
-    result = {"tokens": args.tokens, "steps": args.steps, "latents_per_layer": args.latents,
+    clt, tcs, ins, outs = train(lm, out / "acts.h5", args.tokens, args.steps, args.latents, args.lr)
+    result = {"tokens": args.tokens, "steps": args.steps, "latents_per_layer": args.latents, "lr": args.lr,
               "train_seconds": round(time.time() - start)}
     attrs = [{"model_name": lm.name, "hook_name": h} for h in ins]
     export_circuit_tracer([clt], out / "ct" / "clt", attrs[:1])
