@@ -193,6 +193,7 @@ def test_replace_run_folder_ctrl_c_and_resume(tmp_path):
         assert set(line["layers"]) == {"0", "1", "2", "3"}
         assert math.isfinite(line["replacement_ce_loss_recovered"]) and line["replacement_kl_div"] >= 0
         assert line["total_l0"] == pytest.approx(sum(v["l0"] for v in line["layers"].values()))
+        assert line["heldout"] == "documents" and line["heldout_rows"] == line["n_rows"] > 0
         if line["mechanism"] == "topk":  # k = 2 per layer: at most 8 in all (the ReLU may zero a few)
             assert line["k"] == 2 and 6 <= line["total_l0"] <= 8
         else:

@@ -182,6 +182,7 @@ def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[Re
                                 int(attrs.get("context_size") or DEFAULT_CONTEXT), config.contexts,
                                 bool(attrs.get("exclude_special", True)), DOWNSTREAM_BATCH, data=str(source.path))
         sites = mlp_sites(lm.model, list(source.layers))
+        held_out = _held_out(cache, batches, source.path)
     for i, p in enumerate(todo):
         run._check_stop(stop)
         replacement = load_replacement(out, p).to(config.device)
@@ -189,11 +190,34 @@ def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[Re
         # per-layer FVU and L0 come from the clean run either way
         record = replacement_metrics(lm.model, sites, replacement, batches, per_layer=False)
         record |= {"model_name": lm.name, "data": str(source.path), "context_size": int(batches[0][0].shape[1]),
-                   "n_contexts": sum(int(t.shape[0]) for t, _ in batches)}
+                   "n_contexts": sum(int(t.shape[0]) for t, _ in batches), **held_out}
         atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record))
         progress.update(i + 1)
     return [results_line(config, p, source, out, sum(len(q.members) for q in planned if q.seed == p.seed))
             for p in planned]
+
+
+def _held_out(cache, batches, path: Path) -> dict:
+    """`heldout: "documents"` and `heldout_documents` (distinct documents of the windows) when the
+    file records held-out documents, as a single-site results line records its split (the rows:
+    `heldout_rows`, each record's n_rows); {} when the windows come from the corpus's held-out
+    split instead (heldout_windows), which the report then says is not recorded."""
+    from dictlearn.downstream import _heldout_excerpts
+
+    if _heldout_excerpts(str(path)) is None:
+        return {}
+    key = next(k for k, v in cache.windows.items() if v is batches)
+    return {"heldout": "documents", "heldout_documents": _unique_documents(cache.documents.get(key) or [])}
+
+
+def _unique_documents(per_batch) -> int | None:
+    """Distinct corpus documents (>= 0; -1 marks BOS) over the batches' [B, context] tensors."""
+    import torch
+
+    if not per_batch:
+        return None
+    flat = torch.cat([d.reshape(-1) for d in per_batch])
+    return int(torch.unique(flat[flat >= 0]).numel())
 
 
 def results_line(config: CompareConfig, p: ReplacementPlan, source: ReplaceSource, out: Path, in_sweep: int) -> dict:
@@ -207,7 +231,7 @@ def results_line(config: CompareConfig, p: ReplacementPlan, source: ReplaceSourc
     seconds = (json.loads(seconds_file.read_text())["seconds"] * len(p.members) / in_sweep
                if seconds_file.is_file() else None)
     line = {
-        **record, "name": p.name, "architecture": p.architecture, "mechanism": p.mechanism, "mapping": p.mapping,
+        **record, "heldout_rows": record.get("n_rows"), "name": p.name, "architecture": p.architecture, "mechanism": p.mechanism, "mapping": p.mapping,
         "replace": "mlp", "layers_replaced": list(p.layers), "hook_name": ",".join(source.inputs),
         "hook_name_out": ",".join(source.outputs), "l0_target": p.l0_target, "d_sae": p.d_sae, "seed": p.seed,
         "k": p.k, "train_tokens": config.steps * config.batch_size, "train_seconds": seconds,
