@@ -230,6 +230,7 @@ def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
     outside = [line for line in lines if is_outside(line)]
     lines = [line for line in lines if not is_outside(line)] or lines
     architectures = sorted({line["architecture"] for line in lines}, key=lambda a: series_order((a, "")))
+    replaced = any(replacement.is_replacement(line) for line in lines)
     counts = [len(architectures), len(_distinct(lines, "l0_target")), len(_distinct(lines, "seed"))]
     shape = ""
     if counts[0] * counts[1] * counts[2] == len(lines):
@@ -238,7 +239,10 @@ def _run_setup(lines: list[dict], folder: Path, notes: list[str]) -> list:
              + (f" → {join('hook_name_out')}" if _distinct(lines, "hook_name_out") else ""),
              f"Activations: {join('data')}",
              _split_line(lines),
-             f"Dictionaries: {len(lines)}{shape}; d_sae {join('d_sae')}",
+             f"Dictionaries: {len(lines)}{shape}; d_sae {join('d_sae')}" if not replaced else
+             f"Replacement models (every MLP replaced at once): {len(lines)}"
+             f"{shape.replace('architectures', 'replacements')}; latents per layer {join('d_sae')}; "
+             "L0 targets are totals over layers",
              f"Architectures: {', '.join(architectures)}",
              f"L0 targets: {join('l0_target')}; seeds: {join('seed')}",
              f"Training tokens per dictionary: {join('train_tokens')}"]

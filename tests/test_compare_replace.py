@@ -122,6 +122,7 @@ def test_replacement_section_ranks_with_intervals_and_tests_over_seeds(tmp_path)
         assert r["p"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue, rel=1e-6)
         assert "topk_clt" in (r["a"], r["b"]) and r["claim"] in ("better", "worse")
     assert "Replacement models" in report
+    assert "Replacement models (every MLP replaced at once): 18 (3 replacements × 2 L0 targets × 3 seeds)" in report
     row = next(line for line in report.splitlines() if line.startswith("| 32 | replacement CE loss recovered"))
     clt = [x["replacement_ce_loss_recovered"] for x in lines if x["architecture"] == "topk_clt"
            and x["l0_target"] == 32]
