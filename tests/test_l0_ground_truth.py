@@ -96,9 +96,19 @@ TOPK_AT_6 = pytest.mark.xfail(strict=False, reason="TopK's minimum lies above a 
 CASES = [pytest.param(6, "topk", marks=TOPK_AT_6), (6, "batchtopk"), (16, "topk"), (16, "batchtopk")]
 
 
+@pytest.fixture
+def one_thread():
+    """[256, 64] matrices: a second intra-op thread only adds synchronisation (and on a loaded CPU
+    multiplies the time); the documented numbers were measured with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("true_l0", "architecture"), CASES)
-def test_the_proxy_points_at_the_true_l0_and_fvu_does_not(architecture, true_l0):
+def test_the_proxy_points_at_the_true_l0_and_fvu_does_not(architecture, true_l0, one_thread):
     rows = scan(architecture, true_l0)
     for (l0, fvu, proxy), k in zip(rows, GRID[true_l0]):
         print(f"{architecture} true L0 {true_l0}: k {k}, L0 {l0:.2f}, fvu {fvu:.4f}, nth_decoder_projection {proxy:.4f}")
