@@ -60,7 +60,7 @@ def test_every_architecture_gets_the_same_optimiser():
     """Equal treatment: the mechanisms' own papers differ (JumpReLU and gated: beta1 0 and a warm-up),
     a comparison does not; an `optimizer:` override applies to every architecture at once."""
     config = CompareConfig(architectures=["relu_l1", "topk", "batchtopk", "gated", "jumprelu", "topk_transcoder"],
-                           l0=[8], d_sae=[64], seeds=[0], device="cpu", optimizer={"lr": 3e-3}).resolved()
+                           l0=[8], d_sae=[64], seeds=[0], device="cpu", optimizer={"lr": 2e-3}).resolved()
     from dictlearn.training import DictionaryTraining, Member, TrainingConfig
 
     settings = set()
@@ -68,7 +68,7 @@ def test_every_architecture_gets_the_same_optimiser():
         s = DictionaryTraining(Member(p.build(16, 16), training=TrainingConfig(**p.training))).settings["model"]
         settings.add((s.lr, tuple(s.adam_betas), s.adam_eps, s.lr_warmup_fraction, s.lr_decay_fraction,
                       s.init_scale_from_data))
-    assert settings == {(3e-3, (0.9, 0.999), 1e-8, 0.0, 0.3, True)}
+    assert settings == {(2e-3, (0.9, 0.999), 1e-8, 0.0, 0.3, True)}
     assert all("lr" not in p.init_args for p in plan(config))  # the dictionary is the model, not its training
     with pytest.raises(dictlearn.errors.ConfigError, match="optimizer: unknown key 'beta'"):
         CompareConfig(l0=[8], optimizer={"beta": 0.9}, device="cpu").resolved()
@@ -183,7 +183,7 @@ def test_compare_writes_the_run_folder_and_resumes_after_a_kill(tmp_path):
         assert (Path(line["export"]) / "sae_weights.safetensors").is_file()
         assert line["ce_loss_recovered"] is not None and line["fvu"] is not None
         assert line["train_tokens"] == 40 * 256
-        assert line["optimizer"]["lr"] == 1e-3 and line["lr_tuned"] is False
+        assert line["optimizer"]["lr"] == 3e-3 and line["lr_tuned"] is False
         if line["mechanism"] == "topk":
             assert line["k"] == line["l0_target"] and 0.5 * line["k"] < line["l0"] <= line["k"]  # ReLU may zero a few
         else:
@@ -269,7 +269,8 @@ def test_dictlearn_fit_reproduces_a_compare_sweep_from_its_written_config(synth_
                  "--quiet"]) == 0  # fmt: skip
     written = out / "train" / "seed0.yaml"
     sweep = yaml.safe_load(written.read_text())["sweep"]
-    assert sweep["relu_l1_l0-4_s0"]["training"]["lr"] == 1e-3 and "lr" not in sweep["topk_l0-4_s0"]["dictionary"]
+    assert sweep["relu_l1_l0-4_s0"]["training"]["lr"] == 3e-3 and "lr" not in sweep["topk_l0-4_s0"]["dictionary"]
+    assert yaml.safe_load(written.read_text())["data"]["block_size"] == 16  # recipes/short_run.yaml's data: block
     assert main(["fit", "--config", str(written), "--trainer.default_root_dir", str(tmp_path / "fit"),
                  "--trainer.enable_progress_bar", "false"]) == 0
     again = next((tmp_path / "fit").rglob("last.ckpt"))

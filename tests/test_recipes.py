@@ -54,16 +54,18 @@ def test_compares_short_run_training_is_a_recipe_that_fit_reads_too(small_file, 
     import torch
     import yaml
 
-    from dictlearn.compare.plan import OPTIMIZER, SHORT_RUN
+    from dictlearn.compare.plan import OPTIMIZER, SHORT_RUN, SHORT_RUN_DATA
 
     training = yaml.safe_load((RECIPES_DIR / "short_run.yaml").read_text())["training"]
     assert {**OPTIMIZER, **SHORT_RUN} == training and training["init_scale_from_data"] is True
+    assert SHORT_RUN_DATA == yaml.safe_load((RECIPES_DIR / "short_run.yaml").read_text())["data"] == {"block_size": 16}
     monkeypatch.chdir(tmp_path)
     fit_recipe("topk", small_file, tmp_path / "runs", "--config", str(RECIPES_DIR / "short_run.yaml"),
                "--model.d_sae", "64", "--model.k", "4", steps=4)
     checkpoint = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
     trained = checkpoint["dictlearn_members"]["model"]["training"]
     assert {key: trained[key] for key in training} == {**training, "adam_betas": tuple(training["adam_betas"])}
+    assert checkpoint["datamodule_hyper_parameters"]["block_size"] == SHORT_RUN_DATA["block_size"]  # its data: block
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

@@ -124,3 +124,43 @@ def test_a_resumed_run_with_a_scaled_encoder_is_bit_identical(small_file, tmp_pa
     reference, resumed, _ = crash_and_resume(make, small_file, tmp_path, steps=20, checkpoint_every=7,
                                              crash_at=15, resume_step=14)
     assert_same_state(reference, resumed)
+
+
+def _short_topk_run(path: str, training: dict, block_size: int, steps: int = 50) -> tuple[float, float]:
+    """TopK (k 4, d_sae 128) on `path` for `steps` steps of 1,024 rows, seed 0, trained with
+    `training` (TrainingConfig fields) on blocks of `block_size` rows.
+    -> (held-out FVU against the float64 mean of the held-out rows, MMCS against the true features)."""
+    import h5py
+
+    from dictlearn.metrics import mmcs
+
+    L.seed_everything(0)
+    model = TopKSAE(d_in=D, d_sae=128, k=4)
+    data = ActivationDataModule(path, batch_size=1024, block_size=block_size, val_rows=8192)
+    quiet_trainer(max_steps=steps, limit_val_batches=0).fit(
+        DictionaryTraining(Member(model, seed=0, training=TrainingConfig(**training))), data)
+    x = torch.cat([x for x, _ in data.val_dataloader()]).double()
+    with torch.no_grad():
+        residual = x - model(x.float()).double()
+    fvu = float((residual**2).sum() / ((x - x.mean(0)) ** 2).sum())
+    with h5py.File(path) as f:
+        true = torch.from_numpy(f["features"][:]).float()
+    return fvu, mmcs(true, model.W_dec.detach())
+
+
+@pytest.mark.slow
+def test_compares_short_run_settings_train_further_in_50_steps_than_the_earlier_ones(independent_file):
+    """Ground truth: in 50 steps compare's short-run settings (recipes/short_run.yaml: lr 3e-3,
+    16-row blocks) reach an FVU and a feature recovery that the settings before 2026-12-07 (lr 1e-3,
+    512-row blocks) do not."""
+    from dictlearn.compare.plan import SHORT_RUN_DATA, CompareConfig, plan
+
+    config = CompareConfig(data=independent_file, input_key="acts", architectures=["topk"], l0=[4], d_sae=[128],
+                           seeds=[0], train_tokens=50 * 1024, batch_size=1024, device="cpu").resolved()
+    training = plan(config)[0].training
+    old = {**training, "lr": 1e-3}
+    new_fvu, new_mmcs = _short_topk_run(independent_file, training, SHORT_RUN_DATA["block_size"])
+    old_fvu, old_mmcs = _short_topk_run(independent_file, old, 512)
+    print(f"FVU {new_fvu:.3f} / {old_fvu:.3f}, MMCS {new_mmcs:.3f} / {old_mmcs:.3f}")
+    assert new_fvu < 0.7 < old_fvu, (new_fvu, old_fvu)
+    assert new_mmcs > old_mmcs + 0.07, (new_mmcs, old_mmcs)

@@ -110,14 +110,15 @@ def test_the_grid_and_the_chosen_lrs_reach_the_plan():
     config = CompareConfig(architectures=["topk", "relu_l1"], l0=[4, 8, 16], d_sae=[32, 64], seeds=[3, 4],
                            device="cpu", tune_lr=True).resolved()
     assert config.lr_grid == pytest.approx([OPTIMIZER["lr"] / 3, OPTIMIZER["lr"], OPTIMIZER["lr"] * 3])
+    assert config.lr_grid == pytest.approx([1e-3, 3e-3, 9e-3])  # centred on recipes/short_run.yaml's lr 3e-3
     moved = CompareConfig(l0=[4], device="cpu", tune_lr=True, optimizer={"lr": 2e-3}).resolved()
     assert moved.lr_grid == pytest.approx([2e-3 / 3, 2e-3, 6e-3])  # the grid follows the common LR
     runs = search_runs(config)
     for architecture, pairs in runs.items():  # the middle target, first seed, first width, one run per LR
         assert [(p.l0_target, p.seed, p.d_sae) for _, p in pairs] == [(8, 3, 32)] * 3
         assert [p.training["lr"] for _, p in pairs] == [lr for lr, _ in pairs] == config.lr_grid
-    lrs = {p.architecture: p.training["lr"] for p in plan(config, {"topk": 3e-3})}
-    assert lrs == {"topk": 3e-3, "relu_l1": OPTIMIZER["lr"]}
+    lrs = {p.architecture: p.training["lr"] for p in plan(config, {"topk": 9e-3})}
+    assert lrs == {"topk": 9e-3, "relu_l1": OPTIMIZER["lr"]}
     assert CompareConfig(l0=[4], device="cpu", tune_lr=True, lr_grid=["3e-4", 1e-3]).resolved().lr_grid == [3e-4, 1e-3]
 
 

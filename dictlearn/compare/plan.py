@@ -33,9 +33,12 @@ DEFAULTS = {
 # The short runs' training, for every architecture alike: recipes/short_run.yaml says why these
 # values. OPTIMIZER: the optimiser's keys (a compare YAML's `optimizer:` overrides them); SHORT_RUN:
 # the rest. Each mechanism adds its own constructor arguments (`Mechanism.short_run`, `.short_run_steps`).
+# SHORT_RUN_DATA: the recipe's `data:` keys, given to every sweep's ActivationDataModule.
 SHORT_RUN_RECIPE = Path(dictlearn.recipes.__file__).resolve().parent / "short_run.yaml"
 _OPTIMIZER_KEYS = ("lr", "adam_betas", "adam_eps", "lr_warmup_fraction", "lr_decay_fraction")
-_SHORT_RUN_TRAINING = yaml.safe_load(SHORT_RUN_RECIPE.read_text())["training"]
+_SHORT_RUN_RECIPE = yaml.safe_load(SHORT_RUN_RECIPE.read_text())
+_SHORT_RUN_TRAINING = _SHORT_RUN_RECIPE["training"]
+SHORT_RUN_DATA = dict(_SHORT_RUN_RECIPE.get("data") or {})
 OPTIMIZER = {key: _SHORT_RUN_TRAINING[key] for key in _OPTIMIZER_KEYS}
 SHORT_RUN = {key: value for key, value in _SHORT_RUN_TRAINING.items() if key not in _OPTIMIZER_KEYS}
 RUNTIME_FIELDS = ("out", "device", "quiet")

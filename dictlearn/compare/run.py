@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger
 from dictlearn.callbacks import ExportOnFitEnd, RunGuard
 from dictlearn.compare import tune
 from dictlearn.compare.include import check_included, evaluate_included
-from dictlearn.compare.plan import CompareConfig, Planned, plan
+from dictlearn.compare.plan import SHORT_RUN_DATA, CompareConfig, Planned, plan
 from dictlearn.compare.progress import Progress, TrainingProgress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
 from dictlearn.compare.scan import write_l0_scan
@@ -343,12 +343,13 @@ def sweep_data(config: CompareConfig, source: Source, seed: int):
     weights: every architecture of a seed reads the same batches (so differences pair by seed), and
     the spread over seeds includes the data's, not only the initialisation's."""
     # Validation here only draws the training curves: with held-out documents, their first
-    # VALIDATION_ROWS rows do (training never reads any held-out row either way). A tail split keeps
-    # evaluate's default, so the rows evaluate scores are never trained on.
+    # VALIDATION_ROWS rows do (training never reads any held-out row either way). A tail split holds
+    # out evaluate's tail (its default 512-row blocks) whatever the short run's block size, so the
+    # rows evaluate scores are never trained on.
     split = HeldOutSplit.from_file(str(source.path), H5Array(source.path, source.sae_keys[0]).n_rows)
-    val_rows = min(VALIDATION_ROWS, split.n_val) if split.kind == "documents" else None
+    val_rows = min(VALIDATION_ROWS, split.n_val) if split.kind == "documents" else split.n_val
     return ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size,
-                                seed=seed, val_rows=val_rows)
+                                seed=seed, val_rows=val_rows, **SHORT_RUN_DATA)  # block_size: recipes/short_run.yaml
 
 
 def _add_seconds(folder: Path, seconds: float) -> None:
