@@ -62,55 +62,42 @@ class OutsideMatryoshkaSAE(_AsTheirLibrary, MatryoshkaBatchTopKSAE):
     """dictionary_learning `MatryoshkaBatchTopKSAE` at inference: BatchTopK's threshold rule."""
 
 
-class OutsideJumpReLUSAE(_AsTheirLibrary, JumpReLUSAE):
+class _StoredThreshold:
+    """θ [d_sae] kept as stored, any sign, not learnt (the outside libraries' thresholds may be
+    negative, which `log_threshold` cannot hold). Without more, the activation is π · 1[π > θ] and
+    latents may be negative where θ < 0: circuit-tracer's `JumpReLU`
+    (transcoder/activation_functions.py)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_threshold.requires_grad_(False)  # unused: θ is the buffer below
+        self.register_buffer("stored_threshold", torch.zeros(self.d_sae))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.stored_threshold
+
+    @torch.no_grad()
+    def load_folded(self, tensors: dict[str, Tensor]) -> None:
+        tensors, threshold = self.pop_threshold(tensors)
+        super(JumpReLUSAE, self).load_folded(tensors)
+        self.stored_threshold.copy_(threshold)
+
+
+class OutsideJumpReLUSAE(_AsTheirLibrary, _StoredThreshold, JumpReLUSAE):
     """z = ReLU(π) · 1[π > θ] with θ [d_sae] as stored (any sign): SAELens `jumprelu` (and the
     BatchTopK/Matryoshka SAEs it saves as one), `jumprelu_transcoder`, dictionary_learning
     `JumpReluAutoEncoder`."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.log_threshold.requires_grad_(False)  # unused: θ is the buffer below
-        self.register_buffer("stored_threshold", torch.zeros(self.d_sae))
-
-    @property
-    def threshold(self) -> Tensor:
-        return self.stored_threshold
-
     def activate_entries(self, entries, training: bool) -> Tensor:
         return JumpReLUFunction.apply(entries.pre, entries.at(self.threshold), self.bandwidth).relu()
 
-    @torch.no_grad()
-    def load_folded(self, tensors: dict[str, Tensor]) -> None:
-        tensors, threshold = self.pop_threshold(tensors)
-        super(JumpReLUSAE, self).load_folded(tensors)
-        self.stored_threshold.copy_(threshold)
 
-
-class _StoredThresholdNoReLU:
-    """π · 1[π > θ] with θ [d_sae] kept as stored, any sign, and no ReLU after it: circuit-tracer's
-    `JumpReLU` (transcoder/activation_functions.py), whose latents may be negative where θ < 0."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.log_threshold.requires_grad_(False)  # unused: θ is the buffer below
-        self.register_buffer("stored_threshold", torch.zeros(self.d_sae))
-
-    @property
-    def threshold(self) -> Tensor:
-        return self.stored_threshold
-
-    @torch.no_grad()
-    def load_folded(self, tensors: dict[str, Tensor]) -> None:
-        tensors, threshold = self.pop_threshold(tensors)
-        super(JumpReLUSAE, self).load_folded(tensors)
-        self.stored_threshold.copy_(threshold)
-
-
-class CircuitTracerJumpReLUSAE(_AsTheirLibrary, _StoredThresholdNoReLU, JumpReLUSAE):
+class CircuitTracerJumpReLUSAE(_AsTheirLibrary, _StoredThreshold, JumpReLUSAE):
     """A circuit-tracer per-layer JumpReLU transcoder (`SingleLayerTranscoder` with a threshold)."""
 
 
-class CircuitTracerCrossLayerJumpReLU(_AsTheirLibrary, _StoredThresholdNoReLU, CrossLayerJumpReLU):
+class CircuitTracerCrossLayerJumpReLU(_AsTheirLibrary, _StoredThreshold, CrossLayerJumpReLU):
     """A circuit-tracer JumpReLU `CrossLayerTranscoder`: per-layer encoders, decoders to every
     later layer, θ per latent as stored."""
 
