@@ -2,7 +2,7 @@
 
 Builds one seed's sweep exactly as `dictlearn compare` plans it on a CPU (7 architectures × L0
 8/16/32 = 21 members, d_sae 512, batch 1024, its optimiser, calibration and logging interval, the
-run length of 390 steps that sets the schedules) on a synthetic 128-wide file with a target, trains
+default run length, which sets the schedules) on a synthetic 128-wide file with a target, trains
 `--warmup` steps, then times `--steps` steps through `Trainer.fit` (no validation or checkpoints in
 the timed window: they are per-run costs, not per-step). Prints, for the timed steps:
 

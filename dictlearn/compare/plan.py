@@ -26,7 +26,7 @@ DEFAULT_ARCHITECTURES = ("relu_l1", "topk", "batchtopk", "gated", "jumprelu", "t
 # Defaults by device kind. CPU: measured on a 2-core AMD EPYC (AVX2, ~85 GFLOP/s fp32) shared
 # with other jobs, 42 dictionaries of d_sae 512 at ~20-40 ms per member-step (docs/compare.md).
 DEFAULTS = {
-    "cpu": dict(tokens=250_000, train_tokens=400_000, d_sae=(512,), l0=(8, 16, 32), batch_size=1024, contexts=32),
+    "cpu": dict(tokens=250_000, train_tokens=307_200, d_sae=(512,), l0=(8, 16, 32), batch_size=1024, contexts=32),
     "cuda": dict(tokens=2_000_000, train_tokens=8_000_000, d_sae=(2048,), l0=(8, 16, 32, 64), batch_size=4096,
                  contexts=64),
 }
