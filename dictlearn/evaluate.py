@@ -44,9 +44,12 @@ from dictlearn.metrics import (
     INTERPRETATION_NAMES, RECONSTRUCTION_NAMES, SPARSITY_NAMES, ReconstructionMetrics, SparsityMetrics, mmcs,
 )  # fmt: skip
 from dictlearn.metrics.bootstrap import ratio_se
+from dictlearn.metrics.concepts import ProbeCache, interpretation
 from dictlearn.metrics.decoder_projection import L0_PROXY_KEYS, NthDecoderProjection, decoder_pairwise_cosine
 from dictlearn.metrics.downstream import DOWNSTREAM_KEYS
 from dictlearn.metrics.jacobian import FAITHFULNESS_KEYS, jacobian_cosines, sample_rows
+from dictlearn.models.corpus import corpus_name
+from dictlearn.models.hooks import HookPoint, resolve_module
 
 METRIC_KEYS = (RECONSTRUCTION_NAMES + SPARSITY_NAMES + ("mmcs",) + L0_PROXY_KEYS + DOWNSTREAM_KEYS
                + FAITHFULNESS_KEYS + INTERPRETATION_NAMES)
@@ -474,8 +477,6 @@ def run_downstream(
     entry: Entry, data: HeldOutData, options: EvaluateOptions, cache: DownstreamCache
 ) -> Downstream | None:
     """Downstream metrics of one dictionary, or None when no model is known."""
-    from dictlearn.models.corpus import corpus_name
-
     name = _model_name(entry, data, options)
     if not name:
         return None
@@ -498,8 +499,6 @@ def transcoder_jacobian_cos(model: torch.nn.Module, site: SpliceSite, dictionary
     """jacobian_cos (dictlearn/metrics/jacobian.py) against the module the transcoder replaces, on
     evenly spaced held-out input rows; None (with a note) when the transcoder does not read that
     module's own input (e.g. the residual stream before the LayerNorm), so no module is its map."""
-    from dictlearn.models.hooks import HookPoint, resolve_module
-
     write = HookPoint.parse(site.write)
     if site.read is None or HookPoint.parse(site.read) != HookPoint(write.module, "input"):
         note(f"transcoder reads {site.read!r}, not {write.module}:input; jacobian_cos skipped")
@@ -532,8 +531,6 @@ def evaluate(
     data = check_activation_file(data)
     cache = cache or DownstreamCache(options.device)
     if options.interpret and probes is None:
-        from dictlearn.metrics.concepts import ProbeCache
-
         probes = ProbeCache()
     with torch.no_grad():
         return [_evaluate_one(e if isinstance(e, Entry) else Entry.from_path(e, options.hookpoint), data, options,
@@ -572,8 +569,6 @@ def _interpretation(dictionary: Dictionary, data: HeldOutData, options: Evaluate
     """The probe and coverage keys (dictlearn.metrics.concepts); {} (null keys) when skipped."""
     if not options.interpret:
         return {}
-    from dictlearn.metrics.concepts import interpretation
-
     return interpretation(dictionary, data.path, data.input_key, data.split, probes, options.device)
 
 

@@ -24,9 +24,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dictlearn.compare.plan import CompareConfig, Planned
+from dictlearn.data.h5 import H5Array
 from dictlearn.errors import ConfigError, DataError
+from dictlearn.evaluate import Entry, evaluate
 from dictlearn.io import atomic_write_text
+from dictlearn.metrics.concepts import ProbeCache
+from dictlearn.models.hooks import HookPoint, capture, run_until_captured
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # becomes a file name under DIR/evaluations/included
 
@@ -75,8 +81,6 @@ def parse_include(values: list[str]) -> list[tuple[str, Path]]:
 def load_entry(path: Path):
     """-> (dictlearn.evaluate.Entry, format): the dictionary as `dictlearn evaluate` reads `path`,
     with the cfg.json its export would have (an outside folder's names its detected format)."""
-    from dictlearn.evaluate import Entry
-
     entry = Entry.from_path(path)
     return entry, str(entry.cfg.get("format") or "dictlearn")
 
@@ -128,18 +132,12 @@ def _run_site(source, lm, keys: tuple[str, str | None]) -> tuple[dict, dict]:
     """(the model and hooks the run's own lines record, {key: width}) for the datasets `keys`: read
     from the file, or, before a harvest, from the model's hooks (one forward of two tokens)."""
     if source.hooks is None or source.path.is_file():
-        from dictlearn.data.h5 import H5Array
-
         arrays = {k: H5Array(source.path, k) for k in keys if k is not None}
         attrs = {k: a.attrs() for k, a in arrays.items()}
         site = {"model_name": attrs[keys[0]].get("model_name") or None,
                 "hook_name": attrs[keys[0]].get("hook_name") or None,
                 "hook_name_out": attrs[keys[1]].get("hook_name") or None if keys[1] else None}
         return site, {k: a.d for k, a in arrays.items()}
-    import torch
-
-    from dictlearn.models.hooks import HookPoint, capture, run_until_captured
-
     wanted = [k for k in keys if k is not None]
     device = next(lm.model.parameters()).device
     with torch.no_grad(), capture(lm.model, wanted, stop_after=True) as acts:
@@ -183,14 +181,10 @@ def evaluate_included(config: CompareConfig, data: Path, included: list[Included
     """Each included dictionary evaluated as the run's own members are (`options`: the run's
     EvaluateOptions, the datasets set per dictionary, on the run's file `data`) -> its results
     line. `check_stop()` raises between dictionaries when the run was asked to stop."""
-    from dictlearn.evaluate import evaluate
-
     if not included:
         return []
     folder = Path(config.out) / "evaluations" / "included"
     if probes is None and options.interpret:
-        from dictlearn.metrics.concepts import ProbeCache
-
         probes = ProbeCache()  # the probe rows and linear baseline: once for all included dictionaries
     progress.stage("evaluate included", len(included), unit="dict")
     lines = []
@@ -213,8 +207,6 @@ def _run_windows(data: Path, inc: Included) -> dict:
     """The run's model and window length (its file's), so the spliced runs are the run's own
     windows, whatever the folder records (e.g. SAELens' `context_size`); no model: no downstream
     metrics, as for the run's own dictionaries."""
-    from dictlearn.data.h5 import H5Array
-
     attrs = H5Array(data, inc.keys[0]).attrs()
     model = attrs.get("model_name") or None
     return {"model": model, "context": attrs.get("context_size") or None} | ({} if model else {"downstream": False})

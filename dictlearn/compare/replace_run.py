@@ -19,14 +19,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dictlearn.compare import run
-from dictlearn.compare.plan import CompareConfig
+from dictlearn.compare.plan import OPTIMIZER, CompareConfig
 from dictlearn.compare.progress import Progress
 from dictlearn.compare.replace import check_targets
 from dictlearn.compare.replace_plan import ReplacementPlan, plan_replacements
 from dictlearn.compare.results import machine, write_results, write_timings
+from dictlearn.data.h5 import H5Array, check_activation_file
+from dictlearn.dictionaries.registry import mechanism_class
+from dictlearn.downstream import DownstreamCache, _heldout_excerpts, recorded_corpus
 from dictlearn.errors import ConfigError, DataError
+from dictlearn.export import load
+from dictlearn.harvest.activations import n_layers
 from dictlearn.io import atomic_write_text
+from dictlearn.models.hooks import standard_hooks
+from dictlearn.models.tiny import DEFAULT_CONTEXT
+from dictlearn.replacement import TranscoderSet, mlp_sites, replacement_metrics
+from dictlearn.runtime import check_device
 
 DOWNSTREAM_BATCH = 8  # held-out windows per forward pass
 
@@ -45,10 +56,6 @@ class ReplaceSource(run.Source):
 
 def check_source(config: CompareConfig, out: Path):
     """-> (ReplaceSource, the loaded language model); every bad input one line, nothing written."""
-    from dictlearn.data.h5 import H5Array, check_activation_file
-    from dictlearn.harvest.activations import n_layers
-    from dictlearn.models.hooks import standard_hooks
-
     if config.corpus is not None and not Path(config.corpus).exists():
         raise ConfigError(f"--corpus {config.corpus}: no such file or folder; pass a text file or a folder of them")
     lm = run._load_model(config.model)
@@ -109,8 +116,6 @@ def _layers_of(keys: list[str], hooks: list[dict], which: str, flag: str) -> lis
 # ----------------------------------------------------------------------------- the run
 def compare_replacements(config: CompareConfig) -> Path:
     """Run (or resume) a `--replace mlp` comparison; -> the run folder."""
-    from dictlearn.runtime import check_device
-
     check_device(config.device, allow_auto=True)  # before anything is written
     config = config.resolved()
     out = run.check_out(config)
@@ -156,19 +161,12 @@ def _train_seed(config: CompareConfig, source: ReplaceSource, group: list[Replac
 
 def load_replacement(out: Path, p: ReplacementPlan):
     """The replacement `p` from its exports: a TranscoderSet, or the CLT itself."""
-    from dictlearn.export import load
-    from dictlearn.replacement import TranscoderSet
-
     loaded = [load(out / "exports" / m.name).eval() for m in p.members]
     return loaded[0] if p.mapping == "clt" else TranscoderSet(loaded)
 
 
 def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[ReplacementPlan], lm, progress: Progress,
                   stop: threading.Event) -> list[dict]:
-    from dictlearn.data.h5 import H5Array
-    from dictlearn.downstream import DownstreamCache, recorded_corpus
-    from dictlearn.models.tiny import DEFAULT_CONTEXT
-    from dictlearn.replacement import mlp_sites, replacement_metrics
 
     out = Path(config.out)
     todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
@@ -202,8 +200,6 @@ def _held_out(cache, batches, path: Path) -> dict:
     file records held-out documents, as a single-site results line records its split (the rows:
     `heldout_rows`, each record's n_rows); {} when the windows come from the corpus's held-out
     split instead (heldout_windows), which the report then says is not recorded."""
-    from dictlearn.downstream import _heldout_excerpts
-
     if _heldout_excerpts(str(path)) is None:
         return {}
     key = next(k for k, v in cache.windows.items() if v is batches)
@@ -212,8 +208,6 @@ def _held_out(cache, batches, path: Path) -> dict:
 
 def _unique_documents(per_batch) -> int | None:
     """Distinct corpus documents (>= 0; -1 marks BOS) over the batches' [B, context] tensors."""
-    import torch
-
     if not per_batch:
         return None
     flat = torch.cat([d.reshape(-1) for d in per_batch])
@@ -222,9 +216,6 @@ def _unique_documents(per_batch) -> int | None:
 
 def results_line(config: CompareConfig, p: ReplacementPlan, source: ReplaceSource, out: Path, in_sweep: int) -> dict:
     """The evaluation record + what the comparison knows of the replacement (docs/metrics.md)."""
-    from dictlearn.compare.plan import OPTIMIZER
-    from dictlearn.dictionaries.registry import mechanism_class
-
     record = json.loads((out / "evaluations" / f"{p.name}.json").read_text())
     seconds_file = out / "train" / f"seed{p.seed}" / "train_seconds.json"
     # the sweep's wall time shared out by members (a CLT costs more than one layer's transcoder)

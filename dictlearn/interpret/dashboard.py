@@ -26,13 +26,19 @@ from pathlib import Path
 
 import torch
 
+from dictlearn.data.concepts import read_concept_labels
 from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.errors import ConfigError, DataError, note
+from dictlearn.evaluate import Entry
+from dictlearn.interpret import export_statistics
 from dictlearn.interpret.cards import Card, Dashboard, Interval, SectionMaker
 from dictlearn.interpret.contexts import TokenRows, latent_column, read_contexts, token_display
 from dictlearn.interpret.dashboard_html import render
 from dictlearn.interpret.directions import Unembedding, decoder_direction, nearest_latents, top_tokens, unembedding
 from dictlearn.interpret.statistics import LatentStatistics, latent_statistics
+from dictlearn.io import atomic_write_text
+from dictlearn.metrics.coverage import ConceptCoverage
+from dictlearn.models.hooks import HookPoint, resolve_module
 
 DEFAULT_ROWS = 200_000
 
@@ -210,10 +216,6 @@ def inspect(export, data: str | Path, out: str | Path, options: InspectOptions =
 
     lm: an already loaded LanguageModel to use (None: load the one `options.model`, the export or
     the file names)."""
-    from dictlearn.evaluate import Entry
-    from dictlearn.interpret import export_statistics
-    from dictlearn.io import atomic_write_text
-
     data = check_activation_file(data)
     entry = export if isinstance(export, Entry) else Entry.from_path(export)
     if lm is None:
@@ -254,8 +256,6 @@ def load_checked_model(entry, name: str | None, data: str | None = None):
 
 def check_hooks(entry, lm) -> None:
     """The model has a module at each of the export's hooks, or a one-line ConfigError."""
-    from dictlearn.models.hooks import HookPoint, resolve_module
-
     for field_name in ("hook_name", "hook_name_out"):
         hook = entry.meta.get(field_name)
         if hook:
@@ -271,9 +271,6 @@ def concept_coverage(data: str, d_sae: int, n_rows: int):
     the observer counts "fires" against each label over the labelled rows of the first pass
     (ConceptCoverage, the F1 of concept coverage) and best() -> {latent: (concept, F1)} for the
     latents that fired. ((), None) when the file holds no labels."""
-    from dictlearn.metrics.coverage import ConceptCoverage
-    from dictlearn.data.concepts import read_concept_labels
-
     labels = read_concept_labels(data, slice(0, n_rows))
     if labels is None or not labels.names:
         return (), None

@@ -20,7 +20,12 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
+from dictlearn.evaluate import Entry
+from dictlearn.interpret.cards import Section
+from dictlearn.interpret.dashboard import InspectOptions, build_dashboard, check_hooks, input_array
+from dictlearn.interpret.dashboard_html import render
 from dictlearn.interpret.splitting import SizePair, rank_parents, rows_pass, size_ladder
+from dictlearn.io import atomic_write_text
 
 MIN_COS = 0.5  # a child's decoder cosine with its parent (analysis/splitting.py MIN_COS)
 FAMILY_PARENTS, FAMILY_CHILDREN = 2, 6
@@ -88,8 +93,6 @@ class Ladder:
 def family_section(ladder: Ladder, d_sae: int, pages: dict[int, tuple[str, set[int]]]):
     """A SectionMaker (dashboard.py) for the cards of width `d_sae`: its family as a table.
     pages: {d_sae: (the page's file name, the latents it has cards for)}, for the links."""
-    from dictlearn.interpret.cards import Section
-
     def make(card) -> Section | None:
         relatives = ladder.relatives(d_sae, card.latent)
         if not relatives:
@@ -120,11 +123,6 @@ def ladder_dashboards(exports: dict[int, str | Path], data: str | Path, pages: d
     """One dashboard per width of `exports` ({d_sae: export folder}, one architecture) on `data`,
     written to `pages` ({d_sae: html path}, one folder), each card with its family and each page
     with cards for the ladder's family (`Ladder.family_cards`). lm: the loaded model or None."""
-    from dictlearn.evaluate import Entry
-    from dictlearn.interpret.dashboard import InspectOptions, build_dashboard, check_hooks, input_array
-    from dictlearn.interpret.dashboard_html import render
-    from dictlearn.io import atomic_write_text
-
     options = options or InspectOptions()
     data = str(data)
     entries = {d: Entry.from_path(path) for d, path in exports.items()}

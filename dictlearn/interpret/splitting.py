@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dictlearn.data.concepts import read_concept_labels
+from dictlearn.data.h5 import H5Array
 from dictlearn.errors import ConfigError
 
 
@@ -154,9 +156,6 @@ class RowsPass:
 def rows_pass(dictionaries: dict, data: str, input_key: str, rows: int, device: str = "cpu") -> RowsPass:
     """{d_sae: Dictionary} encoded on rows [0, rows) of `data`['input_key'] -> their `RowsPass`
     (concepts by `latent_concepts`, the F1 a dashboard card shows; None without labels)."""
-    from dictlearn.data.h5 import H5Array
-    from dictlearn.data.concepts import read_concept_labels
-
     array = H5Array(data, input_key)
     x = array.read(0, min(rows, array.n_rows))
     array.close()
