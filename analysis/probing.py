@@ -7,7 +7,8 @@ linear probe on the full activation as a dashed line, as SAEBench draws its spar
 top latents reach a plain linear probe on known concepts? The report's sentences and table
 (`summary_blocks`) say, for every architecture, concept and L0 target, whether it matches it
 (its 95 % interval, seed spread plus a bootstrap over the test documents, includes the linear
-probe's AUC), falls short or lies above.
+probe's AUC), falls short or lies above: counted per architecture in one table, concept by
+concept in another, and in words only for the concepts every dictionary or none reaches.
 """
 
 from __future__ import annotations
@@ -103,9 +104,27 @@ def _matches(auc: float, se: float | None, linear: float) -> bool | None:
     return None if se is None else abs(auc - linear) <= Z * se
 
 
+def _outcomes(lines: list[dict]) -> dict[tuple, dict[str, dict[str, str]]]:
+    """{(L0 target, k): {series: {concept: "match" | "above" | "short" | "unknown"}}}: each
+    sparse probe against the linear probe of its concept, judged by its 95 % interval."""
+    judged: dict[tuple, dict[str, dict[str, str]]] = {}
+    for target in targets(lines):
+        for concept, entry in _concept_means(lines, target).items():
+            for series, ks in entry["series"].items():
+                for k in KS:
+                    if ks[k] is None or entry["linear"] is None:
+                        continue
+                    match = _matches(*ks[k], entry["linear"])
+                    outcome = "unknown" if match is None else "match" if match else (
+                        "above" if ks[k][0] > entry["linear"] else "short")
+                    judged.setdefault((target, k), {}).setdefault(series, {})[concept] = outcome
+    return judged
+
+
 def probe_sentences(lines: list[dict]) -> list[str]:
-    """Per L0 target and k, per architecture: the concepts where its sparse probe matches the
-    linear probe (the interval includes it), falls short, or cannot be judged (no interval)."""
+    """The linear baseline and the sparse probes' range; then the concepts every dictionary
+    reaches at k = 16 and those none reaches (per concept and architecture: `probe_counts` and
+    `concept_table`)."""
     linear = _linear(lines)
     if linear is None:
         return []
@@ -116,36 +135,51 @@ def probe_sentences(lines: list[dict]) -> list[str]:
                  f"the probed concepts); the sparse probes, over all dictionaries: {spans}. A sparse probe matches "
                  "the linear one on a concept when its 95 % interval (seed spread and a bootstrap over the test "
                  "documents) includes the linear probe's AUC."]
-    judged = []
-    for target in targets(lines):
-        concepts = _concept_means(lines, target)
-        for k in KS:
-            verdicts: dict[object, dict[str, list[str]]] = {}
-            for concept, entry in concepts.items():
-                for series, ks in entry["series"].items():
-                    if ks[k] is None or entry["linear"] is None:
-                        continue
-                    match = _matches(*ks[k], entry["linear"])
-                    outcome = "unknown" if match is None else "match" if match else (
-                        "above" if ks[k][0] > entry["linear"] else "short")
-                    verdicts.setdefault(series, {}).setdefault(outcome, []).append(concept)
-            if verdicts:
-                judged.append((target, k, verdicts))
-    if judged and all(set(v) == {"unknown"} for _, _, by_series in judged for v in by_series.values()):
-        # one sentence, not one list of every concept per target, k and architecture
+    judged = _outcomes(lines)
+    if judged and all(o == "unknown" for by_series in judged.values() for by_concept in by_series.values()
+                      for o in by_concept.values()):
         return sentences + ["No probe result carries an interval (its standard errors were not recorded, e.g. "
                             "results of an older dictlearn evaluate), so nothing here says whether a sparse probe "
                             "matches the linear one; the table shows the AUCs."]
-    return sentences + [_verdict(target, k, verdicts) for target, k, verdicts in judged]
+    k16 = [by_series for (_, k), by_series in judged.items() if k == 16]
+    concepts = list(dict.fromkeys(c for by_series in k16 for by_concept in by_series.values() for c in by_concept))
+    every = [c for c in concepts if all(by_concept.get(c) in ("match", "above")
+                                        for by_series in k16 for by_concept in by_series.values())]
+    never = [c for c in concepts if all(by_concept.get(c) == "short"
+                                        for by_series in k16 for by_concept in by_series.values())]
+    if every:
+        sentences.append(f"Every dictionary's k = 16 probe matches or beats the linear probe at every L0 target on "
+                         f"{len(every)} of {len(concepts)} concepts: {', '.join(every)}.")
+    if never:
+        sentences.append(f"No dictionary's k = 16 probe reaches the linear probe at any L0 target on {len(never)} "
+                         f"of {len(concepts)} concepts: {', '.join(never)}.")
+    return sentences
 
 
-def _verdict(target, k: int, verdicts: dict) -> str:
-    words = {"match": "matches on", "above": "above it on", "short": "short on", "unknown": "no interval for"}
-    parts = []
-    for series, outcomes in verdicts.items():
-        said = [f"{words[o]} {', '.join(outcomes[o])}" for o in words if outcomes.get(o)]
-        parts.append(f"{series_label(series)} {'; '.join(said)}")
-    return f"At L0 {target:g}, k = {k} probes against the linear probe: {' — '.join(parts)}."
+def probe_counts(lines: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per architecture; per k and L0 target, on how many of the probed concepts its
+    sparse probe matches the linear probe, "(+n above)" where it lies above, "(n no interval)"
+    where no standard error was recorded."""
+    judged = _outcomes(lines)
+    columns = sorted(judged, key=lambda key: (key[1], key[0]))
+    series = list(dict.fromkeys(s for by_series in judged.values() for s in by_series))
+    header = ["architecture", *[f"k = {k}, L0 {target:g}" for target, k in columns]]
+    rows = []
+    for s in series:
+        cells = []
+        for key in columns:
+            outcomes = list(judged[key].get(s, {}).values())
+            if not outcomes:
+                cells.append("–")
+                continue
+            cell = f"{outcomes.count('match') + outcomes.count('above')} of {len(outcomes)}"
+            if outcomes.count("above"):
+                cell += f" ({outcomes.count('above')} above)"
+            if outcomes.count("unknown"):
+                cell += f" ({outcomes.count('unknown')} no interval)"
+            cells.append(cell)
+        rows.append([series_label(s), *cells])
+    return header, rows
 
 
 def concept_table(lines: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -181,8 +215,14 @@ def summary_blocks(lines: list[dict]) -> list:
     sentences = probe_sentences(lines)
     if not sentences:
         return []
-    header, rows = concept_table(lines)
     blocks: list = [Bullets(tuple(sentences))]
+    header, rows = probe_counts(lines)
+    if rows:
+        blocks += [Paragraph("Concepts on which each architecture's sparse probe matches the linear probe (its 95 % "
+                             "interval includes the linear AUC) or lies above it, of those probed, per k and L0 "
+                             "target:"),
+                   Table(tuple(header), tuple(map(tuple, rows)), swatch_column=0)]
+    header, rows = concept_table(lines)
     if rows:
         blocks += [Paragraph("Per concept and L0 target: the linear probe's test ROC-AUC and every architecture's "
                              "k = 16 sparse probe (seed mean, 95 % interval; `probes` in the results lines)."),

@@ -181,7 +181,7 @@ def _line(architecture: str, target: int, seed: int, k1: dict, k16: dict, linear
 
 def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_gaps(tmp_path):
     from dictlearn.analysis.metric_plot import plot_metrics_vs_l0
-    from dictlearn.analysis.probing import concept_table, draw, figures, probe_sentences
+    from dictlearn.analysis.probing import concept_table, draw, figures, probe_counts, probe_sentences
     from dictlearn.analysis.results import from_records
 
     linear = {"number": 0.99, "string": 0.90}
@@ -197,16 +197,20 @@ def test_analysis_draws_seed_means_with_the_linear_probe_dashed_and_states_the_g
     assert reference.get_ydata()[0] == pytest.approx(np.mean(list(linear.values())))
     topk = [l for l in k1_axis.lines if l.get_gid() == "probe_auc_k1:topk"][0]
     assert topk.get_ydata()[0] == pytest.approx(np.mean([0.785, 0.795]))  # the two seeds' mean
+    # topk number at k = 16: seeds 0.985, 0.975 -> 0.98, SE² = s²/n + se² = 0.00005/2 + 0.0001:
+    # SE 0.0112, interval ±0.0219 includes 0.99: matches; topk string 0.71 short. relu_l1 (one
+    # seed) number 0.90 ± 0.0196 excludes 0.99: short; string 0.80 short. At k = 1 topk number
+    # 0.96 ± 1.96·sqrt(0.01²/2 + 0.01²) = ±0.024 excludes 0.99: short. No architecture is picked.
+    header, rows = probe_counts(lines)
+    assert header == ["architecture", "k = 1, L0 8", "k = 16, L0 8"]
+    assert rows == [["topk", "0 of 2", "1 of 2"], ["relu_l1", "0 of 2", "0 of 2"]]
     sentences = probe_sentences(lines)
-    k16 = [s for s in sentences if "k = 16 probes" in s][0]
-    # every architecture, none picked on the test AUC. topk number: seeds 0.985, 0.975 -> 0.98,
-    # SE² = s²/n + se² = 0.00005/2 + 0.0001: SE 0.0112, interval ±0.0219 includes
-    # 0.99: matches. relu_l1 number 0.90 ± 0.0196 excludes 0.99: short; string 0.80: short.
-    assert "topk matches on number; short on string" in k16
-    assert "relu_l1 short on number, string" in k16
-    k1 = [s for s in sentences if "k = 1 probes" in s][0]
-    # topk number at k = 1: 0.96 ± 1.96·sqrt(0.01²/2 + 0.01²) = ±0.024 excludes 0.99: short
-    assert "topk short on number, string" in k1
+    assert sentences[1] == "No dictionary's k = 16 probe reaches the linear probe at any L0 target on 1 of 2 concepts: string."
+    assert len(sentences) == 2  # number is reached by topk, not by relu_l1: in neither sentence
+    above = from_records([_line("topk", 8, 0, {"number": 0.999}, {"number": 0.999}, {"number": 0.95})],
+                         str(tmp_path / "above.jsonl"))
+    assert probe_counts(above)[1] == [["topk", "1 of 1 (1 above)", "1 of 1 (1 above)"]]
+    assert "at every L0 target on 1 of 1 concepts: number." in probe_sentences(above)[1]
     header, rows = concept_table(lines)
     assert header[3:] == ["topk k = 16", "relu_l1 k = 16"]
     assert rows[0][:3] == ["number", "8", "0.990"] and rows[0][3].startswith("0.980 [0.958, 1.002] matches")
