@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from test_cli_errors import _all_paths, _fit_args, _run_expecting_error, _synth
+from test_cli_errors import _fit_args, _run_expecting_error, _synth
 from dictlearn.cli import main
 
 

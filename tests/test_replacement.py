@@ -176,7 +176,7 @@ def test_replacement_metrics_match_the_float64_reference(lm, batches):
                                                 rel=1e-4, abs=1e-6)
     # per-layer reconstruction on the clean run, L0 counted here
     for i in range(4):
-        xs, ys, fired, n = [], [], 0.0, 0
+        xs, ys = [], []
         for tokens, special in batches:
             x, y = _clean_mlp_pair(lm.model, tokens, i)
             keep = ~special.reshape(-1)

@@ -4,7 +4,6 @@ choice rule against closed forms, a too-small LR rejected on synthetic data, the
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
