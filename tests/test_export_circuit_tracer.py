@@ -183,3 +183,34 @@ def test_a_set_missing_a_layer_file_is_one_line(tmp_path):
     save_file({"b_enc": torch.zeros(M)}, str(out / "layer_1.safetensors"))
     with pytest.raises(DataError, match=r"layer_1.safetensors: no tensor 'b_enc' or 'b_dec'"):
         dictlearn.load(out, hookpoint="layer_1")
+
+
+def test_the_cli_writes_a_set_from_the_members_of_one_sweep_checkpoint(tmp_path, capsys):
+    """`--member a,b,c`: one sweep's checkpoint, its members taken in the order named (layer order)."""
+    from dictlearn.training import DictionaryTraining
+    from dictlearn.training.checkpoints import save_members
+
+    models = _transcoders(JumpReLUSAE)
+    module = DictionaryTraining({f"layer{i}": m for i, m in enumerate(models)})
+    checkpoint = {"state_dict": module.state_dict()}
+    save_members(module, checkpoint)
+    path = tmp_path / "last.ckpt"
+    torch.save(checkpoint, path)
+    assert main(["export", "--format", "circuit-tracer", str(path), str(tmp_path / "ct"),
+                 "--member", "layer0, layer1,layer2"]) == 0
+    x = _x(16, D) * 3
+    for i, model in enumerate(models):
+        back = dictlearn.load(tmp_path / "ct", hookpoint=f"layer_{i}")
+        torch.testing.assert_close(back.encode(x), model.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
+    # members named out of layer order are written as named: layer_0 holds member layer2
+    assert main(["export", "--format", "circuit-tracer", str(path), str(tmp_path / "swapped"),
+                 "--member", "layer2,layer1,layer0"]) == 0
+    torch.testing.assert_close(dictlearn.load(tmp_path / "swapped", hookpoint="layer_0").encode(x),
+                               models[2].encode(x), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert_one_line_cli_error(main(["export", "--format", "circuit-tracer", str(path), str(path),
+                                    str(tmp_path / "no"), "--member", "layer0,layer1"]), capsys,
+                              ["--member with several names", "one sweep checkpoint"], tmp_path / "no")
+    assert_one_line_cli_error(main(["export", "--format", "circuit-tracer", str(path), str(tmp_path / "no"),
+                                    "--member", "layer0,nope"]), capsys, ["nope"], tmp_path / "no")
