@@ -150,7 +150,8 @@ FIGURE_KEY = ("In the figures against L0, a marker is the mean over seeds; its v
 VERDICT_KEY = ("At each L0 every series is read at that same L0, interpolated along log L0 between its own measured "
                "points seed by seed (never extrapolated), and the best seed mean leads. **better**: a paired t-test "
                "over seeds (seed s of one series against seed s of the other: same initial-weight seed, same batches) "
-               "rejects equality after Holm's correction over the table's leader-against-runner-up cells (family-wise α = 0.05); "
+               "rejects equality after Holm's correction over the report's leader-against-runner-up cells, every table's "
+               "(family-wise α = 0.05); "
                "Δ is leader minus runner-up with its 95 % interval, at the L0 the pair is compared at. Otherwise "
                "the two are **not distinguishable** with these seeds, whatever the gap between the means. "
                "docs/compare.md, \"How to read a verdict\".")

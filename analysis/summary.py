@@ -240,17 +240,23 @@ def leader_sentences(lines: list[dict], records: list[dict]) -> list[str]:
 
 
 def claims_sentence(document: dict) -> list[str]:
-    """How many claims the report tested and made (every record is in verdicts.json)."""
+    """How many claims the report tested and made (every record is in verdicts.json). With several
+    sites each summary gets its site's records, while Holm ran over the whole report's cells:
+    the sentence says both counts."""
     records = document.get("records", [])
     family = [r for r in records if r.get("family") == "report"]
     if not family:
         return []
     tested = [r for r in family if r.get("p_holm") is not None]
     claimed = [r for r in tested if r.get("claim") in ("better", "worse")]
-    return [f"The report tests {len(tested)} leader-against-runner-up cells (of {len(family)}; the others have too "
-            f"few seeds or no common L0) and {len(claimed)} differ at a family-wise α = "
-            f"{document.get('alpha', 0.05):g} (paired t over seeds, Holm over those cells). Every pair of series is in "
-            f"`verdicts.json` ({len(records)} records; pairs beyond the report's claims are corrected over all pairs)."]
+    everywhere = document.get("report_family_size", len(tested))
+    holm = "Holm over those cells" if everywhere == len(tested) else \
+        f"Holm over all {everywhere} tested cells of the report, every site's"
+    return [f"The table below tests {len(tested)} leader-against-runner-up cells (of {len(family)}; the others have "
+            f"too few seeds or no common L0) and {len(claimed)} differ at a family-wise α = "
+            f"{document.get('alpha', 0.05):g} (paired t over seeds, {holm}). Every pair of series is in "
+            f"`verdicts.json` ({len(records)} records here; pairs beyond the report's claims are corrected over all "
+            "pairs)."]
 
 
 def _targets(values: list) -> str:

@@ -407,6 +407,24 @@ def test_a_true_gap_is_claimed_and_identical_series_are_not(tmp_path):
     assert false_reports <= 16
 
 
+def test_each_sites_summary_counts_its_cells_and_names_the_reports_holm_family(tmp_path):
+    """Two sites: Holm runs over both sites' leader-against-runner-up cells, and each site's
+    sentence says how many of them its own table tests."""
+    from dictlearn.analysis.report import _site_document
+    from dictlearn.analysis.summary import claims_sentence
+
+    both = _three_seed_lines(gap=0.1) + [{**l, "hook_name": "transformer.h.1"} for l in _three_seed_lines(gap=0.1)]
+    lines = from_records(both)
+    document = summary_verdicts(lines)
+    assert document["report_family_size"] == 4  # FVU at L0 16 and 32 per site; L0 8 has one series
+    for hook in (HOOK, "transformer.h.1"):
+        (sentence,) = claims_sentence(_site_document(document, (MODEL, hook)))
+        assert sentence.startswith("The table below tests 2 leader-against-runner-up cells (of ")
+        assert "Holm over all 4 tested cells of the report, every site's" in sentence
+    (alone,) = claims_sentence(summary_verdicts(from_records(_three_seed_lines(gap=0.1))))
+    assert "tests 2 leader-against-runner-up cells" in alone and "(paired t over seeds, Holm over those cells)" in alone
+
+
 def test_one_seed_or_one_point_says_what_it_cannot_conclude():
     one_seed = from_records([l for l in _three_seed_lines(gap=0.1) if l["seed"] == 0])
     text = "\n".join(summarise(one_seed))
