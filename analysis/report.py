@@ -152,7 +152,8 @@ VERDICT_KEY = ("At each L0 every series is read at that same L0, interpolated al
                "over seeds (seed s of one series against seed s of the other: same initial-weight seed, same batches) "
                "rejects equality after Holm's correction over the report's leader-against-runner-up cells, every table's "
                "(family-wise α = 0.05); "
-               "Δ is leader minus runner-up with its 95 % interval, at the L0 the pair is compared at. Otherwise "
+               "Δ is leader minus runner-up with its 95 % interval, at the L0 the pair is compared at (the interval is "
+               "not widened for the correction, so it can exclude 0 where the corrected test does not reject). Otherwise "
                "the two are **not distinguishable** with these seeds, whatever the gap between the means. "
                "docs/compare.md, \"How to read a verdict\".")
 

@@ -252,8 +252,10 @@ def claims_sentence(document: dict) -> list[str]:
     everywhere = document.get("report_family_size", len(tested))
     holm = "Holm over those cells" if everywhere == len(tested) else \
         f"Holm over all {everywhere} tested cells of the report, every site's"
-    return [f"The table below tests {len(tested)} leader-against-runner-up cells (of {len(family)}; the others have "
-            f"too few seeds or no common L0) and {len(claimed)} differ at a family-wise α = "
+    untested = "" if len(tested) == len(family) else \
+        f" (of {len(family)}; the others have too few seeds or no common L0)"
+    return [f"The table below tests {len(tested)} leader-against-runner-up cells{untested} and {len(claimed)} "
+            f"differ{'s' * (len(claimed) == 1)} at a family-wise α = "
             f"{document.get('alpha', 0.05):g} (paired t over seeds, {holm}). Every pair of series is in "
             f"`verdicts.json` ({len(records)} records here; pairs beyond the report's claims are corrected over all "
             "pairs)."]

@@ -419,7 +419,7 @@ def test_each_sites_summary_counts_its_cells_and_names_the_reports_holm_family(t
     assert document["report_family_size"] == 4  # FVU at L0 16 and 32 per site; L0 8 has one series
     for hook in (HOOK, "transformer.h.1"):
         (sentence,) = claims_sentence(_site_document(document, (MODEL, hook)))
-        assert sentence.startswith("The table below tests 2 leader-against-runner-up cells (of ")
+        assert sentence.startswith("The table below tests 2 leader-against-runner-up cells (of 6; the others")
         assert "Holm over all 4 tested cells of the report, every site's" in sentence
     (alone,) = claims_sentence(summary_verdicts(from_records(_three_seed_lines(gap=0.1))))
     assert "tests 2 leader-against-runner-up cells" in alone and "(paired t over seeds, Holm over those cells)" in alone
