@@ -207,6 +207,9 @@ def test_estimate_scales_separate_for_input_and_target(tmp_path):
     assert np.linalg.norm(s_in * acts.astype(np.float64), axis=1).mean() == pytest.approx(4.0, rel=0.02)
     assert np.linalg.norm(s_out * target.astype(np.float64), axis=1).mean() == pytest.approx(2.0, rel=0.02)
     assert dm.estimate_scales() is dm.estimate_scales()  # cached
+    # a view through the same keys (a sweep member's) reuses each key's scale; swapped keys swap them
+    assert dm.view("target", "acts").estimate_scales() == (s_out, s_in)
+    assert set(dm._key_scales) == {"acts", "target"}
 
 
 def test_scales_none_and_sae_reuse(index_file):

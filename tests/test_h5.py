@@ -132,6 +132,31 @@ def test_read_slices_concatenates_in_order(tmp_path):
         array.read(18, 21)
 
 
+@pytest.mark.parametrize("gap_bytes, span_bytes", [(0, 1 << 26), (24, 1 << 26), (1 << 18, 60), (1 << 18, 1 << 26)])
+def test_read_slices_through_gaps_reads_the_same_rows(tmp_path, monkeypatch, gap_bytes, span_bytes):
+    """Ranges close together in the file are read as one span (fewer HDF5 calls) and copied out:
+    the rows are those of plain indexing whatever the gap and span limits (12-byte rows here)."""
+    import dictlearn.data.h5 as h5
+
+    values = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    array = H5Array(_h5(tmp_path / "a.h5", acts=values), "acts")
+    slices = [(0, 2), (3, 5), (5, 6), (9, 10), (30, 34), (20, 22), (22, 22), (23, 49), (1, 3)]
+    monkeypatch.setattr(h5, "_GAP_BYTES", gap_bytes)
+    monkeypatch.setattr(h5, "_SPAN_BYTES", span_bytes)
+    rows = np.concatenate([np.arange(a, b) for a, b in slices])
+    assert torch.equal(array.read_slices(slices), torch.from_numpy(values[rows]))
+
+
+def test_runs_join_close_ranges_in_order():
+    from dictlearn.data.h5 import _runs
+
+    slices = [(0, 2), (3, 5), (5, 6), (9, 10), (30, 34), (20, 22), (23, 49), (1, 3)]
+    assert _runs(slices, 1, 100) == [[(0, 2), (3, 5), (5, 6)], [(9, 10)], [(30, 34)], [(20, 22), (23, 49)], [(1, 3)]]
+    assert _runs(slices, 3, 6) == [[(0, 2), (3, 5), (5, 6)], [(9, 10)], [(30, 34)], [(20, 22)], [(23, 49)], [(1, 3)]]
+    assert _runs(slices, 0, 100) == [[(0, 2)], [(3, 5), (5, 6)], [(9, 10)], [(30, 34)], [(20, 22)], [(23, 49)],
+                                     [(1, 3)]]
+
+
 @pytest.mark.skipif(not hasattr(os, "POSIX_FADV_WILLNEED"), reason="no posix_fadvise (macOS, Windows)")
 def test_will_need_advises_the_rows_bytes(tmp_path, monkeypatch):
     """The advised byte ranges of a contiguous dataset hold exactly the requested rows."""

@@ -250,6 +250,7 @@ class ActivationDataModule(L.LightningDataModule):
             # empty list would warn "Total length of `list` across ranks is zero" every run.
             self.val_dataloader = self.test_dataloader = None
         self._scales: tuple[float, float] | None = None
+        self._key_scales: dict[str, float] = {}  # dataset key -> scale (`_scale`)
         self.extra_arrays: dict[str, H5Array] = {}  # datasets added by `require_keys`
 
     # ----- validation of the file against the configuration -----
@@ -278,7 +279,7 @@ class ActivationDataModule(L.LightningDataModule):
         with training-side documents held out as validation documents (compare/tune.py)."""
         if split.n_rows > self.inputs.n_rows:
             raise DataError(f"{self.path}: a split of {split.n_rows} rows does not fit the file's {self.inputs.n_rows}")
-        self.split, self._scales = split, None
+        self.split, self._scales, self._key_scales = split, None, {}
         self.n_val, self.n_train = split.n_val, split.n_train
         self._check_enough_rows()
 
@@ -403,7 +404,7 @@ class ActivationDataModule(L.LightningDataModule):
     def estimate_scales(self) -> tuple[float, float]:
         """`(input_scale, target_scale)`: ``sqrt(d) / mean ||row||_2`` on sampled training rows.
 
-        Read block by block, so memory stays at one block. Cached on the instance.
+        Read a chunk of blocks at a time, so memory stays bounded. Cached on the instance.
         """
         if self._scales is None:
             self._scales = self._pair_scales(self.inputs, self.targets)
@@ -412,16 +413,23 @@ class ActivationDataModule(L.LightningDataModule):
     def _pair_scales(self, inputs: H5Array, targets: H5Array | None) -> tuple[float, float]:
         if self.normalize == "none":
             return 1.0, 1.0
-        slices = self._sample_slices(self.norm_sample_rows)
-        input_scale = self._scale(inputs, slices)
-        return input_scale, (input_scale if targets is None else self._scale(targets, slices))
+        input_scale = self._scale(inputs)
+        return input_scale, (input_scale if targets is None else self._scale(targets))
 
-    def _scale(self, array: H5Array, slices: list[tuple[int, int]]) -> float:
+    def _scale(self, array: H5Array) -> float:
+        """`sqrt(d) / mean ||row||_2` of `array`'s sampled training rows; cached by key, as the
+        members of a sweep share datasets (a replacement's 24 transcoders read 8)."""
+        if array.key not in self._key_scales:
+            self._key_scales[array.key] = self._measure_scale(array, self._sample_slices(self.norm_sample_rows))
+        return self._key_scales[array.key]
+
+    def _measure_scale(self, array: H5Array, slices: list[tuple[int, int]]) -> float:
         norm_sum, count = 0.0, 0
-        for start, stop in slices:
-            rows = array.read(start, stop).double()
-            norm_sum += torch.linalg.vector_norm(rows, dim=1).sum().item()
-            count += stop - start
+        for chunk in _chunks(slices, max(1, _SCALE_CHUNK_VALUES // array.d)):  # memory: a chunk's rows
+            norms = torch.linalg.vector_norm(array.read_slices(chunk).double(), dim=1)
+            for part in norms.split([stop - start for start, stop in chunk]):  # the sum's order as block by block
+                norm_sum += part.sum().item()
+            count += len(norms)
         if not norm_sum > 0 or not math.isfinite(norm_sum):
             raise DataError(
                 f"{self.path}: dataset '{array.key}' sampled rows have mean norm {norm_sum / count};"
@@ -484,6 +492,22 @@ def _array(data: ActivationDataModule, key: str) -> H5Array:
     if key == data.target_key:
         return data.targets
     return data.extra_arrays[key]
+
+
+_SCALE_CHUNK_VALUES = 1 << 22  # values per read while measuring scales (32 MiB as float64)
+
+
+def _chunks(slices: Sequence[tuple[int, int]], max_rows: int) -> Iterator[list[tuple[int, int]]]:
+    """`slices` in order, grouped into lists of at most `max_rows` rows (a longer range alone)."""
+    chunk, rows = [], 0
+    for start, stop in slices:
+        if chunk and rows + stop - start > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append((start, stop))
+        rows += stop - start
+    if chunk:
+        yield chunk
 
 
 def _check_config(

@@ -217,15 +217,26 @@ class H5Array:
         total = sum(stop - start for start, stop in slices)
         raw_dtype = np.uint16 if self.stored_dtype == BF16_ATTR else np.dtype(self.stored_dtype)
         out = np.empty((total, self.d), dtype=raw_dtype)
-        ds, offset = self._handle(), 0
         for start, stop in slices:
             if not 0 <= start <= stop <= self.n_rows:
                 raise IndexError(
                     f"{self.path}['{self.key}']: rows [{start}, {stop}) outside [0, {self.n_rows})"
                 )
-            if stop > start:
+        ds, offset = self._handle(), 0
+        row_bytes = self.d * out.itemsize
+        for run in _runs([s for s in slices if s[1] > s[0]], max(0, _GAP_BYTES // row_bytes),
+                         max(1, _SPAN_BYTES // row_bytes)):
+            if len(run) == 1:
+                (start, stop), = run
                 ds.read_direct(out, np.s_[start:stop], np.s_[offset : offset + stop - start])
-            offset += stop - start
+                offset += stop - start
+                continue
+            first = run[0][0]  # one read through the small gaps, then each range copied out
+            span = np.empty((run[-1][1] - first, self.d), dtype=raw_dtype)
+            ds.read_direct(span, np.s_[first : run[-1][1]])
+            for start, stop in run:
+                out[offset : offset + stop - start] = span[start - first : stop - first]
+                offset += stop - start
         tensor = torch.from_numpy(out)
         if self.stored_dtype == BF16_ATTR:
             tensor = tensor.view(torch.bfloat16)
@@ -245,6 +256,28 @@ class H5Array:
         state = self.__dict__.copy()
         state.update(_file=None, _dataset=None, _pid=None)
         return state
+
+
+# Each HDF5 read costs ~0.1 ms of Python and library overhead whatever its size, about the time to
+# copy 1 MB: a sample of many small blocks (16 rows, the short run's block size) spent seconds
+# per member in read calls (benchmarks/RESULTS.md, "compare --replace mlp"). Ranges that follow
+# each other in the file with gaps of at most _GAP_BYTES are read as one span, at most _SPAN_BYTES.
+_GAP_BYTES, _SPAN_BYTES = 1 << 18, 1 << 26
+
+
+def _runs(slices: Sequence[tuple[int, int]], gap_rows: int, span_rows: int) -> list[list[tuple[int, int]]]:
+    """`slices` (non-empty ranges, in the caller's order) cut into runs read with one call each:
+    consecutive ranges, each starting at most `gap_rows` after the previous one stops, spanning at
+    most `span_rows` rows (a single range may span more)."""
+    runs: list[list[tuple[int, int]]] = []
+    for start, stop in slices:
+        if runs:
+            run = runs[-1]
+            if run[-1][1] <= start <= run[-1][1] + gap_rows and stop - run[0][0] <= span_rows:
+                run.append((start, stop))
+                continue
+        runs.append([(start, stop)])
+    return runs
 
 
 def _layer_parts(path: str, key: str) -> list[H5Array]:
