@@ -36,15 +36,34 @@ def test_nth_projection_is_the_nth_largest_per_row_on_average():
 
 def test_blocks_are_averaged_by_their_rows():
     rng = np.random.default_rng(1)
-    W_dec, residual = rng.normal(size=(8, 3)), rng.normal(size=(11, 3))
+    W_dec = rng.normal(size=(8, 3)) * rng.uniform(0.2, 3.0, size=(8, 1))  # the metric must normalise the rows
+    residual = rng.normal(size=(11, 3))
     metric = NthDecoderProjection(torch.from_numpy(W_dec), n=3, block_rows=4)
     metric.update(torch.from_numpy(residual[:7]))  # blocks restart in each update: 4 + 3, then 4
     metric.update(torch.from_numpy(residual[7:]))
     blocks = [residual[:4], residual[4:7], residual[7:]]
-    expected = sum(_reference(b, W_dec, 3) * len(b) for b in blocks) / 11
+
+    def expected(decoder: np.ndarray, n: int) -> float:
+        return sum(_reference(b, decoder, n) * len(b) for b in blocks) / 11
+
     result = metric.compute()
-    assert result["nth_decoder_projection"] == pytest.approx(expected, abs=1e-6)
+    assert result["nth_decoder_projection"] == pytest.approx(expected(W_dec, 3), abs=1e-6)
     assert result["nth_decoder_projection_n"] == 3
+    # the data are such that each mistake the metric could make gives another number: this test
+    # catches n off by one, raw (unnormalised) rows, columns normalised instead of rows, and a
+    # plain mean over blocks instead of one weighted by their rows
+    unit_columns = W_dec / np.linalg.norm(W_dec, axis=0, keepdims=True)
+    wrong = {"n - 1": expected(W_dec, 2), "n + 1": expected(W_dec, 4),
+             "raw rows": sum(_raw(b, W_dec, 3) * len(b) for b in blocks) / 11,
+             "unit columns": sum(_raw(b, unit_columns, 3) * len(b) for b in blocks) / 11,
+             "unweighted blocks": sum(_reference(b, W_dec, 3) for b in blocks) / 3}
+    for mistake, value in wrong.items():
+        assert abs(value - result["nth_decoder_projection"]) > 1e-3, mistake
+
+
+def _raw(residual: np.ndarray, W_dec: np.ndarray, n: int) -> float:
+    """The same order statistic on the rows as given (no normalisation)."""
+    return sorted((residual @ W_dec.T).ravel().tolist(), reverse=True)[n * len(residual)]
 
 
 def test_default_n_and_its_bounds():
