@@ -2,7 +2,9 @@
 correlated features, TopK and BatchTopK SAEs trained across k, read by `nth_decoder_projection`
 (its default n = d_sae / 4) and the indicated-L0 rule (analysis/indicated_l0.py), against the true
 mean L0 — and against "pick the best FVU", which keeps improving past it. Asserted within ±25 %:
-BatchTopK at true L0 6 and 16, TopK at 16; TopK at 6 (+28 %) is an xfail (docs/metrics.md).
+BatchTopK at true L0 6 and 16, TopK at 16; TopK at 6 (+28 to +30 % on seeds 0, 1, 2) is an xfail:
+for TopK the minimum marks TopK's own least-mixing k, above a widely spread true count
+(docs/metrics.md, "Which L0?", has the seeds, an integer grid, other n and 2,000 steps).
 
 Data, as in the toy model of Chanin & Garriga-Alonso 2025 (no superposition, orthogonal true
 features): `dictlearn synth` codes (Zipf exponent 0.5, features firing in pairs with probability
@@ -39,11 +41,11 @@ ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
 STEPS, BATCH, LR = 1000, 256, 3e-3
 
 
-def orthogonal_rows(true_l0: float) -> torch.Tensor:
+def orthogonal_rows(true_l0: float, seed: int = 0) -> torch.Tensor:
     """-> activations [68,192, d]: synth codes [rows, n_features] @ orthonormal directions [n_features, d]."""
     shape = WIDTHS[true_l0]
-    codes = synthesize(68_192, mean_active=true_l0, seed=0, return_codes=True, **shape, **SETTING).codes
-    gaussian = torch.randn(shape["d"], shape["n_features"], generator=torch.Generator().manual_seed(0),
+    codes = synthesize(68_192, mean_active=true_l0, seed=seed, return_codes=True, **shape, **SETTING).codes
+    gaussian = torch.randn(shape["d"], shape["n_features"], generator=torch.Generator().manual_seed(seed),
                            dtype=torch.float64)
     directions = torch.linalg.qr(gaussian).Q.T  # [n_features, d], orthonormal rows
     return (torch.from_numpy(codes).double() @ directions).float()
@@ -74,13 +76,14 @@ def train(architecture: str, k: int, data: torch.Tensor, d_sae: int, seed: int =
     return model.eval()
 
 
-def scan(architecture: str, true_l0: float) -> list[tuple[float, float, float]]:
-    """-> (measured L0, FVU, nth_decoder_projection) per k of the grid, on held-out rows."""
-    rows = orthogonal_rows(true_l0)
-    data, held = rows[:60_000], rows[60_000:]  # one seed: the same true features; the last rows held out
+def scan(architecture: str, true_l0: float, seed: int = 0) -> list[tuple[float, float, float]]:
+    """-> (measured L0, FVU, nth_decoder_projection) per k of the grid, on held-out rows; `seed`
+    draws the data, the directions, the initialisation and the batches (the test runs 0)."""
+    rows = orthogonal_rows(true_l0, seed)
+    data, held = rows[:60_000], rows[60_000:]  # the same true features for every k; the last rows held out
     found = []
     for k in GRID[true_l0]:
-        model = train(architecture, k, data, WIDTHS[true_l0]["n_features"])
+        model = train(architecture, k, data, WIDTHS[true_l0]["n_features"], seed)
         with torch.no_grad():
             z = model.encode(held)
             error = (held - model.decode(z)).square().sum() / (held - held.mean(0)).square().sum()
@@ -91,7 +94,8 @@ def scan(architecture: str, true_l0: float) -> list[tuple[float, float, float]]:
 
 
 # TopK fires exactly k latents per row while the true count varies (sd 2.8 at mean 6, 40 % of rows
-# above 6): its proxy minimum sits at k ≈ 8, +28 % (two seeds); BatchTopK lands on the mean
+# above 6): its proxy minimum reads 7.70, 7.78, 7.71 on seeds 0, 1, 2 (+28 to +30 %), 8.0-8.6 on a
+# grid of every integer k, ~10 after 2,000 steps; BatchTopK lands on the mean (docs/metrics.md)
 TOPK_AT_6 = pytest.mark.xfail(strict=False, reason="TopK's minimum lies above a widely spread true L0 (docs/metrics.md)")
 CASES = [pytest.param(6, "topk", marks=TOPK_AT_6), (6, "batchtopk"), (16, "topk"), (16, "batchtopk")]
 
@@ -116,4 +120,6 @@ def test_the_proxy_points_at_the_true_l0_and_fvu_does_not(architecture, true_l0,
     best_fvu_l0 = min(rows, key=lambda r: r[1])[0]
     print(f"{architecture} true L0 {true_l0}: indicated {indicated} ({edge}), best-FVU L0 {best_fvu_l0:.1f}")
     assert indicated is not None and abs(indicated - true_l0) <= 0.25 * true_l0
-    assert best_fvu_l0 > 1.2 * true_l0  # reconstruction keeps improving past the truth
+    # reconstruction keeps improving past the truth (for BatchTopK at 16, FVU is ~0.01 from the truth on
+    # and its lowest point is noise: this holds on seeds 0 and 1, not 2; docs/metrics.md)
+    assert best_fvu_l0 > 1.2 * true_l0
