@@ -164,57 +164,105 @@ def _logits(model: nn.Module, tokens: Tensor) -> Tensor:
     return model(tokens, use_cache=False).logits
 
 
+@dataclass
+class Reference:
+    """What every replacement of one model is measured against on the same batches, computed once
+    (`reference`): per batch the clean logits, the zero- and mean-ablated CE per prediction and,
+    when small enough to keep (`KEEP_ACTS_BYTES`), the MLP inputs and outputs of the clean run
+    (else each replacement's evaluation captures them again); each site's mean MLP output."""
+
+    cleans: list[Tensor]
+    zero: list[Tensor]
+    mean: list[Tensor]
+    acts: list[dict[str, Tensor]] | None
+    means: list[Tensor]
+    n_rows: int
+
+
+KEEP_ACTS_BYTES = 1 << 28  # 256 MiB of clean MLP inputs and outputs kept between replacements
+
+
+def _kept(special: Tensor) -> Tensor:
+    return ~special.reshape(-1)
+
+
+def _masked(tokens: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
+    """(mask [B, seq-1] of predictions scored: neither position special, their targets [N])."""
+    mask = ~special[:, :-1] & ~special[:, 1:]
+    return mask, tokens[:, 1:][mask]
+
+
+@torch.no_grad()
+def reference(model: nn.Module, sites: Sequence[MLPSite], batches: Sequence[TokenBatch]) -> Reference:
+    """The clean and ablated runs of `batches` that `replacement_metrics` compares every replacement
+    with (class docstring): two passes, as the mean ablation needs the means of every batch."""
+    hooks = [s.read for s in sites] + [s.write for s in sites]
+    cleans, acts, sums, n_rows, size = [], [], None, 0, 0
+    for tokens, special in batches:
+        with capture(model, hooks) as captured:
+            cleans.append(_logits(model, tokens))
+        kept = _kept(special)
+        batch_sums = [_rows(captured[str(HookPoint.parse(s.write))])[kept].double().sum(0) for s in sites]
+        sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+        n_rows += int(kept.sum())
+        size += sum(t.numel() * t.element_size() for t in captured.values())
+        acts.append(dict(captured) if size <= KEEP_ACTS_BYTES else {})
+    if n_rows == 0:
+        raise ConfigError("replacement metrics: every position is special; nothing to evaluate")
+    means = [m / n_rows for m in sums]
+    zero, mean = [], []
+    for tokens, special in batches:
+        mask, target = _masked(tokens, special)
+        with ablated(model, sites, [None] * len(sites), special):
+            zero.append(token_cross_entropy(_logits(model, tokens)[:, :-1][mask], target))
+        with ablated(model, sites, means, special):
+            mean.append(token_cross_entropy(_logits(model, tokens)[:, :-1][mask], target))
+    return Reference(cleans, zero, mean, acts if size <= KEEP_ACTS_BYTES else None, means, n_rows)
+
+
 @torch.no_grad()
 def replacement_metrics(model: nn.Module, sites: Sequence[MLPSite], replacement,
-                        batches: Sequence[TokenBatch], per_layer: bool = True) -> dict:
+                        batches: Sequence[TokenBatch], per_layer: bool = True, ref: Reference | None = None) -> dict:
     """The replacement model's metrics (module docstring) over `batches` of (tokens [B, seq],
     special [B, seq] bool) on the model's device. per_layer: also the one-layer-replaced runs
-    (one forward per layer and batch). -> {"replacement_<downstream key>", "total_l0",
-    "layers": {str(layer): {...}}, "n_tokens"}."""
+    (one forward per layer and batch). ref: `reference(model, sites, batches)`, computed here when
+    None (pass it to evaluate several replacements on the same batches: the clean and ablated runs
+    are then made once). -> {"replacement_<downstream key>", "total_l0", "layers": {str(layer):
+    {...}}, "n_tokens", "n_rows"}."""
+    ref = reference(model, sites, batches) if ref is None else ref
     mlp_reads = [s.read for s in sites] + [s.write for s in sites]
-    cleans, means, recon = [], None, [ReconstructionMetrics() for _ in sites]
-    fired, n_rows = torch.zeros(len(sites), dtype=torch.float64), 0
-    for tokens, special in batches:  # pass 1: clean runs, per-layer reconstruction, mean outputs
-        with capture(model, mlp_reads) as acts:
-            logits = _logits(model, tokens)
-        kept = ~special.reshape(-1)
+    recon = [ReconstructionMetrics() for _ in sites]
+    fired = torch.zeros(len(sites), dtype=torch.float64)
+    whole, alone = DownstreamMetrics(), [DownstreamMetrics() for _ in sites]
+    for b, (tokens, special) in enumerate(batches):
+        acts = ref.acts[b] if ref.acts is not None else None
+        if acts is None:  # not kept (too large): the clean run again
+            with capture(model, mlp_reads) as acts:
+                _logits(model, tokens)
+        kept = _kept(special)
         outs = [acts[str(HookPoint.parse(s.write))] for s in sites]
         xs = [_rows(acts[str(HookPoint.parse(s.read))]).to(_dtype(replacement)) for s in sites]
         latents = [replacement.encode_layer(i, x) for i, x in enumerate(xs)]
-        for i in range(len(sites)):
-            y = _rows(outs[i])
+        for i in range(len(sites)):  # per-layer reconstruction on the clean run
             y_hat = replacement.decode_layer(i, latents, xs)
-            recon[i].update(y[kept].double(), y_hat[kept].double())
+            recon[i].update(_rows(outs[i])[kept].double(), y_hat[kept].double())
             fired[i] += (latents[i][kept] != 0).sum().double()
-        sums = [_rows(o)[kept].double().sum(0) for o in outs]
-        means = sums if means is None else [m + s for m, s in zip(means, sums)]
-        n_rows += int(kept.sum())
-        cleans.append(logits)
-    if n_rows == 0:
-        raise ConfigError("replacement metrics: every position is special; nothing to evaluate")
-    means = [m / n_rows for m in means]
-    whole, alone = DownstreamMetrics(), [DownstreamMetrics() for _ in sites]
-    for (tokens, special), clean in zip(batches, cleans):  # pass 2: ablated and replaced runs
-        mask = ~special[:, :-1] & ~special[:, 1:]
-        target, clean_kept = tokens[:, 1:][mask], clean[:, :-1][mask]
+        mask, target = _masked(tokens, special)
+        clean_kept = ref.cleans[b][:, :-1][mask]
 
         def losses(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return spliced_token_losses(clean_kept, logits[:, :-1][mask], target)
 
-        with ablated(model, sites, [None] * len(sites), special):
-            zero = token_cross_entropy(_logits(model, tokens)[:, :-1][mask], target)
-        with ablated(model, sites, means, special):
-            mean = token_cross_entropy(_logits(model, tokens)[:, :-1][mask], target)
         with replaced(model, sites, replacement, special):
             ce_clean, ce_spliced, kl = losses(_logits(model, tokens))
-        whole.update(losses=(ce_clean, ce_spliced, zero, mean, kl))
+        whole.update(losses=(ce_clean, ce_spliced, ref.zero[b], ref.mean[b], kl))
         for i in range(len(sites) if per_layer else 0):
             with ablated(model, sites[i:i + 1], [None], special):
                 zero_i = token_cross_entropy(_logits(model, tokens)[:, :-1][mask], target)
             with replaced(model, sites, replacement, special, only=[i]):
                 ce_clean, ce_spliced, kl = losses(_logits(model, tokens))
-            alone[i].update(losses=(ce_clean, ce_spliced, zero_i, mean, kl))
-    return _results(sites, whole, alone if per_layer else None, recon, fired / n_rows, n_rows)
+            alone[i].update(losses=(ce_clean, ce_spliced, zero_i, ref.mean[b], kl))
+    return _results(sites, whole, alone if per_layer else None, recon, fired / ref.n_rows, ref.n_rows)
 
 
 def _results(sites, whole: DownstreamMetrics, alone, recon, l0: Tensor, n_rows: int) -> dict:

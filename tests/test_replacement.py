@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dictlearn import TopKSAE
 from dictlearn.errors import ConfigError
 from dictlearn.models.loading import load_model
-from dictlearn.replacement import TranscoderSet, mlp_sites, replaced, replacement_metrics
+from dictlearn.replacement import TranscoderSet, mlp_sites, reference, replaced, replacement_metrics
 
 SEQ, BATCH = 20, 3
 
@@ -218,6 +218,22 @@ def test_mlp_copies_reproduce_the_clean_loss_exactly(lm, batches):
     assert got["replacement_kl_div"] == 0.0 and got["replacement_ce_loss_recovered"] == 1.0
     for layer in got["layers"].values():
         assert layer["fvu"] == 0.0 and layer["kl_div"] == 0.0 and layer["ce_loss_recovered"] == 1.0
+
+
+@pytest.mark.parametrize("keep_acts", [True, False])
+def test_a_shared_reference_gives_the_same_record(lm, batches, monkeypatch, keep_acts):
+    """compare --replace makes the clean and ablated runs once for every replacement: the records
+    are those of each replacement measured alone, with the clean activations kept or captured again."""
+    import dictlearn.replacement as replacement
+
+    sites = mlp_sites(lm.model, [0, 1, 2, 3])
+    alone = [replacement_metrics(lm.model, sites, ReLUTranscoders(4, seed=s), batches, per_layer=s == 3) for s in (3, 4)]
+    monkeypatch.setattr(replacement, "KEEP_ACTS_BYTES", replacement.KEEP_ACTS_BYTES if keep_acts else 0)
+    ref = reference(lm.model, sites, batches)
+    assert (ref.acts is not None) == keep_acts
+    shared = [replacement_metrics(lm.model, sites, ReLUTranscoders(4, seed=s), batches, per_layer=s == 3, ref=ref)
+              for s in (3, 4)]
+    assert shared == alone and alone[0] != alone[1]
 
 
 def test_error_terms_give_the_clean_model_back(lm, batches):

@@ -36,7 +36,7 @@ from dictlearn.harvest.activations import n_layers
 from dictlearn.io import atomic_write_text
 from dictlearn.models.hooks import standard_hooks
 from dictlearn.models.tiny import DEFAULT_CONTEXT
-from dictlearn.replacement import TranscoderSet, mlp_sites, replacement_metrics
+from dictlearn.replacement import TranscoderSet, mlp_sites, reference, replacement_metrics
 from dictlearn.runtime import check_device
 
 DOWNSTREAM_BATCH = 8  # held-out windows per forward pass
@@ -181,12 +181,13 @@ def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[Re
                                 bool(attrs.get("exclude_special", True)), DOWNSTREAM_BATCH, data=str(source.path))
         sites = mlp_sites(lm.model, list(source.layers))
         held_out = _held_out(cache, batches, source.path)
+        ref = reference(lm.model, sites, batches)  # the clean and ablated runs, shared by every replacement
     for i, p in enumerate(todo):
         run._check_stop(stop)
         replacement = load_replacement(out, p).to(config.device)
         # per_layer=False: the one-layer-replaced runs would triple the cost (docs/compare.md); the
         # per-layer FVU and L0 come from the clean run either way
-        record = replacement_metrics(lm.model, sites, replacement, batches, per_layer=False)
+        record = replacement_metrics(lm.model, sites, replacement, batches, per_layer=False, ref=ref)
         record |= {"model_name": lm.name, "data": str(source.path), "context_size": int(batches[0][0].shape[1]),
                    "n_contexts": sum(int(t.shape[0]) for t, _ in batches), **held_out}
         atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record))
