@@ -108,7 +108,16 @@ def sentence(record: dict) -> str:
     where = "; ".join(f"{_targets(v)} {'lie' if len(v) > 1 else 'lies'} {k} it" for k, v in groups.items() if v)
     text = (f"**{name}**: the proxy is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
-    return text + _probe_clause(record) + _n_clause(record)
+    return text + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
+
+
+def _topk_clause(record: dict) -> str:
+    """TopK fires exactly k on every row: on synthetic ground truth its minimum lay above the true
+    mean L0, towards the upper tail of the per-row count (docs/metrics.md, "Which L0?")."""
+    if record.get("architecture") != "topk":
+        return ""
+    return (" For TopK this marks where TopK itself mixes least, which on synthetic ground truth lay above the "
+            "data's mean L0 when the active count varies by row; BatchTopK's reading is the one for the data's L0.")
 
 
 def _n_clause(record: dict) -> str:

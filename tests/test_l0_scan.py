@@ -69,6 +69,7 @@ def test_report_sentences_and_figure(tmp_path):
     assert "do not bracket" in sentences["batchtopk"] and "largest" in sentences["batchtopk"]
     assert "L0 ≈ 9.97" in sentences["topk"] and "4, 6, 8 lie below it" in sentences["topk"]
     assert "16, 23, 32 lie above it" in sentences["topk"] and "highest at target 11" in sentences["topk"]
+    assert "TopK itself mixes least" in sentences["topk"]  # a TopK reading is not the data's mean L0
     drawn = l0_scan.draw(lines, tmp_path, [])
     assert [d.stem for d in drawn] == ["l0_scan"] and drawn[0].png.is_file()
 
