@@ -117,7 +117,8 @@ def _topk_clause(record: dict) -> str:
     if record.get("architecture") != "topk":
         return ""
     return (" For TopK this marks where TopK itself mixes least, which on synthetic ground truth lay above the "
-            "data's mean L0 when the active count varies by row; BatchTopK's reading is the one for the data's L0.")
+            "data's mean L0 when the active count varies by row; BatchTopK's reading is the one that matched the "
+            "data's mean L0 there.")
 
 
 def _n_clause(record: dict) -> str:
