@@ -213,6 +213,23 @@ def test_replace_run_folder_ctrl_c_and_resume(tmp_path):
     again = replacement_metrics(lm.model, mlp_sites(lm.model, range(4)), load_replacement(out, clt), batches)
     line = next(line for line in lines if line["name"] == clt.name)
     assert line["replacement_ce_loss_recovered"] == pytest.approx(again["replacement_ce_loss_recovered"], rel=1e-9)
+    # jacobian_cos of each layer of a set: its transcoder against that layer's MLP on held-out rows
+    import torch
+
+    from dictlearn.export import load
+    from dictlearn.metrics.jacobian import frobenius_cosines, module_jacobian, sample_rows, transcoder_jacobian
+
+    skip = next(p for p in planned if p.architecture == "topk_skip_transcoder" and p.seed == 0)
+    line = next(line for line in lines if line["name"] == skip.name)
+    with h5py.File(out / "activations.h5", "r") as f:
+        first, n = int(f["documents"].attrs["heldout_start"]), f[HOOKS_IN[0]].shape[0]
+        rows = (first + sample_rows(n - first)).numpy()
+        for layer in range(4):
+            x = torch.from_numpy(f[HOOKS_IN[layer]][rows]).float()
+            tc = load(out / "exports" / skip.members[layer].name)
+            want = frobenius_cosines(transcoder_jacobian(tc, x), module_jacobian(lm.model.transformer.h[layer].mlp, x))
+            assert line["layers"][str(layer)]["jacobian_cos"] == pytest.approx(float(want.mean()), rel=1e-6)
+    assert not any("jacobian_cos" in v for line in lines if line["mapping"] == "clt" for v in line["layers"].values())
     assert "Replacement models" in (out / "report.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
     assert {"train", "evaluate", "total"} <= set(timings["stages"])

@@ -28,13 +28,15 @@ from dictlearn.compare.replace import check_targets
 from dictlearn.compare.replace_plan import ReplacementPlan, plan_replacements
 from dictlearn.compare.results import machine, write_results, write_timings
 from dictlearn.data.h5 import H5Array, check_activation_file
+from dictlearn.data.split import HeldOutSplit
 from dictlearn.dictionaries.registry import mechanism_class
 from dictlearn.downstream import DownstreamCache, _heldout_excerpts, recorded_corpus
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.export import load
 from dictlearn.harvest.activations import n_layers
 from dictlearn.io import atomic_write_text
-from dictlearn.models.hooks import standard_hooks
+from dictlearn.metrics.jacobian import jacobian_cosines, sample_rows
+from dictlearn.models.hooks import HookPoint, resolve_module, standard_hooks
 from dictlearn.models.tiny import DEFAULT_CONTEXT
 from dictlearn.replacement import TranscoderSet, mlp_sites, reference, replacement_metrics
 from dictlearn.runtime import check_device
@@ -182,18 +184,39 @@ def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[Re
         sites = mlp_sites(lm.model, list(source.layers))
         held_out = _held_out(cache, batches, source.path)
         ref = reference(lm.model, sites, batches)  # the clean and ablated runs, shared by every replacement
+        jacobian_rows = _jacobian_rows(source, config.device)
     for i, p in enumerate(todo):
         run._check_stop(stop)
         replacement = load_replacement(out, p).to(config.device)
         # per_layer=False: the one-layer-replaced runs would triple the cost (docs/compare.md); the
         # per-layer FVU and L0 come from the clean run either way
         record = replacement_metrics(lm.model, sites, replacement, batches, per_layer=False, ref=ref)
+        if p.mapping != "clt":
+            _add_jacobian_cos(record, lm.model, sites, replacement, jacobian_rows)
         record |= {"model_name": lm.name, "data": str(source.path), "context_size": int(batches[0][0].shape[1]),
                    "n_contexts": sum(int(t.shape[0]) for t, _ in batches), **held_out}
         atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record))
         progress.update(i + 1)
     return [results_line(config, p, source, out, sum(len(q.members) for q in planned if q.seed == p.seed))
             for p in planned]
+
+
+def _jacobian_rows(source: ReplaceSource, device: str) -> list[torch.Tensor]:
+    """Each layer's MLP input on the held-out rows jacobian_cos reads ([n, d_in] each): evenly
+    spaced, as `dictlearn evaluate` samples them for a single transcoder."""
+    first, stop = HeldOutSplit.from_file(str(source.path), H5Array(source.path, source.inputs[0]).n_rows).heldout
+    rows = [(r, r + 1) for r in (first + sample_rows(stop - first)).tolist()]
+    return [H5Array(source.path, key).read_slices(rows).to(device) for key in source.inputs]
+
+
+def _add_jacobian_cos(record: dict, model, sites, replacement: TranscoderSet, rows: list[torch.Tensor]) -> None:
+    """`layers.<layer>.jacobian_cos` of a set of per-layer transcoders: each against the MLP it
+    replaces (dictlearn/metrics/jacobian.py). Not for a CLT, whose layer output also moves with
+    every earlier layer's input, so no one MLP's Jacobian is its counterpart."""
+    for i, site in enumerate(sites):
+        module = resolve_module(model, HookPoint.parse(site.write).module)
+        cosines = jacobian_cosines(replacement.dictionaries[i], module, rows[i])
+        record["layers"][str(site.layer)]["jacobian_cos"] = float(cosines.mean())
 
 
 def _held_out(cache, batches, path: Path) -> dict:
