@@ -11,8 +11,8 @@ For each export (or dictlearn checkpoint, or an `Entry`: a loaded dictionary and
   metrics of training;
 - `mmcs` when the file holds the true features (`dictlearn synth`);
 - the L0 diagnostic of Chanin & Garriga-Alonso 2025 on the same held-out rows
-  (`nth_decoder_projection`, its `nth_decoder_projection_n`, `decoder_pairwise_cosine`;
-  dictlearn/metrics/decoder_projection.py);
+  (`nth_decoder_projection`, its `nth_decoder_projection_n`, the same score at d_sae/8 and d_sae/2,
+  `decoder_pairwise_cosine`; dictlearn/metrics/decoder_projection.py);
 - downstream metrics (`dictlearn.downstream`) when a model is known (`model`, else the export's
   `metadata.model_name`, else the file's `model_name`): the dictionary spliced into the model on
   held-out corpus windows. Without a model they are null, with a note on stderr;

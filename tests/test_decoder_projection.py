@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dictlearn.metrics.decoder_projection import (NthDecoderProjection, decoder_pairwise_cosine, default_n,
-                                                  nth_projection)
+                                                  nth_projection, nth_projections)
 
 
 def _reference(residual: np.ndarray, W_dec: np.ndarray, n: int) -> float:
@@ -61,6 +61,31 @@ def test_blocks_are_averaged_by_their_rows():
         assert abs(value - result["nth_decoder_projection"]) > 1e-3, mistake
 
 
+def test_three_n_from_one_pass_match_each_alone():
+    """The default metric reads n = d_sae/4 (unchanged key) and d_sae/8, d_sae/2 from the same
+    projections: each against the float64 reference, blocks weighted by rows as above."""
+    rng = np.random.default_rng(3)
+    W_dec = rng.normal(size=(16, 5)) * rng.uniform(0.2, 3.0, size=(16, 1))
+    residual = rng.normal(size=(13, 5))
+    metric = NthDecoderProjection(torch.from_numpy(W_dec), block_rows=5)
+    metric.update(torch.from_numpy(residual))
+    result = metric.compute()
+    blocks = [residual[:5], residual[5:10], residual[10:]]
+    for key, n in (("nth_decoder_projection_eighth", 2), ("nth_decoder_projection", 4),
+                   ("nth_decoder_projection_half", 8)):
+        expected = sum(_reference(b, W_dec, n) * len(b) for b in blocks) / 13
+        assert result[key] == pytest.approx(expected, abs=1e-6), key
+    assert result["nth_decoder_projection_n"] == 4
+    assert len({result[k] for k in ("nth_decoder_projection_eighth", "nth_decoder_projection",
+                                    "nth_decoder_projection_half")}) == 3  # three different numbers
+    unit = torch.nn.functional.normalize(torch.from_numpy(W_dec), dim=-1)
+    block = torch.from_numpy(residual[:5])
+    assert nth_projections(block, unit, [8, 2, 4, 2]) == [nth_projection(block, unit, n) for n in (8, 2, 4, 2)]
+    # a chosen n is read alone: the fractions are relative to the default
+    assert set(NthDecoderProjection(torch.from_numpy(W_dec), n=3).compute()) == {"nth_decoder_projection",
+                                                                                 "nth_decoder_projection_n"}
+
+
 def _raw(residual: np.ndarray, W_dec: np.ndarray, n: int) -> float:
     """The same order statistic on the rows as given (no normalisation)."""
     return sorted((residual @ W_dec.T).ravel().tolist(), reverse=True)[n * len(residual)]
@@ -68,6 +93,7 @@ def _raw(residual: np.ndarray, W_dec: np.ndarray, n: int) -> float:
 
 def test_default_n_and_its_bounds():
     assert default_n(32768) == 8192 and default_n(512) == 128 and default_n(2) == 1
+    assert default_n(512, 1 / 8) == 64 and default_n(512, 1 / 2) == 256 and default_n(4, 1 / 8) == 1
     with pytest.raises(ValueError, match="n must be in"):
         NthDecoderProjection(torch.ones(4, 2), n=4)
     assert NthDecoderProjection(torch.ones(4, 2)).compute()["nth_decoder_projection"] is None  # no rows

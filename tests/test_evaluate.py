@@ -499,3 +499,29 @@ def test_zero_latent_output_is_decode_of_zeros_bit_for_bit():
         z = dictionary.encode(x)
         y = torch.randn(37, dictionary.d_out)
         assert torch.equal(y - _zero_latent_output(dictionary, z, x), y - dictionary.decode(torch.zeros_like(z), x))
+
+
+def test_the_l0_proxy_reads_the_rows_minus_b_dec_at_three_n(setup):
+    """evaluate's `nth_decoder_projection` (n = d_sae / 4) and its eighth and half keys against a
+    float64 reference from the definition on the held-out rows minus b_dec: the transcoder's b_dec
+    is the target mean (far from 0), so the raw target rows give other numbers."""
+    (record,) = evaluate([setup["transcoder"]], setup["data"],
+                         options=EvaluateOptions(downstream=False, interpret=False, density_rows=0))
+    dictionary = load(setup["transcoder"])
+    n_train = ActivationDataModule(str(setup["data"]), MLP_IN, MLP_OUT, batch_size=1).n_train
+    with h5py.File(setup["data"]) as f:
+        y = f[MLP_OUT][n_train:].astype(np.float64)
+    W = dictionary.W_dec.detach().double().numpy()
+    unit = W / np.linalg.norm(W, axis=1, keepdims=True)
+    b_dec = dictionary.b_dec.detach().double().numpy()
+
+    def reference(rows: np.ndarray, n: int) -> float:  # one block: 512 held-out rows < 4096
+        return float(np.sort((rows @ unit.T).ravel())[::-1][n * len(rows)])
+
+    d_sae = dictionary.d_sae
+    for key, n in (("nth_decoder_projection_eighth", 8), ("nth_decoder_projection", 16),
+                   ("nth_decoder_projection_half", 32)):
+        assert n == round(d_sae * {8: 1 / 8, 16: 1 / 4, 32: 1 / 2}[n])
+        assert record[key] == pytest.approx(reference(y - b_dec, n), abs=1e-5), key
+        assert abs(record[key] - reference(y, n)) > 1e-3, key  # raw rows: another number (>= 2e-3 here)
+    assert record["nth_decoder_projection_n"] == 16

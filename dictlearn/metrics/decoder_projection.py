@@ -20,13 +20,19 @@ Our choices where the code leaves freedom (docs/metrics.md):
   minus the affine skip x W_skipᵀ for a skip transcoder.
 - blocks of at most `BLOCK_ROWS` = 4096 rows (the authors' batch); the score is the mean over
   blocks weighted by their rows.
-- n = round(d_sae / 4) by default (`default_n`). The authors use n = 12,000 for d_sae = 32,768
+- n = round(d_sae / 4) by default (`default_n`), recorded as `nth_decoder_projection`; beside it,
+  from the same projections, n = round(d_sae / 8) and round(d_sae / 2)
+  (`nth_decoder_projection_eighth`, `nth_decoder_projection_half`), because the reading depends on
+  n (below) and a scan should show whether it does on its data. The authors use n = 12,000 for d_sae = 32,768
   on Gemma ("anything less than ~d_sae/2 seems to work") and, in their toy model (d_sae 50, true
   L0 11, BatchTopK at every integer k, five seeds), plot n = 12 ... 25 (0.24 ... 0.5 of d_sae) and
   read the minimum by eye. A quarter is the low end of that range and is fitted to our synthetic
   ground truth (tests/test_l0_ground_truth.py): there BatchTopK's minimum falls at or near the
   smallest k for n >= 5/16 d_sae and at or near the largest for n <= d_sae / 6, on three seeds
   (docs/metrics.md, "How n decides"). It has to stay fixed across the L0s compared.
+- The three n cost one partial sort per block: `np.partition` with the three ranks partitions the
+  range once and then only the pieces between ranks, 1.3-1.5x one rank, where `torch.topk` of the
+  largest d_sae/2 or three `kthvalue`s cost 1.9-2.8x (benchmarks/l0_proxy_cost.py, under load).
 
 Also `decoder_pairwise_cosine`, the mean |cos| over pairs of decoder rows, which the same
 repository computes as an alternative ("Decoder Pairwise Cosine Similarity"; no data needed).
@@ -39,28 +45,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-L0_PROXY_KEYS = ("nth_decoder_projection", "nth_decoder_projection_n", "decoder_pairwise_cosine")
 BLOCK_ROWS = 4096
 N_FRACTION = 1 / 4
+#: the other n read from the same projections: result key -> fraction of d_sae (additions of
+#: 2026-12-07; older results lack them)
+OTHER_N = {"nth_decoder_projection_eighth": 1 / 8, "nth_decoder_projection_half": 1 / 2}
+L0_PROXY_KEYS = ("nth_decoder_projection", "nth_decoder_projection_n", "decoder_pairwise_cosine", *OTHER_N)
 
 
-def default_n(d_sae: int) -> int:
-    """n of s_n^dec for a dictionary of d_sae latents: round(d_sae / 4), at least 1, below d_sae."""
-    return max(1, min(d_sae - 1, round(N_FRACTION * d_sae)))
+def default_n(d_sae: int, fraction: float = N_FRACTION) -> int:
+    """n of s_n^dec for a dictionary of d_sae latents: round(fraction · d_sae), at least 1, below d_sae."""
+    return max(1, min(d_sae - 1, round(fraction * d_sae)))
+
+
+def nth_projections(residual: Tensor, unit_decoder: Tensor, ns: list[int]) -> list[float]:
+    """residual: [B, d_out] (y − b_dec), unit_decoder: [d_sae, d_out] -> for each n of `ns` the
+    (n·B)-th largest of the B·d_sae projections (0-based), i.e. the B·(d_sae − n)-th smallest
+    (1-based); one projection and one partial sort for all of them."""
+    projections = (residual @ unit_decoder.T).flatten().float().cpu().numpy()
+    rows, d_sae = len(residual), unit_decoder.shape[0]
+    ks = [rows * (d_sae - n) - 1 for n in ns]  # 0-based
+    # np.partition's introselect: the same exact order statistic as torch.kthvalue, ~2x faster on
+    # CPU; with several ranks it partitions once and then only the pieces between them
+    ordered = np.partition(projections, sorted(set(ks)))
+    return [float(ordered[k]) for k in ks]
 
 
 def nth_projection(residual: Tensor, unit_decoder: Tensor, n: int) -> float:
-    """residual: [B, d_out] (y − b_dec), unit_decoder: [d_sae, d_out] -> the (n·B)-th largest of the
-    B·d_sae projections (0-based), i.e. the B·(d_sae − n)-th smallest (1-based)."""
-    projections = (residual @ unit_decoder.T).flatten().float().cpu().numpy()
-    rows, d_sae = len(residual), unit_decoder.shape[0]
-    k = rows * (d_sae - n) - 1  # 0-based
-    # np.partition's introselect: the same exact order statistic as torch.kthvalue, ~2x faster on CPU
-    return float(np.partition(projections, k)[k])
+    """`nth_projections` at one n."""
+    return nth_projections(residual, unit_decoder, [n])[0]
 
 
 class NthDecoderProjection:
-    """s_n^dec accumulated over held-out rows read in chunks (`update`), then `compute`.
+    """s_n^dec accumulated over held-out rows read in chunks (`update`), then `compute`: at `n`
+    (default d_sae / 4) and, unless `n` is given, at the `OTHER_N` fractions of d_sae too.
 
     W_dec: [d_sae, d_out], the decoder whose row directions are projected on."""
 
@@ -69,9 +87,13 @@ class NthDecoderProjection:
         self.n = default_n(d_sae) if n is None else n
         if not 0 <= self.n < d_sae:
             raise ValueError(f"nth_decoder_projection: n must be in [0, d_sae={d_sae}) (got {self.n})")
+        # key -> n; a chosen n is read alone (the other fractions are relative to the default)
+        self.ns = {"nth_decoder_projection": self.n}
+        if n is None:
+            self.ns |= {key: default_n(d_sae, fraction) for key, fraction in OTHER_N.items()}
         self.unit = F.normalize(W_dec.detach().float(), dim=-1)
         self.block_rows = block_rows
-        self.total, self.rows = 0.0, 0
+        self.totals, self.rows = dict.fromkeys(self.ns, 0.0), 0
 
     def update(self, residual: Tensor) -> None:
         """residual: [rows, d_out], what the latents must write: y − b_dec (− x W_skipᵀ), i.e. the
@@ -79,13 +101,16 @@ class NthDecoderProjection:
         residual = residual.float()
         for start in range(0, len(residual), self.block_rows):
             block = residual[start : start + self.block_rows]
-            self.total += nth_projection(block, self.unit, self.n) * len(block)
+            for key, value in zip(self.ns, nth_projections(block, self.unit, list(self.ns.values()))):
+                self.totals[key] += value * len(block)
             self.rows += len(block)
 
     def compute(self) -> dict[str, float | int | None]:
-        """{nth_decoder_projection, nth_decoder_projection_n}; the score is None without rows."""
-        score = self.total / self.rows if self.rows else None
-        return {"nth_decoder_projection": score, "nth_decoder_projection_n": self.n}
+        """{nth_decoder_projection, nth_decoder_projection_n} and the `OTHER_N` keys where read;
+        the scores are None without rows."""
+        scores = {key: total / self.rows if self.rows else None for key, total in self.totals.items()}
+        return {"nth_decoder_projection": scores.pop("nth_decoder_projection"), "nth_decoder_projection_n": self.n,
+                **scores}
 
 
 def decoder_pairwise_cosine(W_dec: Tensor, chunk: int = 4096) -> float:
