@@ -9,6 +9,11 @@ the proxy was still falling (`indicated_l0` null). The interval is the range of 
 made seed by seed (each seed's own curve); a seed whose minimum sits at an end leaves that side
 open (null). Used by the report (analysis/l0_scan.py) and by `dictlearn compare --l0 scan` for
 `DIR/l0_scan.json` (dictlearn/compare/scan.py).
+
+The same rule is applied to the proxy at n = d_sae/8 and d_sae/2 where the results hold them
+(`by_n`), because where the minimum falls depends on n (docs/metrics.md, "How n decides"): the
+readings at the three n agree when their seed intervals share a point (`n_agreement`), and when
+they do not, the scan does not locate the L0.
 """
 
 from __future__ import annotations
@@ -17,11 +22,17 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 
+from dictlearn.metrics.decoder_projection import default_n
+
 PROXY = "nth_decoder_projection"
+#: the proxy at each n a scan reads, smallest n first: (label, fraction of d_sae, result key)
+PROXY_BY_N = (("d_sae/8", 1 / 8, "nth_decoder_projection_eighth"), ("d_sae/4", 1 / 4, PROXY),
+              ("d_sae/2", 1 / 2, "nth_decoder_projection_half"))
 PROBES = ("probe_auc_k1", "probe_auc_k16")
 RULE = ("minimum of the seed-mean nth_decoder_projection over the scanned L0 targets, refined by a parabola in "
         "log L0 through its neighbours; interval: the range of the per-seed estimates (null: a seed's minimum lies "
-        "at an end of the scan)")
+        "at an end of the scan); the same at n = d_sae/8 and d_sae/2 (by_n), which agree with n = d_sae/4 when "
+        "the three seed intervals share a point (n_agreement)")
 
 
 def _number(line: dict, key: str) -> float | None:
@@ -72,21 +83,17 @@ def _record(key: tuple, members: list[dict]) -> dict:
         by_target[line["l0_target"]].append(line)
     targets = sorted(by_target)
     l0 = [_means(by_target[t], "l0") for t in targets]
-    proxy = [_means(by_target[t], PROXY) for t in targets]
-    value, edge = minimum(l0, proxy)
-    per_seed = _per_seed(by_target, targets)
-    estimates = list(per_seed.values())
-    located = [e["l0"] for e in estimates if e["l0"] is not None]
-    low = None if any(e["edge"] == "smallest" for e in estimates) or not located else min(located)
-    high = None if any(e["edge"] == "largest" for e in estimates) or not located else max(located)
+    main = _reading(by_target, targets, l0, PROXY)
     record = {
         "architecture": members[0].get("architecture"), "d_sae": members[0].get("d_sae"), "group": list(key),
-        "indicated_l0": value, "interval": [low, high] if value is not None else [None, None],
-        "bracketed": value is not None, "proxy_lowest_at": edge,
-        "scanned_l0": targets, "measured_l0": l0, PROXY: proxy,
+        "indicated_l0": main["indicated_l0"], "interval": main["interval"],
+        "bracketed": main["bracketed"], "proxy_lowest_at": main["proxy_lowest_at"],
+        "scanned_l0": targets, "measured_l0": l0, PROXY: main["values"],
         "nth_decoder_projection_n": members[0].get("nth_decoder_projection_n"),
-        "seeds": sorted({line.get("seed") for line in members}, key=str), "per_seed": per_seed,
+        "seeds": sorted({line.get("seed") for line in members}, key=str), "per_seed": main["per_seed"],
     }  # fmt: skip
+    record["by_n"] = _by_n(by_target, targets, l0, record)
+    record["n_agreement"] = agreement(record["by_n"], len(record["per_seed"]))
     for probe in PROBES:
         means = [_means(by_target[t], probe) for t in targets]
         record[probe] = means
@@ -95,14 +102,61 @@ def _record(key: tuple, members: list[dict]) -> dict:
     return record
 
 
-def _per_seed(by_target: dict[float, list[dict]], targets: list) -> dict[str, dict]:
+def _reading(by_target: dict[float, list[dict]], targets: list, l0: list, key: str) -> dict:
+    """The indicated L0 of proxy `key`: its seed-mean curve's minimum, the per-seed estimates and
+    their range (a seed whose minimum sits at an end leaves that side open)."""
+    values = [_means(by_target[t], key) for t in targets]
+    value, edge = minimum(l0, values)
+    per_seed = _per_seed(by_target, targets, key)
+    estimates = list(per_seed.values())
+    located = [e["l0"] for e in estimates if e["l0"] is not None]
+    low = None if any(e["edge"] == "smallest" for e in estimates) or not located else min(located)
+    high = None if any(e["edge"] == "largest" for e in estimates) or not located else max(located)
+    return {"indicated_l0": value, "interval": [low, high] if value is not None else [None, None],
+            "bracketed": value is not None, "proxy_lowest_at": edge, "values": values, "per_seed": per_seed}
+
+
+def _by_n(by_target: dict[float, list[dict]], targets: list, l0: list, record: dict) -> list[dict]:
+    """The reading at each n of `PROXY_BY_N` that every target holds (results from before the
+    d_sae/8 and d_sae/2 keys hold only d_sae/4)."""
+    found = []
+    for label, fraction, key in PROXY_BY_N:
+        if any(_means(by_target[t], key) is None for t in targets):
+            continue
+        reading = _reading(by_target, targets, l0, key)
+        n = record["nth_decoder_projection_n"] if key == PROXY else None
+        if n is None and isinstance(record["d_sae"], int):
+            n = default_n(record["d_sae"], fraction)
+        found.append({"n_of_d_sae": label, "n": n, "key": key, **{k: v for k, v in reading.items() if k != "per_seed"}})
+    return found
+
+
+def agreement(readings: list[dict], seeds: int) -> str | None:
+    """Whether the readings at the three n point at the same L0: "agree" (all bracketed, and
+    their seed intervals share a point, an open side unbounded), "disagree", "unbracketed" (at
+    some n the minimum lies at an end), "one seed" (no seed range to judge by), or None (fewer
+    than three n recorded: older results)."""
+    if len(readings) < len(PROXY_BY_N):
+        return None
+    if not all(r["bracketed"] for r in readings):
+        return "unbracketed"
+    if seeds < 2:
+        return "one seed"
+    lows = [r["interval"][0] for r in readings if r["interval"][0] is not None]
+    highs = [r["interval"][1] for r in readings if r["interval"][1] is not None]
+    return "agree" if not lows or not highs or max(lows) <= min(highs) else "disagree"
+
+
+def _per_seed(by_target: dict[float, list[dict]], targets: list, key: str = PROXY) -> dict[str, dict]:
     """{seed: {"l0": estimate or None, "edge": None | "smallest" | "largest" | "too few"}}, over
-    the seeds measured at every target."""
-    seeds = set.intersection(*({line.get("seed") for line in by_target[t]} for t in targets))
+    the seeds measured (with proxy `key`) at every target."""
+    seeds = set.intersection(*({line.get("seed") for line in by_target[t] if _number(line, key) is not None}
+                               for t in targets))
     out = {}
     for seed in sorted(seeds, key=str):
-        rows = [next(line for line in by_target[t] if line.get("seed") == seed) for t in targets]
-        estimate, edge = minimum([_number(r, "l0") for r in rows], [_number(r, PROXY) for r in rows])
+        rows = [next(line for line in by_target[t] if line.get("seed") == seed and _number(line, key) is not None)
+                for t in targets]
+        estimate, edge = minimum([_number(r, "l0") for r in rows], [_number(r, key) for r in rows])
         out[str(seed)] = {"l0": estimate, "edge": edge}
     return out
 

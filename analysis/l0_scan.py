@@ -1,12 +1,15 @@
 """Which L0? The L0 diagnostic of Chanin & Garriga-Alonso 2025 against L0, beside sparse probing.
 
-Left: `nth_decoder_projection` (s_n^dec, dictlearn/metrics/decoder_projection.py) against the
-measured L0 per architecture; the shaded band is the indicated L0's interval over seeds and the
-dashed line the indicated L0 (analysis/indicated_l0.py: the minimum of the seed-mean curve,
-refined in log L0). Right: sparse-probe ROC-AUC (k = 16, else k = 1) against L0 with the same
-bands, so the reader sees whether the proxy's L0 and the probes' peak agree on this model. The
-report's sentences (`summary_blocks`) say, per architecture, where the compared L0 targets lie
-against the indicated L0, or plainly that the run does not bracket it.
+One panel per n the results hold: `nth_decoder_projection` (s_n^dec at n = d_sae/4,
+dictlearn/metrics/decoder_projection.py) and, where recorded, the same at n = d_sae/8 and d_sae/2
+(small multiples on a shared L0 axis, each with its own y axis: the score's scale moves with n),
+against the measured L0 per architecture; the shaded band is that n's indicated L0's interval over
+seeds and the dashed line the indicated L0 (analysis/indicated_l0.py: the minimum of the seed-mean
+curve, refined in log L0). Last panel: sparse-probe ROC-AUC (k = 16, else k = 1) against L0 with
+the d_sae/4 bands, so the reader sees whether the proxy's L0 and the probes' peak agree on this
+model. The report's sentences (`summary_blocks`) say, per architecture, where the compared L0
+targets lie against the indicated L0, or plainly that the run does not bracket it, and whether the
+readings at the three n agree (where they do not, the scan does not locate the L0).
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ from dictlearn.analysis.cli import module_main
 from dictlearn.analysis.metric_plot import MetricSpec, draw_metric_axis, site_suffix, site_title
 from dictlearn.analysis.render import Bullets, Paragraph
 from dictlearn.analysis.results import series_label, value
-from dictlearn.analysis.style import (Drawn, architecture_style, legend_outside, new_figure, save, series_order,
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dictlearn.analysis.style import (DPI, WIDTH_IN, Drawn, architecture_style, legend_outside, save, series_order,
                                       share_x_label, styled)
-from dictlearn.analysis.indicated_l0 import PROXY, indicated, position
+from dictlearn.analysis.indicated_l0 import PROXY, PROXY_BY_N, indicated, position
 
 STEM = "l0_scan"
-CAPTION = ("Which L0? Left: the nth decoder projection s_n^dec of Chanin & Garriga-Alonso (2025) against L0 "
-           "(mean over seeds, 95 % interval); the dashed line is the indicated L0 (the minimum of the seed-mean "
-           "curve, refined in log L0) and the band its range over seeds. Right: sparse-probe ROC-AUC against L0 "
-           "with the same bands. An architecture without a line: the scan does not bracket its indicated L0.")
+CAPTION = ("Which L0? The nth decoder projection s_n^dec of Chanin & Garriga-Alonso (2025) against L0 (mean over "
+           "seeds, 95 % interval), one panel per n (d_sae/8, d_sae/4, d_sae/2 where recorded); the dashed line is that "
+           "n's indicated L0 (the minimum of the seed-mean curve, refined in log L0) and the band its range over seeds. "
+           "Last panel: sparse-probe ROC-AUC against L0 with the d_sae/4 bands. An architecture without a line: the "
+           "scan does not bracket its indicated L0 at that n. Readings that move with n do not locate the L0.")
 
 
 def records(lines: list[dict]) -> list[dict]:
@@ -42,28 +49,52 @@ def _probe_key(lines: list[dict]) -> str | None:
     return None
 
 
+def _proxy_specs(lines: list[dict], found: list[dict]) -> list[tuple[MetricSpec, str]]:
+    """(panel, key of the record's `by_n` reading) per n the lines hold, smallest n first."""
+    specs = []
+    for label, _, key in PROXY_BY_N:
+        if not any(value(line, key) is not None for line in lines):
+            continue
+        ns = {reading["n"] for record in found for reading in record.get("by_n", ()) if reading["key"] == key}
+        shown = f", n = {label}" + (f" = {ns.pop()}" if len(ns) == 1 and None not in ns else "")
+        specs.append((MetricSpec(key, r"$s_n^{\mathrm{dec}}$" + shown), key))
+    return specs
+
+
+def _figure(panels: int) -> tuple[Figure, list]:
+    """Up to three panels in a row; four in two rows (three n and the probes)."""
+    rows, cols = (2, 2) if panels == 4 else (1, panels)
+    fig = Figure(figsize=(WIDTH_IN, 3.2 * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, list(fig.subplots(rows, cols, squeeze=False).ravel())
+
+
+def _bands(ax, found: list[dict], key: str) -> None:
+    """The indicated L0 at proxy `key` (dashed) and its seed range (band) per series."""
+    for record in found:
+        reading = next((r for r in record.get("by_n", ()) if r["key"] == key), None)
+        if reading is None or reading["indicated_l0"] is None:
+            continue
+        colour = architecture_style(record["group"][0])[0]
+        low, high = reading["interval"]
+        left, right = ax.get_xlim()
+        ax.axvspan(low if low is not None else left, high if high is not None else right, color=colour,
+                   alpha=0.12, linewidth=0, zorder=0)
+        ax.axvline(reading["indicated_l0"], color=colour, linestyle="--", linewidth=1.0, zorder=1,
+                   label=f"indicated L0, {series_label(tuple(record['group']))}")
+
+
 @styled
 def plot(lines: list[dict], found: list[dict], title: str | None = None):
-    n = {r["nth_decoder_projection_n"] for r in found}
-    label = r"$s_n^{\mathrm{dec}}$" + (f" (n = {n.pop()})" if len(n) == 1 else "")
-    specs = [MetricSpec(PROXY, f"nth decoder projection {label}")]
+    specs = _proxy_specs(lines, found)
     probe = _probe_key(lines)
     if probe is not None:
         k = probe.removeprefix("probe_auc_k")
-        specs.append(MetricSpec(probe, f"sparse-probe ROC-AUC, k = {k}"))
-    fig, axes = new_figure(ncols=len(specs), height_in=3.2)
-    for ax, spec in zip(axes, specs):
+        specs.append((MetricSpec(probe, f"sparse-probe ROC-AUC, k = {k}"), PROXY))
+    fig, axes = _figure(len(specs))
+    for ax, (spec, bands) in zip(axes, specs):
         draw_metric_axis(ax, lines, spec)
-        for record in found:
-            if record["indicated_l0"] is None:
-                continue
-            colour = architecture_style(record["group"][0])[0]
-            low, high = record["interval"]
-            left, right = ax.get_xlim()
-            ax.axvspan(low if low is not None else left, high if high is not None else right, color=colour,
-                       alpha=0.12, linewidth=0, zorder=0)
-            ax.axvline(record["indicated_l0"], color=colour, linestyle="--", linewidth=1.0, zorder=1,
-                       label=f"indicated L0, {series_label(tuple(record['group']))}")
+        _bands(ax, found, bands)
     share_x_label(fig, axes)
     legend_outside(fig, axes, above=len(specs) > 1, title=title)
     return fig
@@ -97,7 +128,8 @@ def sentence(record: dict) -> str:
         end = targets[0] if record["proxy_lowest_at"] == "smallest" else targets[-1]
         return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
                 f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it "
-                "(`dictlearn compare --l0 scan` trains a wider range)." + _probe_clause(record) + _n_clause(record))
+                "(`dictlearn compare --l0 scan` trains a wider range)." + _agreement_clause(record) + _probe_clause(record)
+                + _n_clause(record))
     low, high = record["interval"]
     interval = f"{'≤' if low is None else f'{low:.3g}'}–{'≥' if high is None else f'{high:.3g}'}"
     groups: dict[str, list] = {"below": [], "around": [], "above": []}
@@ -106,9 +138,34 @@ def sentence(record: dict) -> str:
         if side is not None:
             groups[side].append(target)
     where = "; ".join(f"{_targets(v)} {'lie' if len(v) > 1 else 'lies'} {k} it" for k, v in groups.items() if v)
-    text = (f"**{name}**: the proxy is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
+    at = " at n = d_sae/4" if len(record.get("by_n", ())) > 1 else ""
+    text = (f"**{name}**: the proxy{at} is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
-    return text + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
+    return text + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
+
+
+def _reading_text(reading: dict) -> str:
+    if reading["indicated_l0"] is not None:
+        return f"{reading['indicated_l0']:.3g}"
+    return f"none (lowest at the {reading['proxy_lowest_at']} target)"
+
+
+def _agreement_clause(record: dict) -> str:
+    """One sentence: the indicated L0 at n = d_sae/8, /4, /2 and whether they agree within the
+    seeds' ranges; nothing for results from before the d_sae/8 and d_sae/2 keys."""
+    verdict = record.get("n_agreement")
+    if verdict is None:
+        return ""
+    readings = record["by_n"]
+    ns = ", ".join(f"{r['n_of_d_sae']}" + (f" = {r['n']}" if r["n"] is not None else "") for r in readings)
+    found = f" Read at n = {ns}, the proxy is lowest at L0 {', '.join(_reading_text(r) for r in readings)}"
+    if verdict == "agree":
+        return found + ": the three readings agree within the seeds' ranges."
+    if verdict == "one seed":
+        return found + " (one seed: no seed range to judge whether they agree)."
+    why = "not every n brackets it" if verdict == "unbracketed" else "their seed ranges do not overlap"
+    return (found + f"; {why}, so the reading depends on n and **this scan does not locate the L0** "
+            "(docs/metrics.md, \"How n decides\").")
 
 
 def _topk_clause(record: dict) -> str:

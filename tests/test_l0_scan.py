@@ -27,13 +27,23 @@ def _line(architecture: str, target: float, seed: int, proxy: float, **extra) ->
             **extra}
 
 
+def _bowl(target: float, centre: float, scale: float = 1.0) -> float:
+    return scale * (math.log(target) - math.log(centre)) ** 2
+
+
 def _lines() -> list[dict]:
+    """topk: the same vertices at n = d_sae/8, /4, /2 (scaled curves); relu_l1: at d_sae/2 the
+    vertices twice as far (18, 20, 22: seed range disjoint from 9-11); batchtopk: results from
+    before the d_sae/8 and d_sae/2 keys."""
     lines = []
     for seed, centre in CENTRES.items():
         for t in TARGETS:
-            lines.append(_line("topk", t, seed, (math.log(t) - math.log(centre)) ** 2,
-                               probe_auc_k16=0.9 - abs(t - 11) / 100))
+            lines.append(_line("topk", t, seed, _bowl(t, centre), probe_auc_k16=0.9 - abs(t - 11) / 100,
+                               nth_decoder_projection_eighth=_bowl(t, centre, 3.0) + 1.0,
+                               nth_decoder_projection_half=_bowl(t, centre, 0.5) - 1.0))
             lines.append(_line("batchtopk", t, seed, 1.0 / t + seed * 0.01))  # still falling at the largest
+            lines.append(_line("relu_l1", t, seed, _bowl(t, centre), nth_decoder_projection_eighth=_bowl(t, centre),
+                               nth_decoder_projection_half=_bowl(t, 2 * centre)))
     return lines
 
 
@@ -57,10 +67,33 @@ def test_indicated_l0_its_seed_interval_and_the_targets_positions(tmp_path):
     batchtopk = found["batchtopk"]
     assert batchtopk["indicated_l0"] is None and batchtopk["proxy_lowest_at"] == "largest"
     assert position(8, batchtopk) is None
-    path = write_l0_scan(tmp_path, _lines())
+    path = write_l0_scan(tmp_path, [line for line in _lines() if line["architecture"] != "relu_l1"])
     document = json.loads(path.read_text())
     assert {r["architecture"] for r in document["records"]} == {"topk", "batchtopk"}
-    assert {"architecture", "indicated_l0", "interval", "scanned_l0"} <= set(document["records"][0])
+    assert {"architecture", "indicated_l0", "interval", "scanned_l0", "by_n", "n_agreement"} <= set(document["records"][0])
+
+
+def test_the_readings_at_three_n_and_whether_they_agree():
+    found = {r["architecture"]: r for r in indicated(_lines())}
+    geometric = math.exp(sum(math.log(c) for c in CENTRES.values()) / 3)
+    topk = found["topk"]
+    assert [(r["n_of_d_sae"], r["n"]) for r in topk["by_n"]] == [("d_sae/8", 64), ("d_sae/4", 192), ("d_sae/2", 256)]
+    for reading in topk["by_n"]:
+        assert reading["indicated_l0"] == pytest.approx(geometric, rel=1e-9)
+        assert reading["interval"] == pytest.approx([9.0, 11.0], rel=1e-9)
+    assert topk["n_agreement"] == "agree"
+    relu = found["relu_l1"]
+    half = relu["by_n"][2]
+    assert half["key"] == "nth_decoder_projection_half" and half["interval"] == pytest.approx([18.0, 22.0], rel=1e-9)
+    assert half["indicated_l0"] == pytest.approx(2 * geometric, rel=1e-9)
+    assert relu["n_agreement"] == "disagree" and relu["indicated_l0"] == pytest.approx(geometric, rel=1e-9)
+    old = found["batchtopk"]  # older results: the d_sae/4 reading alone, no verdict
+    assert [r["key"] for r in old["by_n"]] == ["nth_decoder_projection"] and old["n_agreement"] is None
+    one_seed = {r["architecture"]: r for r in indicated([line for line in _lines() if line["seed"] == 0])}
+    assert one_seed["topk"]["n_agreement"] == "one seed"
+    shifted = [dict(line, nth_decoder_projection_eighth=1.0 / line["l0_target"]) if line["architecture"] == "topk"
+               else line for line in _lines()]  # at d_sae/8 still falling at the largest target
+    assert {r["architecture"]: r for r in indicated(shifted)}["topk"]["n_agreement"] == "unbracketed"
 
 
 def test_report_sentences_and_figure(tmp_path):
@@ -70,8 +103,17 @@ def test_report_sentences_and_figure(tmp_path):
     assert "L0 ≈ 9.97" in sentences["topk"] and "4, 6, 8 lie below it" in sentences["topk"]
     assert "16, 23, 32 lie above it" in sentences["topk"] and "highest at target 11" in sentences["topk"]
     assert "TopK itself mixes least" in sentences["topk"]  # a TopK reading is not the data's mean L0
+    assert "n = d_sae/8 = 64, d_sae/4 = 192, d_sae/2 = 256" in sentences["topk"]
+    assert "9.97, 9.97, 9.97: the three readings agree" in sentences["topk"]
+    assert "19.9; their seed ranges do not overlap" in sentences["relu_l1"]
+    assert "does not locate the L0" in sentences["relu_l1"] and "Read at n" not in sentences["batchtopk"]
     drawn = l0_scan.draw(lines, tmp_path, [])
     assert [d.stem for d in drawn] == ["l0_scan"] and drawn[0].png.is_file()
+    found = l0_scan.records(lines)
+    panels = [ax.get_ylabel() for ax in l0_scan.plot(lines, found).axes]  # three n and the probes
+    assert len(panels) == 4 and "d_sae/8 = 64" in panels[0] and "d_sae/2 = 256" in panels[2]
+    older = [line for line in lines if line["architecture"] == "batchtopk"]  # one n: one proxy panel
+    assert len(l0_scan.plot(older, l0_scan.records(older)).axes) == 1
 
 
 def test_scan_flag_and_yaml_key(tmp_path):
