@@ -26,8 +26,9 @@ REPLACEMENTS = {"topk_transcoder": ("topk", "transcoder"), "topk_skip_transcoder
 KINDS = ("mlp",)
 # Defaults (CPU / GPU). Total L0 targets 32, 64, 128: 8, 16, 32 per layer on the embedded model's
 # 4 layers, the single-layer comparison's per-layer targets, so one layer of a replacement is
-# as sparse as one dictionary there. The CPU width and run length are sized to the main job's
-# 15-minute budget on 2 cores (docs/compare.md, "Replacement models": measured stage by stage).
+# as sparse as one dictionary there. The CPU width and run length: ~495 CPU-s in all (one
+# thread, under load), ~9 minutes projected to the main job's 2-core machine if both cores work,
+# ~18 if one does (docs/compare.md, "Replacement models", Budget).
 DEFAULTS = {
     "cpu": dict(tokens=160_000, train_tokens=153_600, d_sae=[256], l0=[32, 64, 128]),
     "cuda": dict(tokens=2_000_000, train_tokens=4_096_000, d_sae=[1024], l0=[32, 64, 128, 256]),
