@@ -15,6 +15,8 @@ the timed window: they are per-run costs, not per-step). Prints, for the timed s
     python benchmarks/compare_budget.py                 # ~1 min on 2 cores
     python benchmarks/compare_budget.py --profile       # + the top torch.profiler / cProfile entries per step
     python benchmarks/compare_budget.py --stack both    # one-by-one and stacked members, alternated: their ratio
+    python benchmarks/compare_budget.py --workers 3     # 3 sweeps at once in spawned processes (compare --workers):
+                                                        # aggregate member-tokens/s and each worker's start-up
 
 Measure on a quiet machine (`uptime`); on a shared one, compare runs interleaved in the same
 minutes and report ratios.
@@ -101,6 +103,9 @@ def main() -> None:
                         help="train members of one mechanism and shape stacked (training/stack.py); both: "
                              "alternate one-by-one and stacked runs in this process and print their ratio")
     parser.add_argument("--rounds", type=int, default=2, help="with --stack both: pairs of runs (default 2)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train this many sweeps at once, each in a spawned process with max(1, threads // N) "
+                             "torch threads, as `dictlearn compare --workers N` does; prints the aggregate rate")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="dictlearn_compare_budget_"))
@@ -108,6 +113,8 @@ def main() -> None:
     if args.data is None:
         write_synth_file(data, n_rows=1024 * (args.warmup + args.steps + 20), d=D, n_features=1024,
                          mean_active=8, d_out=D)
+    if args.workers > 1:
+        return in_workers(args, data, work)
     matmul = matmul_gflops()
     if args.stack != "both":
         config, group, module, clock = fit(args, data, work, args.stack == "on")
@@ -122,6 +129,40 @@ def main() -> None:
     alone, stacked = (sorted(seconds[s])[len(seconds[s]) // 2] for s in (False, True))
     print(f"median step: one by one {1e3 * alone:.1f} ms, stacked {1e3 * stacked:.1f} ms; stacked is "
           f"{alone / stacked:.2f}x (load {os.getloadavg()[0]:.2f}; a ratio from one process, not a quiet timing)")
+
+
+def in_workers(args, data: Path, work: Path) -> None:
+    """`args.workers` sweeps trained at once in spawned processes: each one's step time and start-up
+    (spawn to its first import done), and the member-tokens/s of all together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // args.workers)
+    results = context.Queue()
+    started = time.perf_counter()
+    processes = [context.Process(target=_worker, args=(args, data, work / f"worker{i}", threads, started, results))
+                 for i in range(args.workers)]
+    for process in processes:
+        process.start()
+    rows = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+    rate = sum(row["member_tokens_per_s"] for row in rows)
+    for i, row in enumerate(rows):
+        print(f"worker {i}: start-up {row['startup_s']:.1f} s, step {1e3 * row['step_s']:.1f} ms, "
+              f"{row['member_tokens_per_s']:,.0f} member-tokens/s, process CPU {1e3 * row['cpu_step_s']:.1f} ms/step")
+    print(f"{args.workers} workers x {threads} threads: {rate:,.0f} member-tokens/s together "
+          f"(load {os.getloadavg()[0]:.2f}; run one process in the same minutes to compare)")
+
+
+def _worker(args, data: Path, work: Path, threads: int, started: float, results) -> None:
+    startup = time.perf_counter() - started  # this module and its imports (torch, Lightning) are loaded
+    torch.set_num_threads(threads)
+    work.mkdir(parents=True)
+    config, group, module, clock = fit(args, data, work, args.stack == "on")
+    step_s = clock.seconds / args.steps
+    results.put({"startup_s": startup, "step_s": step_s, "cpu_step_s": clock.cpu_seconds / args.steps,
+                 "member_tokens_per_s": len(group) * config.batch_size / step_s})
 
 
 def fit(args, data: Path, work: Path, stack: bool):

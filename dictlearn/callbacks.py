@@ -66,9 +66,13 @@ class RunGuard(L.Callback):
         self._connector = trainer._signal_connector  # its received_sigterm flag stops the loop
 
     def _on_sigint(self, signum, frame) -> None:
-        # Stop at the end of the current step, exactly as Lightning does for SIGTERM, so the
+        self.request_stop(signal.SIGINT)
+
+    def request_stop(self, signum: int) -> None:
+        """Stop as for signal `signum` (a SIGINT, or a compare worker asked by its parent)."""
+        # At the end of the current step, exactly as Lightning does for SIGTERM, so the
         # checkpoint holds a consistent optimiser state.
-        self.signal_received = signal.SIGINT
+        self.signal_received = signum
         self._connector.received_sigterm = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -24,7 +24,8 @@ LINE_KEYS = ("name", "architecture", "mechanism", "mapping", "l0_target", "d_sae
              "train_seconds", "export", "log_dir", "member", "batch_size")
 # A test-size budget on the embedded model: 12k harvested tokens, 40 steps of 256 tokens, d_sae 32.
 TINY = ["--tokens", "12000", "--train-tokens", "10240", "--batch-size", "256", "--d-sae", "32", "--l0", "4,8",
-        "--seeds", "0,1", "--contexts", "2", "--architectures", "topk,relu_l1,topk_transcoder", "--quiet"]
+        "--seeds", "0,1", "--contexts", "2", "--architectures", "topk,relu_l1,topk_transcoder", "--workers", "1",
+        "--quiet"]  # one process: its sweeps in turn (tests/test_compare_workers.py runs them side by side)
 
 
 def _env() -> dict:

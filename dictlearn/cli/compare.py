@@ -82,6 +82,9 @@ def build_parser() -> OneLineParser:
     add("--contexts", type=int, default=None, help="held-out corpus windows for the downstream metrics")
     add("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: auto)")
     add("--devices", type=int, default=None, help="processes/GPUs for DDP training (default: 1)")
+    add("--workers", type=int, default=None,
+        help="processes training the seeds' sweeps and evaluating side by side (default: one per seed on a CPU, "
+             "at most two per core; 1 on a GPU)")
     add("--no-downstream", dest="downstream", action="store_false", default=None,
         help="skip the spliced-model metrics")
     add("--no-interpret", dest="interpret", action="store_false", default=None,

@@ -10,6 +10,7 @@ field but the ones in `RUNTIME_FIELDS` (where and how fast it runs, not what it 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ _SHORT_RUN_TRAINING = _SHORT_RUN_RECIPE["training"]
 SHORT_RUN_DATA = dict(_SHORT_RUN_RECIPE.get("data") or {})
 OPTIMIZER = {key: _SHORT_RUN_TRAINING[key] for key in _OPTIMIZER_KEYS}
 SHORT_RUN = {key: value for key, value in _SHORT_RUN_TRAINING.items() if key not in _OPTIMIZER_KEYS}
-RUNTIME_FIELDS = ("out", "device", "quiet")
+RUNTIME_FIELDS = ("out", "device", "quiet", "workers")
 # --tune-lr's default grid: the common LR times these (steps of about half a decade, spanning one
 # decade around it; three values keep the search at a third of the comparison's training)
 LR_FACTORS = (1 / 3, 1, 3)
@@ -92,6 +93,9 @@ class CompareConfig:
     # where it runs
     device: str = "auto"
     devices: int = 1
+    # processes that train the seeds' sweeps and evaluate the dictionaries side by side
+    # (dictlearn/compare/workers.py); None: one per seed on a CPU (at most two per core), 1 on a GPU
+    workers: int | None = None
     quiet: bool = False
 
     @classmethod
@@ -128,6 +132,8 @@ class CompareConfig:
         for name, default in DEFAULTS[kind].items():
             if values[name] is None:
                 values[name] = list(default) if isinstance(default, tuple) else default
+        if values["workers"] is None:
+            values["workers"] = default_workers(kind, len(values["seeds"] or [0]), values["replace"], values["devices"])
         if values["architectures"] is None:
             sae_only = self.data is not None and self.target_key is None
             values["architectures"] = [a for a in DEFAULT_ARCHITECTURES if not (sae_only and "transcoder" in a)]
@@ -152,6 +158,7 @@ class CompareConfig:
 
     # ----------------------------------------------------------------- checks (one line each)
     def check(self) -> None:
+        self._check_workers()
         if self.replace is not None:
             from dictlearn.compare import replace
 
@@ -206,6 +213,16 @@ class CompareConfig:
             raise ConfigError(f"optimizer: unknown key {unknown[0]!r}; known: {', '.join(OPTIMIZER)}")
         self._check_lr_search()
 
+    def _check_workers(self) -> None:
+        workers = self.workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+            raise ConfigError(f"--workers {workers}: must be a positive whole number (1: one process)")
+        if workers > 1 and self.devices > 1:
+            raise ConfigError(f"--workers {workers} with --devices {self.devices}: DDP already runs one process per "
+                              "device; drop --workers or --devices")
+        if workers > 1 and self.replace is not None:
+            raise ConfigError(f"--workers {workers}: --replace {self.replace} trains in one process; drop --workers")
+
     def _check_lr_search(self) -> None:
         if self.lr_grid is not None and not self.tune_lr:
             raise ConfigError("--lr-grid: the LRs of the --tune-lr search; add --tune-lr or drop --lr-grid")
@@ -228,6 +245,16 @@ class CompareConfig:
     def steps(self) -> int:
         """Optimiser steps: `train_tokens` in all, `batch_size` per step on each of `devices` ranks."""
         return self.train_tokens // (self.batch_size * self.devices)
+
+
+def default_workers(kind: str, n_seeds: int, replace: str | None, devices: int) -> int:
+    """Worker processes when `workers` is not given: on a CPU one per seed, at most two per core
+    (measured on 2 cores: three processes train as fast together as two, docs/compare.md); on a
+    GPU, under DDP or with --replace, one."""
+    cores = os.cpu_count() or 1
+    if kind != "cpu" or replace is not None or devices > 1 or cores < 2:
+        return 1
+    return max(1, min(n_seeds, 2 * cores))
 
 
 def mechanisms() -> dict:

@@ -18,56 +18,30 @@ Each sweep still reads every batch once for all its members.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
-from dictlearn.callbacks import ExportOnFitEnd, RunGuard
 from dictlearn.compare import tune
+from dictlearn.compare import workers as workers_module
 from dictlearn.compare.include import check_included, evaluate_included
-from dictlearn.compare.plan import SHORT_RUN_DATA, CompareConfig, Planned, plan
-from dictlearn.compare.progress import Progress, TrainingProgress
+from dictlearn.compare.plan import CompareConfig, Planned, plan
+from dictlearn.compare.progress import Progress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
 from dictlearn.compare.scan import write_l0_scan
-from dictlearn.data import ActivationDataModule
+from dictlearn.compare.sweeps import (  # noqa: F401 - also this module's names (replace_run.py, the CLI, tests)
+    VALIDATION_ROWS, Evaluation, Source, _check_stop, _fit, _rank, _train_group, evaluate_options, sweep_data)
 from dictlearn.data.h5 import H5Array, check_activation_file
-from dictlearn.data.split import HeldOutSplit
 from dictlearn.errors import ConfigError, DataError
-from dictlearn.export import export, load
 from dictlearn.io import atomic_write_text, check_writable_folder
-from dictlearn.runtime import check_device, quiet_lightning
-from dictlearn.training import DictionaryTraining, Member, TrainingConfig
-from dictlearn.training.calibration import SparsityCalibration
-from dictlearn.training.fit import Stopped, build_trainer, checkpoint_step, latest_checkpoint, run_callbacks, train
-from dictlearn.training.recipe import sweep_config, to_yaml
+from dictlearn.runtime import check_device
+from dictlearn.training.fit import Stopped  # noqa: F401 - `dictlearn.compare.run.Stopped`, as before
 
 OWN_ENTRIES = {"compare.yaml", "activations.h5", "train", "exports", "evaluations", "results.jsonl", "results.csv",
                "timings.json", "figures", "report.md", "report.html", "dashboards", "lr_search.json"}
-
-
-@dataclass
-class Source:
-    """The activation file and the datasets each mapping reads."""
-
-    path: Path
-    sae_keys: tuple[str, None]
-    transcoder_keys: tuple[str, str] | None
-    hooks: list[str] | None = None  # what to harvest (None: --data)
-
-    def keys(self, planned: Planned) -> tuple[str, str | None]:
-        return self.sae_keys if planned.mapping == "sae" else self.transcoder_keys
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 # ----------------------------------------------------------------------------- checks, before any write
@@ -156,21 +130,20 @@ def compare(config: CompareConfig) -> Path:
         lm = None
         if config.tune_lr:  # each architecture's LR, chosen on validation documents first
             planned = plan(config, _search_lr(config, source, progress, stop))
-        sweep_seconds: list[float] = []  # of the sweeps trained so far, for the time left
-        for i, seed in enumerate(config.seeds):
-            mean = sum(sweep_seconds) / len(sweep_seconds) if sweep_seconds else 0.0
-            progress.later = (len(config.seeds) - i - 1) * mean
-            begun = time.perf_counter()
-            if _train_group(config, source, [p for p in planned if p.seed == seed], f"seed{seed}", progress, stop):
-                sweep_seconds.append(time.perf_counter() - begun)
-        progress.later = 0.0
+        workers, threads = workers_module.plan_workers(config, planned) if config.workers > 1 else (1, None)
+        if workers > 1:  # the sweeps, then the evaluations, side by side in worker processes
+            _train_and_evaluate_in_workers(config, source, planned, progress, stop, workers, threads)
+        else:
+            _train_all(config, source, planned, progress, stop)
         _leave_process_group()  # evaluation runs on rank 0 alone; its metrics must not try to sync
         if rank != 0:
             return out
         from dictlearn.downstream import DownstreamCache
 
         cache = DownstreamCache(config.device)  # the language model, loaded once for evaluation and dashboards
-        records = _evaluate_all(config, source, planned, cache, progress, stop)
+        if workers == 1:
+            _evaluate_all(config, source, planned, cache, progress, stop)
+        records = [results_line(config, p, out) for p in planned]
         records += evaluate_included(config, source.path, included, evaluate_options(config), cache, probes=None,
                                      progress=progress, check_stop=lambda: _check_stop(stop))
         if config.interpret:
@@ -180,11 +153,44 @@ def compare(config: CompareConfig) -> Path:
         write_l0_scan(out, records)
     progress.stage("report", 1, unit="file")
     host = machine(config.device)  # ~0.1 s of matmuls: once, not once per timings write
+    host |= {"workers": workers, "threads_per_worker": threads or host["torch_threads"]}
     write_timings(out, progress, time.perf_counter() - started, host, complete=False)
     _import_analysis().write_report(out, records, echo=not config.quiet)
     progress.finish()
     write_timings(out, progress, time.perf_counter() - started, host)
     return out
+
+
+def _train_all(config: CompareConfig, source: Source, planned: list[Planned], progress: Progress,
+               stop: threading.Event) -> None:
+    """The seeds' sweeps one after another in this process (and its DDP ranks)."""
+    sweep_seconds: list[float] = []  # of the sweeps trained so far, for the time left
+    for i, seed in enumerate(config.seeds):
+        mean = sum(sweep_seconds) / len(sweep_seconds) if sweep_seconds else 0.0
+        progress.later = (len(config.seeds) - i - 1) * mean
+        begun = time.perf_counter()
+        if _train_group(config, source, [p for p in planned if p.seed == seed], f"seed{seed}", progress, stop):
+            sweep_seconds.append(time.perf_counter() - begun)
+    progress.later = 0.0
+
+
+def _train_and_evaluate_in_workers(config: CompareConfig, source: Source, planned: list[Planned],
+                                   progress: Progress, stop: threading.Event, workers: int, threads: int) -> None:
+    """`--workers N`: the pending sweeps, then the pending evaluations, split between N processes
+    (dictlearn/compare/workers.py); the same files as `_train_all` and `_evaluate_all` write."""
+    out = Path(config.out)
+    groups = {}
+    for seed in config.seeds:
+        group = [p for p in planned if p.seed == seed]
+        if all((out / "exports" / p.name / "cfg.json").is_file() for p in group):
+            progress.done_dictionaries += len(group)
+        else:
+            groups[f"seed{seed}"] = group
+    todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+    with workers_module.Pool(config, source, workers, threads) as pool:
+        if groups:
+            pool.train(groups, progress, stop)
+        pool.evaluate(todo, progress, stop)
 
 
 def _leave_process_group(barrier: bool = True) -> None:
@@ -214,11 +220,6 @@ def _import_analysis():
     return report
 
 
-# Warnings a comparison's own checkpoint loading and log folders raise on every resume.
-_RESUME_WARNINGS = (".*weights_only.*", ".*does not have many workers.*",
-                    ".*Checkpoint directory .* exists and is not empty.*", ".*Experiment logs directory.*")
-
-
 class _signals_to_flag:
     """SIGTERM/SIGINT set a flag that the stages read between units of work (during training,
     Lightning and RunGuard handle them: stop after the step, save a checkpoint)."""
@@ -237,11 +238,6 @@ class _signals_to_flag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _check_stop(stop: threading.Event) -> None:
-    if stop.is_set():
-        raise Stopped(128 + int(getattr(stop, "signum", signal.SIGTERM)))
 
 
 def _harvest(config: CompareConfig, lm, source: Source, progress: Progress, stop: threading.Event) -> None:
@@ -265,134 +261,16 @@ def _harvest(config: CompareConfig, lm, source: Source, progress: Progress, stop
         raise Stopped(128 + int(getattr(stop, "signum", signal.SIGTERM))) from None
 
 
-# ----------------------------------------------------------------------------- training
-def _train_group(config: CompareConfig, source: Source, group: list[Planned], label: str, progress: Progress,
-                 stop: threading.Event) -> bool:
-    """Train (or resume) the sweep of one seed and export its members; -> whether it trained."""
-    out = Path(config.out)
-    folder = out / "train" / label
-    pending = [p for p in group if not (out / "exports" / p.name / "cfg.json").is_file()]
-    if not pending:
-        progress.done_dictionaries += len(group) if _rank() == 0 else 0
-        return False
-    _check_stop(stop)
-    final = folder / "final.ckpt"
-    trained = not final.is_file()
-    if trained:  # the fit's end writes every member's export (ExportOnFitEnd), then final.ckpt
-        _fit(config, source, group, folder, progress, exports=out / "exports")
-    elif _rank() == 0:  # a finished sweep whose exports went missing: from its final checkpoint
-        _export_from(final, pending, out)
-    if _rank() == 0:
-        progress.done_dictionaries += len(group)
-    return trained
-
-
-def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Path, progress: Progress,
-         data=None, exports: Path | None = None) -> None:
-    """Train `group` into `folder` (resuming its checkpoints) on `data` (None: `sweep_data`) through
-    the one training path (`dictlearn.training.fit`); each member exported to `exports/<name>` at the
-    end (None: not exported)."""
-    quiet_lightning(*_RESUME_WARNINGS)
-    steps = config.steps
-    members = {}
-    for p in group:
-        input_key, target_key = source.keys(p)
-        d_in = H5Array(source.path, input_key).d
-        d_out = d_in if target_key is None else H5Array(source.path, target_key).d
-        members[p.name] = Member(p.build(d_in, d_out), input_key, target_key, seed=p.seed,
-                                 training=TrainingConfig(**p.training))
-    module = DictionaryTraining(members)
-    data = sweep_data(config, source, group[0].seed) if data is None else data
-    targets = {p.name: p.l0_target for p in group if p.calibrated}
-    # compare's run length, devices and logging on top of recipes/base.yaml's trainer settings
-    cuda = config.device.startswith("cuda")
-    own = dict(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=config.devices,
-               strategy="ddp" if config.devices > 1 else "auto", log_every_n_steps=max(1, min(50, steps // 20)),
-               val_check_interval=max(1, steps // 4))
-    checkpoints = dict(every_n_train_steps=max(1, steps // 10), save_top_k=0, save_last=True)
-    if _rank() == 0:  # the sweep as `dictlearn fit --config DIR/train/<label>.yaml` trains it again
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        callbacks = [{"class_path": "dictlearn.training.calibration.SparsityCalibration",
-                      "init_args": {"targets": targets, **config.calibration}},
-                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoints}]
-        atomic_write_text(folder.parent / f"{folder.name}.yaml", to_yaml(
-            sweep_config(members, dict(data.hparams), own, callbacks, group[0].seed)))
-    export = ExportOnFitEnd(exports, echo=False) if exports is not None else None
-    callbacks = [*run_callbacks(RunGuard(), export), SparsityCalibration(targets, **config.calibration),
-                 TrainingProgress(progress, config.batch_size * len(group)),
-                 ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoints)]
-    logger = CSVLogger(save_dir=str(folder.parent), name=folder.name, version=0)
-    trainer = build_trainer(own, root=folder, logger=logger, callbacks=callbacks)
-    resume = latest_checkpoint(folder / "checkpoints")
-    if resume is not None:
-        progress.note(f"{folder.name}: resuming from {resume.name}")
-    progress.stage(f"train {folder.name}", steps - (checkpoint_step(resume) if resume is not None else 0))
-    started = time.perf_counter()
-    try:
-        train(trainer, module, data, resume)
-    finally:
-        _add_seconds(folder, time.perf_counter() - started)
-    trainer.save_checkpoint(folder / "final.ckpt")  # atomic (RunGuard's checkpoint IO), all ranks join
-
-
-VALIDATION_ROWS = 4096  # rows of held-out documents the sweeps validate on (4 times each)
-
-
-def sweep_data(config: CompareConfig, source: Source, seed: int):
-    """The data module of one seed's sweep. The seed sets the data order as well as the initial
-    weights: every architecture of a seed reads the same batches (so differences pair by seed), and
-    the spread over seeds includes the data's, not only the initialisation's."""
-    # Validation here only draws the training curves: with held-out documents, their first
-    # VALIDATION_ROWS rows do (training never reads any held-out row either way). A tail split holds
-    # out evaluate's tail (its default 512-row blocks) whatever the short run's block size, so the
-    # rows evaluate scores are never trained on.
-    split = HeldOutSplit.from_file(str(source.path), H5Array(source.path, source.sae_keys[0]).n_rows)
-    val_rows = min(VALIDATION_ROWS, split.n_val) if split.kind == "documents" else split.n_val
-    return ActivationDataModule(str(source.path), input_key=source.sae_keys[0], batch_size=config.batch_size,
-                                seed=seed, val_rows=val_rows, **SHORT_RUN_DATA)  # block_size: recipes/short_run.yaml
-
-
-def _add_seconds(folder: Path, seconds: float) -> None:
-    """The sweep's training wall time summed over the invocations that ran it."""
-    if _rank() != 0:
-        return
-    path = folder / "train_seconds.json"
-    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-    atomic_write_text(path, json.dumps({"seconds": total + seconds}))
-
-
-def _export_from(checkpoint: Path, pending: list[Planned], out: Path) -> None:
-    """Each pending member of a finished sweep's final checkpoint -> DIR/exports/<name> (atomic)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["dictlearn_members"]
-    for p in pending:
-        export(load(checkpoint, member=p.name), out / "exports" / p.name, saved[p.name].get("data", {}))
-
-
-# ----------------------------------------------------------------------------- evaluation and results
-def evaluate_options(config: CompareConfig):
-    """How every dictionary of the run is evaluated (its own members and included ones alike)."""
-    from dictlearn.evaluate import EvaluateOptions
-
-    return EvaluateOptions(contexts=config.contexts, device=config.device, downstream=config.downstream,
-                           interpret=config.interpret, feature_density=True)  # the density figure reads it
-
-
 def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned], cache, progress: Progress,
-                  stop: threading.Event) -> list[dict]:
-    from dictlearn.evaluate import evaluate
-    from dictlearn.metrics.concepts import ProbeCache
-
+                  stop: threading.Event) -> None:
     out = Path(config.out)
-    options = evaluate_options(config)
-    probes = ProbeCache()  # probe rows and baselines: once per file
+    evaluation = Evaluation(config, source, cache)
     todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
     progress.stage("evaluate", max(1, len(todo)), unit="dict")
     for i, p in enumerate(todo):
         _check_stop(stop)
-        record = evaluate([out / "exports" / p.name], source.path, options=options, cache=cache, probes=probes)[0]
-        atomic_write_text(out / "evaluations" / f"{p.name}.json", json.dumps(record, default=str))
+        evaluation(p)
         progress.update(i + 1)
-    return [results_line(config, p, out) for p in planned]
 
 
 # A dashboard per architecture on the default path must cost seconds: the first rows of the file and
