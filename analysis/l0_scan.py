@@ -144,10 +144,13 @@ def sentence(record: dict) -> str:
     return text + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
 
 
-def _reading_text(reading: dict) -> str:
+def _reading_text(reading: dict, targets: list) -> str:
     if reading["indicated_l0"] is not None:
-        return f"{reading['indicated_l0']:.3g}"
-    return f"none (lowest at the {reading['proxy_lowest_at']} target)"
+        return f"L0 ≈ {reading['indicated_l0']:.3g}"
+    edge = reading["proxy_lowest_at"]
+    if edge in ("smallest", "largest"):
+        return f"the {edge} target ({(targets[0] if edge == 'smallest' else targets[-1]):g})"
+    return "no L0 (fewer than 3 targets)"
 
 
 def _agreement_clause(record: dict) -> str:
@@ -158,7 +161,8 @@ def _agreement_clause(record: dict) -> str:
         return ""
     readings = record["by_n"]
     ns = ", ".join(f"{r['n_of_d_sae']}" + (f" = {r['n']}" if r["n"] is not None else "") for r in readings)
-    found = f" Read at n = {ns}, the proxy is lowest at L0 {', '.join(_reading_text(r) for r in readings)}"
+    *first, last = [_reading_text(r, record["scanned_l0"]) for r in readings]
+    found = f" Read at n = {ns}, the proxy is lowest at {', '.join(first)} and {last} respectively"
     if verdict == "agree":
         return found + ": the three readings agree within the seeds' ranges."
     if verdict == "one seed":

@@ -104,8 +104,8 @@ def test_report_sentences_and_figure(tmp_path):
     assert "16, 23, 32 lie above it" in sentences["topk"] and "highest at target 11" in sentences["topk"]
     assert "TopK itself mixes least" in sentences["topk"]  # a TopK reading is not the data's mean L0
     assert "n = d_sae/8 = 64, d_sae/4 = 192, d_sae/2 = 256" in sentences["topk"]
-    assert "9.97, 9.97, 9.97: the three readings agree" in sentences["topk"]
-    assert "19.9; their seed ranges do not overlap" in sentences["relu_l1"]
+    assert "at L0 ≈ 9.97, L0 ≈ 9.97 and L0 ≈ 9.97 respectively: the three readings agree" in sentences["topk"]
+    assert "L0 ≈ 9.97 and L0 ≈ 19.9 respectively; their seed ranges do not overlap" in sentences["relu_l1"]
     assert "does not locate the L0" in sentences["relu_l1"] and "Read at n" not in sentences["batchtopk"]
     drawn = l0_scan.draw(lines, tmp_path, [])
     assert [d.stem for d in drawn] == ["l0_scan"] and drawn[0].png.is_file()
