@@ -165,7 +165,9 @@ def test_replace_run_folder_ctrl_c_and_resume(tmp_path):
     from dictlearn.replacement import mlp_sites, replacement_metrics
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "dictlearn.cli", "compare", "--replace", "mlp", "--out", str(out), *TINY]
+    # one process: the seeds' sweeps one after the other (--workers: test_replace_workers_train_the_same)
+    command = [sys.executable, "-m", "dictlearn.cli", "compare", "--replace", "mlp", "--out", str(out), "--workers",
+               "1", *TINY]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoints = out / "train" / "seed1" / "checkpoints"
     _wait_for(lambda: checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")), process, timeout=400)
@@ -233,3 +235,30 @@ def test_replace_run_folder_ctrl_c_and_resume(tmp_path):
     assert "Replacement models" in (out / "report.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
     assert {"train", "evaluate", "total"} <= set(timings["stages"])
+
+
+@pytest.mark.slow
+def test_replace_workers_train_the_same(tmp_path):
+    """--workers 2 trains the two seeds' sweeps side by side in worker processes: the exports are
+    those of one process, byte for byte, and so are the results (training seconds aside)."""
+    from test_compare import _env, _export_bytes
+
+    data = None
+    runs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        flags = TINY if data is None else [f for f in TINY if f not in ("--tokens", "12000")] + ["--data", data]
+        done = subprocess.run([sys.executable, "-m", "dictlearn.cli", "compare", "--replace", "mlp", "--out", str(out),
+                               "--workers", workers, *flags], env=_env(), capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        data = data or str(out / "activations.h5")
+        timings = json.loads((out / "timings.json").read_text())
+        assert timings["machine"]["workers"] == int(workers)
+        runs[workers] = out
+    exports = [sorted(p.name for p in (runs[w] / "exports").iterdir()) for w in ("1", "2")]
+    assert exports[0] == exports[1] and len(exports[0]) == 2 * (4 + 4 + 1 + 1)
+    for name in exports[0]:
+        assert _export_bytes(runs["1"] / "exports" / name) == _export_bytes(runs["2"] / "exports" / name), name
+    lines = [[{k: v for k, v in json.loads(line).items() if k not in ("train_seconds", "export", "data")}
+              for line in (runs[w] / "results.jsonl").read_text().splitlines()] for w in ("1", "2")]
+    assert lines[0] == lines[1]

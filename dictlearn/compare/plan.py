@@ -220,8 +220,6 @@ class CompareConfig:
         if workers > 1 and self.devices > 1:
             raise ConfigError(f"--workers {workers} with --devices {self.devices}: DDP already runs one process per "
                               "device; drop --workers or --devices")
-        if workers > 1 and self.replace is not None:
-            raise ConfigError(f"--workers {workers}: --replace {self.replace} trains in one process; drop --workers")
 
     def _check_lr_search(self) -> None:
         if self.lr_grid is not None and not self.tune_lr:
@@ -249,10 +247,10 @@ class CompareConfig:
 
 def default_workers(kind: str, n_seeds: int, replace: str | None, devices: int) -> int:
     """Worker processes when `workers` is not given: on a CPU one per seed, at most two per core
-    (measured on 2 cores: three processes train as fast together as two, docs/compare.md); on a
-    GPU, under DDP or with --replace, one."""
+    (measured on 2 cores: three processes train as fast together as two, docs/compare.md), with
+    --replace too (a seed's sweep per worker); on a GPU or under DDP, one."""
     cores = os.cpu_count() or 1
-    if kind != "cpu" or replace is not None or devices > 1 or cores < 2:
+    if kind != "cpu" or devices > 1 or cores < 2:
         return 1
     return max(1, min(n_seeds, 2 * cores))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dictlearn.compare import run
+from dictlearn.compare import run, sweeps, workers
 from dictlearn.compare.plan import OPTIMIZER, CompareConfig
 from dictlearn.compare.progress import Progress
 from dictlearn.compare.replace import check_targets
@@ -123,19 +123,20 @@ def compare_replacements(config: CompareConfig) -> Path:
     out = run.check_out(config)
     source, lm = check_source(config, out)
     planned = plan_replacements(config, list(source.layers), list(source.inputs), list(source.outputs))
-    progress = Progress(len(planned), enabled=not config.quiet)
+    # progress counts trained dictionaries (a set's per-layer transcoders, or a CLT), as the workers report them
+    progress = Progress(sum(len(p.members) for p in planned), enabled=not config.quiet)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.yaml", config.to_yaml())
     started = time.perf_counter()
     with run._signals_to_flag() as stop:
         if source.hooks is not None and not source.path.is_file():
             run._harvest(config, lm, source, progress, stop)
-        for seed in config.seeds:
-            _train_seed(config, source, [p for p in planned if p.seed == seed], progress, stop)
+        workers, threads = _train_all(config, source, planned, progress, stop)
         records = _evaluate_all(config, source, planned, lm, progress, stop)
     write_results(out, records)
     progress.stage("report", 1, unit="file")
     host = machine(config.device)
+    host |= {"workers": workers, "threads_per_worker": threads or host["torch_threads"]}
     write_timings(out, progress, time.perf_counter() - started, host, complete=False)
     run._import_analysis().write_report(out, records, echo=not config.quiet)
     progress.finish()
@@ -143,22 +144,28 @@ def compare_replacements(config: CompareConfig) -> Path:
     return out
 
 
-def _train_seed(config: CompareConfig, source: ReplaceSource, group: list[ReplacementPlan], progress: Progress,
-                stop: threading.Event) -> None:
-    """One sweep per seed: every member of every replacement of that seed, then their exports."""
+def _train_all(config: CompareConfig, source: ReplaceSource, planned: list[ReplacementPlan], progress: Progress,
+               stop: threading.Event) -> tuple[int, int | None]:
+    """Every seed's sweep: side by side in `--workers` processes (compare/workers.py: as many as
+    seeds are left, the torch threads shared out), else one after the other in this process.
+    -> (worker processes, torch threads each; None: this process's)."""
     out = Path(config.out)
-    members = [m for p in group for m in p.members]
-    pending = [m for m in members if not (out / "exports" / m.name / "cfg.json").is_file()]
-    if not pending:
-        progress.done_dictionaries += len(group)
-        return
-    run._check_stop(stop)
-    folder = out / "train" / f"seed{group[0].seed}"
-    if not (folder / "final.ckpt").is_file():  # exported when the fit ends (training/fit.py), as compare's sweeps
-        run._fit(config, source, members, folder, progress, exports=out / "exports")
-    else:  # a finished sweep that lost an export
-        run._export_from(folder / "final.ckpt", pending, out)
-    progress.done_dictionaries += len(group)
+    groups = {}
+    for seed in config.seeds:
+        members = [m for p in planned if p.seed == seed for m in p.members]
+        if all((out / "exports" / m.name / "cfg.json").is_file() for m in members):
+            progress.done_dictionaries += len(members)
+        else:
+            groups[f"seed{seed}"] = members
+    n = min(config.workers, len(groups))
+    if n <= 1:
+        for label, members in groups.items():
+            sweeps._train_group(config, source, members, label, progress, stop)
+        return 1, None
+    threads = max(1, torch.get_num_threads() // n)
+    with workers.Pool(config, source, n, threads) as pool:  # each worker runs sweeps._train_group
+        pool.train(groups, progress, stop)
+    return n, threads
 
 
 def load_replacement(out: Path, p: ReplacementPlan):
