@@ -35,6 +35,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from dictlearn.callbacks import KeepFreedMemory
 from dictlearn.compare.plan import CompareConfig, plan
 from dictlearn.compare.results import matmul_gflops
 from dictlearn.data import ActivationDataModule
@@ -45,13 +46,17 @@ from dictlearn.training.calibration import SparsityCalibration
 D = 128
 
 
-def build(data: Path, stack: bool = False):
+def build(data: Path, stack: bool = False, architectures: list[str] | None = None, sparse_path: str | None = None):
     """(config, planned members of seed 0, DictionaryTraining, SparsityCalibration) as compare builds
-    them; `stack`: members of one mechanism and shape as one computation (training/stack.py)."""
-    config = CompareConfig(data=str(data), input_key="acts", target_key="target", seeds=[0]).resolved()
+    them; `stack`: members of one mechanism and shape as one computation (training/stack.py);
+    `architectures`: only these (None: compare's default seven); `sparse_path`: every member's
+    `TrainingConfig.sparse_path` (None: compare's)."""
+    config = CompareConfig(data=str(data), input_key="acts", target_key="target", seeds=[0],
+                           architectures=architectures).resolved()
     group = plan(config)
+    paths = {} if sparse_path is None else {"sparse_path": sparse_path}
     members = {p.name: Member(p.build(D, D), "acts", "target" if p.mapping != "sae" else None, seed=p.seed,
-                              training=TrainingConfig(**p.training)) for p in group}
+                              training=TrainingConfig(**p.training, **paths)) for p in group}
     calibration = SparsityCalibration({p.name: p.l0_target for p in group if p.calibrated}, **config.calibration)
     return config, group, DictionaryTraining(members, stack=stack), calibration
 
@@ -106,6 +111,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="train this many sweeps at once, each in a spawned process with max(1, threads // N) "
                              "torch threads, as `dictlearn compare --workers N` does; prints the aggregate rate")
+    parser.add_argument("--sparse-path", choices=("auto", "always", "never"), default=None,
+                        help="every member's --training.sparse_path (default: compare's, auto)")
+    parser.add_argument("--architectures", default=None,
+                        help="comma-separated: time only these architectures' members (default: compare's seven)")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="dictlearn_compare_budget_"))
@@ -167,12 +176,13 @@ def _worker(args, data: Path, work: Path, threads: int, started: float, results)
 
 def fit(args, data: Path, work: Path, stack: bool):
     """Build the sweep and train it for warmup + steps steps; -> (config, group, module, StepClock)."""
-    config, group, module, calibration = build(data, stack)
+    architectures = args.architectures.split(",") if args.architectures else None
+    config, group, module, calibration = build(data, stack, architectures, args.sparse_path)
     clock = StepClock(args.warmup, args.steps, args.profile)
     trainer = L.Trainer(
         max_steps=config.steps, max_epochs=-1, accelerator="cpu", devices=1, precision="32-true",
         gradient_clip_val=1.0, logger=L.pytorch.loggers.CSVLogger(save_dir=str(work), name="logs"),
-        callbacks=[calibration, clock], log_every_n_steps=max(1, min(50, config.steps // 20)),
+        callbacks=[calibration, clock, KeepFreedMemory()], log_every_n_steps=max(1, min(50, config.steps // 20)),
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(work),
     )  # fmt: skip
@@ -218,6 +228,7 @@ def report(args, config, group, module, clock, matmul: float, matmul_step: float
         averages = clock.profilers[0].key_averages()
         for event in sorted(averages, key=lambda e: -e.self_cpu_time_total)[: args.top]:
             print(f"{event.self_cpu_time_total / steps / 1e3:8.2f} ms {event.count / steps:7.1f} calls  {event.key}")
+        print_categories(averages, steps, n, clock.seconds, clock.cpu_seconds)
         print(f"\n--- cProfile, cumulative time per step (of {steps} steps; includes the profiler's overhead)")
         stats = pstats.Stats(clock.profilers[1])
         rows = sorted(stats.stats.items(), key=lambda item: -item[1][3])[: args.top]
@@ -225,6 +236,31 @@ def report(args, config, group, module, clock, matmul: float, matmul_step: float
             where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
             print(f"{cumulative / steps * 1e3:8.2f} ms cum {own / steps * 1e3:7.2f} ms own {calls / steps:7.1f} calls  "
                   f"{name} ({where})")
+
+
+CATEGORIES = {  # aten op -> the part of a member-step it belongs to
+    "aten::mm": "GEMMs", "aten::addmm": "GEMMs", "aten::bmm": "GEMMs", "aten::baddbmm": "GEMMs",
+    "aten::topk": "top-k", "aten::_fused_adam_": "fused Adam", "aten::_foreach_norm": "clipping norms",
+    "aten::copy_": "copies, fills", "aten::fill_": "copies, fills", "aten::zero_": "copies, fills",
+}
+
+
+def print_categories(averages, steps: int, n: int, wall_seconds: float, cpu_seconds: float) -> None:
+    """Shares of the profiled steps' wall time per part of a member-step: op self times by
+    `CATEGORIES` (other aten ops: elementwise passes and reductions), and what no op covers
+    (Python, dispatch, autograd's engine, Lightning's loop); each share is also given as ms of the
+    process CPU time per member-step (the profiler's intervals are wall time, which other load
+    inflates evenly; CPU time is what one thread spends)."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        if event.key.startswith("aten::"):
+            part = CATEGORIES.get(event.key, "other ops (elementwise, reductions, gathers)")
+            totals[part] = totals.get(part, 0.0) + event.self_cpu_time_total / 1e6
+    totals["no op: Python, dispatch, autograd engine, Lightning"] = wall_seconds - sum(totals.values())
+    cpu_ms = 1e3 * cpu_seconds / steps / n
+    print(f"\n--- per member-step ({n} members): share of the wall time, and that share of {cpu_ms:.2f} ms CPU")
+    for part, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"{100 * seconds / wall_seconds:6.1f} %  {cpu_ms * seconds / wall_seconds:6.2f} ms  {part}")
 
 
 if __name__ == "__main__":

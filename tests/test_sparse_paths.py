@@ -46,7 +46,7 @@ MODES = {
 
 
 # ------------------------------------------------------------------ top-k selections
-@pytest.mark.parametrize("n, k", [(512, 8), (4096, 32), (100, 7), (64, 40)])  # grouped and fallback
+@pytest.mark.parametrize("n, k", [(512, 8), (512, 32), (4096, 32), (100, 7), (64, 40)])  # groups of 8, of 4, fallback
 def test_topk_indices_select_the_k_largest_of_each_row(n, k):
     pre = torch.randn(300, n, generator=torch.Generator().manual_seed(n))
     got = topk_indices(pre, k).sort(-1).values

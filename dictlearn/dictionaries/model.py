@@ -41,11 +41,13 @@ class Dictionary(RecordsArguments):
     #: every latent is >= 0 (true of ReLU, TopK-ReLU, JumpReLU, gated); lets L1 skip an abs pass
     nonnegative_latents: bool = True
     # What `training_latents` (latents.py) reads to choose the sparse or the dense path, measured
-    # in docs/performance.md: the active fraction below which the sparse path is faster, the width
-    # below which the dense step is cheap anyway, and whether the sparse path still wins on a GPU
-    # under bf16/fp16 autocast (H100: not for TopK, BatchTopK, ReLU-L1; yes for gated, JumpReLU).
-    sparse_cutoff: float = 0.05
-    sparse_min_latents: int = 1024
+    # in docs/performance.md: the active fraction below which the sparse path is faster (one
+    # thread: beyond 12 %; two threads, d_sae 4096: 6-10 %), the width below which the dense step is
+    # cheap anyway (d_sae 512 at one thread: sparse 1.2-3x faster), and whether the sparse path
+    # still wins on a GPU under bf16/fp16 autocast (H100: not for TopK, BatchTopK, ReLU-L1; yes for
+    # gated, JumpReLU).
+    sparse_cutoff: float = 0.1
+    sparse_min_latents: int = 512
     sparse_beats_tensor_cores: bool = False
 
     def __init__(self, d_in: int = 0, d_sae: int = 4096, d_out: int | None = None, transcoder: bool = False,
