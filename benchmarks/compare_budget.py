@@ -14,7 +14,11 @@ the timed window: they are per-run costs, not per-step). Prints, for the timed s
 
     python benchmarks/compare_budget.py                 # ~1 min on 2 cores
     python benchmarks/compare_budget.py --profile       # + the top torch.profiler / cProfile entries per step
-    python benchmarks/compare_budget.py --stack both    # one-by-one and stacked members, alternated: their ratio
+    python benchmarks/compare_budget.py --stack both --sparse-path never   # one by one and stacked, alternated
+    python benchmarks/compare_budget.py --architectures topk --profile     # one architecture's three members
+
+Members stack only on the dense path (training/stack.py), which compare's d_sae 512 members leave
+by default: `--stack` needs `--sparse-path never`.
     python benchmarks/compare_budget.py --workers 3     # 3 sweeps at once in spawned processes (compare --workers):
                                                         # aggregate member-tokens/s and each worker's start-up
 
