@@ -19,11 +19,12 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("SR_THREADS", "1")))
 from dictlearn.compare import run as compare_run
+from dictlearn.compare import sweeps
 from dictlearn.compare.plan import DEFAULT_ARCHITECTURES, CompareConfig, parse_architecture
 
 H5, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
 block = overrides.pop("block_size", None)
-default_sweep_data = compare_run.sweep_data
+default_sweep_data = sweeps.sweep_data
 
 
 def sweep_data(config, source, seed):
@@ -35,7 +36,7 @@ def sweep_data(config, source, seed):
     return ActivationDataModule(**{**dict(data.hparams), "block_size": block})
 
 
-compare_run.sweep_data = sweep_data
+sweeps.sweep_data = sweep_data  # what `sweeps._fit` calls (in this process: workers=1 below)
 # the harvested file's keys as compare's harvest names them (embedded model, middle block 2)
 compare_run.check_source = lambda config, out: (compare_run.Source(
     H5, ("transformer.h.2", None), ("transformer.h.2.mlp:input", "transformer.h.2.mlp"), None), None)
@@ -48,7 +49,7 @@ if "init_scale_from_data" in overrides:
 config = CompareConfig(out=overrides.pop("out"), seeds=overrides.pop("seeds", [0, 1]),
                        train_tokens=overrides.pop("train_tokens", None), architectures=overrides.pop("architectures", None),
                        l0=overrides.pop("l0", None), optimizer=optimizer, dictionary=dictionary, downstream=False,
-                       interpret=False, quiet=True, device="cpu")
+                       interpret=False, quiet=True, device="cpu", workers=1)
 if overrides:
     sys.exit(f"unknown keys {sorted(overrides)}")
 compare_run.compare(config)

@@ -246,12 +246,12 @@ def test_compare_sweeps_validate_on_heldout_documents_only(harvested, monkeypatc
     tail split they keep evaluate's held-out tail, so evaluate never scores a row that was trained on."""
     from pathlib import Path
 
-    from dictlearn.compare import run
+    from dictlearn.compare import sweeps
     from dictlearn.compare.plan import CompareConfig
 
-    monkeypatch.setattr(run, "VALIDATION_ROWS", 7)
+    monkeypatch.setattr(sweeps, "VALIDATION_ROWS", 7)
     config = CompareConfig(data=str(harvested), input_key="ids", l0=[2], d_sae=[8], device="cpu").resolved()
-    data = run.sweep_data(config, run.Source(Path(harvested), ("ids", None), None), seed=0)
+    data = sweeps.sweep_data(config, sweeps.Source(Path(harvested), ("ids", None), None), seed=0)
     data.setup("fit")
     split = HeldOutSplit.from_file(str(harvested), TOKENS)
     assert data.n_val == 7 and data.n_train == split.n_train
