@@ -167,6 +167,16 @@ def _agreement_clause(record: dict) -> str:
         return found + ": the three readings agree within the seeds' ranges."
     if verdict == "one seed":
         return found + " (one seed: no seed range to judge whether they agree)."
+    if verdict == "unbracketed" and record["indicated_l0"] is None:
+        # d_sae/4 already does not locate it (the sentence says so): only what the other n add
+        others = [r for r in readings if r["n_of_d_sae"] != "d_sae/4"]
+        texts = [_reading_text(r, record["scanned_l0"]) for r in others]
+        if texts and all(r["indicated_l0"] is None and r["proxy_lowest_at"] == record["proxy_lowest_at"]
+                         for r in others):
+            return f" The same at n = {' and '.join(r['n_of_d_sae'] for r in others)}."
+        (first, *rest) = [(r["n_of_d_sae"], t) for r, t in zip(others, texts)]
+        return (f" At n = {first[0]} it is lowest at {first[1]}"
+                + "".join(f", at n = {n} at {t}" for n, t in rest) + ".")
     why = "not every n brackets it" if verdict == "unbracketed" else "their seed ranges do not overlap"
     return (found + f"; {why}, so the reading depends on n and **this scan does not locate the L0** "
             "(docs/metrics.md, \"How n decides\").")

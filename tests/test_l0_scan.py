@@ -129,3 +129,18 @@ def test_scan_flag_and_yaml_key(tmp_path):
         CompareConfig(l0="every", device="cpu").resolved()
     with pytest.raises(ConfigError, match="or 'scan'"):
         config_from_args(["--l0", "4,x"])
+
+
+def test_an_unbracketed_d_sae_quarter_adds_only_what_the_other_n_say():
+    """When n = d_sae/4 already does not bracket, the sentence says so once; the other n are not
+    said to make 'the reading depend on n' when they fall the same way."""
+    def reading(fraction, n, at=None, edge="largest"):
+        return {"n_of_d_sae": fraction, "n": n, "indicated_l0": at, "proxy_lowest_at": None if at else edge}
+
+    base = {"scanned_l0": [8, 16, 32], "indicated_l0": None, "proxy_lowest_at": "largest", "n_agreement": "unbracketed"}
+    same = {**base, "by_n": [reading("d_sae/8", 64), reading("d_sae/4", 128), reading("d_sae/2", 256)]}
+    assert l0_scan._agreement_clause(same) == " The same at n = d_sae/8 and d_sae/2."
+    mixed = {**base, "by_n": [reading("d_sae/8", 64, at=16.6), reading("d_sae/4", 128),
+                              reading("d_sae/2", 256, edge="smallest")]}
+    assert l0_scan._agreement_clause(mixed) == (" At n = d_sae/8 it is lowest at L0 ≈ 16.6, at n = d_sae/2 at "
+                                                "the smallest target (8).")
