@@ -267,9 +267,10 @@ def sentences(placed: list[dict], records: list[dict]) -> list[str]:
     off = [line for line in placed if value(line, "l0") is not None and value(line, "l0_target")
            and abs(value(line, "l0") - value(line, "l0_target")) > 0.25 * value(line, "l0_target")]
     if off:
-        out.append("Measured total L0 more than 25 % off its target (the comparison interpolates at the target, so "
-                   "these count only where the curve reaches it): " + ", ".join(
-                       f"{line.get('name')} ({value(line, 'l0'):.3g})" for line in off[:8]) + ".")
+        more = f", and {len(off) - 8} more (the table below)" if len(off) > 8 else ""
+        out.append(f"Measured total L0 more than 25 % off its target for {len(off)} of {len(placed)} replacements "
+                   "(the comparison interpolates at the target, so these count only where the curve reaches it): "
+                   + ", ".join(f"{line.get('name')} ({value(line, 'l0'):.3g})" for line in off[:8]) + more + ".")
     return out
 
 

@@ -148,7 +148,12 @@ def test_a_replacement_off_its_total_target_is_not_ranked_there(tmp_path):
     report = analyse([results], tmp_path / "report", echo=False).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| 64 | replacement CE loss recovered"))
     assert "jumprelu_clt: does not reach this L0" in row and "only one replacement" in row
-    assert "more than 25 % off its target" in report
+    assert "more than 25 % off its target for 4 of 8 replacements" in report
+    # past eight names the sentence says how many it leaves to the table
+    more = lines + [_line("jumprelu_clt", t, s, 0.95, 0.05, l0=t / 3) for t in (32, 64) for s in range(2, 5)]
+    results.write_text("".join(json.dumps(line) + "\n" for line in more))
+    report = analyse([results], tmp_path / "more", echo=False).read_text()
+    assert "for 10 of 14 replacements" in report and ", and 2 more (the table below)." in report
 
 
 # ------------------------------------------------------------------ end to end on the embedded model
