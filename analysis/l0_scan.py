@@ -205,9 +205,17 @@ def _n_clause(record: dict) -> str:
 
 
 def _probe_clause(record: dict) -> str:
+    """Where the seed-mean sparse-probe AUC peaks, with the next-best target's mean beside it:
+    the means alone, no test, so the reader sees how small the margin is."""
     for key, k in (("probe_auc_k16", 16), ("probe_auc_k1", 1)):
-        if record.get(f"{key}_peak_l0") is not None:
-            return f" Sparse-probe AUC (k = {k}) is highest at target {record[f'{key}_peak_l0']:g}."
+        if record.get(f"{key}_peak_l0") is None:
+            continue
+        ranked = sorted(((m, t) for m, t in zip(record.get(key) or [], record["scanned_l0"]) if m is not None),
+                        reverse=True)
+        text = f" Sparse-probe AUC (k = {k}) is highest at target {record[f'{key}_peak_l0']:g}"
+        if len(ranked) > 1:
+            text += f" (seed mean {ranked[0][0]:.3f}; next {ranked[1][0]:.3f} at {ranked[1][1]:g})"
+        return text + "."
     return ""
 
 

@@ -103,6 +103,9 @@ def test_report_sentences_and_figure(tmp_path):
     assert "L0 ≈ 9.97" in sentences["topk"] and "4, 6, 8 lie below it" in sentences["topk"]
     assert "16, 23, 32 lie above it" in sentences["topk"] and "highest at target 11" in sentences["topk"]
     assert "TopK itself mixes least" in sentences["topk"]  # a TopK reading is not the data's mean L0
+    topk = next(r for r in l0_scan.records(lines) if r["architecture"] == "topk")
+    (best, at), (second, next_at) = sorted(zip(topk["probe_auc_k16"], topk["scanned_l0"]), reverse=True)[:2]
+    assert at == 11 and f"highest at target 11 (seed mean {best:.3f}; next {second:.3f} at {next_at:g})" in sentences["topk"]
     assert "n = d_sae/8 = 64, d_sae/4 = 192, d_sae/2 = 256" in sentences["topk"]
     assert "at L0 ≈ 9.97, L0 ≈ 9.97 and L0 ≈ 9.97 respectively: the three readings agree" in sentences["topk"]
     assert "L0 ≈ 9.97 and L0 ≈ 19.9 respectively; their seed ranges do not overlap" in sentences["relu_l1"]
