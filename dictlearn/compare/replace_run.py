@@ -149,20 +149,14 @@ def _train_all(config: CompareConfig, source: ReplaceSource, planned: list[Repla
     """Every seed's sweep: side by side in `--workers` processes (compare/workers.py: as many as
     seeds are left, the torch threads shared out), else one after the other in this process.
     -> (worker processes, torch threads each; None: this process's)."""
-    out = Path(config.out)
-    groups = {}
-    for seed in config.seeds:
-        members = [m for p in planned if p.seed == seed for m in p.members]
-        if all((out / "exports" / m.name / "cfg.json").is_file() for m in members):
-            progress.done_dictionaries += len(members)
-        else:
-            groups[f"seed{seed}"] = members
+    groups = sweeps.pending_sweeps(Path(config.out), {
+        f"seed{seed}": [m for p in planned if p.seed == seed for m in p.members] for seed in config.seeds}, progress)
     n = min(config.workers, len(groups))
     if n <= 1:
         for label, members in groups.items():
             sweeps._train_group(config, source, members, label, progress, stop)
         return 1, None
-    threads = max(1, torch.get_num_threads() // n)
+    threads = workers.threads_each(n)
     with workers.Pool(config, source, n, threads) as pool:  # each worker runs sweeps._train_group
         pool.train(groups, progress, stop)
     return n, threads
@@ -178,7 +172,7 @@ def _evaluate_all(config: CompareConfig, source: ReplaceSource, planned: list[Re
                   stop: threading.Event) -> list[dict]:
 
     out = Path(config.out)
-    todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+    todo = sweeps.not_evaluated(out, planned)
     progress.stage("evaluate", max(1, len(todo)), unit="replacement")
     if todo:
         attrs = H5Array(source.path, source.inputs[0]).attrs()

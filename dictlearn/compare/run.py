@@ -33,7 +33,8 @@ from dictlearn.compare.progress import Progress
 from dictlearn.compare.results import machine, results_line, write_results, write_timings
 from dictlearn.compare.scan import write_l0_scan
 from dictlearn.compare.sweeps import (  # noqa: F401 - also this module's names (replace_run.py, the CLI, tests)
-    VALIDATION_ROWS, Evaluation, Source, _check_stop, _fit, _rank, _train_group, evaluate_options, sweep_data)
+    VALIDATION_ROWS, Evaluation, Source, _check_stop, _fit, _rank, _train_group, evaluate_options, not_evaluated,
+    pending_sweeps, sweep_data)
 from dictlearn.data.h5 import H5Array, check_activation_file
 from dictlearn.errors import ConfigError, DataError
 from dictlearn.io import atomic_write_text, check_writable_folder
@@ -179,14 +180,9 @@ def _train_and_evaluate_in_workers(config: CompareConfig, source: Source, planne
     """`--workers N`: the pending sweeps, then the pending evaluations, split between N processes
     (dictlearn/compare/workers.py); the same files as `_train_all` and `_evaluate_all` write."""
     out = Path(config.out)
-    groups = {}
-    for seed in config.seeds:
-        group = [p for p in planned if p.seed == seed]
-        if all((out / "exports" / p.name / "cfg.json").is_file() for p in group):
-            progress.done_dictionaries += len(group)
-        else:
-            groups[f"seed{seed}"] = group
-    todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+    groups = pending_sweeps(out, {f"seed{seed}": [p for p in planned if p.seed == seed] for seed in config.seeds},
+                            progress)
+    todo = not_evaluated(out, planned)
     with workers_module.Pool(config, source, workers, threads) as pool:
         if groups:
             pool.train(groups, progress, stop)
@@ -265,7 +261,7 @@ def _evaluate_all(config: CompareConfig, source: Source, planned: list[Planned],
                   stop: threading.Event) -> None:
     out = Path(config.out)
     evaluation = Evaluation(config, source, cache)
-    todo = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+    todo = not_evaluated(out, planned)
     progress.stage("evaluate", max(1, len(todo)), unit="dict")
     for i, p in enumerate(todo):
         _check_stop(stop)

@@ -60,6 +60,28 @@ def _check_stop(stop: threading.Event) -> None:
         raise Stopped(128 + int(getattr(stop, "signum", signal.SIGTERM)))
 
 
+def exported(out: Path, name: str) -> bool:
+    """Whether DIR/exports/<name> is complete (an export writes its folder atomically, cfg.json in it)."""
+    return (out / "exports" / name / "cfg.json").is_file()
+
+
+def not_evaluated(out: Path, planned: list) -> list:
+    """The entries of `planned` (anything with a `name`) without DIR/evaluations/<name>.json yet."""
+    return [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
+
+
+def pending_sweeps(out: Path, groups: dict[str, list], progress: Progress) -> dict[str, list]:
+    """The sweeps of `groups` ({label: members}) with a member not exported yet; the members of the
+    others are counted done on `progress`."""
+    pending = {}
+    for label, members in groups.items():
+        if all(exported(out, m.name) for m in members):
+            progress.done_dictionaries += len(members)
+        else:
+            pending[label] = members
+    return pending
+
+
 # ----------------------------------------------------------------------------- training
 def _train_group(config: CompareConfig, source: Source, group: list[Planned], label: str, progress: Progress,
                  stop: threading.Event, extra_callbacks: tuple = ()) -> bool:
@@ -67,7 +89,7 @@ def _train_group(config: CompareConfig, source: Source, group: list[Planned], la
     `extra_callbacks`: more for its Trainer (a worker's stop on its parent's request)."""
     out = Path(config.out)
     folder = out / "train" / label
-    pending = [p for p in group if not (out / "exports" / p.name / "cfg.json").is_file()]
+    pending = [p for p in group if not exported(out, p.name)]
     if not pending:
         progress.done_dictionaries += len(group) if _rank() == 0 else 0
         return False

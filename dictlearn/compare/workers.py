@@ -59,10 +59,14 @@ def plan_workers(config: CompareConfig, planned: list[Planned]) -> tuple[int, in
     path). As many workers as sweeps are left to train (all of `config.workers` when only
     evaluations are left); the parent's threads shared between them."""
     out = Path(config.out)
-    sweeps = {p.seed for p in planned if not (out / "exports" / p.name / "cfg.json").is_file()}
-    evaluations = [p for p in planned if not (out / "evaluations" / f"{p.name}.json").is_file()]
-    n = min(config.workers, len(sweeps) if sweeps else len(evaluations))
-    return max(1, n), max(1, torch.get_num_threads() // max(1, n))
+    seeds = {p.seed for p in planned if not sweeps.exported(out, p.name)}
+    n = max(1, min(config.workers, len(seeds) if seeds else len(sweeps.not_evaluated(out, planned))))
+    return n, threads_each(n)
+
+
+def threads_each(n: int) -> int:
+    """Torch threads for each of `n` workers: this process's shared out, at least one."""
+    return max(1, torch.get_num_threads() // max(1, n))
 
 
 # ----------------------------------------------------------------------------- the parent's side
