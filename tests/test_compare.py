@@ -109,6 +109,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(synth_file, tmp_path, capsys, 
     assert_one_line_cli_error(code, capsys, words, untouched=out)
 
 
+def test_missing_data_file_is_named_before_its_flags(tmp_path, capsys):
+    # a wrong path first: asking for --input-key of a file that is not there would not help
+    out = tmp_path / "run"
+    code = main(["compare", "--out", str(out), "--data", str(tmp_path / "none.h5"), "--quiet"])
+    assert_one_line_cli_error(code, capsys, ["--data", "none.h5", "no such file"], untouched=out)
+
+
 def test_out_holding_another_comparison_is_refused(synth_file, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
