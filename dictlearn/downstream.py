@@ -131,6 +131,12 @@ def ablation_mean(rows: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the four passes
 @torch.no_grad()
+def scored_predictions(special: Tensor) -> Tensor:
+    """special: [B, seq] -> [B, seq-1], True where the prediction at t of token t+1 is scored:
+    neither position is special (a document boundary or padding)."""
+    return ~special[:, :-1] & ~special[:, 1:]
+
+
 def update_from_batch(
     metric: DownstreamMetrics,
     model: nn.Module,
@@ -152,7 +158,7 @@ def update_from_batch(
         run_replaced(model, tokens, site, new, special)
         for new in (dictionary_replacement(dictionary), zero_replacement, mean_replacement(mean_activation))
     ]
-    mask = ~special[:, :-1] & ~special[:, 1:]
+    mask = scored_predictions(special)
     metric.update(clean[:, :-1], *(r[:, :-1] for r in runs), tokens[:, 1:], mask)
 
 
@@ -231,7 +237,7 @@ def clean_runs(model: nn.Module, site: SpliceSite, batches: list[TokenBatch], me
     for b, (tokens, special) in enumerate(batches):
         with capture(model, entry) as acts:
             clean = model(tokens, use_cache=False).logits
-        mask = ~special[:, :-1] & ~special[:, 1:]
+        mask = scored_predictions(special)
         target = tokens[:, 1:][mask]
         # kept while all batches' logits fit the budget (a byte vocabulary: a few MB); a 50k
         # vocabulary's would not, and each dictionary reruns the clean forward instead
@@ -263,7 +269,7 @@ def spliced_losses(model: nn.Module, dictionary: Callable[[Tensor], Tensor], sit
                 logits = model(tokens, use_cache=False).logits
         else:
             logits = run_replaced(model, tokens, site, new, special, _from_block(model, clean, b))
-        mask = ~special[:, :-1] & ~special[:, 1:]
+        mask = scored_predictions(special)
         clean_logits = clean.logits[b]
         if clean_logits is None:
             clean_logits = model(tokens, use_cache=False).logits[:, :-1][mask]

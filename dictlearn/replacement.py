@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dictlearn.downstream import TokenBatch
+from dictlearn.downstream import TokenBatch, scored_predictions
 from dictlearn.errors import ConfigError
 from dictlearn.metrics.downstream import DownstreamMetrics, spliced_token_losses, token_cross_entropy
 from dictlearn.metrics.reconstruction import ReconstructionMetrics
@@ -188,7 +188,7 @@ def _kept(special: Tensor) -> Tensor:
 
 def _masked(tokens: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
     """(mask [B, seq-1] of predictions scored: neither position special, their targets [N])."""
-    mask = ~special[:, :-1] & ~special[:, 1:]
+    mask = scored_predictions(special)
     return mask, tokens[:, 1:][mask]
 
 
