@@ -17,6 +17,7 @@ from dictlearn.metrics import (
     mmcs,
     recovered_fraction,
 )
+from dictlearn.metrics.reconstruction import TargetStatistics
 
 
 def reference_reconstruction(y: np.ndarray, y_hat: np.ndarray) -> dict[str, float]:
@@ -280,3 +281,29 @@ def test_zero_targets_are_left_out_of_per_token_ratios():
     assert out["cos_sim"].item() == pytest.approx(cos.item(), rel=1e-6)
     assert out["l2_ratio"].item() == pytest.approx(ratio.item(), rel=1e-6)
     assert out["mse"].item() == pytest.approx((y - y_hat).pow(2).sum(1).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_shared_target_statistics_give_the_same_states(zero_rows):
+    """A sweep computes one `TargetStatistics` per batch for every member reading that target: each
+    member's states must be those it gets alone (bit for bit), with and without zero target rows
+    (which the per-token ratios compact away); statistics of another tensor are not used."""
+    torch.manual_seed(6)
+    y = torch.randn(64, 6)
+    if zero_rows:
+        y[::5] = 0.0
+    shared = TargetStatistics(y)
+    alone, together = [ReconstructionMetrics(6) for _ in range(3)], [ReconstructionMetrics(6) for _ in range(3)]
+    for step in range(2):
+        for a, b in zip(alone, together):
+            y_hat = y * 0.7 + 0.1 * torch.randn_like(y)
+            a.update(y, y_hat)
+            b.update(y, y_hat, shared)
+    stale = ReconstructionMetrics(6)
+    stale.update(y.clone(), y * 0.5, TargetStatistics(torch.zeros_like(y)))  # not this target's: recomputed
+    reference = ReconstructionMetrics(6)
+    reference.update(y.clone(), y * 0.5)
+    for a, b in [*zip(alone, together), (reference, stale)]:
+        assert a.update_count == b.update_count
+        for state in a._defaults:
+            assert torch.equal(getattr(a, state), getattr(b, state)), state

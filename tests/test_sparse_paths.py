@@ -75,6 +75,8 @@ def test_support_groups_entries_by_row():
     assert mask.rows.tolist() == [0, 1, 1] and mask.cols.tolist() == [1, 0, 1]
     assert mask.to_dense(torch.tensor([1.0, 2.0, 3.0])).tolist() == [[0.0, 1.0], [2.0, 3.0]]
     assert mask.fire_counts(torch.tensor([1.0, 0.0, 3.0])).tolist() == [0, 2]
+    assert mask.fire_counts(torch.tensor([1.0, 0.0, 3.0])).dtype == torch.int32
+    assert support.rows_by_col.tolist() == [1, 0, 1, 0] and support.flat.tolist() == [5, 1, 6, 9]
 
 
 # ------------------------------------------------------------------ primitives vs float64 autograd

@@ -83,7 +83,7 @@ class TopKSAE(Dictionary):
             return {}
         latents = latents if latents is not None else DenseLatents(pre)
         residual = (y - y_hat).detach()
-        aux = latents.at_rows(dead[topk_indices(latents.full_pre[:, dead], min(self.k_aux, len(dead)))])
+        aux = latents.at_rows(dead[topk_indices(latents.full_pre.index_select(1, dead), min(self.k_aux, len(dead)))])
         return {"auxk": self.auxk_alpha * _normalised_mse(residual, aux.decode(aux.pre.relu(), self.W_dec))}
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from dictlearn.dictionaries.init import warmup_decay_factor
 from dictlearn.dictionaries.model import Dictionary, TrainingStep
 from dictlearn.errors import ConfigError
+from dictlearn.metrics.reconstruction import TargetStatistics
 from dictlearn.training.calibration import coefficient_attribute
 from dictlearn.training.checkpoints import check_and_upgrade, save_members
 from dictlearn.training.config import DEAD_WINDOW_TOKENS, TrainingConfig, dead_window_for, resolve
@@ -132,9 +133,14 @@ class DictionaryTraining(L.LightningModule):
         with torch.no_grad():
             # this step's training L0 per member, a 0-d tensor (read by sparsity controllers)
             self.last_step_l0 = {name: r[1].fire_counts.sum() / len(batch[0]) for name, r in results.items()}
-            self._update_fired({name: r[1].fire_counts for name, r in results.items()}, len(batch[0]))
+            # int64 once per member: the dead counters and both sparsity metrics add it as int64
+            counts = {name: r[1].fire_counts.to(torch.int64) for name, r in results.items()}
+            self._update_fired(counts, len(batch[0]))
+            targets: dict[int, TargetStatistics] = {}  # members reading one target share its statistics
             for name, (y_raw, result, member_loss) in results.items():
-                self._log_train(name, y_raw, result, len(batch[0]), member_loss)
+                if id(y_raw) not in targets:
+                    targets[id(y_raw)] = TargetStatistics(y_raw)
+                self._log_train(name, y_raw, result, len(batch[0]), member_loss, counts[name], targets[id(y_raw)])
         return loss
 
     def _stacks(self) -> list[list[str]]:
@@ -176,10 +182,13 @@ class DictionaryTraining(L.LightningModule):
         """Every member's dead-latent counters (members.py `update_activity`)."""
         update_activity(self.activity, fire_counts, n_tokens)
 
-    def _log_train(self, name: str, y_raw: Tensor, result, n_tokens: int, loss: Tensor) -> None:
+    def _log_train(self, name: str, y_raw: Tensor, result, n_tokens: int, loss: Tensor, fire_counts: Tensor,
+                   target_statistics: TargetStatistics) -> None:
+        """Member `name`'s train metrics of this step; `fire_counts` [d_sae] int64, `target_statistics`
+        y_raw's (shared by the members that read it)."""
         member, metrics, prefix = self.members[name], self.metrics[name], self.prefix(name)
-        metrics.train_reconstruction.update(y_raw, result.y_hat / member.target_scale)
-        counts = dict(fire_counts=result.fire_counts, n_tokens=n_tokens, sum_abs=result.sum_abs)
+        metrics.train_reconstruction.update(y_raw, result.y_hat / member.target_scale, target_statistics)
+        counts = dict(fire_counts=fire_counts, n_tokens=n_tokens, sum_abs=result.sum_abs)
         metrics.train_sparsity.update(**counts)
         metrics.train_density.update(**counts)
         log_step = (self.global_step + 1) % max(1, getattr(self._trainer, "log_every_n_steps", 1)) == 0
