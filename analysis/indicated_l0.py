@@ -12,8 +12,13 @@ open (null). Used by the report (analysis/l0_scan.py) and by `dictlearn compare 
 
 The same rule is applied to the proxy at n = d_sae/8 and d_sae/2 where the results hold them
 (`by_n`), because where the minimum falls depends on n (docs/metrics.md, "How n decides"): the
-readings at the three n agree when their seed intervals share a point (`n_agreement`), and when
-they do not, the scan does not locate the L0.
+readings at the three n agree when their seed intervals share a point (`n_agreement`); when they
+do not, the reading is not confirmed across n (on synthetic ground truth that also happened where
+n = d_sae/4 alone read the true L0, docs/metrics.md). A reading whose n is not above the L0 it points at
+(its indicated L0, or the end target its curve runs to) takes no part (`left_out`, `n_left_out`):
+there the n-th largest projection of a row is an active latent's, not one that should stay silent,
+so that reading measures the magnitudes of active features, not the mixing the proxy is meant to
+read (docs/metrics.md, "At three n").
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ PROBES = ("probe_auc_k1", "probe_auc_k16")
 RULE = ("minimum of the seed-mean nth_decoder_projection over the scanned L0 targets, refined by a parabola in "
         "log L0 through its neighbours; interval: the range of the per-seed estimates (null: a seed's minimum lies "
         "at an end of the scan); the same at n = d_sae/8 and d_sae/2 (by_n), which agree with n = d_sae/4 when "
-        "the three seed intervals share a point (n_agreement)")
+        "the seed intervals share a point (n_agreement), over the n above the L0 each reading points at (the others in "
+        "n_left_out)")
 
 
 def _number(line: dict, key: str) -> float | None:
@@ -93,6 +99,7 @@ def _record(key: tuple, members: list[dict]) -> dict:
         "seeds": sorted({line.get("seed") for line in members}, key=str), "per_seed": main["per_seed"],
     }  # fmt: skip
     record["by_n"] = _by_n(by_target, targets, l0, record)
+    record["n_left_out"] = [r["n_of_d_sae"] for r in record["by_n"] if r["left_out"]]
     record["n_agreement"] = agreement(record["by_n"], len(record["per_seed"]))
     for probe in PROBES:
         means = [_means(by_target[t], probe) for t in targets]
@@ -128,16 +135,38 @@ def _by_n(by_target: dict[float, list[dict]], targets: list, l0: list, record: d
         if n is None and isinstance(record["d_sae"], int):
             n = default_n(record["d_sae"], fraction)
         found.append({"n_of_d_sae": label, "n": n, "key": key, **{k: v for k, v in reading.items() if k != "per_seed"}})
+        found[-1]["left_out"] = left_out(found[-1], l0)
     return found
 
 
+def left_out(reading: dict, l0: list[float]) -> str | None:
+    """Why a reading at n takes no part in the agreement, or None: n is not above the L0 it points
+    at — its indicated L0, or, unbracketed, the measured L0 of the end target where its minimum
+    lies. Below that n the n-th largest projection of a row is an active latent's (l0: the seed-mean
+    measured L0 per target, smallest first)."""
+    n, edge = reading.get("n"), reading.get("proxy_lowest_at")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    if reading["indicated_l0"] is not None:
+        bound, what = reading["indicated_l0"], "its indicated L0"
+    elif edge in ("smallest", "largest") and l0:
+        bound, what = (l0[0], "the smallest target's L0") if edge == "smallest" else (l0[-1], "the largest target's L0")
+    else:
+        return None
+    return f"n = {n} is not above {what} ({bound:.3g})" if n <= bound else None
+
+
 def agreement(readings: list[dict], seeds: int) -> str | None:
-    """Whether the readings at the three n point at the same L0: "agree" (all bracketed, and
-    their seed intervals share a point, an open side unbounded), "disagree", "unbracketed" (at
-    some n the minimum lies at an end), "one seed" (no seed range to judge by), or None (fewer
-    than three n recorded: older results)."""
+    """Whether the readings at the three n point at the same L0, over those not `left_out`:
+    "agree" (all bracketed, and their seed intervals share a point, an open side unbounded),
+    "disagree", "unbracketed" (at some n the minimum lies at an end), "one seed" (no seed range to
+    judge by), "one n" (fewer than two readings left to compare), or None (fewer than three n
+    recorded: older results)."""
     if len(readings) < len(PROXY_BY_N):
         return None
+    readings = [r for r in readings if not r.get("left_out")]  # results from before `left_out`: all take part
+    if len(readings) < 2:
+        return "one n"
     if not all(r["bracketed"] for r in readings):
         return "unbracketed"
     if seeds < 2:

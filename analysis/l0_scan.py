@@ -9,7 +9,8 @@ curve, refined in log L0). Last panel: sparse-probe ROC-AUC (k = 16, else k = 1)
 the d_sae/4 bands, so the reader sees whether the proxy's L0 and the probes' peak agree on this
 model. The report's sentences (`summary_blocks`) say, per architecture, where the compared L0
 targets lie against the indicated L0, or plainly that the run does not bracket it, and whether the
-readings at the three n agree (where they do not, the scan does not locate the L0).
+readings at the n above the L0 they point at agree (where they do not, the reading is not confirmed
+across n).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _proxy_specs(lines: list[dict], found: list[dict]) -> list[tuple[MetricSpec,
             continue
         ns = {reading["n"] for record in found for reading in record.get("by_n", ()) if reading["key"] == key}
         shown = f", n = {label}" + (f" = {ns.pop()}" if len(ns) == 1 and None not in ns else "")
+        readings = [r for record in found for r in record.get("by_n", ()) if r["key"] == key]
+        if readings and all(r.get("left_out") for r in readings):  # n not above the L0 it points at
+            shown += " (left out)"
         specs.append((MetricSpec(key, r"$s_n^{\mathrm{dec}}$" + shown), key))
     return specs
 
@@ -154,8 +158,9 @@ def _reading_text(reading: dict, targets: list) -> str:
 
 
 def _agreement_clause(record: dict) -> str:
-    """One sentence: the indicated L0 at n = d_sae/8, /4, /2 and whether they agree within the
-    seeds' ranges; nothing for results from before the d_sae/8 and d_sae/2 keys."""
+    """One sentence: the indicated L0 at n = d_sae/8, /4, /2 and whether those whose n lies above
+    the L0 they point at agree within the seeds' ranges (which were left out, and why); nothing
+    for results from before the d_sae/8 and d_sae/2 keys."""
     verdict = record.get("n_agreement")
     if verdict is None:
         return ""
@@ -163,11 +168,18 @@ def _agreement_clause(record: dict) -> str:
     ns = ", ".join(f"{r['n_of_d_sae']}" + (f" = {r['n']}" if r["n"] is not None else "") for r in readings)
     *first, last = [_reading_text(r, record["scanned_l0"]) for r in readings]
     found = f" Read at n = {ns}, the proxy is lowest at {', '.join(first)} and {last} respectively"
+    dropped = [r["n_of_d_sae"] for r in readings if r.get("left_out")]
+    points = "it points" if len(dropped) == 1 else "they point"
+    left = (f"leaving out n = {' and '.join(dropped)} (n not above the L0 {points} at, where the n-th "
+            "projection is an active latent's), ") if dropped else ""
+    others = "the other two readings" if len(dropped) == 1 else "the three readings"
     if verdict == "agree":
-        return found + ": the three readings agree within the seeds' ranges."
+        return found + f": {left}{others} agree within the seeds' ranges."
+    if verdict == "one n":
+        return found + f": {left}no second n is left to check the reading against."
     if verdict == "one seed":
-        return found + " (one seed: no seed range to judge whether they agree)."
-    if verdict == "unbracketed" and record["indicated_l0"] is None:
+        return found + f" (one seed: no seed range to judge whether they agree{'; ' + left[:-2] if left else ''})."
+    if verdict == "unbracketed" and record["indicated_l0"] is None and not dropped:
         # d_sae/4 already does not locate it (the sentence says so): only what the other n add
         others = [r for r in readings if r["n_of_d_sae"] != "d_sae/4"]
         texts = [_reading_text(r, record["scanned_l0"]) for r in others]
@@ -177,9 +189,11 @@ def _agreement_clause(record: dict) -> str:
         (first, *rest) = [(r["n_of_d_sae"], t) for r, t in zip(others, texts)]
         return (f" At n = {first[0]} it is lowest at {first[1]}"
                 + "".join(f", at n = {n} at {t}" for n, t in rest) + ".")
-    why = "not every n brackets it" if verdict == "unbracketed" else "their seed ranges do not overlap"
-    return (found + f"; {why}, so the reading depends on n and **this scan does not locate the L0** "
-            "(docs/metrics.md, \"How n decides\").")
+    why = ("not every n brackets it" if verdict == "unbracketed" else "their seed ranges do not overlap")
+    # on synthetic ground truth this happened where d_sae/4 alone read the true L0 (docs/metrics.md):
+    # a failed check leaves the reading unconfirmed, it does not show it wrong
+    return (found + f"; {left}{why}, so **the reading is not confirmed across n** (on synthetic ground truth "
+            "this also happened where n = d_sae/4 read the true L0; docs/metrics.md, \"At three n\").")
 
 
 def _topk_clause(record: dict) -> str:

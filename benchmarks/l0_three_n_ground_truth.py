@@ -3,10 +3,11 @@ tests/test_l0_ground_truth.py (true mean L0 6 and 16, its k grid, seeds 0, 1, 2,
 the rule of `dictlearn compare --l0 scan` (analysis/indicated_l0.indicated) per true L0, and
 whether the three readings agree (docs/metrics.md, "At three n"). ~2-4 s of CPU per dictionary,
 42 dictionaries per architecture. Run from the repository root:
-    .venv/bin/python benchmarks/l0_three_n_ground_truth.py batchtopk   (or topk)"""
+    .venv/bin/python benchmarks/l0_three_n_ground_truth.py batchtopk [lines.json]   (or topk)"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def main(architecture: str) -> None:
                     proxy.update(held - model.decode(torch.zeros_like(z)))
                 lines.append({"architecture": architecture, "d_sae": model.d_sae, "true_l0": true_l0, "l0_target": k,
                               "seed": seed, "l0": float((z != 0).float().sum(1).mean()), **proxy.compute()})
+    if len(sys.argv) > 2:  # the results lines, to read them again without training
+        Path(sys.argv[2]).write_text(json.dumps(lines) + "\n")
     for record in indicated(lines, group=lambda line: (line["true_l0"],)):
         readings = [(r["n_of_d_sae"], r["n"], r["indicated_l0"], r["interval"], r["proxy_lowest_at"])
                     for r in record["by_n"]]

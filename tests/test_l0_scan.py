@@ -10,7 +10,7 @@ import math
 import pytest
 
 from dictlearn.analysis import l0_scan
-from dictlearn.analysis.indicated_l0 import indicated, minimum, position
+from dictlearn.analysis.indicated_l0 import agreement, indicated, left_out, minimum, position
 from dictlearn.analysis.results import from_records
 from dictlearn.cli.compare import config_from_args
 from dictlearn.compare.plan import CompareConfig
@@ -109,7 +109,7 @@ def test_report_sentences_and_figure(tmp_path):
     assert "n = d_sae/8 = 64, d_sae/4 = 192, d_sae/2 = 256" in sentences["topk"]
     assert "at L0 ≈ 9.97, L0 ≈ 9.97 and L0 ≈ 9.97 respectively: the three readings agree" in sentences["topk"]
     assert "L0 ≈ 9.97 and L0 ≈ 19.9 respectively; their seed ranges do not overlap" in sentences["relu_l1"]
-    assert "does not locate the L0" in sentences["relu_l1"] and "Read at n" not in sentences["batchtopk"]
+    assert "not confirmed across n" in sentences["relu_l1"] and "Read at n" not in sentences["batchtopk"]
     drawn = l0_scan.draw(lines, tmp_path, [])
     assert [d.stem for d in drawn] == ["l0_scan"] and drawn[0].png.is_file()
     found = l0_scan.records(lines)
@@ -147,3 +147,55 @@ def test_an_unbracketed_d_sae_quarter_adds_only_what_the_other_n_say():
                               reading("d_sae/2", 256, edge="smallest")]}
     assert l0_scan._agreement_clause(mixed) == (" At n = d_sae/8 it is lowest at L0 ≈ 16.6, at n = d_sae/2 at "
                                                 "the smallest target (8).")
+
+
+def _reading(fraction, n, at=None, edge=None, interval=(None, None), **extra):
+    return {"n_of_d_sae": fraction, "n": n, "indicated_l0": at, "proxy_lowest_at": None if at else edge,
+            "bracketed": at is not None, "interval": list(interval), **extra}
+
+
+def test_a_reading_whose_n_is_not_above_the_l0_it_points_at_is_left_out():
+    """The n-th largest projection reads silent latents only when n exceeds the L0: a reading at
+    n <= its indicated L0, or lowest at an end target whose measured L0 is >= n, is left out."""
+    l0 = [4.0, 8.0, 16.0, 32.0]
+    assert left_out(_reading("d_sae/8", 16, edge="largest"), l0) == "n = 16 is not above the largest target's L0 (32)"
+    assert left_out(_reading("d_sae/8", 64, edge="largest"), l0) is None  # the scan just ends too early
+    assert left_out(_reading("d_sae/8", 4, edge="smallest"), l0) == "n = 4 is not above the smallest target's L0 (4)"
+    assert left_out(_reading("d_sae/2", 5, edge="smallest"), l0) is None
+    assert left_out(_reading("d_sae/4", 12, at=12.0), l0) == "n = 12 is not above its indicated L0 (12)"
+    assert left_out(_reading("d_sae/4", 13, at=12.0), l0) is None
+    assert left_out(_reading("d_sae/4", None, at=12.0), l0) is None  # n unknown: it takes part
+    assert left_out(_reading("d_sae/4", 8, edge="too few"), l0) is None
+
+
+def test_the_agreement_leaves_those_readings_out():
+    eighth = _reading("d_sae/8", 4, edge="largest", left_out="n = 4 is not above the largest target's L0 (12)")
+    quarter = _reading("d_sae/4", 8, at=5.5, interval=(5.4, 5.6), left_out=None)
+    half = _reading("d_sae/2", 16, at=6.0, interval=(5.5, 7.0), left_out=None)
+    assert agreement([eighth, quarter, half], seeds=3) == "agree"
+    assert agreement([dict(eighth, left_out=None), quarter, half], seeds=3) == "unbracketed"
+    far = dict(half, indicated_l0=9.0, interval=[8.0, 10.0])
+    assert agreement([eighth, quarter, far], seeds=3) == "disagree"
+    assert agreement([eighth, quarter, dict(half, left_out="n = 16 ...")], seeds=3) == "one n"
+    older = [{k: v for k, v in r.items() if k != "left_out"} for r in (quarter, half, dict(half, n_of_d_sae="x"))]
+    assert agreement(older, seeds=3) == "agree"  # records from before `left_out`: every n takes part
+    assert agreement([eighth, quarter, half], seeds=1) == "one seed"
+
+
+def test_a_narrow_dictionary_leaves_d_sae_eighth_out_of_the_check(tmp_path):
+    """d_sae 128 (n = 16, 32, 64) scanned to L0 32: at d_sae/8 the proxy still falls at the largest
+    target, whose L0 (32) is not below n = 16, so it is left out and the other two agree."""
+    lines = [dict(line, d_sae=128, nth_decoder_projection_n=32, nth_decoder_projection_eighth=1.0 / line["l0_target"])
+             for line in _lines() if line["architecture"] == "topk"]
+    (record,) = indicated(lines)
+    assert [(r["n"], bool(r["left_out"])) for r in record["by_n"]] == [(16, True), (32, False), (64, False)]
+    assert record["n_left_out"] == ["d_sae/8"] and record["n_agreement"] == "agree"
+    text = l0_scan.sentence(record)
+    assert ("leaving out n = d_sae/8 (n not above the L0 it points at, where the n-th projection is an active "
+            "latent's), the other two readings agree within the seeds' ranges.") in text
+    path = write_l0_scan(tmp_path, lines)
+    (written,) = json.loads(path.read_text())["records"]
+    assert written["n_left_out"] == ["d_sae/8"] and written["by_n"][0]["left_out"].startswith("n = 16 is not above")
+    drawn = from_records(lines, str(tmp_path / "results.jsonl"))
+    panels = [ax.get_ylabel() for ax in l0_scan.plot(drawn, l0_scan.records(drawn)).axes]
+    assert panels[0].endswith("n = d_sae/8 = 16 (left out)") and not panels[1].endswith("(left out)")

@@ -6,8 +6,9 @@ The scan is an ordinary comparison with more L0 targets (`SCAN_L0`, geometric) a
 one record per architecture (and width): the scanned targets, the seed means of the measured L0,
 of `nth_decoder_projection` and of the sparse-probe AUCs at each, and the indicated L0 with its
 interval over seeds (dictlearn/analysis/indicated_l0.py has the rule); `by_n`, the same reading at
-n = d_sae/8, d_sae/4 and d_sae/2, and `n_agreement`, whether those three agree (where they do
-not, the scan does not locate the L0).
+n = d_sae/8, d_sae/4 and d_sae/2, `n_left_out`, those whose n is not above the L0 they point at,
+and `n_agreement`, whether the others agree (where they do not, the reading is not confirmed
+across n).
 """
 
 from __future__ import annotations

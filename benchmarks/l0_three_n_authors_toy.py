@@ -1,0 +1,53 @@
+"""The scan's reading at n = d_sae/8, /4, /2 on the authors' toy data (Chanin & Garriga-Alonso's
+reference code: 50 orthogonal features in d = 100, true mean L0 10.95, firing correlated across
+70 % of the feature pairs; tests/test_l0_ground_truth.py `authors_rows`), d_sae = 50, k on
+`AUTHORS_GRID`, seeds 0, 1, 2, 1,000 steps of 256 rows (the test's `train`): the rule of
+`dictlearn compare --l0 scan` (analysis/indicated_l0.indicated) and its three-n verdict
+(docs/metrics.md, "At three n"). ~2-4 s of CPU per dictionary, 21 per architecture. Run from the
+repository root:
+    .venv/bin/python benchmarks/l0_three_n_authors_toy.py batchtopk [lines.json [steps]]   (or topk)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import test_l0_ground_truth  # noqa: E402
+from test_l0_ground_truth import AUTHORS, AUTHORS_GRID, authors_rows, train  # noqa: E402
+
+from dictlearn.analysis.indicated_l0 import indicated  # noqa: E402
+from dictlearn.metrics.decoder_projection import NthDecoderProjection  # noqa: E402
+
+
+def main(architecture: str) -> None:
+    if len(sys.argv) > 3:  # longer training: the test's STEPS replaced
+        test_l0_ground_truth.STEPS = int(sys.argv[3])
+    torch.set_num_threads(1)  # as the test: small matrices gain nothing from a second thread
+    lines = []
+    for seed in (0, 1, 2):
+        rows = authors_rows(seed)
+        data, held = rows[:60_000], rows[60_000:]
+        for k in AUTHORS_GRID:
+            model = train(architecture, k, data, AUTHORS["n_features"], seed)
+            with torch.no_grad():
+                z = model.encode(held)
+                fvu = float((held - model.decode(z)).square().sum() / (held - held.mean(0)).square().sum())
+                proxy = NthDecoderProjection(model.W_dec)
+                proxy.update(held - model.decode(torch.zeros_like(z)))
+            lines.append({"architecture": architecture, "d_sae": model.d_sae, "l0_target": k, "seed": seed,
+                          "l0": float((z != 0).float().sum(1).mean()), "fvu": fvu, **proxy.compute()})
+            print(json.dumps(lines[-1]), flush=True)
+    if len(sys.argv) > 2:  # the results lines, to read them again without training
+        Path(sys.argv[2]).write_text(json.dumps(lines) + "\n")
+    for record in indicated(lines):
+        readings = [(r["n_of_d_sae"], r["n"], r["indicated_l0"], r["interval"], r["proxy_lowest_at"])
+                    for r in record["by_n"]]
+        print(f"{architecture}, authors' toy data: {record['n_agreement']}; {readings}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "batchtopk")
