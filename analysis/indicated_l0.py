@@ -14,11 +14,11 @@ The same rule is applied to the proxy at n = d_sae/8 and d_sae/2 where the resul
 (`by_n`), because where the minimum falls depends on n (docs/metrics.md, "How n decides"): the
 readings at the three n agree when their seed intervals share a point (`n_agreement`); when they
 do not, the reading is not confirmed across n (on synthetic ground truth that also happened where
-n = d_sae/4 alone read the true L0, docs/metrics.md). A reading whose n is not above the L0 it points at
-(its indicated L0, or the end target its curve runs to) takes no part (`left_out`, `n_left_out`):
-there the n-th largest projection of a row is an active latent's, not one that should stay silent,
-so that reading measures the magnitudes of active features, not the mixing the proxy is meant to
-read (docs/metrics.md, "At three n").
+n = d_sae/4 alone read the true L0, docs/metrics.md). A reading whose n is not above the L0 it
+points at (its indicated L0, or the end target its curve runs to) takes no part (`left_out`,
+`n_left_out`): there the n-th largest projection of a row is an active latent's, not one that
+should stay silent, so that reading measures active features, not the mixing the proxy is meant
+to read (docs/metrics.md, "At three n").
 """
 
 from __future__ import annotations

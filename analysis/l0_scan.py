@@ -178,7 +178,7 @@ def _agreement_clause(record: dict) -> str:
     if verdict == "one n":
         return found + f": {left}no second n is left to check the reading against."
     if verdict == "one seed":
-        return found + f" (one seed: no seed range to judge whether they agree{'; ' + left[:-2] if left else ''})."
+        return found + f": {left}one seed gives no seed range to judge whether they agree."
     if verdict == "unbracketed" and record["indicated_l0"] is None and not dropped:
         # d_sae/4 already does not locate it (the sentence says so): only what the other n add
         others = [r for r in readings if r["n_of_d_sae"] != "d_sae/4"]

@@ -3,8 +3,9 @@ reference code: 50 orthogonal features in d = 100, true mean L0 10.95, firing co
 70 % of the feature pairs; tests/test_l0_ground_truth.py `authors_rows`), d_sae = 50, k on
 `AUTHORS_GRID`, seeds 0, 1, 2, 1,000 steps of 256 rows (the test's `train`): the rule of
 `dictlearn compare --l0 scan` (analysis/indicated_l0.indicated) and its three-n verdict
-(docs/metrics.md, "At three n"). ~2-4 s of CPU per dictionary, 21 per architecture. Run from the
-repository root:
+(docs/metrics.md, "At three n"); each line also holds the proxy at n = 16 and 19 (`s_n16`,
+`s_n19`, 5/16 and 3/8 of d_sae), which the rule does not read. ~2-4 s of CPU per dictionary, 21
+per architecture. Run from the repository root:
     .venv/bin/python benchmarks/l0_three_n_authors_toy.py batchtopk [lines.json [steps]]   (or topk)"""
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ def main(architecture: str) -> None:
                 fvu = float((held - model.decode(z)).square().sum() / (held - held.mean(0)).square().sum())
                 proxy = NthDecoderProjection(model.W_dec)
                 proxy.update(held - model.decode(torch.zeros_like(z)))
+                # n between d_sae/4 and d_sae/2 (5/16, 3/8 of d_sae), for docs/metrics.md; not read by the rule
+                between = {}
+                for n in (16, 19):
+                    extra = NthDecoderProjection(model.W_dec, n=n)
+                    extra.update(held - model.decode(torch.zeros_like(z)))
+                    between[f"s_n{n}"] = extra.compute()["nth_decoder_projection"]
             lines.append({"architecture": architecture, "d_sae": model.d_sae, "l0_target": k, "seed": seed,
-                          "l0": float((z != 0).float().sum(1).mean()), "fvu": fvu, **proxy.compute()})
+                          "l0": float((z != 0).float().sum(1).mean()), "fvu": fvu, **proxy.compute(), **between})
             print(json.dumps(lines[-1]), flush=True)
     if len(sys.argv) > 2:  # the results lines, to read them again without training
         Path(sys.argv[2]).write_text(json.dumps(lines) + "\n")

@@ -91,6 +91,8 @@ def test_the_readings_at_three_n_and_whether_they_agree():
     assert [r["key"] for r in old["by_n"]] == ["nth_decoder_projection"] and old["n_agreement"] is None
     one_seed = {r["architecture"]: r for r in indicated([line for line in _lines() if line["seed"] == 0])}
     assert one_seed["topk"]["n_agreement"] == "one seed"
+    assert l0_scan._agreement_clause(one_seed["topk"]).endswith(
+        "respectively: one seed gives no seed range to judge whether they agree.")
     shifted = [dict(line, nth_decoder_projection_eighth=1.0 / line["l0_target"]) if line["architecture"] == "topk"
                else line for line in _lines()]  # at d_sae/8 still falling at the largest target
     assert {r["architecture"]: r for r in indicated(shifted)}["topk"]["n_agreement"] == "unbracketed"
