@@ -189,7 +189,8 @@ def _agreement_clause(record: dict) -> str:
         (first, *rest) = [(r["n_of_d_sae"], t) for r, t in zip(others, texts)]
         return (f" At n = {first[0]} it is lowest at {first[1]}"
                 + "".join(f", at n = {n} at {t}" for n, t in rest) + ".")
-    why = ("not every n brackets it" if verdict == "unbracketed" else "their seed ranges do not overlap")
+    why = (f"not every n {'left ' if dropped else ''}brackets it" if verdict == "unbracketed"
+           else "their seed ranges do not overlap")
     # on synthetic ground truth this happened where d_sae/4 alone read the true L0 (docs/metrics.md):
     # a failed check leaves the reading unconfirmed, it does not show it wrong
     return (found + f"; {left}{why}, so **the reading is not confirmed across n** (on synthetic ground truth "

@@ -182,6 +182,14 @@ def test_the_agreement_leaves_those_readings_out():
     older = [{k: v for k, v in r.items() if k != "left_out"} for r in (quarter, half, dict(half, n_of_d_sae="x"))]
     assert agreement(older, seeds=3) == "agree"  # records from before `left_out`: every n takes part
     assert agreement([eighth, quarter, half], seeds=1) == "one seed"
+    record = {"n_agreement": "unbracketed", "indicated_l0": 5.5, "scanned_l0": [3, 6, 12],
+              "by_n": [eighth, quarter, dict(half, indicated_l0=None, bracketed=False, proxy_lowest_at="smallest")]}
+    assert l0_scan._agreement_clause(record) == (
+        " Read at n = d_sae/8 = 4, d_sae/4 = 8, d_sae/2 = 16, the proxy is lowest at the largest target (12), "
+        "L0 ≈ 5.5 and the smallest target (3) respectively; leaving out n = d_sae/8 (n not above the L0 it points "
+        "at, where the n-th projection is an active latent's), not every n left brackets it, so **the reading is "
+        "not confirmed across n** (on synthetic ground truth this also happened where n = d_sae/4 read the true "
+        "L0; docs/metrics.md, \"At three n\").")
 
 
 def test_a_narrow_dictionary_leaves_d_sae_eighth_out_of_the_check(tmp_path):
