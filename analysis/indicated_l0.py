@@ -95,6 +95,8 @@ def _record(key: tuple, members: list[dict]) -> dict:
         "indicated_l0": main["indicated_l0"], "interval": main["interval"],
         "bracketed": main["bracketed"], "proxy_lowest_at": main["proxy_lowest_at"],
         "scanned_l0": targets, "measured_l0": l0, PROXY: main["values"],
+        # s_n^dec reads every decoder row, a dead latent's too: the report says when they are many
+        "dead_fraction": [_means(by_target[t], "dead_fraction") for t in targets],
         "nth_decoder_projection_n": members[0].get("nth_decoder_projection_n"),
         "seeds": sorted({line.get("seed") for line in members}, key=str), "per_seed": main["per_seed"],
     }  # fmt: skip

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from dictlearn.analysis.style import (DPI, WIDTH_IN, Drawn, architecture_style, legend_outside, save, series_order,
                                       share_x_label, styled)
 from dictlearn.analysis.indicated_l0 import PROXY, PROXY_BY_N, indicated, position
+from dictlearn.analysis.summary import DEAD_THRESHOLD
 
 STEM = "l0_scan"
 CAPTION = ("Which L0? The nth decoder projection s_n^dec of Chanin & Garriga-Alonso (2025) against L0 (mean over "
@@ -130,10 +131,11 @@ def sentence(record: dict) -> str:
         if record["proxy_lowest_at"] == "too few":
             return f"**{name}**: fewer than 3 L0 targets; the proxy cannot locate an L0."
         end = targets[0] if record["proxy_lowest_at"] == "smallest" else targets[-1]
+        beyond = "below" if record["proxy_lowest_at"] == "smallest" else "past"
         return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
-                f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it "
-                "(`dictlearn compare --l0 scan` trains a wider range)." + _agreement_clause(record) + _probe_clause(record)
-                + _n_clause(record))
+                f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it (that needs "
+                f"targets {beyond} {end:g}: your own `--l0` list with `l0_scan: true`, docs/compare.md)."
+                + _agreement_clause(record) + _probe_clause(record) + _n_clause(record) + _dead_clause(record))
     low, high = record["interval"]
     interval = f"{'≤' if low is None else f'{low:.3g}'}–{'≥' if high is None else f'{high:.3g}'}"
     groups: dict[str, list] = {"below": [], "around": [], "above": []}
@@ -145,7 +147,8 @@ def sentence(record: dict) -> str:
     at = " at n = d_sae/4" if len(record.get("by_n", ())) > 1 else ""
     text = (f"**{name}**: the proxy{at} is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
-    return text + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
+    return (text + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
+            + _dead_clause(record))
 
 
 def _reading_text(reading: dict, targets: list) -> str:
@@ -217,6 +220,19 @@ def _n_clause(record: dict) -> str:
         return (f" Caution: n = {n} is not above {what} ({bound:.3g}); a wider dictionary (n = d_sae / 4) "
                 "reads it better.")
     return ""
+
+
+def _dead_clause(record: dict) -> str:
+    """s_n^dec ranks the projections on every decoder row, a dead latent's (one that fired on none
+    of the census tokens) as much as a live one's: where many are dead, and more at some targets
+    than at others, the curve moves with the dead fraction as well as with L0."""
+    dead = [(d, t) for d, t in zip(record.get("dead_fraction") or [], record["scanned_l0"]) if d is not None]
+    if not dead or max(d for d, _ in dead) <= DEAD_THRESHOLD:
+        return ""
+    (most, at_most), (least, at_least) = max(dead), min(dead)
+    return (f" Caution: {most:.0%} of its latents are dead at target {at_most:g} and {least:.0%} at {at_least:g} "
+            "(seed means); the proxy reads dead latents' decoder rows like live ones, so this curve follows "
+            "the dead fraction as well as L0.")
 
 
 def _probe_clause(record: dict) -> str:

@@ -102,6 +102,8 @@ def test_report_sentences_and_figure(tmp_path):
     lines = from_records(_lines(), str(tmp_path / "results.jsonl"))
     sentences = {r["architecture"]: l0_scan.sentence(r) for r in l0_scan.records(lines)}
     assert "do not bracket" in sentences["batchtopk"] and "largest" in sentences["batchtopk"]
+    assert "targets past 32: your own `--l0` list" in sentences["batchtopk"]
+    assert "dead" not in sentences["topk"]  # no dead_fraction in these lines: no caution
     assert "L0 ≈ 9.97" in sentences["topk"] and "4, 6, 8 lie below it" in sentences["topk"]
     assert "16, 23, 32 lie above it" in sentences["topk"] and "highest at target 11" in sentences["topk"]
     assert "TopK itself mixes least" in sentences["topk"]  # a TopK reading is not the data's mean L0
@@ -119,6 +121,18 @@ def test_report_sentences_and_figure(tmp_path):
     assert len(panels) == 4 and "d_sae/8 = 64" in panels[0] and "d_sae/2 = 256" in panels[2]
     older = [line for line in lines if line["architecture"] == "batchtopk"]  # one n: one proxy panel
     assert len(l0_scan.plot(older, l0_scan.records(older)).axes) == 1
+
+
+def test_many_dead_latents_are_named_beside_the_reading(tmp_path):
+    # dead latents' decoder rows enter s_n^dec like live ones: the sentence gives the seed-mean
+    # dead fraction where it is largest and smallest once any target is above 10 %
+    lines = [dict(line, dead_fraction=0.6 / line["l0_target"] + 0.01 * line["seed"]) for line in _lines()]
+    found = {r["architecture"]: r for r in l0_scan.records(from_records(lines, str(tmp_path / "results.jsonl")))}
+    assert found["topk"]["dead_fraction"][0] == pytest.approx(0.6 / 4 + 0.01)  # seed mean at target 4
+    text = l0_scan.sentence(found["topk"])
+    assert "Caution: 16% of its latents are dead at target 4 and 3% at 32 (seed means)" in text
+    quiet = [dict(line, dead_fraction=0.05) for line in _lines()]
+    assert "dead" not in l0_scan.sentence(l0_scan.records(from_records(quiet, str(tmp_path / "q.jsonl")))[0])
 
 
 def test_scan_flag_and_yaml_key(tmp_path):
