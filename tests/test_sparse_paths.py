@@ -19,7 +19,7 @@ from dictlearn.training.optimiser import fused_adam_possible
 from dictlearn import ActivationDataModule
 from dictlearn.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUL1SAE, TopKSAE
 from dictlearn.dictionaries.sparse import (
-    Support, _gathered_dot, _sampled_dot, dense_affine, flat_topk_indices, sparse_affine, sparse_decode,
+    Support, _gathered_dot, _largest, _sampled_dot, dense_affine, flat_topk_indices, sparse_affine, sparse_decode,
     topk_indices,
 )
 from dictlearn.errors import ConfigError
@@ -62,6 +62,36 @@ def test_flat_topk_indices_select_the_k_largest_of_the_batch(relu):
     assert got.unique().numel() == k
     expected = values.flatten().topk(k).values.sort().values
     assert torch.equal(values.flatten()[got].sort().values, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_largest_selects_as_torch_topk_with_nan_as_largest(dtype):
+    """The CPU row selection (numpy's introselect) picks torch.topk's set, NaN counted as largest."""
+    pre = torch.randn(50, 40, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    pre[7, 5] = torch.nan
+    got = _largest(pre, 6)
+    assert got.dtype == torch.int64 and got.shape == (50, 6) and got.is_contiguous()
+    assert torch.equal(got.sort(-1).values, pre.topk(6, dim=-1).indices.sort(-1).values)
+    assert 5 in got[7].tolist()
+
+
+@pytest.mark.parametrize("case", ["distinct", "ties", "sample_misses"])
+def test_flat_topk_indices_paths_are_exact_and_ascending(case):
+    """Every path of the batch-wide selection returns the k largest, ascending: the sampled bound
+    (distinct values), ties at the k-th value, and a sample that sets the bound too high (its
+    positions hold the largest values: the grouped fallback)."""
+    values = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
+    k = 64 * 8
+    if case == "ties":
+        values = values.round(decimals=1)
+    if case == "sample_misses":
+        k = len(values.flatten()) // 10
+        values.view(-1)[::17] += 100.0  # the sampled positions: the bound lands among them, fewer than k above it
+    got = flat_topk_indices(values, k)
+    assert got.numel() == k and torch.equal(got, got.sort().values) and got.unique().numel() == k
+    flat = values.flatten()
+    expected = flat.topk(k).values.sort().values
+    assert torch.equal(flat[got].sort().values, expected)
 
 
 def test_support_groups_entries_by_row():

@@ -95,7 +95,7 @@ class BatchTopKSAE(TopKSAE):
         same entries as the largest activations up to ties at 0, which decode to 0 either way).
         Inference: every entry above θ (a JumpReLU with one threshold, SAELens)."""
         if training:
-            return Selection.of_flat(flat_topk_indices(pre, len(pre) * self.k))
+            return Selection.of_flat(flat_topk_indices(pre, len(pre) * self.k), ordered=True)
         return Selection.of_mask(lambda: pre > self.threshold)
 
     def activate_entries(self, entries, training: bool) -> Tensor:

@@ -181,8 +181,8 @@ class Selection:
     anyway, so the dense path need not apply it)."""
 
     def __init__(self, rows: Tensor | None = None, flat: Tensor | None = None,
-                 mask: Callable[[], Tensor] | None = None, implied: bool = False):
-        self.rows, self.flat, self._mask, self.implied = rows, flat, mask, implied
+                 mask: Callable[[], Tensor] | None = None, implied: bool = False, ordered: bool = False):
+        self.rows, self.flat, self._mask, self.implied, self.ordered = rows, flat, mask, implied, ordered
         self._mask_value: Tensor | None = None
 
     @classmethod
@@ -190,8 +190,9 @@ class Selection:
         return cls(rows=indices)
 
     @classmethod
-    def of_flat(cls, indices: Tensor) -> Selection:
-        return cls(flat=indices)
+    def of_flat(cls, indices: Tensor, ordered: bool = False) -> Selection:
+        """`ordered`: the indices come ascending (`flat_topk_indices`'), so no sort is needed."""
+        return cls(flat=indices, ordered=ordered)
 
     @classmethod
     def of_mask(cls, mask: Callable[[], Tensor], implied: bool = False) -> Selection:
@@ -222,7 +223,7 @@ class Selection:
         if self.rows is not None:
             return Support.from_indices(self.rows, n_cols)
         if self.flat is not None:
-            return Support.from_flat(self.flat, n_rows, n_cols)
+            return Support.from_flat(self.flat, n_rows, n_cols, ordered=self.ordered)
         mask = self.mask
         if max_density is not None and int(torch.count_nonzero(mask)) > max_density * mask.numel():
             return None
