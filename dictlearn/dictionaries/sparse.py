@@ -279,7 +279,15 @@ def sparse_decode(support: Support, values: Tensor, W_dec: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------- exact top-k selection
 def _largest(values: Tensor, k: int) -> Tensor:
-    """values: [rows, n] -> [rows, k] column indices of each row's k largest, in no set order."""
+    """values: [rows, n] -> [rows, k] column indices of each row's k largest, in no set order.
+
+    On CPU in float32/64, numpy's introselect (`argpartition`): 2-3x faster than torch.topk at
+    [1024, 64-128] on one thread, exact the same way (NaN counts as largest in both; equal values
+    may be broken differently). Elsewhere torch.topk."""
+    n = values.shape[-1]
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and 0 < k < n:
+        picked = np.argpartition(values.detach().numpy(), n - k, axis=-1)[:, n - k:]
+        return torch.from_numpy(np.ascontiguousarray(picked)).to(torch.int64)
     return values.topk(k, dim=-1, sorted=False).indices
 
 
