@@ -45,8 +45,8 @@ class Support:
     column grouping (for the per-latent sums of the backward) is computed once, on demand.
     """
 
-    def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int):
-        self.rows, self.cols, self.n_rows, self.n_cols = rows, cols, n_rows, n_cols
+    def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int, flat: Tensor | None = None):
+        self.rows, self.cols, self.n_rows, self.n_cols, self._flat = rows, cols, n_rows, n_cols, flat
         self._row_offsets = self._col_order = self._col_offsets = self._rows_by_col = None
 
     @classmethod
@@ -61,13 +61,16 @@ class Support:
         """flat: [nnz] distinct indices into the flattened [n_rows, n_cols] matrix, any order
         (`ordered`: already ascending, as `flat_topk_indices` returns them)."""
         flat = flat if ordered else _ascending(flat, n_rows * n_cols)  # groups the rows
-        return cls(flat // n_cols, flat % n_cols, n_rows, n_cols)
+        return cls(flat // n_cols, flat % n_cols, n_rows, n_cols, flat)
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> "Support":
         """mask: [batch, n_cols] bool -> its True entries."""
-        flat = mask.flatten().nonzero().squeeze(1)  # row-major, already sorted
-        return cls(flat // mask.shape[1], flat % mask.shape[1], *mask.shape)
+        if mask.device.type == "cpu":  # numpy's nonzero: 2× torch's on CPU, the same ascending indices
+            flat = torch.from_numpy(np.flatnonzero(mask.numpy())).to(torch.int64)
+        else:
+            flat = mask.flatten().nonzero().squeeze(1)  # row-major, already sorted
+        return cls(flat // mask.shape[1], flat % mask.shape[1], *mask.shape, flat)
 
     @property
     def nnz(self) -> int:
@@ -103,7 +106,9 @@ class Support:
     @property
     def flat(self) -> Tensor:
         """[nnz]: each entry's index into the flattened [n_rows, n_cols] matrix."""
-        return self.rows * self.n_cols + self.cols
+        if self._flat is None:
+            self._flat = self.rows * self.n_cols + self.cols
+        return self._flat
 
     @property
     def col_offsets(self) -> Tensor:
