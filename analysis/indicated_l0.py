@@ -91,7 +91,8 @@ def _record(key: tuple, members: list[dict]) -> dict:
     l0 = [_means(by_target[t], "l0") for t in targets]
     main = _reading(by_target, targets, l0, PROXY)
     record = {
-        "architecture": members[0].get("architecture"), "d_sae": members[0].get("d_sae"), "group": list(key),
+        "architecture": members[0].get("architecture"), "d_sae": members[0].get("d_sae"),
+        "d_in": members[0].get("d_in"), "group": list(key),
         "indicated_l0": main["indicated_l0"], "interval": main["interval"],
         "bracketed": main["bracketed"], "proxy_lowest_at": main["proxy_lowest_at"],
         "scanned_l0": targets, "measured_l0": l0, PROXY: main["values"],

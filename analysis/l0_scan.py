@@ -147,8 +147,18 @@ def sentence(record: dict) -> str:
     at = " at n = d_sae/4" if len(record.get("by_n", ())) > 1 else ""
     text = (f"**{name}**: the proxy{at} is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
-    return (text + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record) + _n_clause(record)
-            + _dead_clause(record))
+    return (text + _width_clause(record) + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record)
+            + _n_clause(record) + _dead_clause(record))
+
+
+def _width_clause(record: dict) -> str:
+    """An indicated L0 at or above d_in is no sparse code: with d_in active latents a dictionary can
+    write any row exactly (reconstruction error ~0 there), so the reading names no sparsity to train at."""
+    d_in = record.get("d_in")
+    if not isinstance(d_in, int) or record["indicated_l0"] < d_in:
+        return ""
+    return (f" That is at or above the input's width (d_in = {d_in}): codes with that many active latents "
+            "can write any row exactly, so read it as no sparse L0 found below d_in, not as an L0 to train at.")
 
 
 def _reading_text(reading: dict, targets: list) -> str:

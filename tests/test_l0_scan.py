@@ -135,6 +135,15 @@ def test_many_dead_latents_are_named_beside_the_reading(tmp_path):
     assert "dead" not in l0_scan.sentence(l0_scan.records(from_records(quiet, str(tmp_path / "q.jsonl")))[0])
 
 
+def test_an_indicated_l0_above_d_in_is_named_as_no_sparse_code(tmp_path):
+    # the bowl's vertex lies at ~9.97; with d_in 8 that is above the input's width
+    wide = [dict(line, d_in=8) for line in _lines() if line["architecture"] == "topk"]
+    record = l0_scan.records(from_records(wide, str(tmp_path / "results.jsonl")))[0]
+    assert record["d_in"] == 8 and "at or above the input's width (d_in = 8)" in l0_scan.sentence(record)
+    narrow = [dict(line, d_in=128) for line in _lines() if line["architecture"] == "topk"]
+    assert "d_in" not in l0_scan.sentence(l0_scan.records(from_records(narrow, str(tmp_path / "n.jsonl")))[0])
+
+
 def test_scan_flag_and_yaml_key(tmp_path):
     config = config_from_args(["--l0", "scan", "--device", "cpu"]).resolved()
     assert config.l0 == list(SCAN_L0["cpu"]) and config.l0_scan
