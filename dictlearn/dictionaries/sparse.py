@@ -20,7 +20,10 @@ resumed run stays bit-identical.
 the sparse backward, `sparse_decode` the decoder. `dense_affine` is the fallback for a batch too
 dense for the sparse path: it reuses the pre-activations already computed for the decision.
 `topk_indices` and `flat_topk_indices` are exact top-k selections several times faster than
-`torch.topk` on CPU (see `_group_candidates`).
+`torch.topk` on CPU (see `_group_candidates`, `_largest`, `_above_sampled_bound`). On CPU a few
+index passes go through numpy where its kernels are faster for the same answer: introselect for
+the row top-k, `flatnonzero`, and the radix sort of 16-bit latent indices (stable, so the same
+permutation as torch's stable sort).
 """
 
 from __future__ import annotations
