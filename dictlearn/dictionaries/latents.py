@@ -216,6 +216,11 @@ class Selection:
             return entries.to_dense(values)
         if self._mask is None or self.implied:
             return values
+        if values.device.type == "cpu":
+            # a multiply by the mask: ~4× faster than torch.where on CPU at [1024, 512], forward and
+            # backward. The same values: off the mask a value v ≥ 0 (every mechanism's, after its
+            # ReLU) gives +0 as where does (a negative one -0.0, equal to 0), on it v × 1 = v.
+            return values * self.mask
         return torch.where(self.mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def support(self, n_rows: int, n_cols: int, max_density: float | None) -> Support | None:
@@ -239,14 +244,15 @@ def training_latents(model, x: Tensor, sparse_path: str = "auto"):
     with torch.no_grad():
         pre = model.pre_acts(x)
     max_density = None if sparse_path == "always" else model.sparse_cutoff
-    support = model.select(pre, training=True).support(pre.shape[0], model.d_sae, max_density)
-    if support is None:  # a per-batch mechanism found this batch too dense: dense, reusing `pre`
-        return _dense(model, x, dense_affine(x, *model.encoder_affine(), pre))
+    selection = model.select(pre, training=True)
+    support = selection.support(pre.shape[0], model.d_sae, max_density)
+    if support is None:  # a per-batch mechanism found this batch too dense: dense, reusing `pre` and its selection
+        return _dense(model, x, dense_affine(x, *model.encoder_affine(), pre), selection)
     latents = SparseLatents(support, pre, lambda s: sparse_affine(x, *model.encoder_affine(), pre, s))
     return latents, model.activate_entries(latents, training=True)
 
 
-def _dense(model, x: Tensor, pre: Tensor | None = None):
+def _dense(model, x: Tensor, pre: Tensor | None = None, selection: Selection | None = None):
     """The reference path over all d_sae latents. In full precision the encoder's backward is
     `dense_affine`'s: the tied b_dec's gradient is −W_enc ∂b_enc, not the sum of a [batch, d_in]
     gradient of x − b_dec (one [batch, d_sae] @ [d_sae, d_in] GEMM less, ~1/6 of a dense step).
@@ -256,7 +262,9 @@ def _dense(model, x: Tensor, pre: Tensor | None = None):
             pre = model.pre_acts(x)
         pre = dense_affine(x, *model.encoder_affine(), pre)
     pre = model.pre_acts(x) if pre is None else pre
-    return DenseLatents(pre), model.activate(pre, training=True)
+    if selection is None:
+        return DenseLatents(pre), model.activate(pre, training=True)
+    return DenseLatents(pre), model.activate(pre, training=True, selection=selection)
 
 
 def _tries_sparse_path(model, sparse_path: str) -> bool:

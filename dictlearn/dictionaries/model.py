@@ -166,10 +166,11 @@ class Dictionary(RecordsArguments):
         """(shift, W, b) with pre_acts(x) = (x − shift) W + b; None for an absent term."""
         return (self.b_dec if self.apply_b_dec_to_input else None), self.W_enc, self.b_enc
 
-    def activate(self, pre: Tensor, training: bool = False) -> Tensor:
+    def activate(self, pre: Tensor, training: bool = False, selection: Selection | None = None) -> Tensor:
         """pre-activations [batch, d_sae] -> latents [batch, d_sae] (`training`: the training-time
-        selection, which differs for batch-level mechanisms such as BatchTopK)."""
-        selection = self.select(pre.detach(), training)
+        selection, which differs for batch-level mechanisms such as BatchTopK; `selection`: this
+        `pre`'s, when the caller already made it)."""
+        selection = selection if selection is not None else self.select(pre.detach(), training)
         entries = selection.dense_entries(pre)
         return selection.to_dense(entries, self.activate_entries(entries, training))
 
