@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,7 +18,6 @@ import yaml
 
 import dictlearn.recipes
 from dictlearn.compare.scan import SCAN_ARCHITECTURES, SCAN_L0
-from dictlearn.data.h5 import check_activation_file
 from dictlearn.errors import ConfigError
 
 MAPPINGS = {"": "sae", "_transcoder": "transcoder", "_skip_transcoder": "skip_transcoder"}
@@ -196,8 +195,10 @@ class CompareConfig:
         if self.data is not None and (self.model or self.corpus or self.layer is not None):
             raise ConfigError("--model/--corpus/--layer choose what to harvest; with --data nothing is harvested "
                               "(drop them or drop --data)")
-        if self.data is not None:
-            check_activation_file(self.data)  # a missing file first: no flag would fix a wrong path
+        if self.data is not None:  # a missing file first: no flag would fix a wrong path
+            from dictlearn.data.h5 import check_activation_file  # here: `compare --help` loads no h5py or torch
+
+            check_activation_file(self.data)
         if self.data is not None and not self.input_key:
             raise ConfigError(f"--data {self.data}: name its input dataset with --input-key K")
         if self.data is not None and self.target_key is None:
