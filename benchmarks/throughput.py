@@ -108,14 +108,19 @@ def _callbacks(warmup: int, k: int, trained_sparsity: bool):
             model = pl_module.dictionary
             if trained_sparsity and model.sparse_l0() is None:
                 _set_trained_sparsity(model, trainer.datamodule, k)
-            original = model.train_support  # every mechanism has a sparse path
+            # the step's path is `training_latents`' choice (dictionaries/latents.py): count the
+            # steps whose latents came back sparse (this worker process runs one dictionary)
+            import dictlearn.dictionaries.model as model_module
+            from dictlearn.dictionaries.latents import SparseLatents
 
-            def counting(pre):
-                support = original(pre)
-                self.sparse_steps += support is not None
-                return support
+            original = model_module.training_latents
 
-            model.train_support = counting
+            def counting(dictionary, x, sparse_path="auto"):
+                latents, values = original(dictionary, x, sparse_path)
+                self.sparse_steps += isinstance(latents, SparseLatents)
+                return latents, values
+
+            model_module.training_latents = counting
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.steps += 1
