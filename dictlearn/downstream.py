@@ -129,14 +129,14 @@ def ablation_mean(rows: Tensor) -> Tensor:
     return rows.double().mean(0).float()
 
 
-# ----------------------------------------------------------------------------- the four passes
-@torch.no_grad()
 def scored_predictions(special: Tensor) -> Tensor:
     """special: [B, seq] -> [B, seq-1], True where the prediction at t of token t+1 is scored:
     neither position is special (a document boundary or padding)."""
     return ~special[:, :-1] & ~special[:, 1:]
 
 
+# ----------------------------------------------------------------------------- the four passes
+@torch.no_grad()
 def update_from_batch(
     metric: DownstreamMetrics,
     model: nn.Module,
