@@ -57,9 +57,9 @@ def _proxy_specs(lines: list[dict], found: list[dict]) -> list[tuple[MetricSpec,
     for label, _, key in PROXY_BY_N:
         if not any(value(line, key) is not None for line in lines):
             continue
-        ns = {reading["n"] for record in found for reading in record.get("by_n", ()) if reading["key"] == key}
-        shown = f", n = {label}" + (f" = {ns.pop()}" if len(ns) == 1 and None not in ns else "")
         readings = [r for record in found for r in record.get("by_n", ()) if r["key"] == key]
+        ns = {r["n"] for r in readings}
+        shown = f", n = {label}" + (f" = {ns.pop()}" if len(ns) == 1 and None not in ns else "")
         if readings and all(r.get("left_out") for r in readings):  # n not above the L0 it points at
             shown += " (left out)"
         specs.append((MetricSpec(key, r"$s_n^{\mathrm{dec}}$" + shown), key))

@@ -46,14 +46,16 @@ def keep_freed_memory() -> bool:
 def quiet_lightning(*messages: str) -> None:
     """Silence Lightning's start-up notes (GPU/TPU availability, the seed, a logger tip, "max_steps
     reached"), which mean nothing to a dictlearn user and break its progress display; its warnings
-    still show, except torch 2.13's pytree deprecation raised inside Lightning and the warning
-    `messages` (regular expressions) a caller names."""
+    still show, except torch 2.13's pytree deprecation raised inside Lightning, the note that an
+    epoch (one pass over a small file) has fewer batches than the logging interval (dictlearn logs
+    by global step across epochs, so no row is lost), and the warning `messages` (regular
+    expressions) a caller names."""
     import logging
     import warnings
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (".*LeafSpec.*", *messages):
+    for message in (".*LeafSpec.*", ".*smaller than the logging interval", *messages):
         warnings.filterwarnings("ignore", message=message)
 
 

@@ -287,9 +287,7 @@ def main(argv: list[str]) -> int:
     """`argv` = [subcommand, flags...] -> exit code."""
     argv = resolve_configs(argv)
     check_command_line(argv)
-    # Lightning warns when an epoch has fewer batches than log_every_n_steps; dictlearn logs by
-    # global step across epochs, so a small file loses no log rows.
-    quiet_lightning(".*smaller than the logging interval")
+    quiet_lightning()
     guard = RunGuard()
     parser_kwargs = {cmd: {"default_config_files": [str(BASE_RECIPE)]} for cmd in LIGHTNING_COMMANDS}
     parser_kwargs["fit"]["description"] = FIT_DESCRIPTION

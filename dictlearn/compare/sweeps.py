@@ -51,11 +51,8 @@ def _rank() -> int:
 
 
 # Warnings a comparison's own checkpoint loading and log folders raise on every resume.
-# Lightning's notes on resuming into a run folder, and on an epoch (one pass over a small file)
-# shorter than the logging interval: dictlearn logs by global step across epochs, so no row is lost
-_LIGHTNING_NOTES = (".*weights_only.*", ".*does not have many workers.*",
-                    ".*Checkpoint directory .* exists and is not empty.*", ".*Experiment logs directory.*",
-                    ".*smaller than the logging interval")
+_RESUME_WARNINGS = (".*weights_only.*", ".*does not have many workers.*",
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*Experiment logs directory.*")
 
 
 def _check_stop(stop: threading.Event) -> None:
@@ -113,7 +110,7 @@ def _fit(config: CompareConfig, source: Source, group: list[Planned], folder: Pa
     """Train `group` into `folder` (resuming its checkpoints) on `data` (None: `sweep_data`) through
     the one training path (`dictlearn.training.fit`); each member exported to `exports/<name>` at the
     end (None: not exported). `extra_callbacks`: added to the Trainer's."""
-    quiet_lightning(*_LIGHTNING_NOTES)
+    quiet_lightning(*_RESUME_WARNINGS)
     steps = config.steps
     members = {}
     for p in group:
