@@ -75,6 +75,19 @@ def test_largest_selects_as_torch_topk_with_nan_as_largest(dtype):
     assert 5 in got[7].tolist()
 
 
+@pytest.mark.parametrize("case", ["distinct", "ties"])
+def test_largest_paths_pick_k_per_row(case):
+    """Distinct values: each row's k-th value bounds its k largest (ascending columns); a tie at
+    some row's k-th value (more than k at or above it) falls back to argpartition, still k."""
+    pre = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    if case == "ties":
+        pre = pre.round(decimals=1)
+    got = _largest(pre, 16)
+    assert got.shape == (64, 16) and all(row.unique().numel() == 16 for row in got)
+    assert torch.equal(pre.gather(1, got).sort(-1).values, pre.topk(16, dim=-1).values.sort(-1).values)
+    assert torch.equal(got, got.sort(-1).values) == (case == "distinct")
+
+
 @pytest.mark.parametrize("case", ["distinct", "ties", "sample_misses"])
 def test_flat_topk_indices_paths_are_exact_and_ascending(case):
     """Every path of the batch-wide selection returns the k largest, ascending: the sampled bound
