@@ -49,10 +49,16 @@ def _number(line: dict, key: str) -> float | None:
 
 
 def minimum(l0s: list[float], values: list[float]) -> tuple[float | None, str | None]:
-    """Points sorted by L0 -> (the L0 of the minimum refined in log L0, None) when it is inside,
-    (None, "smallest" | "largest") when it lies at an end, (None, "too few") below 3 points."""
+    """Points (measured L0, proxy) -> (the L0 of the minimum refined in log L0, None) when it is
+    inside, (None, "smallest" | "largest") when it lies at the smallest or largest L0, (None, "too
+    few") below 3 points. The points are taken in order of their L0, not of their targets: a
+    calibrated JumpReLU can measure L0s out of its targets' order (on ground truth, targets past
+    the true L0 landed below it; docs/metrics.md), and the parabola's neighbours must be neighbours
+    in L0 (in target order its vertex was clamped onto the wrong one)."""
     if len(values) < 3:
         return None, "too few"
+    order = sorted(range(len(l0s)), key=l0s.__getitem__)  # stable: TopK's and BatchTopK's order unchanged
+    l0s, values = [l0s[i] for i in order], [values[i] for i in order]
     i = min(range(len(values)), key=values.__getitem__)
     if i == 0:
         return None, "smallest"
@@ -146,14 +152,14 @@ def left_out(reading: dict, l0: list[float]) -> str | None:
     """Why a reading at n takes no part in the agreement, or None: n is not above the L0 it points
     at — its indicated L0, or, unbracketed, the measured L0 of the end target where its minimum
     lies. Below that n the n-th largest projection of a row is an active latent's (l0: the seed-mean
-    measured L0 per target, smallest first)."""
+    measured L0 per target; the end is its smallest or largest, as `minimum` orders the points)."""
     n, edge = reading.get("n"), reading.get("proxy_lowest_at")
     if not isinstance(n, int) or isinstance(n, bool):
         return None
     if reading["indicated_l0"] is not None:
         bound, what = reading["indicated_l0"], "its indicated L0"
     elif edge in ("smallest", "largest") and l0:
-        bound, what = (l0[0], "the smallest target's L0") if edge == "smallest" else (l0[-1], "the largest target's L0")
+        bound, what = (min(l0), "the smallest target's L0") if edge == "smallest" else (max(l0), "the largest target's L0")
     else:
         return None
     return f"n = {n} is not above {what} ({bound:.3g})" if n <= bound else None

@@ -130,7 +130,7 @@ def sentence(record: dict) -> str:
     if record["indicated_l0"] is None:
         if record["proxy_lowest_at"] == "too few":
             return f"**{name}**: fewer than 3 L0 targets; the proxy cannot locate an L0."
-        end = targets[0] if record["proxy_lowest_at"] == "smallest" else targets[-1]
+        end = _end_target(record, record["proxy_lowest_at"])
         beyond = "below" if record["proxy_lowest_at"] == "smallest" else "past"
         return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
                 f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it (that needs "
@@ -161,12 +161,22 @@ def _width_clause(record: dict) -> str:
             "can write any row exactly, so read it as no sparse L0 found below d_in, not as an L0 to train at.")
 
 
-def _reading_text(reading: dict, targets: list) -> str:
+def _end_target(record: dict, edge: str) -> float:
+    """The target of the smallest or largest seed-mean measured L0: the end where a minimum lies
+    (indicated_l0.minimum orders the points by measured L0; a calibrated JumpReLU's need not follow
+    its targets' order)."""
+    measured = [(l0, t) for l0, t in zip(record.get("measured_l0") or [], record["scanned_l0"]) if l0 is not None]
+    if not measured:
+        return record["scanned_l0"][0 if edge == "smallest" else -1]
+    return (min(measured) if edge == "smallest" else max(measured))[1]
+
+
+def _reading_text(reading: dict, record: dict) -> str:
     if reading["indicated_l0"] is not None:
         return f"L0 ≈ {reading['indicated_l0']:.3g}"
     edge = reading["proxy_lowest_at"]
     if edge in ("smallest", "largest"):
-        return f"the {edge} target ({(targets[0] if edge == 'smallest' else targets[-1]):g})"
+        return f"the {edge} target ({_end_target(record, edge):g})"
     return "no L0 (fewer than 3 targets)"
 
 
@@ -179,7 +189,7 @@ def _agreement_clause(record: dict) -> str:
         return ""
     readings = record["by_n"]
     ns = ", ".join(f"{r['n_of_d_sae']}" + (f" = {r['n']}" if r["n"] is not None else "") for r in readings)
-    *first, last = [_reading_text(r, record["scanned_l0"]) for r in readings]
+    *first, last = [_reading_text(r, record) for r in readings]
     found = f" Read at n = {ns}, the proxy is lowest at {', '.join(first)} and {last} respectively"
     dropped = [r["n_of_d_sae"] for r in readings if r.get("left_out")]
     points = "it points" if len(dropped) == 1 else "they point"
@@ -195,7 +205,7 @@ def _agreement_clause(record: dict) -> str:
     if verdict == "unbracketed" and record["indicated_l0"] is None and not dropped:
         # d_sae/4 already does not locate it (the sentence says so): only what the other n add
         others = [r for r in readings if r["n_of_d_sae"] != "d_sae/4"]
-        texts = [_reading_text(r, record["scanned_l0"]) for r in others]
+        texts = [_reading_text(r, record) for r in others]
         if texts and all(r["indicated_l0"] is None and r["proxy_lowest_at"] == record["proxy_lowest_at"]
                          for r in others):
             return f" The same at n = {' and '.join(r['n_of_d_sae'] for r in others)}."

@@ -56,6 +56,18 @@ def test_minimum_is_the_parabola_vertex_in_log_l0():
     assert minimum([4.0, 8.0], [1.0, 2.0]) == (None, "too few")
 
 
+def test_minimum_orders_the_points_by_measured_l0_not_by_target():
+    """A calibrated JumpReLU measured L0s out of its targets' order on ground truth (targets 20, 25
+    at 15.6, 12.5; docs/metrics.md): the parabola's neighbours are the point's neighbours in L0.
+    In target order the neighbours of 16 would be 10 and 12, and the vertex clamped onto 12."""
+    l0s = [8.0, 10.0, 16.0, 12.0, 20.0]  # in target order
+    value, edge = minimum(l0s, [(math.log(v) - math.log(14.0)) ** 2 for v in l0s])
+    assert edge is None and value == pytest.approx(14.0, rel=1e-9)
+    assert minimum([8.0, 20.0, 12.0], [3.0, 1.0, 2.0]) == (None, "largest")  # lowest at the largest L0, not target
+    assert left_out({"n": 16, "indicated_l0": None, "proxy_lowest_at": "largest"}, [8.0, 20.0, 12.0]) == (
+        "n = 16 is not above the largest target's L0 (20)")
+
+
 def test_indicated_l0_its_seed_interval_and_the_targets_positions(tmp_path):
     found = {r["architecture"]: r for r in indicated(_lines())}
     topk = found["topk"]
