@@ -33,6 +33,7 @@ does not need, at a cost the slow CI cannot spare for 28 dictionaries.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -41,14 +42,16 @@ from dictlearn import TopKSAE
 from dictlearn.analysis.indicated_l0 import indicated, minimum
 from dictlearn.data.synth import synthesize
 from dictlearn.dictionaries.batchtopk import BatchTopKSAE
+from dictlearn.dictionaries.jumprelu import JumpReLUSAE
 from dictlearn.dictionaries.latents import TrainingStep
 from dictlearn.metrics.decoder_projection import NthDecoderProjection
+from dictlearn.training.calibration import SparsityCalibration, calibration_start
 from dictlearn.training.initialise import scale_to_data
 
 SETTING = dict(zipf_exponent=0.5, correlation=0.8, magnitude="lognormal")
 WIDTHS = {6: dict(d=48, n_features=32), 16: dict(d=64, n_features=64)}  # true L0 -> data shape
 GRID = {6: (3, 4, 5, 6, 8, 10, 12), 16: (8, 10, 13, 16, 20, 25, 32)}  # k, about x1.25 around the truth
-ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
 STEPS, BATCH, LR = 1000, 256, 3e-3
 
 
@@ -99,19 +102,56 @@ def authors_rows(seed: int = 0, rows: int = 68_192) -> torch.Tensor:
     return ((fires * magnitude) @ directions).float()
 
 
-def train(architecture: str, k: int, data: torch.Tensor, d_sae: int, seed: int = 0):
-    """data: [rows, d] -> a TopK or BatchTopK SAE of d_sae latents."""
-    extra = {"threshold_start_step": STEPS // 5} if architecture == "batchtopk" else {}  # compare's short run
-    model = ARCHITECTURES[architecture](d_in=data.shape[1], d_sae=d_sae, k=k, **extra)
+class _Loop:
+    """What `SparsityCalibration` reads of Lightning's trainer and module, for a plain loop of one
+    member: the run's steps, the steps taken, the member and its last step's training L0."""
+
+    world_size = 1
+
+    def __init__(self, member):
+        self.members, self.max_steps, self.global_step, self.last_step_l0 = {"member": member}, STEPS, 0, {}
+
+
+def _initialised(architecture: str, k: int, data: torch.Tensor, d_sae: int, seed: int, generator):
+    """-> the SAE at its data-dependent start. TopK / BatchTopK: raw units, b_dec at the data mean.
+    JumpReLU as `dictlearn compare` starts it: its short-run arguments (`Mechanism.short_run`), data
+    scaled to E‖x‖ = sqrt(d) (its ε and θ are in those units), b_dec 0 (its `b_dec_init`), the
+    encoder scaled to the data, then every θ where L0 is 1.25 × k (training/calibration.py)."""
+    if architecture == "jumprelu":
+        model = JumpReLUSAE(d_in=data.shape[1], d_sae=d_sae, **JumpReLUSAE.mechanism.short_run)
+    else:
+        extra = {"threshold_start_step": STEPS // 5} if architecture == "batchtopk" else {}  # compare's short run
+        model = ARCHITECTURES[architecture](d_in=data.shape[1], d_sae=d_sae, k=k, **extra)
     model.reset_parameters(seed)
-    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sample = data[torch.randint(0, len(data), (4096,), generator=generator)]
-        model.b_dec.copy_(sample.mean(0))
+        if architecture == "jumprelu":
+            model.input_scale.fill_(data.shape[1] ** 0.5 / float(sample.norm(dim=1).mean()))
+            model.target_scale.copy_(model.input_scale)
+            sample = sample * model.input_scale
+        else:
+            model.b_dec.copy_(sample.mean(0))
         scale_to_data(model, sample, sample)
+        if architecture == "jumprelu":
+            model.start_at_l0(sample, calibration_start(model) * k)
+    return model
+
+
+def train(architecture: str, k: int, data: torch.Tensor, d_sae: int, seed: int = 0):
+    """data: [rows, d] -> an SAE of d_sae latents: TopK or BatchTopK at k, or JumpReLU with its
+    L0 coefficient steered towards an L0 of k by compare's controller (`SparsityCalibration`, from
+    5 % to 80 % of the steps, then frozen); its measured L0 is not k."""
+    generator = torch.Generator().manual_seed(seed)
+    model = _initialised(architecture, k, data, d_sae, seed, generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    loop, calibration = _Loop(model), None
+    if architecture == "jumprelu":
+        calibration = SparsityCalibration({"member": k})
+        calibration.log_coefficient["member"] = math.log(model.l0_coefficient)  # compare's start, no warm-up
     for step in range(STEPS):
-        x = data[torch.randint(0, len(data), (BATCH,), generator=generator)]
+        x = data[torch.randint(0, len(data), (BATCH,), generator=generator)] * model.input_scale
+        if calibration is not None:
+            calibration.on_train_batch_start(loop, loop, None, step)
         # no latent is declared dead within 256,000 tokens (the 10M-token window): no AuxK term
         result = model.training_losses(x, x, TrainingStep(step=step))
         optimizer.zero_grad()
@@ -121,6 +161,9 @@ def train(architecture: str, k: int, data: torch.Tensor, d_sae: int, seed: int =
         model.constrain_parameters()
         for group in optimizer.param_groups:  # constant, then linear decay to 0 over the last 30 %
             group["lr"] = LR * min(1.0, (STEPS - step) / (0.3 * STEPS))
+        if calibration is not None:
+            loop.global_step, loop.last_step_l0["member"] = step + 1, result.fire_counts.sum() / BATCH
+            calibration.on_train_batch_end(loop, loop, None, None, step)
     return model.eval()
 
 
