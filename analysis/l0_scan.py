@@ -15,6 +15,7 @@ across n).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -136,8 +137,7 @@ def sentence(record: dict) -> str:
                 f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it (that needs "
                 f"targets {beyond} {end:g}: your own `--l0` list with `l0_scan: true`, docs/compare.md)."
                 + _agreement_clause(record) + _probe_clause(record) + _n_clause(record) + _dead_clause(record))
-    low, high = record["interval"]
-    interval = f"{'≤' if low is None else f'{low:.3g}'}–{'≥' if high is None else f'{high:.3g}'}"
+    interval = interval_text(*record["interval"])
     groups: dict[str, list] = {"below": [], "around": [], "above": []}
     for target in targets:
         side = position(target, record)
@@ -149,6 +149,23 @@ def sentence(record: dict) -> str:
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
     return (text + _width_clause(record) + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record)
             + _n_clause(record) + _dead_clause(record))
+
+
+def interval_text(low: float | None, high: float | None) -> str:
+    """A seed range as the report writes it: 3 significant figures, or, where the range is
+    narrower than their last digit, the decimals that show it to one significant figure
+    (136.5–136.9, never 137–137, which reads as no spread, nor 136–137); one value where the ends
+    are equal (one seed, or seeds alike); an open side (a seed's minimum at an end of the scan)
+    as ≤ or ≥."""
+    if low is None or high is None:
+        return f"{'≤' if low is None else f'{low:.3g}'}–{'≥' if high is None else f'{high:.3g}'}"
+    spread, size = abs(high - low), max(abs(low), abs(high))
+    if spread == 0:
+        return f"{low:.3g}"
+    if size == 0 or spread >= 10 ** (math.floor(math.log10(size)) - 2):  # the 3rd figure's unit
+        return f"{low:.3g}–{high:.3g}"
+    decimals = min(9, -math.floor(math.log10(spread)))
+    return f"{low:.{decimals}f}–{high:.{decimals}f}"
 
 
 def _width_clause(record: dict) -> str:

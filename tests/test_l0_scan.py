@@ -135,6 +135,22 @@ def test_report_sentences_and_figure(tmp_path):
     assert len(l0_scan.plot(older, l0_scan.records(older)).axes) == 1
 
 
+def test_a_tight_seed_range_prints_with_the_digits_that_tell_its_ends_apart(tmp_path):
+    """136.5 and 136.9 both print as 137 at 3 significant figures: "137–137" would say the seeds
+    agree exactly. (The embedded model's d_sae 2048 scan read a range this tight, docs/compare.md.)"""
+    assert l0_scan.interval_text(136.6, 136.9) == "136.6–136.9"  # at 3 figures: "137–137"
+    assert l0_scan.interval_text(136.5, 136.9) == "136.5–136.9"  # at 3 figures: "136–137" (136.5 rounds to even)
+    assert l0_scan.interval_text(136.52, 136.58) == "136.52–136.58"
+    assert l0_scan.interval_text(9.0, 11.0) == "9–11" and l0_scan.interval_text(5.4, 5.6) == "5.4–5.6"
+    assert l0_scan.interval_text(136.7, 136.7) == "137"  # one seed, or seeds alike: one value
+    assert l0_scan.interval_text(None, 11.0) == "≤–11" and l0_scan.interval_text(9.0, None) == "9–≥"
+    tight = [_line("batchtopk", t, seed, _bowl(t, centre)) for seed, centre in enumerate((136.5, 136.7, 136.9))
+             for t in (64, 91, 128, 181, 256)]  # exact parabolas: each seed's vertex at its centre
+    record, = l0_scan.records(from_records(tight, str(tmp_path / "results.jsonl")))
+    assert record["interval"] == pytest.approx([136.5, 136.9], rel=1e-9)
+    assert "L0 ≈ 137 (seeds' range 136.5–136.9, 3 seeds)" in l0_scan.sentence(record)
+
+
 def test_many_dead_latents_are_named_beside_the_reading(tmp_path):
     # dead latents' decoder rows enter s_n^dec like live ones: the sentence gives the seed-mean
     # dead fraction where it is largest and smallest once any target is above 10 %
