@@ -21,10 +21,13 @@ dictionaries: n = d_sae/8 lies below the true L0 and is left out; at d_sae/2 Bat
 lowest at the smallest k, so the check stays "unbracketed" where d_sae/4 reads the truth. And the
 authors' own toy data rebuilt (`authors_rows`: 50 features in d = 100, firing correlated across
 70 % of the pairs, true mean L0 10.95), BatchTopK at d_sae 50: d_sae/4 within ±25 % (11.3), and at
-d_sae/2 a floor past the truth instead of a minimum (docs/metrics.md, "At three n").
+d_sae/2 a floor past the truth instead of a minimum (docs/metrics.md, "At three n"). JumpReLU on
+the authors' data is an xfail: its seed-0 reading is 22.6 (below, and docs/metrics.md, "JumpReLU on
+ground truth").
 
-Training: dictlearn's own TopKSAE / BatchTopKSAE and their training step (`training_losses`, the
-decoder constraints; no AuxK is needed this early) in a plain Adam loop, 1,000 steps of 256 rows
+Training: dictlearn's own TopKSAE / BatchTopKSAE / JumpReLUSAE and their training step
+(`training_losses`, the decoder constraints; no AuxK is needed this early; JumpReLU's coefficient
+steered by compare's `SparsityCalibration`) in a plain Adam loop, 1,000 steps of 256 rows
 (300 were too few at true L0 16: FVU 0.22 at k = 16 and the proxy rising with k), b_dec at the data
 mean, the LR decayed over the last 30 % — the LightningModule adds logging and schedules this test
 does not need, at a cost the slow CI cannot spare for 28 dictionaries.
@@ -281,3 +284,25 @@ def test_on_the_authors_toy_data(one_thread):
     below = [v for v, l0 in zip(half["values"], record["measured_l0"]) if l0 < 0.9 * AUTHORS_L0]
     above = [v for v, l0 in zip(half["values"], record["measured_l0"]) if l0 >= 0.9 * AUTHORS_L0]
     assert max(abs(v) for v in above) < 0.5 * min(below)  # the floor: below the truth hedging shows, above it not
+
+
+# JumpReLU, trained towards each k of the grid by compare's controller, on seed 0 of the authors'
+# data: the measured L0 stops following the target at the truth (targets 14 and 18 land at 12.0 and
+# 11.8: the controller can only lower L0, and once the features are found nothing raises it), and
+# target 22 trains dense (L0 49.9 of 50: 1.25 x 22 is above d_sae/2, so the start's θ is clamped at
+# 0.001, and log θ moves ~lr per step). The proxy is lowest at the top of the pile (12.0), and the
+# parabola through it and the dense point puts the vertex at 22.6; seeds 1, 2: 24.0, 10.3; the seed
+# means read 11.2 at d_sae/4 and d_sae/2, "agree" (docs/metrics.md, "JumpReLU on ground truth")
+JUMPRELU_MISS = pytest.mark.xfail(strict=False, reason=(
+    "seed 0 reads 22.6 against 10.95: the vertex runs from the top of the measured-L0 pile (12.0) toward the "
+    "dense dictionary at target 22 (L0 49.9); passes when it reads within 8.2-13.7 (docs/metrics.md)"))
+
+
+@pytest.mark.slow
+@JUMPRELU_MISS
+def test_jumprelu_on_the_authors_toy_data(one_thread):
+    record = three_n_record("jumprelu", "authors")
+    quarter = record["by_n"][1]
+    print(f"JumpReLU, authors' data: measured L0 {[round(v, 2) for v in record['measured_l0']]}, "
+          f"{[(r['n'], r['indicated_l0'], r['proxy_lowest_at']) for r in record['by_n']]}")
+    assert quarter["indicated_l0"] is not None and abs(quarter["indicated_l0"] - AUTHORS_L0) <= 0.25 * AUTHORS_L0
