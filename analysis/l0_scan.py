@@ -136,7 +136,8 @@ def sentence(record: dict) -> str:
         return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
                 f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it (that needs "
                 f"targets {beyond} {end:g}: your own `--l0` list with `l0_scan: true`, docs/compare.md)."
-                + _agreement_clause(record) + _probe_clause(record) + _n_clause(record) + _dead_clause(record))
+                + _agreement_clause(record) + _probe_clause(record) + _n_clause(record) + _dead_clause(record)
+                + _unfollowed_clause(record))
     interval = interval_text(*record["interval"])
     groups: dict[str, list] = {"below": [], "around": [], "above": []}
     for target in targets:
@@ -148,7 +149,7 @@ def sentence(record: dict) -> str:
     text = (f"**{name}**: the proxy{at} is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
     return (text + _width_clause(record) + _agreement_clause(record) + _topk_clause(record) + _probe_clause(record)
-            + _n_clause(record) + _dead_clause(record))
+            + _n_clause(record) + _dead_clause(record) + _unfollowed_clause(record))
 
 
 def interval_text(low: float | None, high: float | None) -> str:
@@ -270,6 +271,25 @@ def _dead_clause(record: dict) -> str:
     return (f" Caution: {most:.0%} of its latents are dead at target {at_most:g} and {least:.0%} at {at_least:g} "
             "(seed means); the proxy reads dead latents' decoder rows like live ones, so this curve follows "
             "the dead fraction as well as L0.")
+
+
+UNFOLLOWED = 0.25  # a seed-mean measured L0 this far (relative) from its target: the target was not held
+
+
+def _unfollowed_clause(record: dict) -> str:
+    """Targets whose seed-mean measured L0 lies more than 25 % from them (a calibrated architecture,
+    JumpReLU, not held there). On synthetic ground truth JumpReLU's targets above the data's L0
+    landed at it or trained dense, and the proxy's minimum then marked where L0 stopped following
+    the target, not mixing read past the truth (docs/metrics.md, "JumpReLU on ground truth")."""
+    missed = [(t, l0) for t, l0 in zip(record["scanned_l0"], record.get("measured_l0") or [])
+              if l0 is not None and abs(l0 - t) > UNFOLLOWED * t]
+    if not missed:
+        return ""
+    items = ", ".join(f"{l0:.3g} for {t:g}" for t, l0 in missed)
+    return (f" Caution: its measured L0 (seed means) is more than {UNFOLLOWED:.0%} off target at {items}; the rule "
+            "reads the measured L0, and on synthetic ground truth JumpReLU's targets above the data's L0 landed at it "
+            "(or trained dense, L0 near d_sae), so its minimum marked where L0 stopped following the target rather "
+            "than mixing read past it (docs/metrics.md, \"JumpReLU on ground truth\").")
 
 
 def _probe_clause(record: dict) -> str:

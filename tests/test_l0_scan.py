@@ -151,6 +151,17 @@ def test_a_tight_seed_range_prints_with_the_digits_that_tell_its_ends_apart(tmp_
     assert "L0 ≈ 137 (seeds' range 136.5–136.9, 3 seeds)" in l0_scan.sentence(record)
 
 
+def test_targets_the_measured_l0_did_not_follow_are_named(tmp_path):
+    """JumpReLU on ground truth: targets above the true L0 landed at it or trained dense (measured
+    L0 15.6 for 20, 63.9 for 32 at true L0 16; docs/metrics.md). Off by more than 25 %: named."""
+    measured = {8: 8.1, 10: 10.1, 13: 12.8, 16: 15.2, 20: 15.6, 25: 12.5, 32: 63.9}  # seed 0 there
+    lines = [dict(_line("jumprelu", t, 0, _bowl(l0, 15.0)), l0=l0, d_sae=64) for t, l0 in measured.items()]
+    record, = l0_scan.records(from_records(lines, str(tmp_path / "results.jsonl")))
+    assert "more than 25% off target at 12.5 for 25, 63.9 for 32;" in l0_scan.sentence(record)
+    topk = [r for r in l0_scan.records(from_records(_lines(), str(tmp_path / "all.jsonl")))]
+    assert not any("off target" in l0_scan.sentence(r) for r in topk)
+
+
 def test_many_dead_latents_are_named_beside_the_reading(tmp_path):
     # dead latents' decoder rows enter s_n^dec like live ones: the sentence gives the seed-mean
     # dead fraction where it is largest and smallest once any target is above 10 %
