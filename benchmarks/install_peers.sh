@@ -26,6 +26,11 @@ pip install python-socketio
 # rules out; nnsight is imported by its nnsight backend only, and the TransformerLens backend used
 # here needs transformer-lens (installed with sae-lens), einops, safetensors and PyYAML.
 pip install --no-deps circuit-tracer==0.5.0
+# circuit-tracer 0.5 imports names that huggingface_hub >= 1 removed and asks for transformers <=
+# 4.57.3; the registry's newest sae-lens resolves to transformer-lens 3 (transformers >= 5). Pin the
+# older line all of them accept (found 2026-12-07); transformer-lens 2 holds numpy < 2, which the
+# newest pyarrow (through datasets) refuses, so pyarrow too.
+pip install "transformers>=4.56,<=4.57.3" "huggingface_hub<1.0" "transformer-lens>=2.16,<3" "pyarrow<20"
 
 "$venv/bin/python" - <<'EOF'
 import importlib.metadata as metadata

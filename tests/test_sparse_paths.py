@@ -291,6 +291,10 @@ def test_auto_selects_the_sparse_path_for_small_fixed_l0_on_large_dictionaries()
     assert tries(d_sae=4096, k=32)
     assert not tries(d_sae=4096, k=int(4096 * cutoff) + 1)
     assert not tries(d_sae=TopKSAE.sparse_min_latents // 2, k=1)  # small: dense is cheap
+    narrow = TopKSAE.sparse_narrow_latents  # up to here the wider cutoff
+    assert tries(d_sae=narrow, k=int(narrow * TopKSAE.sparse_cutoff_narrow))
+    assert not tries(d_sae=narrow, k=int(narrow * TopKSAE.sparse_cutoff_narrow) + 1)
+    assert not tries(d_sae=2 * narrow, k=int(2 * narrow * cutoff) + 1)
     assert not tries(d_sae=4096, k=32, sparse_path="never") and tries(d_sae=64, k=32, sparse_path="always")
     with pytest.raises(ConfigError, match=r"--training\.sparse_path"):
         DictionaryTraining(TopKSAE(d_in=8, d_sae=64), TrainingConfig(sparse_path="sometimes"))

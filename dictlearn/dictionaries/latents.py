@@ -244,7 +244,7 @@ def training_latents(model, x: Tensor, sparse_path: str = "auto"):
         return _dense(model, x)
     with torch.no_grad():
         pre = model.pre_acts(x)
-    max_density = None if sparse_path == "always" else model.sparse_cutoff
+    max_density = None if sparse_path == "always" else sparse_cutoff(model)
     selection = model.select(pre, training=True)
     support = selection.support(pre.shape[0], model.d_sae, max_density)
     if support is None:  # a per-batch mechanism found this batch too dense: dense, reusing `pre` and its selection
@@ -280,4 +280,10 @@ def _tries_sparse_path(model, sparse_path: str) -> bool:
     if tensor_cores and not model.sparse_beats_tensor_cores:
         return False
     l0 = model.sparse_l0()  # None: decided per batch from the selection's density
-    return l0 is None or l0 / model.d_sae <= model.sparse_cutoff
+    return l0 is None or l0 / model.d_sae <= sparse_cutoff(model)
+
+
+def sparse_cutoff(model) -> float:
+    """The active fraction up to which `auto` takes the sparse path: wider where d_sae is small
+    (up to `sparse_narrow_latents`), whose dense GEMMs gain little from a second thread."""
+    return model.sparse_cutoff_narrow if model.d_sae <= model.sparse_narrow_latents else model.sparse_cutoff

@@ -41,13 +41,17 @@ class Dictionary(RecordsArguments):
     #: every latent is >= 0 (true of ReLU, TopK-ReLU, JumpReLU, gated); lets L1 skip an abs pass
     nonnegative_latents: bool = True
     # What `training_latents` (latents.py) reads to choose the sparse or the dense path, measured
-    # in docs/performance.md: the active fraction below which the sparse path is faster (one
-    # thread: beyond 12 %; two threads, d_sae 4096: 6-10 %), the width below which the dense step is
-    # cheap anyway (d_sae 512 at one thread: sparse 1.2-3x faster), and whether the sparse path
+    # in docs/performance.md: the active fraction below which the sparse path is faster (two
+    # threads, d_sae 4096: 6-10 %; up to d_sae 1024, where the dense GEMMs are small, past 15 % at
+    # one and two threads), the width below which the dense step is cheap anyway (d_sae 256: the
+    # sparse step still 0.4-0.8x the dense one, 128: about even), and whether the sparse path
     # still wins on a GPU under bf16/fp16 autocast (H100: not for TopK, BatchTopK, ReLU-L1; yes for
-    # gated, JumpReLU).
+    # gated, JumpReLU). The rule depends on shapes only, never on the thread count, so a
+    # dictionary trains the same whatever process runs it (`dictlearn compare --workers N`).
     sparse_cutoff: float = 0.1
-    sparse_min_latents: int = 512
+    sparse_cutoff_narrow: float = 0.15
+    sparse_narrow_latents: int = 1024
+    sparse_min_latents: int = 256
     sparse_beats_tensor_cores: bool = False
 
     def __init__(self, d_in: int = 0, d_sae: int = 4096, d_out: int | None = None, transcoder: bool = False,
