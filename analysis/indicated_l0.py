@@ -199,15 +199,28 @@ def _per_seed(by_target: dict[float, list[dict]], targets: list, key: str = PROX
     return out
 
 
+def measured(target: float, record: dict) -> float:
+    """The seed-mean measured L0 of a scanned target (the record's `measured_l0`); the value itself
+    where it is no scanned target or none was measured."""
+    for scanned, l0 in zip(record["scanned_l0"], record.get("measured_l0") or ()):
+        if scanned == target and l0 is not None:
+            return l0
+    return target
+
+
 def position(target: float, record: dict) -> str | None:
-    """Where an L0 target lies against the indicated L0: "below", "around" (inside the seeds'
-    interval) or "above"; None when the scan does not bracket it or the interval is open on both
-    sides. An open side (null) is unbounded: no target lies beyond it."""
+    """Where an L0 target lies against the indicated L0, placed by what it measured (`measured`):
+    "below", "around" (inside the seeds' interval) or "above"; None when the scan does not bracket
+    it or the interval is open on both sides. An open side (null) is unbounded: no target lies
+    beyond it. By measured L0, not by name: a calibrated mechanism (JumpReLU, ReLU-L1, gated) can
+    miss its target, and the indicated L0 is a measured L0 (on ground truth JumpReLU's target 25
+    measured 12.5, below a truth of 16; docs/metrics.md)."""
     low, high = record["interval"]
     if record["indicated_l0"] is None or (low is None and high is None):
         return None
-    if low is not None and target < low:
+    l0 = measured(target, record)
+    if low is not None and l0 < low:
         return "below"
-    if high is not None and target > high:
+    if high is not None and l0 > high:
         return "above"
     return "around"

@@ -8,7 +8,8 @@ seeds and the dashed line the indicated L0 (analysis/indicated_l0.py: the minimu
 curve, refined in log L0). Last panel: sparse-probe ROC-AUC (k = 16, else k = 1) against L0 with
 the d_sae/4 bands, so the reader sees whether the proxy's L0 and the probes' peak agree on this
 model. The report's sentences (`summary_blocks`) say, per architecture, where the compared L0
-targets lie against the indicated L0, or plainly that the run does not bracket it, and whether the
+targets lie against the indicated L0 (placed by their seed-mean measured L0, which a calibrated
+mechanism need not hold at its target; both are named where they differ by more than 25 %), or plainly that the run does not bracket it, and whether the
 readings at the n above the L0 they point at agree (where they do not, the reading is not confirmed
 across n).
 """
@@ -28,7 +29,7 @@ from matplotlib.figure import Figure
 
 from dictlearn.analysis.style import (DPI, WIDTH_IN, Drawn, architecture_style, legend_outside, save, series_order,
                                       share_x_label, styled)
-from dictlearn.analysis.indicated_l0 import PROXY, PROXY_BY_N, indicated, position
+from dictlearn.analysis.indicated_l0 import PROXY, PROXY_BY_N, indicated, measured, position
 from dictlearn.analysis.summary import DEAD_THRESHOLD
 
 STEM = "l0_scan"
@@ -118,8 +119,27 @@ def draw(lines: list[dict], out_dir: Path, notes: list[str], site: tuple[str, st
 
 
 # ----------------------------------------------------------------------------- the report's words
-def _targets(values: list) -> str:
-    return ", ".join(f"{v:g}" for v in values)
+UNFOLLOWED = 0.25  # a seed-mean measured L0 this far (relative) from its target: the target was not held
+
+
+def _missed(target: float, record: dict) -> float | None:
+    """The target's seed-mean measured L0 where it lies more than `UNFOLLOWED` from it, else None."""
+    l0 = measured(target, record)
+    return l0 if abs(l0 - target) > UNFOLLOWED * target else None
+
+
+def target_text(target: float, record: dict, inside: bool = False) -> str:
+    """A target as a sentence that places it names it: its value, with its seed-mean measured L0
+    beside it where that lies more than 25 % away, "12 (measured 6.6)" (inside parentheses:
+    "12, measured 6.6"). The report places what was measured (`indicated_l0.position`)."""
+    l0 = _missed(target, record)
+    if l0 is None:
+        return f"{target:g}"
+    return f"{target:g}, measured {l0:.3g}" if inside else f"{target:g} (measured {l0:.3g})"
+
+
+def _targets(values: list, record: dict) -> str:
+    return ", ".join(target_text(v, record) for v in values)
 
 
 def sentence(record: dict) -> str:
@@ -133,7 +153,8 @@ def sentence(record: dict) -> str:
             return f"**{name}**: fewer than 3 L0 targets; the proxy cannot locate an L0."
         end = _end_target(record, record["proxy_lowest_at"])
         beyond = "below" if record["proxy_lowest_at"] == "smallest" else "past"
-        return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target ({end:g}); the "
+        return (f"**{name}**: the proxy is lowest at the {record['proxy_lowest_at']} L0 target "
+                f"({target_text(end, record, inside=True)}); the "
                 f"targets ({span}) **do not bracket** the indicated L0, so this run does not locate it (that needs "
                 f"targets {beyond} {end:g}: your own `--l0` list with `l0_scan: true`, docs/compare.md)."
                 + _agreement_clause(record) + _probe_clause(record) + _n_clause(record) + _dead_clause(record)
@@ -144,7 +165,8 @@ def sentence(record: dict) -> str:
         side = position(target, record)
         if side is not None:
             groups[side].append(target)
-    where = "; ".join(f"{_targets(v)} {'lie' if len(v) > 1 else 'lies'} {k} it" for k, v in groups.items() if v)
+    where = "; ".join(f"{_targets(v, record)} {'lie' if len(v) > 1 else 'lies'} {k} it"
+                      for k, v in groups.items() if v)
     at = " at n = d_sae/4" if len(record.get("by_n", ())) > 1 else ""
     text = (f"**{name}**: the proxy{at} is lowest at L0 ≈ {record['indicated_l0']:.3g} (seeds' range {interval}, "
             f"{len(record['per_seed'])} seeds); of the targets, {where}.")
@@ -194,7 +216,7 @@ def _reading_text(reading: dict, record: dict) -> str:
         return f"L0 ≈ {reading['indicated_l0']:.3g}"
     edge = reading["proxy_lowest_at"]
     if edge in ("smallest", "largest"):
-        return f"the {edge} target ({_end_target(record, edge):g})"
+        return f"the {edge} target ({target_text(_end_target(record, edge), record, inside=True)})"
     return "no L0 (fewer than 3 targets)"
 
 
@@ -250,10 +272,12 @@ def _topk_clause(record: dict) -> str:
 
 def _n_clause(record: dict) -> str:
     """The proxy reads latents that should stay silent only when n lies above the data's L0: above
-    the indicated L0, or, when the scan does not bracket it, above the largest target."""
+    the indicated L0, or, when the scan does not bracket it, above the largest L0 measured (a
+    calibrated target may have measured more or less than its name)."""
     n = record.get("nth_decoder_projection_n")
+    largest = max(measured(t, record) for t in record["scanned_l0"])
     bound, what = ((record["indicated_l0"], "the indicated L0") if record["indicated_l0"] is not None
-                   else (record["scanned_l0"][-1], "the largest target"))
+                   else (largest, "the largest measured L0"))
     if isinstance(n, int) and n <= bound:
         return (f" Caution: n = {n} is not above {what} ({bound:.3g}); a wider dictionary (n = d_sae / 4) "
                 "reads it better.")
@@ -272,8 +296,6 @@ def _dead_clause(record: dict) -> str:
             "(seed means); the proxy reads dead latents' decoder rows like live ones, so this curve follows "
             "the dead fraction as well as L0.")
 
-
-UNFOLLOWED = 0.25  # a seed-mean measured L0 this far (relative) from its target: the target was not held
 
 
 def _unfollowed_clause(record: dict) -> str:
@@ -300,9 +322,10 @@ def _probe_clause(record: dict) -> str:
             continue
         ranked = sorted(((m, t) for m, t in zip(record.get(key) or [], record["scanned_l0"]) if m is not None),
                         reverse=True)
-        text = f" Sparse-probe AUC (k = {k}) is highest at target {record[f'{key}_peak_l0']:g}"
+        text = f" Sparse-probe AUC (k = {k}) is highest at target {target_text(record[f'{key}_peak_l0'], record)}"
         if len(ranked) > 1:
-            text += f" (seed mean {ranked[0][0]:.3f}; next {ranked[1][0]:.3f} at {ranked[1][1]:g})"
+            text += (f" (seed mean {ranked[0][0]:.3f}; next {ranked[1][0]:.3f} at "
+                     f"{target_text(ranked[1][1], record, inside=True)})")
         return text + "."
     return ""
 

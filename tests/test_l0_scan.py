@@ -271,3 +271,31 @@ def test_a_narrow_dictionary_leaves_d_sae_eighth_out_of_the_check(tmp_path):
     drawn = from_records(lines, str(tmp_path / "results.jsonl"))
     panels = [ax.get_ylabel() for ax in l0_scan.plot(drawn, l0_scan.records(drawn)).axes]
     assert panels[0].endswith("n = d_sae/8 = 16 (left out)") and not panels[1].endswith("(left out)")
+
+
+def test_targets_are_placed_by_what_they_measured_not_by_their_names(tmp_path):
+    """A calibrated JumpReLU on ground truth: target 25 measured 12.5, below a reading of ~15
+    (docs/metrics.md). By its name it would lie above the indicated L0; the report places what was
+    measured, and names both where they differ by more than 25 %. Three seeds, exact parabolas in
+    log L0 centred at 14, 15, 16: each seed's vertex is its centre (its neighbours in measured L0
+    are 12.8, 15.2, 15.6), so the seeds' range is 14-16."""
+    measured = {8: 8.1, 10: 10.1, 13: 12.8, 16: 15.2, 20: 15.6, 25: 12.5, 32: 63.9}
+    auc = {25: 0.9, 32: 0.89}  # the probes peak at 25, next at 32
+    lines = [dict(_line("jumprelu", t, seed, _bowl(l0, centre)), l0=l0, d_sae=64, probe_auc_k16=auc.get(t, 0.8))
+             for seed, centre in enumerate((14.0, 15.0, 16.0)) for t, l0 in measured.items()]
+    record, = l0_scan.records(from_records(lines, str(tmp_path / "results.jsonl")))
+    assert record["interval"] == pytest.approx([14.0, 16.0], rel=1e-9)
+    assert position(25, record) == "below" and position(20, record) == "around" and position(32, record) == "above"
+    assert position(15.0, record) == "around"  # a value that is no scanned target is placed as it is
+    text = l0_scan.sentence(record)
+    assert ("of the targets, 8, 10, 13, 25 (measured 12.5) lie below it; 16, 20 lie around it; 32 (measured 63.9) "
+            "lies above it.") in text
+    assert "highest at target 25 (measured 12.5) (seed mean" in text and "next 0.890 at 32, measured 63.9)" in text
+    summary = l0_scan.summary_blocks(from_records(lines, str(tmp_path / "results.jsonl")))
+    assert "25 (measured 12.5) lie below it" in summary[1].items[0]  # the compare report's summary says the same
+    # unbracketed: the end target named with what it measured; n placed against the largest measured L0
+    falling = [dict(line, nth_decoder_projection=1.0 / line["l0"], nth_decoder_projection_n=40) for line in lines]
+    record, = l0_scan.records(from_records(falling, str(tmp_path / "falling.jsonl")))
+    text = l0_scan.sentence(record)
+    assert "lowest at the largest L0 target (32, measured 63.9)" in text
+    assert "Caution: n = 40 is not above the largest measured L0 (63.9)" in text
