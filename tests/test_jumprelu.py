@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import lightning as L
 import pytest
@@ -257,3 +258,38 @@ def test_resume_is_bit_identical(small_file, tmp_path):
     resumed = _fit_resumable(small_file, tmp_path / "crashed", ckpt_path=str(tmp_path / "crashed" / "epoch=0-step=14.ckpt"))
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after resume"
+
+
+def _start(d_sae: int, l0: float, seed: int = 0) -> tuple[JumpReLUSAE, torch.Tensor]:
+    """A JumpReLU at its calibrated start on Gaussian rows -> (the model, its sample pre-activations, float64)."""
+    model = JumpReLUSAE(d_in=16, d_sae=d_sae)
+    model.reset_parameters(seed)
+    x = torch.randn(4096, 16, generator=torch.Generator().manual_seed(seed))
+    model.start_at_l0(x, l0)
+    with torch.no_grad():
+        return model, model.pre_acts(x).double()
+
+
+def test_a_start_near_half_the_width_keeps_a_threshold_log_theta_can_grow_from():
+    """1.25 x a target near d_sae/2 or above puts the quantile at or below 0: θ was clamped at 0.001,
+    grew ~20-fold in a 1,000-step run and the dictionary trained dense (docs/metrics.md, "JumpReLU on
+    ground truth"). The start keeps θ at 0.1 x the pre-activations' standard deviation, and says so."""
+    with pytest.warns(UserWarning, match=r"start at L0 25 of d_sae 32 .* no sparse code for JumpReLU"):
+        model, pre = _start(32, 25.0)
+    floor = 0.1 * pre.std().item()
+    assert model.threshold.tolist() == pytest.approx([floor] * 32, rel=1e-5)
+    started = (pre > floor).double().sum(1).mean().item()
+    assert 0.4 * 32 < started < 25  # about the fraction of a centred spread above 0.1 sigma (46 %)
+
+
+@pytest.mark.parametrize("l0", [10.0, 20.0, 40.0])
+def test_a_start_the_pre_activations_allow_is_the_quantile_as_before(l0):
+    """The default compare's JumpReLU starts (1.25 x L0 8, 16, 32 of d_sae 512) lie far above the
+    floor: θ is the value l0 / d_sae of the sample's pre-activations exceed (a float64 reference:
+    the (r + 1)-th largest, r = l0 / d_sae of the entries), and no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, pre = _start(512, l0)
+    entries = pre.flatten().sort(descending=True).values
+    expected = entries[round(len(entries) * l0 / 512)].item()
+    assert expected > 0.1 * pre.std().item() and model.threshold.tolist() == pytest.approx([expected] * 512, rel=1e-5)

@@ -38,6 +38,7 @@ dictionary_learning `trainers/jumprelu.py`):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +108,11 @@ class StepFunction(torch.autograd.Function):
         weighted = _rectangle((pre - threshold) / eps) * grad_h
         grad_threshold = -(1.0 / eps) * (weighted if threshold.shape == pre.shape else weighted.sum(0))
         return None, grad_threshold, None
+
+
+#: the lowest start θ (`JumpReLUSAE.start_at_l0`), as a fraction of the sample's pre-activation
+#: standard deviation: a threshold far below their scale is none log θ can grow out of in a run
+START_FLOOR = 0.1
 
 
 class JumpReLUSAE(Dictionary):
@@ -192,11 +198,29 @@ class JumpReLUSAE(Dictionary):
 
     @torch.no_grad()
     def start_at_l0(self, x: Tensor, l0: float) -> None:
-        """One θ for every latent: the value that l0 / d_sae of the sample's pre-activations
-        exceed. A θ per latent at its own quantile starts at the same L0 but drifted away from it in
-        calibrated short runs (benchmarks/RESULTS.md: 14.8 at a target of 8, against 7.9)."""
-        theta = float(firing_quantile(self.pre_acts(x).float().reshape(-1, 1), l0 / self.d_sae))
-        self.log_threshold.fill_(math.log(max(theta, 1e-3)))
+        """x: [rows, d_in] -> one θ for every latent: the value that l0 / d_sae of the sample's
+        pre-activations exceed, but never below `START_FLOOR` × their standard deviation. A θ per
+        latent at its own quantile starts at the same L0 but drifted away from it in calibrated
+        short runs (benchmarks/RESULTS.md: 14.8 at a target of 8, against 7.9).
+
+        Why the floor: at initialisation the pre-activations spread about 0, so an L0 near d_sae/2
+        or above puts the quantile near or below 0, where θ > 0 cannot follow (it was clamped at
+        0.001). From there log θ climbs by about the learning rate per step (Adam), ~20-fold in a
+        1,000-step run, never reaching the pre-activations' scale; the L0 term reaches only θ, so
+        the dictionary trained as a ReLU without sparsity pressure and ended dense (L0 = d_sae, λ at
+        its bound; on ground truth at targets 22 of 50 and 32 of 64, docs/metrics.md). From 0.1 σ
+        about 46 % of a centred, symmetric spread fires, so the floor binds only where the start
+        asks for about that or more; there it warns and starts at the floor's L0 instead."""
+        pre = self.pre_acts(x).float().reshape(-1, 1)
+        theta = float(firing_quantile(pre, l0 / self.d_sae))
+        floor = START_FLOOR * float(pre.std())
+        if theta < floor:
+            started = float((pre > floor).sum()) / len(x)
+            warnings.warn(f"jumprelu: a start at L0 {l0:.3g} of d_sae {self.d_sae} needs a threshold of {theta:.3g}, "
+                          f"below {START_FLOOR} x the pre-activations' spread ({floor:.3g}), from which it could not "
+                          f"grow in a run; started there instead, at L0 {started:.3g} (an L0 target near d_sae/2 or "
+                          "above is no sparse code for JumpReLU: a wider dictionary or a smaller target)", stacklevel=2)
+        self.log_threshold.fill_(math.log(max(theta, floor, 1e-3)))
 
     @torch.no_grad()
     def scale_encoder(self, scale: float) -> None:

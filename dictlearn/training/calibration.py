@@ -36,7 +36,9 @@ registry.py); the reasons for the shipped ones follow.
 A JumpReLU member's thresholds and a ReLU-L1 member's encoder biases start where its L0 is the
 target (`start_at_target`): both are learned slowly by Adam (about lr per step), so from the
 default start L0 takes most of a short run to get anywhere near the target, and the controller,
-seeing no response, winds λ far past the value it needs.
+seeing no response, winds λ far past the value it needs. A JumpReLU start that would put θ below
+0.1 × the pre-activations' spread (an L0 near d_sae/2 or above) stops there and warns: from θ near 0,
+log θ cannot climb to their scale in a run and the dictionary trained dense (`JumpReLUSAE.start_at_l0`).
 
 JumpReLU starts above its target (`calibration_start`, 1.25×): the controller can only lower
 its L0. Without the L0 term the reconstruction alone lowers it (a firing entry's pre-activation
@@ -145,7 +147,7 @@ class SparsityCalibration(L.Callback):
             for name, target in self.targets.items():
                 member = pl_module.members[name]
                 factor = calibration_start(member)  # None: the start stays as initialised
-                if factor is not None:  # θ > 0 keeps JumpReLU below ~d_sae / 2
+                if factor is not None:  # JumpReLU's θ has a floor: its start stays below ~0.46 d_sae
                     start_at_target(member, target * factor, trainer.datamodule,
                                     pl_module.data_keys(name, trainer.datamodule))
 
