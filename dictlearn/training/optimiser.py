@@ -67,7 +67,12 @@ def clip_members(members: Iterable[nn.Module], norms: list | None, clip_val: flo
     for member_grads, member_norms in norms:  # clip_grad_norm_'s arithmetic, on the norms above
         if member_grads:
             total = torch.linalg.vector_norm(torch.stack(member_norms), 2.0)
-            torch._foreach_mul_(member_grads, torch.clamp(clip_val / (total + 1e-6), max=1.0))
+            factor = torch.clamp(clip_val / (total + 1e-6), max=1.0)
+            # a factor of exactly 1 leaves every gradient as it is (x * 1.0 == x, bit for bit): on
+            # CPU, where reading it costs no device sync, skip the pass (~0.1 ms a member-step)
+            if factor.device.type == "cpu" and factor.item() == 1.0:
+                continue
+            torch._foreach_mul_(member_grads, factor)
 
 
 def split(items: list, sizes: list[int]) -> list[list]:
