@@ -7,8 +7,8 @@ neighbours in log L0 (the vertex, kept between the neighbours). A minimum at the
 largest target is no location: the targets do not bracket it, and the record says on which side
 the proxy was still falling (`indicated_l0` null). The interval is the range of the same estimate
 made seed by seed (each seed's own curve); a seed whose minimum sits at an end leaves that side
-open (null). Used by the report (analysis/l0_scan.py) and by `dictlearn compare --l0 scan` for
-`DIR/l0_scan.json` (dictlearn/compare/scan.py).
+open (null). Used by the report (analysis/l0_scan_text.py, l0_scan.py) and by `dictlearn compare
+--l0 scan` for `DIR/l0_scan.json` (dictlearn/compare/scan.py).
 
 The same rule is applied to the proxy at n = d_sae/8 and d_sae/2 where the results hold them
 (`by_n`), because where the minimum falls depends on n (docs/metrics.md, "How n decides"): the

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dictlearn.analysis import (curves, density, frontier, l0_scan, learning_rates, probing, recovery, replacement,
-                                shrinkage, sparsity, splitting)
+from dictlearn.analysis import (curves, density, frontier, l0_scan, l0_scan_text, learning_rates, probing, recovery,
+                                replacement, shrinkage, sparsity, splitting)
 from dictlearn.analysis.cli import checked_folder, draw_groups, print_notes
 from dictlearn.analysis.render import (Bullets, Code, Heading, Image, Legend, Links, Paragraph, Table, html_page,
                                        markdown)
@@ -170,7 +170,7 @@ def summary_blocks(lines: list[dict], document: dict | None = None) -> list:
     header, rows = frontier_table(lines, document.get("records", []))
     if rows:
         blocks += [Paragraph(VERDICT_KEY), Table(tuple(header), tuple(map(tuple, rows)))]
-    return blocks + probing.summary_blocks(lines) + l0_scan.summary_blocks(lines)
+    return blocks + probing.summary_blocks(lines) + l0_scan_text.summary_blocks(lines)
 
 
 def table_blocks(lines: list[dict]) -> list:
