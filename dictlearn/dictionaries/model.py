@@ -42,14 +42,14 @@ class Dictionary(RecordsArguments):
     nonnegative_latents: bool = True
     # What `training_latents` (latents.py) reads to choose the sparse or the dense path, measured
     # in docs/performance.md: the active fraction below which the sparse path is faster (two
-    # threads, d_sae 4096: 6-10 %; up to d_sae 1024, where the dense GEMMs are small, past 15 % at
-    # one and two threads), the width below which the dense step is cheap anyway (d_sae 256: the
+    # threads, d_sae 4096: 6-10 %; up to d_sae 1024, where the dense GEMMs are small, to 20 % at
+    # one thread, compare's workers, and about even there at two), the width below which the dense step is cheap anyway (d_sae 256: the
     # sparse step still 0.4-0.8x the dense one, 128: about even), and whether the sparse path
     # still wins on a GPU under bf16/fp16 autocast (H100: not for TopK, BatchTopK, ReLU-L1; yes for
     # gated, JumpReLU). The rule depends on shapes only, never on the thread count, so a
     # dictionary trains the same whatever process runs it (`dictlearn compare --workers N`).
     sparse_cutoff: float = 0.1
-    sparse_cutoff_narrow: float = 0.15
+    sparse_cutoff_narrow: float = 0.2
     sparse_narrow_latents: int = 1024
     sparse_min_latents: int = 256
     sparse_beats_tensor_cores: bool = False
