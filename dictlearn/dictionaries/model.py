@@ -43,8 +43,9 @@ class Dictionary(RecordsArguments):
     # What `training_latents` (latents.py) reads to choose the sparse or the dense path, measured
     # in docs/performance.md: the active fraction below which the sparse path is faster (two
     # threads, d_sae 4096: 6-10 %; up to d_sae 1024, where the dense GEMMs are small, to 20 % at
-    # one thread, compare's workers, and about even there at two), the width below which the dense step is cheap anyway (d_sae 256: the
-    # sparse step still 0.4-0.8x the dense one, 128: about even), and whether the sparse path
+    # one thread, compare's workers, and about even there at two), the width below which the
+    # dense step is cheap anyway (d_sae 256: the sparse step still 0.4-0.8x the dense one, 128:
+    # 0.5-0.96x at one thread, not measured at two), and whether the sparse path
     # still wins on a GPU under bf16/fp16 autocast (H100: not for TopK, BatchTopK, ReLU-L1; yes for
     # gated, JumpReLU). The rule depends on shapes only, never on the thread count, so a
     # dictionary trains the same whatever process runs it (`dictlearn compare --workers N`).
