@@ -230,10 +230,20 @@ def _probe_clause(record: dict) -> str:
                         reverse=True)
         text = f" Sparse-probe AUC (k = {k}) is highest at target {target_text(record[f'{key}_peak_l0'], record)}"
         if len(ranked) > 1:
-            text += (f" (seed mean {ranked[0][0]:.3f}; next {ranked[1][0]:.3f} at "
-                     f"{target_text(ranked[1][1], record, inside=True)})")
+            best, next_best = _apart(ranked[0][0], ranked[1][0])
+            text += f" (seed mean {best}; next {next_best} at {target_text(ranked[1][1], record, inside=True)})"
         return text + "."
     return ""
+
+
+def _apart(a: float, b: float) -> tuple[str, str]:
+    """Two AUCs at 3 decimals, or at as many more (up to 6) as it takes to tell them apart: a
+    margin that rounds away would print as a tie ("0.913; next 0.913"); a true tie at 3."""
+    for decimals in range(3, 7):
+        texts = f"{a:.{decimals}f}", f"{b:.{decimals}f}"
+        if texts[0] != texts[1]:
+            return texts
+    return f"{a:.3f}", f"{b:.3f}"
 
 
 def summary_blocks(lines: list[dict]) -> list:

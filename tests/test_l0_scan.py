@@ -301,3 +301,10 @@ def test_targets_are_placed_by_what_they_measured_not_by_their_names(tmp_path):
     text = l0_scan_text.sentence(record)
     assert "lowest at the largest L0 target (32, measured 63.9)" in text
     assert "Caution: n = 40 is not above the largest measured L0 (63.9)" in text
+
+
+def test_probe_means_that_round_alike_print_with_the_digits_that_tell_them_apart():
+    # 0.9131 and 0.9126 both round to 0.913: the sentence must not read as a tie
+    assert l0_scan_text._apart(0.9131, 0.9126) == ("0.9131", "0.9126")
+    assert l0_scan_text._apart(0.916, 0.914) == ("0.916", "0.914")
+    assert l0_scan_text._apart(0.5, 0.5) == ("0.500", "0.500")
