@@ -89,6 +89,7 @@ class RunGuard(L.Callback):
             if self.signal_received is None:
                 self.signal_received = signal.SIGTERM if isinstance(exception, SIGTERMException) else signal.SIGINT
             if trainer.state.fn == "fit":
+                _end_finished_epoch(trainer)
                 trainer.save_checkpoint(self.interrupt_checkpoint_path(trainer))
         elif user_error(exception) is not None:
             _remove_fresh_run_folder(trainer, self._created_folders)
@@ -361,3 +362,15 @@ class DownstreamMetricsCallback(L.Callback):
                                        batch_size=self.batch_size, corpus=self.corpus, cache=cache)
         self._prepared = prepared
         return True
+
+
+def _end_finished_epoch(trainer: L.Trainer) -> None:
+    """A stop after an epoch's last batch is raised at the epoch's end, when the fit loop has
+    counted the epoch complete but the batch counters still hold its batches; restored as they
+    are, Lightning takes the next epoch as already run and skips its data (a resumed run differed
+    from an uninterrupted one: `tests/test_resume.py`). Clearing the epoch's batch counters (their
+    totals stay) makes the restored run start the next epoch at its first batch, where the data
+    loader's state (`ResumableLoader`: the finished epoch's batches consumed) already points."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if trainer.num_training_batches and progress.current.ready >= trainer.num_training_batches:
+        progress.reset_on_run()
