@@ -110,10 +110,10 @@ def _end_target(record: dict, edge: str) -> float:
     """The target of the smallest or largest seed-mean measured L0: the end where a minimum lies
     (indicated_l0.minimum orders the points by measured L0; a calibrated JumpReLU's need not follow
     its targets' order)."""
-    measured = [(l0, t) for l0, t in zip(record.get("measured_l0") or [], record["scanned_l0"]) if l0 is not None]
-    if not measured:
+    points = [(l0, t) for l0, t in zip(record.get("measured_l0") or [], record["scanned_l0"]) if l0 is not None]
+    if not points:
         return record["scanned_l0"][0 if edge == "smallest" else -1]
-    return (min(measured) if edge == "smallest" else max(measured))[1]
+    return (min(points) if edge == "smallest" else max(points))[1]
 
 
 def _reading_text(reading: dict, record: dict) -> str:
@@ -208,8 +208,7 @@ def _unfollowed_clause(record: dict) -> str:
     not held there: ReLU-L1, gated, JumpReLU). The reading and the placements go by the measured
     L0; where those bunch (on synthetic ground truth JumpReLU's targets above the data's L0 landed
     at it, docs/metrics.md, "JumpReLU on ground truth") the curve has few distinct points."""
-    missed = [(t, l0) for t, l0 in zip(record["scanned_l0"], record.get("measured_l0") or [])
-              if l0 is not None and abs(l0 - t) > UNFOLLOWED * t]
+    missed = [(t, l0) for t in record["scanned_l0"] if (l0 := _missed(t, record)) is not None]
     if not missed:
         return ""
     items = ", ".join(f"{l0:.3g} for {t:g}" for t, l0 in missed)
