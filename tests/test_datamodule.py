@@ -103,6 +103,26 @@ def test_validation_never_in_training(index_file):
     assert np.intersect1d(train, val).size == 0
 
 
+def test_small_files_are_held_in_memory_with_the_same_batches(index_file):
+    """Datasets that together fit `in_memory_mib` are read whole once; every batch, validation
+    batch and sample equals the block-by-block reads'."""
+    held, read = _dm(index_file, target_key="target"), _dm(index_file, target_key="target", in_memory_mib=0)
+    assert held.inputs.held and held.targets.held and not (read.inputs.held or read.targets.held)
+    for a, b in [(held._train_loader(0, 1), read._train_loader(0, 1)), (held.val_dataloader(), read.val_dataloader())]:
+        for (x1, y1), (x2, y2) in zip(a, b, strict=True):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert all(torch.equal(u, v) for u, v in zip(held.sample_rows(500), read.sample_rows(500)))
+    assert held.estimate_scales() == read.estimate_scales()
+    # acts + target: N_ROWS x 5 float32 = 64,740 bytes
+    budget = _dm(index_file, target_key="target", in_memory_mib=0)
+    budget.in_memory_mib = N_ROWS * 5 * 4 / 2**20
+    budget._hold_small_datasets()
+    assert budget.inputs.held and budget.targets.held
+    budget.in_memory_mib = (N_ROWS * 5 * 4 - 1) / 2**20
+    budget._hold_small_datasets()
+    assert not (budget.inputs.held or budget.targets.held)
+
+
 def test_sae_batch_y_is_x_and_transcoder_target_aligned(index_file):
     x, y = next(iter(_dm(index_file).train_dataloader()))
     assert y is x and x.dtype == torch.float32 and x.shape == (BATCH, 3)
@@ -243,7 +263,8 @@ def test_unequal_input_and_target_rows(index_file):
 
 
 @pytest.mark.parametrize(("flag", "value"), [("batch_size", 0), ("block_size", -1), ("val_rows", -5),
-                                             ("num_workers", -1), ("norm_sample_rows", 0)])
+                                             ("num_workers", -1), ("norm_sample_rows", 0),
+                                             ("in_memory_mib", -1)])
 def test_bad_config_names_the_flag(index_file, flag, value):
     with pytest.raises(ConfigError, match=f"--data.{flag} must be"):
         _dm(index_file, **{flag: value})

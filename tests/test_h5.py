@@ -223,3 +223,49 @@ def test_a_key_list_reads_the_layers_side_by_side(tmp_path):
         with pytest.raises(DataError, match=fragment) as info:
             H5Array(path, key)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
+def test_a_held_array_reads_the_files_rows_from_one_read(tmp_path, monkeypatch, dtype):
+    """`hold_in_memory`: the same float32 rows as the file path for any ranges (empty, repeated,
+    out of order), from one whole-dataset read per process; the copy is not pickled; False reads
+    the file again."""
+    values = torch.from_numpy(np.random.default_rng(3).standard_normal((40, 5)).astype(np.float32))
+    if dtype == "bfloat16":
+        bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        path = tmp_path / "a.h5"
+        write_datasets(path, {"acts": bits}, {}, {"acts": {"dtype": "bfloat16"}})
+    else:
+        path = _h5(tmp_path / "a.h5", acts=values.numpy().astype(dtype))
+    slices = [(30, 34), (0, 2), (7, 7), (1, 3), (39, 40)]
+    from_file = H5Array(path, "acts").read_slices(slices)
+    array = H5Array(path, "acts")
+    assert array.nbytes == 40 * 5 * (2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize)
+    array.hold_in_memory()
+    whole_reads = []
+    monkeypatch.setattr(array, "_read_file", lambda s: pytest.fail("a held array read the file by ranges"))
+    real_handle = array._handle
+    monkeypatch.setattr(array, "_handle", lambda: whole_reads.append(1) or real_handle())
+    for _ in range(3):
+        out = array.read_slices(slices)
+        assert out.dtype == torch.float32 and torch.equal(out, from_file)
+    assert len(whole_reads) == 1
+    assert array.read_slices([]).shape == (0, 5)
+    with pytest.raises(IndexError):
+        array.read(38, 41)
+    monkeypatch.undo()
+    clone = pickle.loads(pickle.dumps(array))
+    assert clone.held and clone._rows is None and torch.equal(clone.read_slices(slices), from_file)
+    array.hold_in_memory(False)
+    assert array._rows is None and torch.equal(array.read_slices(slices), from_file)
+
+
+def test_a_held_key_list_holds_every_layer(tmp_path):
+    layers = {f"l.{i}": np.random.default_rng(i).standard_normal((20, 3)).astype(np.float32) for i in range(2)}
+    array = H5Array(_h5(tmp_path / "a.h5", **layers), "l.0,l.1")
+    assert array.nbytes == 2 * 20 * 3 * 4
+    array.hold_in_memory()
+    assert all(part.held for part in array.parts)
+    expected = np.concatenate(list(layers.values()), axis=1)
+    np.testing.assert_array_equal(array.read_slices([(5, 9), (0, 1)]).numpy(), expected[np.r_[5:9, 0:1]])
+    assert all(part._rows is not None for part in array.parts)

@@ -216,6 +216,9 @@ class ActivationDataModule(L.LightningDataModule):
         norm_sample_rows: rows (from random training blocks) used to estimate the scales.
         num_workers: DataLoader worker processes; 0 is fastest on few cores (benchmarks/RESULTS.md).
         seed: seeds the block order, row order and samples (never the val split).
+        in_memory_mib: when the datasets this module reads (input, target, extras) hold at most
+            this many MiB as stored, each process reads them whole once and serves batches from
+            memory (`H5Array.hold_in_memory`); larger files are read block by block. 0: never.
     """
 
     def __init__(
@@ -230,10 +233,11 @@ class ActivationDataModule(L.LightningDataModule):
         norm_sample_rows: int = 65536,
         num_workers: int = 0,
         seed: int = 0,
+        in_memory_mib: int = 512,
     ):
         super().__init__()
         self.save_hyperparameters()
-        _check_config(batch_size, block_size, val_rows, normalize, norm_sample_rows, num_workers, seed)
+        _check_config(batch_size, block_size, val_rows, normalize, norm_sample_rows, num_workers, seed, in_memory_mib)
         self.path, self.input_key, self.target_key = path, input_key, target_key
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.normalize, self.norm_sample_rows, self.num_workers = normalize, norm_sample_rows, num_workers
@@ -252,6 +256,8 @@ class ActivationDataModule(L.LightningDataModule):
         self._scales: tuple[float, float] | None = None
         self._key_scales: dict[str, float] = {}  # dataset key -> scale (`_scale`)
         self.extra_arrays: dict[str, H5Array] = {}  # datasets added by `require_keys`
+        self.in_memory_mib = in_memory_mib
+        self._hold_small_datasets()
 
     # ----- validation of the file against the configuration -----
 
@@ -313,6 +319,14 @@ class ActivationDataModule(L.LightningDataModule):
                     f"{self.inputs.n_rows}; the datasets of one sweep must be row-aligned — re-harvest"
                 )
             self.extra_arrays[key] = array
+        self._hold_small_datasets()
+
+    def _hold_small_datasets(self) -> None:
+        """Hold every dataset this module reads in memory when together they fit `in_memory_mib`."""
+        arrays = [self.inputs, *([self.targets] if self.targets is not None else []), *self.extra_arrays.values()]
+        hold = sum(array.nbytes for array in arrays) <= self.in_memory_mib * 2**20
+        for array in arrays:
+            array.hold_in_memory(hold)
 
     def view(self, input_key: str, target_key: str | None) -> "ActivationDataModule | KeyView":
         """This file seen through other keys (a sweep member's): d_in/d_out, scales, samples and
@@ -512,14 +526,15 @@ def _chunks(slices: Sequence[tuple[int, int]], max_rows: int) -> Iterator[list[t
 
 def _check_config(
     batch_size: int, block_size: int, val_rows: int | None, normalize: str, norm_sample_rows: int,
-    num_workers: int, seed: int,
+    num_workers: int, seed: int, in_memory_mib: int,
 ) -> None:
     """Range checks of the constructor arguments, each naming its CLI flag."""
     positive = {"batch_size": batch_size, "block_size": block_size, "norm_sample_rows": norm_sample_rows}
     for flag, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--data.{flag} must be > 0 (got {value})")
-    for flag, value in (("num_workers", num_workers), ("seed", seed), ("val_rows", val_rows or 0)):
+    for flag, value in (("num_workers", num_workers), ("seed", seed), ("val_rows", val_rows or 0),
+                        ("in_memory_mib", in_memory_mib)):
         if value < 0:
             raise ConfigError(f"--data.{flag} must be >= 0 (got {value})")
     if normalize not in ("mean_norm_sqrt_d", "none"):

@@ -21,6 +21,8 @@ synth) and is rejected. Files written by dictlearn go through `open_for_write`, 
 Process safety: the h5py handle is opened lazily in the reading process, dropped when pickled and
 reopened if the pid changes, so it never crosses a fork or spawn into a DataLoader worker
 (a handle opened in the parent cannot be pickled into a spawned worker; benchmarks/RESULTS.md).
+An array told to `hold_in_memory` reads its whole dataset once per process, on first use, and
+serves every later read from that copy; the copy is never pickled either.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ def _check_dataset(f: h5py.File, path: str, key: str) -> tuple[int, int, str]:
     return n_rows, d, dtype
 
 
+def _raw_dtype(stored_dtype: str) -> np.dtype:
+    """The numpy dtype a dataset's values are read as (bfloat16: its uint16 bits)."""
+    return np.dtype(np.uint16) if stored_dtype == BF16_ATTR else np.dtype(stored_dtype)
+
+
 def _stored_dtype(ds: h5py.Dataset, path: str, key: str) -> str:
     """'float16' | 'float32' | 'float64' | 'bfloat16', or a DataError for anything else."""
     if ds.dtype in _FLOAT_DTYPES:
@@ -147,6 +154,9 @@ class H5Array:
         self._file: h5py.File | None = None
         self._dataset: h5py.Dataset | None = None
         self._pid: int | None = None
+        self.held = False  # `hold_in_memory`
+        self._rows: np.ndarray | None = None  # the whole dataset, as stored, once held and read
+        self._rows_pid: int | None = None  # the process that read `_rows`
         self.parts: list[H5Array] | None = None
         if "," in key:  # several layers side by side: a cross-layer transcoder's input or target
             self.parts = _layer_parts(self.path, key)
@@ -178,6 +188,33 @@ class H5Array:
             self._dataset = self._file[self.key]
         return self._dataset
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the dataset as stored (all parts)."""
+        if self.parts is not None:
+            return sum(part.nbytes for part in self.parts)
+        return self.n_rows * self.d * _raw_dtype(self.stored_dtype).itemsize
+
+    def hold_in_memory(self, hold: bool = True) -> None:
+        """Serve reads from a copy of the whole dataset, read once per process in one sequential
+        read, instead of one HDF5 read per row range (False: drop it, read the file again).
+
+        A shuffled batch of small blocks is dozens of HDF5 reads, each with h5py's fixed cost
+        (~15 ms for 1024 rows of 128 in 16-row blocks, a tenth of a compare sweep's step); from
+        memory it is one copy. The bytes returned are the file's either way."""
+        for part in self.parts or ():
+            part.hold_in_memory(hold)
+        self.held = hold
+        if not hold:
+            self._rows = None
+
+    def _held_rows(self) -> np.ndarray:
+        if self._rows is None or self._rows_pid != os.getpid():
+            rows = np.empty((self.n_rows, self.d), dtype=_raw_dtype(self.stored_dtype))
+            self._handle().read_direct(rows)
+            self._rows, self._rows_pid = rows, os.getpid()
+        return self._rows
+
     def will_need(self, slices: Sequence[tuple[int, int]]) -> None:
         """Ask the OS to start reading these row ranges into the page cache, without waiting.
 
@@ -190,6 +227,8 @@ class H5Array:
         if self.parts is not None:
             for part in self.parts:
                 part.will_need(slices)
+            return
+        if self.held:
             return
         ds = self._handle()
         offset = ds.id.get_offset()
@@ -214,14 +253,26 @@ class H5Array:
         """
         if self.parts is not None:
             return torch.cat([part.read_slices(slices) for part in self.parts], dim=1)
-        total = sum(stop - start for start, stop in slices)
-        raw_dtype = np.uint16 if self.stored_dtype == BF16_ATTR else np.dtype(self.stored_dtype)
-        out = np.empty((total, self.d), dtype=raw_dtype)
         for start, stop in slices:
             if not 0 <= start <= stop <= self.n_rows:
                 raise IndexError(
                     f"{self.path}['{self.key}']: rows [{start}, {stop}) outside [0, {self.n_rows})"
                 )
+        if self.held:
+            held = self._held_rows()
+            out = np.concatenate([held[start:stop] for start, stop in slices]) if slices else held[:0].copy()
+        else:
+            out = self._read_file(slices)
+        tensor = torch.from_numpy(out)
+        if self.stored_dtype == BF16_ATTR:
+            tensor = tensor.view(torch.bfloat16)
+        # Upcast in torch, faster than numpy's cast (benchmarks/RESULTS.md, "HDF5 layout").
+        return tensor.float()
+
+    def _read_file(self, slices: Sequence[tuple[int, int]]) -> np.ndarray:
+        """`read_slices` from the file, as stored: [sum of lengths, d]."""
+        raw_dtype = _raw_dtype(self.stored_dtype)
+        out = np.empty((sum(stop - start for start, stop in slices), self.d), dtype=raw_dtype)
         ds, offset = self._handle(), 0
         row_bytes = self.d * out.itemsize
         for run in _runs([s for s in slices if s[1] > s[0]], max(0, _GAP_BYTES // row_bytes),
@@ -237,11 +288,7 @@ class H5Array:
             for start, stop in run:
                 out[offset : offset + stop - start] = span[start - first : stop - first]
                 offset += stop - start
-        tensor = torch.from_numpy(out)
-        if self.stored_dtype == BF16_ATTR:
-            tensor = tensor.view(torch.bfloat16)
-        # Upcast in torch, faster than numpy's cast (benchmarks/RESULTS.md, "HDF5 layout").
-        return tensor.float()
+        return out
 
     def close(self) -> None:
         """Drop the open handle (if any); the next `read` reopens it."""
@@ -254,7 +301,7 @@ class H5Array:
     def __getstate__(self) -> dict:
         # h5py handles cannot be pickled (spawn) and must not be shared (fork).
         state = self.__dict__.copy()
-        state.update(_file=None, _dataset=None, _pid=None)
+        state.update(_file=None, _dataset=None, _pid=None, _rows=None, _rows_pid=None)
         return state
 
 
