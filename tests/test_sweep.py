@@ -77,6 +77,25 @@ def test_every_member_of_a_sweep_equals_the_same_member_trained_alone(pair_file)
     assert not torch.equal(topk.W_dec, other_seed.W_dec)
 
 
+def test_members_reading_the_same_datasets_share_one_sample_and_one_median(pair_file, monkeypatch):
+    """The data-dependent starts read one sample per pair of datasets and compute one geometric
+    median per target (the test above proves the values are each member's own)."""
+    import dictlearn.training.initialise as initialise
+
+    reads, medians = [], []
+    sample_pair, median = ActivationDataModule._sample_pair, initialise.geometric_median
+    monkeypatch.setattr(ActivationDataModule, "_sample_pair",
+                        lambda self, x, y, n: reads.append((x.key, y and y.key)) or sample_pair(self, x, y, n))
+    monkeypatch.setattr(initialise, "geometric_median", lambda y: medians.append(y.shape) or median(y))
+    members = {name: Member(make(), target_key=key, seed=seed) for name, (make, seed, key) in MEMBERS.items()}
+    L.seed_everything(0)
+    quiet_trainer(max_steps=1).fit(DictionaryTraining(members, TRAINING), _data(pair_file))
+    assert len(reads) == 2 and set(reads) == {("acts", None), ("acts", "target")}
+    wanted = {(MEMBERS[name][2], m.dictionary.b_dec_init) for name, m in members.items()}
+    assert sorted(width for _, width in medians) == sorted(D if key is None else D_OUT for key, start in wanted
+                                                         if start == "geometric_median")
+
+
 def test_members_seeds_decide_their_initial_weights():
     torch.manual_seed(0)
     a = DictionaryTraining(Member(TopKSAE(k=3, **COMMON), seed=7)).dictionary

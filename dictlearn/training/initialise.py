@@ -4,6 +4,8 @@ From a sample of the training data: the data scales (docs/conventions.md), b_dec
 median, mean or zero of the scaled target), a transcoder's centred pre-activations, the
 mechanism's own start (`initialise_from_sample`), and, when the training asks for them, thresholds
 moved to an initial L0 (`initial_l0`) and an encoder scaled to the data (`init_scale_from_data`).
+The members of a sweep that read the same datasets share one sample and one geometric median
+(`SharedSample`): the same values each would compute alone, computed once.
 """
 
 from __future__ import annotations
@@ -17,22 +19,58 @@ from dictlearn.errors import ConfigError, DataError
 from dictlearn.training.config import TrainingConfig
 
 
+class SharedSample:
+    """The scaled samples and geometric medians of one run's data-dependent starts, by datasets,
+    sample size and device: members reading the same datasets get the very tensors a member alone
+    would compute (each is a function of the file, the seed and the size), computed once.
+    Lives for one `on_fit_start`; callers must not modify what it returns."""
+
+    def __init__(self) -> None:
+        self._samples: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._medians: dict[tuple, Tensor] = {}
+
+    def scaled(self, datamodule, n_rows: int, scales: tuple[Tensor, Tensor], device) -> tuple[Tensor, Tensor]:
+        """(x [n, d_in], y [n, d_out]): `datamodule.sample_rows(n_rows)` times the input and target
+        scales, on `device`."""
+        key = self._key(datamodule, n_rows, scales, device)
+        if key not in self._samples:
+            x, y = datamodule.sample_rows(n_rows)
+            self._samples[key] = (x.to(device) * scales[0], y.to(device) * scales[1])
+        return self._samples[key]
+
+    def geometric_median(self, datamodule, n_rows: int, scales: tuple[Tensor, Tensor], device) -> Tensor:
+        """`geometric_median` of `scaled(...)`'s y: [d_out]."""
+        key = self._key(datamodule, n_rows, scales, device)
+        if key not in self._medians:
+            self._medians[key] = geometric_median(self.scaled(datamodule, n_rows, scales, device)[1])
+        return self._medians[key]
+
+    @staticmethod
+    def _key(datamodule, n_rows: int, scales: tuple[Tensor, Tensor], device) -> tuple:
+        return (datamodule.path, datamodule.input_key, datamodule.target_key, n_rows,
+                float(scales[0]), float(scales[1]), str(device))
+
+
 @torch.no_grad()
-def initialise_from_data(dictionary: Dictionary, datamodule, settings: TrainingConfig) -> None:
+def initialise_from_data(dictionary: Dictionary, datamodule, settings: TrainingConfig,
+                         shared: SharedSample | None = None) -> None:
     """Set `dictionary`'s data scales and b_dec from a sample of the training data.
 
-    `datamodule` offers `d_in`, `d_out`, `target_key`, `path`, `estimate_scales()` and
-    `sample_rows(n)` (an `ActivationDataModule` or one of its `view`s); `settings` are resolved."""
+    `datamodule` offers `d_in`, `d_out`, `input_key`, `target_key`, `path`, `estimate_scales()`
+    and `sample_rows(n)` (an `ActivationDataModule` or one of its `view`s); `settings` are
+    resolved; `shared`: the run's other members' samples (None: this member's own)."""
     _check_data(dictionary, datamodule)
     input_scale, target_scale = datamodule.estimate_scales()
     dictionary.input_scale.fill_(input_scale)
     dictionary.target_scale.fill_(target_scale)
-    x, y = datamodule.sample_rows(settings.init_sample_rows)
-    x, y = x.to(dictionary.device) * dictionary.input_scale, y.to(dictionary.device) * dictionary.target_scale
+    shared = shared if shared is not None else SharedSample()
+    sample = (datamodule, settings.init_sample_rows, (dictionary.input_scale, dictionary.target_scale),
+              dictionary.device)
+    x, y = shared.scaled(*sample)
     if dictionary.transcoder:  # centre the pre-activations: no b_dec is subtracted (as sparsify does)
         dictionary.b_enc.copy_(-x.mean(0) @ dictionary.W_enc)
     if dictionary.b_dec_init == "geometric_median":
-        dictionary.b_dec.copy_(geometric_median(y))
+        dictionary.b_dec.copy_(shared.geometric_median(*sample))
     elif dictionary.b_dec_init == "mean":
         dictionary.b_dec.copy_(y.mean(0))
     dictionary.initialise_from_sample(x, y)

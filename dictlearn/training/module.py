@@ -26,7 +26,7 @@ from dictlearn.training.calibration import coefficient_attribute
 from dictlearn.training.checkpoints import check_and_upgrade, save_members
 from dictlearn.training.config import DEAD_WINDOW_TOKENS, TrainingConfig, dead_window_for, resolve
 from dictlearn.training.guards import check_batch_finite, check_gradients_finite, raise_nonfinite_loss
-from dictlearn.training.initialise import initialise_from_data
+from dictlearn.training.initialise import SharedSample, initialise_from_data
 from dictlearn.training.members import LatentActivity, Member, MemberMetrics, as_members, update_activity
 from dictlearn.training.optimiser import adam_with_schedules, clip_members, fused_adam_possible, split, total_steps
 from dictlearn.training.resample import resample_dead_latents
@@ -275,12 +275,13 @@ class DictionaryTraining(L.LightningModule):
         if hasattr(datamodule, "check_heldout_finite"):
             datamodule.check_heldout_finite()
         run_tokens = self._total_steps() * datamodule.batch_size * self.trainer.world_size
+        shared = SharedSample()
         for name, member in self.members.items():
             if self.settings[name].dead_window_tokens is None:
                 self.dead_windows[name] = dead_window_for(run_tokens)
             if not bool(member.data_initialised):
                 view = datamodule.view(*self.data_keys(name, datamodule))
-                initialise_from_data(member, view, self.settings[name])
+                initialise_from_data(member, view, self.settings[name], shared)
 
     # ----------------------------------------------------------------- optimiser and schedule
     def _total_steps(self) -> int:
