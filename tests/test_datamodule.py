@@ -346,3 +346,16 @@ def test_lightning_fit_without_validation(index_file, tmp_path, recwarn):
     assert len(model.rows) == 12 and model.val_batches == 0
     assert not [w for w in recwarn if "zero" in str(w.message)]
     assert _fit(index_file, 12, tmp_path).val_batches > 0  # the default does validate
+
+
+def test_a_non_finite_held_out_row_is_named_by_its_file_row(tmp_path):
+    """Held-out rows are checked in chunks of several ranges; the message names the bad file row."""
+    rows = np.random.default_rng(0).standard_normal((4000, 3)).astype(np.float32)
+    rows[3005, 1], rows[3007, 0] = np.inf, np.nan
+    write_datasets(tmp_path / "a.h5", {"acts": rows}, {})
+    dm = _dm(str(tmp_path / "a.h5"))
+    dm.val_slices = lambda *args: [(100, 110), (2990, 2995), (3000, 3010)]
+    with pytest.raises(DataError, match=r"held-out row 3005 \(2 bad held-out rows in \[100, 3010\)\)"):
+        dm.check_heldout_finite()
+    dm.val_slices = lambda *args: [(100, 110), (3008, 3010)]
+    dm.check_heldout_finite()

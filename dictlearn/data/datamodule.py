@@ -382,13 +382,14 @@ class ActivationDataModule(L.LightningDataModule):
         """Every held-out row of every served dataset is finite, else one line naming the file
         row: checked when training starts, not at the first validation hundreds of steps later."""
         arrays = {key: _array(self, key) for key in dict.fromkeys(self.batch_keys)}
-        for start, stop in self.val_slices():
-            for key, array in arrays.items():
-                bad = (~torch.isfinite(array.read(start, stop))).any(-1).nonzero()
+        for key, array in arrays.items():
+            for chunk in _chunks(self.val_slices(), max(1, _SCALE_CHUNK_VALUES // array.d)):
+                bad = (~torch.isfinite(array.read_slices(chunk))).any(-1).nonzero().flatten()
                 if len(bad):
+                    rows = np.concatenate([np.arange(start, stop) for start, stop in chunk])
                     raise DataError(
-                        f"{self.path}: dataset '{key}' has NaN/Inf in held-out row {start + int(bad[0])} "
-                        f"({len(bad)} bad rows in [{start}, {stop})); clean or re-harvest the file"
+                        f"{self.path}: dataset '{key}' has NaN/Inf in held-out row {rows[int(bad[0])]} "
+                        f"({len(bad)} bad held-out rows in [{rows.min()}, {rows.max() + 1})); clean or re-harvest the file"
                     )
 
     def _eval_loader(self, rank: int, world_size: int) -> DataLoader:
