@@ -17,7 +17,6 @@ Each sweep still reads every batch once for all its members.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import threading
@@ -126,16 +125,15 @@ def compare(config: CompareConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "compare.yaml", config.to_yaml())
     started = time.perf_counter()
-    workers, threads = workers_module.plan_workers(config, planned) if config.workers > 1 else (1, None)
-    # The workers start (spawn, import torch and Lightning: seconds each) while this process harvests.
-    with _signals_to_flag() as stop, _pool(config, source, workers, threads) as pool:
+    with _signals_to_flag() as stop:
         if source.hooks is not None and not source.path.is_file():
             _harvest(config, lm, source, progress, stop)
         lm = None
         if config.tune_lr:  # each architecture's LR, chosen on validation documents first
             planned = plan(config, _search_lr(config, source, progress, stop))
-        if pool is not None:  # the sweeps, then the evaluations, side by side in worker processes
-            _train_and_evaluate_in_workers(config, planned, progress, stop, pool)
+        workers, threads = workers_module.plan_workers(config, planned) if config.workers > 1 else (1, None)
+        if workers > 1:  # the sweeps, then the evaluations, side by side in worker processes
+            _train_and_evaluate_in_workers(config, source, planned, progress, stop, workers, threads)
         else:
             _train_all(config, source, planned, progress, stop)
         _leave_process_group()  # evaluation runs on rank 0 alone; its metrics must not try to sync
@@ -177,21 +175,18 @@ def _train_all(config: CompareConfig, source: Source, planned: list[Planned], pr
     progress.later = 0.0
 
 
-def _pool(config: CompareConfig, source: Source, workers: int, threads: int | None):
-    """`workers` > 1: the started `workers_module.Pool` (a context manager); else a null context."""
-    return workers_module.Pool(config, source, workers, threads) if workers > 1 else contextlib.nullcontext()
-
-
-def _train_and_evaluate_in_workers(config: CompareConfig, planned: list[Planned], progress: Progress,
-                                   stop: threading.Event, pool: workers_module.Pool) -> None:
-    """`--workers N`: the pending sweeps, then the pending evaluations, split between the pool's
-    processes (dictlearn/compare/workers.py); the same files as `_train_all` and `_evaluate_all` write."""
+def _train_and_evaluate_in_workers(config: CompareConfig, source: Source, planned: list[Planned],
+                                   progress: Progress, stop: threading.Event, workers: int, threads: int) -> None:
+    """`--workers N`: the pending sweeps, then the pending evaluations, split between N processes
+    (dictlearn/compare/workers.py); the same files as `_train_all` and `_evaluate_all` write."""
     out = Path(config.out)
     groups = pending_sweeps(out, {f"seed{seed}": [p for p in planned if p.seed == seed] for seed in config.seeds},
                             progress)
-    if groups:
-        pool.train(groups, progress, stop)
-    pool.evaluate(not_evaluated(out, planned), progress, stop)
+    todo = not_evaluated(out, planned)
+    with workers_module.Pool(config, source, workers, threads) as pool:
+        if groups:
+            pool.train(groups, progress, stop)
+        pool.evaluate(todo, progress, stop)
 
 
 def _leave_process_group(barrier: bool = True) -> None:
