@@ -29,8 +29,9 @@ SCALE_SAMPLE_ROWS = 4096
 class SharedSample:
     """The scaled samples and geometric medians of one run's data-dependent starts, by datasets,
     sample size and device: members reading the same datasets get the very tensors a member alone
-    would compute (each is a function of the file, the seed and the size), computed once.
-    Lives for one `on_fit_start`; callers must not modify what it returns."""
+    would compute (each is a function of the file, the seed and the size), computed once. Lives
+    for one `on_fit_start`, whose views share one data module (one seed and split); callers must
+    not modify what it returns."""
 
     def __init__(self) -> None:
         self._samples: dict[tuple, tuple[Tensor, Tensor]] = {}
