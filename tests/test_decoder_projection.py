@@ -107,3 +107,29 @@ def test_decoder_pairwise_cosine_matches_the_pairs():
     assert decoder_pairwise_cosine(torch.from_numpy(W_dec), chunk=3) == pytest.approx(np.mean(pairs), abs=1e-6)
     orthogonal = torch.eye(4) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]
     assert decoder_pairwise_cosine(orthogonal) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "constant", "nan", "tiny", "skewed"])
+def test_the_bracketed_order_statistic_is_np_partitions(case):
+    """`_order_statistic` returns exactly `np.partition(values, k)[k]` at every rank tried: ties at
+    the brackets, one repeated value, NaN (largest), fewer values than the sample, a heavy tail;
+    and where the bracket misses (forced here by a sample from other data) the fallback's."""
+    from dictlearn.metrics.decoder_projection import SAMPLE, _order_statistic
+
+    rng = np.random.default_rng(7)
+    values = {
+        "normal": rng.normal(size=200_003).astype(np.float32),
+        "ties": rng.integers(-5, 6, size=100_000).astype(np.float32),
+        "constant": np.full(50_000, 0.25, np.float32),
+        "nan": np.where(rng.random(80_000) < 0.01, np.nan, rng.normal(size=80_000)).astype(np.float32),
+        "tiny": rng.normal(size=37).astype(np.float32),
+        "skewed": rng.lognormal(sigma=3.0, size=120_000).astype(np.float32),
+    }[case]
+    n = values.size
+    sample = np.sort(values[:: max(1, n // SAMPLE)])
+    for k in sorted({0, 1, n // 8, n // 4, n // 2, 3 * n // 4, n - 2, n - 1}):
+        expected = np.partition(values, k)[k]
+        got = _order_statistic(values, k, sample)
+        assert (np.isnan(expected) and np.isnan(got)) or got == expected, (case, k)
+    wrong = np.sort(rng.normal(loc=100.0, size=1000).astype(np.float32))  # brackets far from every value
+    assert _order_statistic(values, n // 3, wrong) == np.partition(values, n // 3)[n // 3]

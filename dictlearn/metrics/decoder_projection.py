@@ -31,9 +31,11 @@ Our choices where the code leaves freedom (docs/metrics.md):
   smallest k for n >= 5/16 d_sae and at or near the largest for n <= d_sae / 6, on three seeds
   (docs/metrics.md, "How n decides"); on the authors' own toy data rebuilt, d_sae / 4 = 12 reads
   11.4 against a true 10.95 ("At three n"). It has to stay fixed across the L0s compared.
-- The three n cost one partial sort per block: `np.partition` with the three ranks partitions the
-  range once and then only the pieces between ranks, 1.3-1.5x one rank, where `torch.topk` of the
-  largest d_sae/2 or three `kthvalue`s cost 1.9-2.8x (benchmarks/l0_proxy_cost.py, under load).
+- The three n cost one projection and, per rank, two comparison passes and a selection among the
+  few values between brackets placed by a sorted sample (`_order_statistic`: the exact order
+  statistic, 3.4x faster than one `np.partition` with the three ranks, itself 1.3-1.5x one rank,
+  where `torch.topk` of the largest d_sae/2 or three `kthvalue`s cost 1.9-2.8x;
+  benchmarks/l0_proxy_cost.py, under load).
 
 Also `decoder_pairwise_cosine`, the mean |cos| over pairs of decoder rows, which the same
 repository computes as an alternative ("Decoder Pairwise Cosine Similarity"; no data needed).
@@ -66,10 +68,34 @@ def nth_projections(residual: Tensor, unit_decoder: Tensor, ns: list[int]) -> li
     projections = (residual @ unit_decoder.T).flatten().float().cpu().numpy()
     rows, d_sae = len(residual), unit_decoder.shape[0]
     ks = [rows * (d_sae - n) - 1 for n in ns]  # 0-based
-    # np.partition's introselect: the same exact order statistic as torch.kthvalue, ~2x faster on
-    # CPU; with several ranks it partitions once and then only the pieces between them
-    ordered = np.partition(projections, sorted(set(ks)))
-    return [float(ordered[k]) for k in ks]
+    found = {k: _order_statistic(projections, k, np.sort(projections[:: max(1, len(projections) // SAMPLE)]))
+             for k in set(ks)}
+    return [float(found[k]) for k in ks]
+
+
+SAMPLE = 16384  # sorted values that place each rank's bracket
+
+
+def _order_statistic(values: np.ndarray, k: int, sample: np.ndarray) -> np.floating:
+    """values: [N] -> its k-th smallest (0-based), exactly `np.partition(values, k)[k]` (NaN counts
+    as largest), read from the few values between two brackets around it.
+
+    The brackets are `sample` (sorted, every (N // len)-th value) at k's quantile ± 4 standard
+    deviations of a sample quantile; then one count below the lower bracket and one selection
+    among the values inside. Where the k-th value falls outside (a 1-in-15,000 chance, or NaN),
+    the whole array is partitioned. A [4096, 512] block's three ranks: 9 ms against 31 ms for one
+    `np.partition` with three ranks (introselect over all 2 M values; one thread, AMD EPYC)."""
+    n, m = values.size, sample.size
+    q = (k + 0.5) / n
+    margin = int(4 * np.sqrt(m * q * (1 - q))) + 2
+    i = int(q * m)
+    lo, hi = sample[max(0, i - margin)], sample[min(m - 1, i + margin)]
+    below = int(np.count_nonzero(values < lo))
+    inside = values[(values >= lo) & (values <= hi)]
+    r = k - below
+    if 0 <= r < inside.size:
+        return np.partition(inside, r)[r]
+    return np.partition(values, k)[k]
 
 
 def nth_projection(residual: Tensor, unit_decoder: Tensor, n: int) -> float:
