@@ -307,3 +307,14 @@ def test_shared_target_statistics_give_the_same_states(zero_rows):
         assert a.update_count == b.update_count
         for state in a._defaults:
             assert torch.equal(getattr(a, state), getattr(b, state)), state
+
+
+def test_sparsity_statistics_count_what_count_nonzero_counts():
+    """Fire counts per latent: negative values, NaN and inf fire, −0.0 does not; int64 like
+    `torch.count_nonzero`, over any leading dims."""
+    z = torch.randn(3, 50, 24).relu_() * (torch.rand(3, 50, 24) < 0.2)
+    z[0, 0, :4] = torch.tensor([-1.5, float("nan"), float("inf"), -0.0])
+    stats = SparsityMetrics.statistics(z)
+    assert stats["fire_counts"].dtype == torch.int64 and stats["n_tokens"] == 150
+    assert torch.equal(stats["fire_counts"], torch.count_nonzero(z.reshape(-1, 24), dim=0))
+    assert stats["fire_counts"][3] == torch.count_nonzero(z[..., 3])  # −0.0 is zero

@@ -63,7 +63,11 @@ class SparsityMetrics(SumStateMetric):
         # One counting pass; L1 per row in float32 (exact enough for a row) summed in float64,
         # never a float64 copy of z.
         sum_abs = torch.linalg.vector_norm(z, ord=1, dim=-1, dtype=torch.float32).sum(dtype=torch.float64)
-        return {"fire_counts": torch.count_nonzero(z, dim=0), "n_tokens": z.shape[0], "sum_abs": sum_abs}
+        # int32 column sums of the mask: count_nonzero's counts (NaN counts) at half its time on CPU
+        # (its int64 reduction down the rows does not vectorise); exact below 2**31 rows, which no
+        # [rows, d_sae] tensor in memory reaches
+        fire_counts = (z != 0).sum(0, dtype=torch.int32).to(torch.int64)
+        return {"fire_counts": fire_counts, "n_tokens": z.shape[0], "sum_abs": sum_abs}
 
     def _density(self) -> Tensor:
         return self.fire_counts.to(torch.float64) / self.n_tokens.to(torch.float64)
