@@ -114,7 +114,7 @@ def test_the_bracketed_order_statistic_is_np_partitions(case):
     """`_order_statistic` returns exactly `np.partition(values, k)[k]` at every rank tried: ties at
     the brackets, one repeated value, NaN (largest), fewer values than the sample, a heavy tail;
     and where the bracket misses (forced here by a sample from other data) the fallback's."""
-    from dictlearn.metrics.decoder_projection import SAMPLE, _order_statistic
+    from dictlearn.metrics.decoder_projection import _order_statistic, _sorted_sample
 
     rng = np.random.default_rng(7)
     values = {
@@ -126,10 +126,25 @@ def test_the_bracketed_order_statistic_is_np_partitions(case):
         "skewed": rng.lognormal(sigma=3.0, size=120_000).astype(np.float32),
     }[case]
     n = values.size
-    sample = np.sort(values[:: max(1, n // SAMPLE)])
+    sample = _sorted_sample(values)
     for k in sorted({0, 1, n // 8, n // 4, n // 2, 3 * n // 4, n - 2, n - 1}):
         expected = np.partition(values, k)[k]
         got = _order_statistic(values, k, sample)
         assert (np.isnan(expected) and np.isnan(got)) or got == expected, (case, k)
     wrong = np.sort(rng.normal(loc=100.0, size=1000).astype(np.float32))  # brackets far from every value
     assert _order_statistic(values, n // 3, wrong) == np.partition(values, n // 3)[n // 3]
+
+
+def test_the_brackets_hold_the_rank_on_a_block_of_latents_with_their_own_scales():
+    """Projections come as a flattened [rows, d_sae] block whose columns differ in scale; the
+    sample must see every latent, or the bracket misses and the whole block is partitioned (a
+    stride of N // 16384 = 128 saw 4 of 512 latents)."""
+    from dictlearn.metrics.decoder_projection import _bracketed, _sorted_sample
+
+    rng = np.random.default_rng(3)
+    block = (rng.normal(size=(4096, 512)) * np.linspace(0.1, 3.0, 512) + np.linspace(-1, 1, 512)).astype(np.float32)
+    values = block.ravel()
+    sample = _sorted_sample(values)
+    for n in (64, 128, 256):
+        k = 4096 * (512 - n) - 1
+        assert _bracketed(values, k, sample) == np.partition(values, k)[k], n

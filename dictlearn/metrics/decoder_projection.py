@@ -64,27 +64,40 @@ def default_n(d_sae: int, fraction: float = N_FRACTION) -> int:
 def nth_projections(residual: Tensor, unit_decoder: Tensor, ns: list[int]) -> list[float]:
     """residual: [B, d_out] (y − b_dec), unit_decoder: [d_sae, d_out] -> for each n of `ns` the
     (n·B)-th largest of the B·d_sae projections (0-based), i.e. the B·(d_sae − n)-th smallest
-    (1-based); one projection and one partial sort for all of them."""
+    (1-based); one projection, one sorted sample and one bracketed selection per rank."""
     projections = (residual @ unit_decoder.T).flatten().float().cpu().numpy()
     rows, d_sae = len(residual), unit_decoder.shape[0]
     ks = [rows * (d_sae - n) - 1 for n in ns]  # 0-based
-    found = {k: _order_statistic(projections, k, np.sort(projections[:: max(1, len(projections) // SAMPLE)]))
-             for k in set(ks)}
+    sample = _sorted_sample(projections)
+    found = {k: _order_statistic(projections, k, sample) for k in set(ks)}
     return [float(found[k]) for k in ks]
 
 
 SAMPLE = 16384  # sorted values that place each rank's bracket
 
 
+def _sorted_sample(values: np.ndarray) -> np.ndarray:
+    """`SAMPLE` of `values` [N] at seeded random positions, sorted. Not a stride: the values are a
+    flattened [rows, d_sae] block, and a stride that divides d_sae sees only a few latents."""
+    if values.size <= SAMPLE:
+        return np.sort(values)
+    return np.sort(values[np.random.default_rng(0).integers(0, values.size, SAMPLE)])
+
+
 def _order_statistic(values: np.ndarray, k: int, sample: np.ndarray) -> np.floating:
     """values: [N] -> its k-th smallest (0-based), exactly `np.partition(values, k)[k]` (NaN counts
-    as largest), read from the few values between two brackets around it.
-
-    The brackets are `sample` (sorted, every (N // len)-th value) at k's quantile ± 4 standard
-    deviations of a sample quantile; then one count below the lower bracket and one selection
-    among the values inside. Where the k-th value falls outside (a 1-in-15,000 chance, or NaN),
-    the whole array is partitioned. A [4096, 512] block's three ranks: 9 ms against 31 ms for one
+    as largest): from the values between two brackets around it (`_bracketed`), else from a
+    partition of them all. A [4096, 512] block's three ranks: 9 ms against 31 ms for one
     `np.partition` with three ranks (introselect over all 2 M values; one thread, AMD EPYC)."""
+    found = _bracketed(values, k, sample)
+    return np.partition(values, k)[k] if found is None else found
+
+
+def _bracketed(values: np.ndarray, k: int, sample: np.ndarray) -> np.floating | None:
+    """The k-th smallest of `values` when it lies between the brackets: `sample` (sorted) at k's
+    quantile ± 4 standard deviations of a sample quantile; one count below the lower bracket, one
+    selection among the values inside. None when it lies outside (about 1 in 15,000 for a random
+    sample, or NaN)."""
     n, m = values.size, sample.size
     q = (k + 0.5) / n
     margin = int(4 * np.sqrt(m * q * (1 - q))) + 2
@@ -93,9 +106,7 @@ def _order_statistic(values: np.ndarray, k: int, sample: np.ndarray) -> np.float
     below = int(np.count_nonzero(values < lo))
     inside = values[(values >= lo) & (values <= hi)]
     r = k - below
-    if 0 <= r < inside.size:
-        return np.partition(inside, r)[r]
-    return np.partition(values, k)[k]
+    return np.partition(inside, r)[r] if 0 <= r < inside.size else None
 
 
 def nth_projection(residual: Tensor, unit_decoder: Tensor, n: int) -> float:
