@@ -181,13 +181,16 @@ def test_two_workers_stopped_twice_and_resumed_equal_one_process(tmp_path):
     for s in (0, 1):
         assert f"seed{s}: resuming from interrupted-step={stopped[s]}.ckpt" in second.stderr()
 
+    # one seed's sweep may have ended before the Ctrl-C (the workers start unevenly): then the last
+    # run has one sweep left to train and starts one worker for it (plan_workers)
+    ended = {s for s in (0, 1) if list((two / "exports").glob(f"*_s{s}/cfg.json"))}
     last = _Run(two, "--workers", "2", "--quiet")
     assert last.finish() == 0, last.stderr()[-3000:]
     assert alone.finish() == 0, alone.stderr()[-3000:]
     assert _export_bytes(two) == _export_bytes(one)
     assert _records(two) == _records(one)
     timings = json.loads((two / "timings.json").read_text())["machine"]
-    assert (timings["workers"], timings["threads_per_worker"]) == (2, 1)
+    assert (timings["workers"], timings["threads_per_worker"]) == (1 if len(ended) == 1 else 2, 1)
 
 
 @pytest.mark.slow

@@ -196,9 +196,19 @@ def test_cli_trains_a_sweep_file_with_one_export_and_log_prefix_per_member(pair_
     assert json.loads((run / "exports" / "transcoder" / "cfg.json").read_text())["metadata"]["dictlearn"][
         "hyper_parameters"]["d_out"] == D_OUT
     with open(run / "metrics.csv", newline="") as f:
-        columns = set(next(csv.reader(f)))
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
     assert {"topk/train/fvu", "relu/val/l0", "transcoder/val/fvu"} <= columns
     assert "train/fvu" not in columns
+    # a sweep writes its train values itself (not through self.log): one row per log step (every
+    # 4th of 12), at Lightning's step and epoch, every member's losses and metrics in it
+    train_rows = [row for row in rows if row["topk/train/fvu"]]
+    assert [int(row["step"]) for row in train_rows] == [3, 7, 11]
+    for row in train_rows:
+        assert row["epoch"] == "0"
+        for name in ("topk", "relu", "transcoder"):
+            assert all(row[f"{name}/train/{key}"] for key in ("loss", "fvu", "l0", "dead_fraction")), name
+        assert row["relu/train/l1_coefficient"] and not row["relu/val/fvu"]
     # a sweep checkpoint loads member by member, and asks which one otherwise
     checkpoint = run / "checkpoints" / "last.ckpt"
     relu = dictlearn.load(checkpoint, member="relu")

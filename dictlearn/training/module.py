@@ -53,6 +53,7 @@ class DictionaryTraining(L.LightningModule):
         self.member_keys = {name: (spec.input_key, spec.target_key) for name, spec in specs.items()}
         self.metrics = nn.ModuleDict({name: MemberMetrics(d.d_sae, d.d_out) for name, d in self.members.items()})
         self.last_step_l0: dict[str, Tensor] = {}
+        self._train_row: dict = {}  # a sweep's train values of the step, written as one row
         self.validated_at_step: int | None = None  # the training step the last validation ran at
         for spec in specs.values():
             if spec.seed is not None:
@@ -141,6 +142,7 @@ class DictionaryTraining(L.LightningModule):
                 if id(y_raw) not in targets:
                     targets[id(y_raw)] = TargetStatistics(y_raw)
                 self._log_train(name, y_raw, result, len(batch[0]), member_loss, counts[name], targets[id(y_raw)])
+            self._write_train_row()
         return loss
 
     def _stacks(self) -> list[list[str]]:
@@ -191,31 +193,52 @@ class DictionaryTraining(L.LightningModule):
         counts = dict(fire_counts=fire_counts, n_tokens=n_tokens, sum_abs=result.sum_abs)
         metrics.train_sparsity.update(**counts)
         metrics.train_density.update(**counts)
-        log_step = (self.global_step + 1) % max(1, getattr(self._trainer, "log_every_n_steps", 1)) == 0
-        # A step's losses reach the logger at log steps only; a sweep skips the other steps' `log`
-        # calls (~60 per step for 21 members). One dictionary logs every step: its progress bar shows the loss.
+        every = getattr(self._trainer, "log_every_n_steps", 1)
+        log_step = every > 0 and (self.global_step + 1) % every == 0
+        values: dict = {}
+        # A step's losses reach the logger at log steps only; a sweep skips the other steps' (~60 for
+        # 21 members). One dictionary logs every step: its progress bar shows the loss.
         if log_step or len(self.members) == 1:
-            self.log(f"{prefix}train/loss", loss, prog_bar=len(self.members) == 1)
-            for term, value in result.losses.items():
-                self.log(f"{prefix}train/loss_{term}", value)
+            values[f"{prefix}train/loss"] = loss
+            values.update({f"{prefix}train/loss_{term}": value for term, value in result.losses.items()})
         if log_step:
-            self._log_metrics(f"{prefix}train", metrics.train_reconstruction, metrics.train_sparsity, dense=False)
+            values.update(self._metric_values(f"{prefix}train", metrics.train_reconstruction, metrics.train_sparsity,
+                                              dense=False))
             attribute = coefficient_attribute(member)
             if attribute is not None:  # λ, which calibration moves and a warm-up scales
-                self.log(f"{prefix}train/{attribute}", float(getattr(member, attribute)) * self.sparsity_scale(name))
+                values[f"{prefix}train/{attribute}"] = float(getattr(member, attribute)) * self.sparsity_scale(name)
         if metrics.train_density.n_tokens >= self.dead_windows[name]:
             density = metrics.train_density.compute()
-            self.log(f"{prefix}train/dead_fraction", density["dead_fraction"])
-            self.log(f"{prefix}train/dense_fraction", density["dense_fraction"])
+            values[f"{prefix}train/dead_fraction"] = density["dead_fraction"]
+            values[f"{prefix}train/dense_fraction"] = density["dense_fraction"]
             metrics.train_density.reset()
+        if len(self.members) == 1:
+            for key, value in values.items():
+                self.log(key, value, prog_bar=key == "train/loss")
+        else:
+            self._train_row.update(values)
 
-    def _log_metrics(self, stage: str, recon, sparsity, dense: bool = True) -> dict:
+    def _write_train_row(self) -> None:
+        """A sweep's train values of this step as one row of each logger, at the step and with the
+        epoch Lightning gives its own rows. Not through `self.log`: it costs ~0.4 ms a key (its
+        result records), and a sweep's log step has ~230 keys (benchmarks/RESULTS.md)."""
+        row, self._train_row = self._train_row, {}
+        if row:
+            row = {key: float(value) for key, value in row.items()} | {"epoch": self.current_epoch}
+            for logger in self.loggers:  # flushed at once, as Lightning flushes its own rows
+                logger.log_metrics(row, step=self.global_step)
+                logger.save()
+
+    def _metric_values(self, stage: str, recon, sparsity, dense: bool = True) -> dict[str, float]:
+        """{stage/name: value} of a reconstruction and a sparsity metric, which are then reset."""
         values = {**recon.compute(), **sparsity.compute()}
         if not dense:  # dead/dense over a short log interval would mislead; logged per window
             values.pop("dead_fraction"), values.pop("dense_fraction")
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in values.items()}, prog_bar=False)
         recon.reset(), sparsity.reset()
-        return values
+        return {f"{stage}/{k}": float(v) for k, v in values.items()}
+
+    def _log_metrics(self, stage: str, recon, sparsity, dense: bool = True) -> None:
+        self.log_dict(self._metric_values(stage, recon, sparsity, dense), prog_bar=False)
 
     def _optimizer_state(self) -> dict:
         trainer = self._trainer
